@@ -1,0 +1,141 @@
+"""The distinct node copies of a treeified model, found without building the tree.
+
+A node copy's value depends only on which prefixes complete its suffix into P: its *residual
+language*. Reading paths backwards from `out`, the automaton state after a suffix determines
+that language; two states may still share it, so copies are hash-consed bottom-up by what they
+are made of (node, and for each channel and atom the tuple of sender copies). On a DAG that is
+exactly residual-language equality up to atoms that never occur together. A copy whose inputs
+are all clean is the clean run (CLEAN), all counterfactual the counterfactual run (CF); only the
+rest ("mixed") are ever computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pathpatch.automaton import CompiledPattern
+from pathpatch.errors import PathPatchError
+from pathpatch.graph import Channel, Graph, Node, NodeKind
+from pathpatch.patterns import Restriction
+
+CLEAN = -1
+"""Copy id of a node copy equal to the clean run G(x_r): read from its cache."""
+CF = -2
+"""Copy id of a node copy equal to the counterfactual run G(x_c): read from its cache."""
+
+
+@dataclass(frozen=True)
+class ChannelInput:
+    """How a mixed copy's channel reads its senders.
+
+    `versions[v][s]` is the copy id of sender s in input version v; `atom_version[a]` says which
+    version the positions where atom `atoms[a]` holds read. For `in`, `versions` is
+    ((CLEAN,), (CF,)): atom a reads x_r where atom_version[a] == 0.
+    """
+
+    channel: Channel | None
+    atoms: tuple[tuple[Restriction, ...], ...]
+    versions: tuple[tuple[int, ...], ...]
+    atom_version: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Copy:
+    id: int
+    node: Node
+    inputs: tuple[ChannelInput, ...]
+
+
+@dataclass(frozen=True)
+class CopyGraph:
+    """The mixed copies of one hypothesis, senders before receivers; `root` is the out copy."""
+
+    graph: Graph
+    root: int
+    copies: tuple[Copy, ...]
+
+    @property
+    def n_mixed(self) -> int:
+        return len(self.copies)
+
+    def by_id(self) -> dict[int, Copy]:
+        return {c.id: c for c in self.copies}
+
+
+def build_copies(compiled: CompiledPattern, max_states: int = 200_000) -> CopyGraph:
+    """Walk (node, state) pairs from the output down, hash-consing copies by their make-up."""
+    graph = compiled.graph
+    lang = compiled.language
+    memo: dict[tuple[int, object], int] = {}
+    interned: dict[tuple, int] = {}
+    copies: list[Copy] = []
+
+    def intern(node: Node, inputs: tuple[ChannelInput, ...]) -> int:
+        key = (node.order, tuple((ci.channel, ci.versions, ci.atom_version) for ci in inputs))
+        if key not in interned:
+            interned[key] = len(copies)
+            copies.append(Copy(len(copies), node, inputs))
+        return interned[key]
+
+    def channel_input(node: Node, channel: Channel | None, state) -> ChannelInput:
+        atoms = compiled.atoms(node, channel)
+        versions: list[tuple[int, ...]] = []
+        atom_version = []
+        for atom in atoms:
+            nxt = lang.step(state, (node, channel, atom))
+            if node.kind is NodeKind.INPUT:
+                version = (CLEAN,) if lang.accepts(nxt) else (CF,)
+            else:
+                version = tuple(copy_id(s, nxt) for s in graph.senders(node))
+            if version not in versions:
+                versions.append(version)
+            atom_version.append(versions.index(version))
+        return ChannelInput(channel, atoms, tuple(versions), tuple(atom_version))
+
+    def copy_id(node: Node, state) -> int:
+        key = (node.order, state)
+        if key in memo:
+            return memo[key]
+        if len(memo) >= max_states:
+            raise PathPatchError(
+                f"the pattern's automaton reached {max_states} (node, state) pairs; simplify it"
+                " (fewer overlapping unions/complements of multi-step chains)"
+            )
+        channels = node.channels or (None,)
+        inputs = tuple(channel_input(node, ch, state) for ch in channels)
+        children = {c for ci in inputs for v in ci.versions for c in v}
+        if children == {CLEAN}:
+            cid = CLEAN
+        elif children == {CF}:
+            cid = CF
+        else:
+            cid = intern(node, inputs)
+        memo[key] = cid
+        return cid
+
+    root = copy_id(graph.output, lang.start())
+    return CopyGraph(graph, root, tuple(copies))
+
+
+def estimate_cost(copy_graph: CopyGraph, cfg) -> float:
+    """Rough FLOPs of computing the mixed copies, in units of one plain forward pass."""
+    d, dh, T = cfg.d_model, cfg.d_head, cfg.n_ctx
+    d_mlp = cfg.d_mlp or 0
+    per_head = 3 * d * dh + 2 * T * dh + dh * d
+    forward = cfg.n_layers * (cfg.n_heads * per_head + 2 * d * d_mlp) + d * cfg.d_vocab
+    cost = 0.0
+    for copy in copy_graph.copies:
+        sums = sum(
+            len(ci.versions) * sum(c != CLEAN for c in v) * d / 4
+            for ci in copy.inputs for v in ci.versions[:1]
+        )
+        if copy.node.kind is NodeKind.HEAD:
+            q, k, v = (len(ci.versions) for ci in copy.inputs)
+            cost += (1 + k + v) * d * dh + (k + v) * T * dh + dh * d + sums
+        elif copy.node.kind is NodeKind.MLP:
+            cost += 2 * d * d_mlp + sums
+        elif copy.node.kind is NodeKind.OUTPUT:
+            cost += d * cfg.d_vocab + sums
+        else:
+            cost += d
+    return cost / forward

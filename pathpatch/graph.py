@@ -1,0 +1,199 @@
+"""A transformer as a DAG of nodes (input, heads, MLPs, output) joined by residual-stream edges.
+
+A sender feeds a receiver's channel whenever it writes to the residual stream before the
+receiver reads it. Biases are the same in every run, so they are constants, not senders.
+Every node knows the TransformerLens hook it lives at: one address scheme, not two.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from functools import cached_property
+
+from pathpatch.errors import PathPatchError
+
+
+class NodeKind(enum.Enum):
+    INPUT = "input"
+    """Token + positional embedding (`in`)."""
+    HEAD = "head"
+    """One attention head (`a{layer}.{head}`); reads through channels q, k, v."""
+    MLP = "mlp"
+    """One MLP layer (`m{layer}`); reads the residual stream through one channel."""
+    OUTPUT = "output"
+    """The unembedding input (`out`), after the final LayerNorm's input."""
+
+
+class Channel(enum.Enum):
+    Q = "q"
+    """Head query input: keeps the position i."""
+    K = "k"
+    """Head key input: at destination i, read from a source j <= i."""
+    V = "v"
+    """Head value input: at destination i, read from a source j <= i."""
+    RESID = "resid"
+    """The single input of an MLP or the output: keeps the position i."""
+
+    @property
+    def is_2d(self) -> bool:
+        """Whether a step into this channel moves information between positions."""
+        return self in (Channel.K, Channel.V)
+
+
+HEAD_CHANNELS = (Channel.Q, Channel.K, Channel.V)
+
+
+@dataclass(frozen=True, order=True)
+class Node:
+    """A graph node. `order` is its topological rank (senders always rank lower)."""
+
+    order: int
+    name: str
+    kind: NodeKind
+    layer: int
+    head: int | None = None
+
+    @property
+    def channels(self) -> tuple[Channel, ...]:
+        if self.kind is NodeKind.HEAD:
+            return HEAD_CHANNELS
+        if self.kind is NodeKind.INPUT:
+            return ()
+        return (Channel.RESID,)
+
+    @property
+    def hook(self) -> str:
+        """The TransformerLens hook holding this node's output (per head: index `head` of z)."""
+        if self.kind is NodeKind.INPUT:
+            return "hook_embed"
+        if self.kind is NodeKind.HEAD:
+            return f"blocks.{self.layer}.attn.hook_z"
+        if self.kind is NodeKind.MLP:
+            return f"blocks.{self.layer}.hook_mlp_out"
+        return "ln_final.hook_normalized"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Edge:
+    """`sender -> receiver.channel`; prints as `a0.3->a1.5.k` (channel omitted for MLP/out)."""
+
+    sender: Node
+    receiver: Node
+    channel: Channel
+
+    def __str__(self) -> str:
+        if self.channel is Channel.RESID:
+            return f"{self.sender.name}->{self.receiver.name}"
+        return f"{self.sender.name}->{self.receiver.name}.{self.channel.value}"
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The node/edge structure of one model shape (no weights): what hypotheses refer to."""
+
+    n_layers: int
+    n_heads: int
+    has_mlp: bool
+
+    @classmethod
+    def from_model(cls, model) -> Graph:
+        """The graph of a TransformerLens HookedTransformer (checks the architecture is supported)."""
+        cfg = model.cfg
+        check_supported(cfg)
+        return cls(n_layers=cfg.n_layers, n_heads=cfg.n_heads, has_mlp=not cfg.attn_only)
+
+    @cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        nodes = [Node(0, "in", NodeKind.INPUT, -1)]
+        for layer in range(self.n_layers):
+            for head in range(self.n_heads):
+                nodes.append(Node(len(nodes), f"a{layer}.{head}", NodeKind.HEAD, layer, head))
+            if self.has_mlp:
+                nodes.append(Node(len(nodes), f"m{layer}", NodeKind.MLP, layer))
+        nodes.append(Node(len(nodes), "out", NodeKind.OUTPUT, self.n_layers))
+        return tuple(nodes)
+
+    @cached_property
+    def by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
+
+    @property
+    def input(self) -> Node:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> Node:
+        return self.nodes[-1]
+
+    def node(self, name: str) -> Node:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise PathPatchError(f"unknown node {name!r}: {self.describe_nodes()}") from None
+
+    def describe_nodes(self) -> str:
+        mlp = f", MLPs m0..m{self.n_layers - 1}" if self.has_mlp else " (no MLPs)"
+        return (
+            f"the model has nodes in, out, heads a0.0..a{self.n_layers - 1}.{self.n_heads - 1}"
+            f" (layers 0-{self.n_layers - 1}, heads 0-{self.n_heads - 1}){mlp}; "
+            "`pathpatch graph MODEL` lists them"
+        )
+
+    def senders(self, receiver: Node) -> tuple[Node, ...]:
+        """Nodes writing to the residual stream before `receiver` reads it, in topological order."""
+        return self._senders[receiver.order]
+
+    @cached_property
+    def _senders(self) -> tuple[tuple[Node, ...], ...]:
+        out = []
+        for r in self.nodes:
+            if r.kind is NodeKind.INPUT:
+                out.append(())
+            elif r.kind is NodeKind.HEAD:
+                out.append(tuple(n for n in self.nodes if n.order < r.order and n.layer < r.layer))
+            else:  # MLP reads after its own layer's heads; out reads everything
+                out.append(tuple(n for n in self.nodes if n.order < r.order))
+        return tuple(out)
+
+    @cached_property
+    def edges(self) -> tuple[Edge, ...]:
+        return tuple(
+            Edge(s, r, c) for r in self.nodes for c in r.channels for s in self.senders(r)
+        )
+
+    def n_paths(self) -> int:
+        """Number of input->output paths, ignoring positions (exact, by dynamic programming)."""
+        count = {0: 1}
+        for r in self.nodes[1:]:
+            count[r.order] = len(r.channels) * sum(count[s.order] for s in self.senders(r))
+        return count[self.output.order]
+
+
+def check_supported(cfg) -> None:
+    """Reject architectures whose forward pass the engine does not reproduce exactly."""
+    problems = []
+    if cfg.positional_embedding_type != "standard":
+        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
+    for flag in ("parallel_attn_mlp", "use_attention_sinks", "use_qk_norm", "use_logn_attn"):
+        if getattr(cfg, flag, False):
+            problems.append(f"{flag}=True")
+    if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
+        problems.append(f"n_key_value_heads={cfg.n_key_value_heads}")
+    if getattr(cfg, "attn_scores_soft_cap", -1.0) not in (None, -1.0):
+        problems.append(f"attn_scores_soft_cap={cfg.attn_scores_soft_cap}")
+    if getattr(cfg, "output_logits_soft_cap", -1.0) not in (None, -1.0):
+        problems.append(f"output_logits_soft_cap={cfg.output_logits_soft_cap}")
+    if getattr(cfg, "clip_qkv", None) is not None:
+        problems.append(f"clip_qkv={cfg.clip_qkv}")
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        problems.append(f"attention_dir={cfg.attention_dir!r}")
+    if problems:
+        raise PathPatchError(
+            "unsupported model architecture: " + ", ".join(problems)
+            + "; pathpatch supports GPT-2-style causal transformers with standard positional"
+            " embeddings (attention-only or with MLPs)"
+        )

@@ -1,0 +1,144 @@
+"""Named hypotheses: a pattern with a name, generated families of them, and their TOML form.
+
+A hypothesis is data (name + pattern text), frozen and picklable; compiling it against a
+model's graph gives its automaton and its mixed copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+from pathpatch.automaton import compile_pattern
+from pathpatch.copies import CopyGraph, build_copies
+from pathpatch.errors import PathPatchError
+from pathpatch.graph import Graph, NodeKind
+from pathpatch.patterns import Pattern, parse
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """P as a pattern over paths (see `pathpatch.patterns` for the grammar)."""
+
+    name: str
+    pattern: str
+
+    @cached_property
+    def ast(self) -> Pattern:
+        try:
+            return parse(self.pattern)
+        except PathPatchError as err:
+            raise PathPatchError(f"hypothesis {self.name!r}: {err}") from None
+
+    @property
+    def canonical(self) -> str:
+        """Normalized pattern text: equal for patterns that differ only in spacing/brackets."""
+        return str(self.ast)
+
+    def compile(self, graph: Graph, max_states: int = 200_000) -> CopyGraph:
+        compiled = compile_pattern(self.ast, graph, where=f"hypothesis {self.name!r}")
+        return build_copies(compiled, max_states=max_states)
+
+    def restrictions(self, graph: Graph):
+        return compile_pattern(self.ast, graph, where=f"hypothesis {self.name!r}").restrictions
+
+
+def _node_names(graph: Graph, kinds=(NodeKind.HEAD, NodeKind.MLP)) -> list[str]:
+    return [n.name for n in graph.nodes if n.kind in kinds]
+
+
+def node_removal(graph: Graph) -> list[Hypothesis]:
+    """Each node removed: P = every path avoiding it (its output patched from x_c)."""
+    return [Hypothesis(f"remove {n}", f"~{n}") for n in _node_names(graph)]
+
+
+def through_node(graph: Graph) -> list[Hypothesis]:
+    """Each node alone: P = every path through it."""
+    return [Hypothesis(f"through {n}", n) for n in _node_names(graph)]
+
+
+def edge_removal(graph: Graph) -> list[Hypothesis]:
+    """Each edge removed: P = circuit of every edge but that one."""
+    return [Hypothesis(f"remove {e}", f"remove({e})") for e in graph.edges]
+
+
+def _alternatives(globs: Sequence[str], fmt: str) -> str:
+    parts = [fmt.format(g) for g in globs]
+    return parts[0] if len(parts) == 1 else "(" + " | ".join(parts) + ")"
+
+
+def induction_initial(
+    graph: Graph, prev_heads: Sequence[str], induction_heads: Sequence[str]
+) -> list[Hypothesis]:
+    """The paper's initial induction hypothesis and its three parts.
+
+    direct-V: the induction heads' values read the embedding directly; direct-Q: so do their
+    queries; previous-token-K: their keys read previous-token heads that read the embedding.
+    Every path listed sees x_r; all others see x_c.
+    """
+    if not prev_heads or not induction_heads:
+        raise PathPatchError("induction_initial needs prev_heads and induction_heads (globs)")
+    for glob in (*prev_heads, *induction_heads):
+        compile_pattern(parse(glob), graph, where="induction_initial")
+    ind = list(induction_heads)
+    direct_v = _alternatives(ind, "in -> {}[v] -> out")
+    direct_q = _alternatives(ind, "in -> {}[q] -> out")
+    prev_k = _alternatives(
+        [f"in -> {p} -> {i}[k] -> out" for p in prev_heads for i in ind], "{}"
+    )
+    return [
+        Hypothesis("direct-V", direct_v),
+        Hypothesis("direct-Q", direct_q),
+        Hypothesis("previous-token-K", prev_k),
+        Hypothesis("initial (V | Q | K)", f"{direct_v} | {direct_q} | {prev_k}"),
+    ]
+
+
+FAMILIES = {
+    "node_removal": node_removal,
+    "edge_removal": edge_removal,
+    "through_node": through_node,
+    "induction_initial": induction_initial,
+}
+
+
+def expand_family(graph: Graph, family: str, **params) -> list[Hypothesis]:
+    """Generate a named family of hypotheses for this graph."""
+    if family not in FAMILIES:
+        raise PathPatchError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    try:
+        return FAMILIES[family](graph, **params)
+    except TypeError as err:
+        raise PathPatchError(f"family {family!r}: bad parameters {sorted(params)}: {err}") from None
+
+
+def load_hypotheses(entries: Iterable[dict], graph: Graph) -> list[Hypothesis]:
+    """Hypotheses from TOML tables: `{name, pattern}` or `{family, ...params}`; names unique."""
+    out: list[Hypothesis] = []
+    for i, entry in enumerate(entries):
+        where = f"hypotheses[{i}]"
+        if not isinstance(entry, dict):
+            raise PathPatchError(f"{where}: expected a table, got {entry!r}")
+        if "family" in entry:
+            params = {k: v for k, v in entry.items() if k != "family"}
+            try:
+                out.extend(expand_family(graph, entry["family"], **params))
+            except PathPatchError as err:
+                raise PathPatchError(f"{where}: {err}") from None
+            continue
+        unknown = set(entry) - {"name", "pattern"}
+        if unknown or "pattern" not in entry or "name" not in entry:
+            raise PathPatchError(
+                f"{where}: a hypothesis is {{name = ..., pattern = ...}} or {{family = ..., ...}};"
+                f" got keys {sorted(entry)}"
+            )
+        hyp = Hypothesis(str(entry["name"]), entry["pattern"])
+        hyp.compile(graph)  # parse + resolve names now, so errors point here
+        out.append(hyp)
+    seen: set[str] = set()
+    for h in out:
+        if h.name in seen:
+            raise PathPatchError(f"duplicate hypothesis name {h.name!r}; names must be unique")
+        seen.add(h.name)
+    return out

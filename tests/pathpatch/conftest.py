@@ -1,0 +1,31 @@
+"""Tiny random models, built offline, for checking the engine by hand and by the oracle."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+FAMILIES = {
+    "attn-only": dict(attn_only=True, normalization_type="LN"),
+    "attn-only-noln": dict(attn_only=True, normalization_type=None),
+    "mlp": dict(attn_only=False, normalization_type="LN", d_mlp=12, act_fn="gelu"),
+}
+
+
+def tiny_model(family: str, *, n_layers=2, n_heads=2, d_model=8, d_vocab=7, seed=0,
+               dtype=torch.float64) -> HookedTransformer:
+    """A random model whose weights are large enough that every path matters."""
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=4, n_ctx=16,
+        d_vocab=d_vocab, seed=seed, dtype=dtype, **FAMILIES[family],
+    )
+    model = HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.7)
+    return model.eval()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    return request.param

@@ -1,0 +1,323 @@
+"""A brute-force path patching oracle that shares nothing with the engine.
+
+It has its own hypothesis representation (plain tuples, rendered to pattern text for the
+engine), its own matcher over explicit positional paths, its own forward pass in float64 from
+the raw weights, and evaluates the treeified model literally: by recursion over suffixes, every
+path with its own private copy of every node. Exponential, so only for tiny models.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from fnmatch import fnmatchcase
+
+import torch
+
+# ---------------------------------------------------------------- hypotheses as plain data
+# ("chain", [step...]) with step = "..." or (glob, channel|None, [restriction...])
+# restriction = ("offset", k) | ("pos", (..)) | ("src", (..)) | ("mask", name)
+# ("edges", keep: bool, [(sender_glob, receiver_glob, channel|None)...])
+# ("or", a, b) | ("and", a, b) | ("not", a) | ("all",) | ("none",)
+
+
+def render(h) -> str:
+    """Pattern text for the engine."""
+    kind = h[0]
+    if kind == "chain":
+        parts = []
+        for s in h[1]:
+            if s == "...":
+                parts.append("...")
+                continue
+            glob, ch, rs = s
+            text = glob + (f"[{ch}]" if ch else "")
+            for r in rs:
+                if r[0] == "offset":
+                    text += f"@offset={r[1]}"
+                elif r[0] in ("pos", "src"):
+                    text += f"@{r[0]}=" + ",".join(map(str, r[1]))
+                else:
+                    text += f"@mask={r[1]}"
+            parts.append(text)
+        return " -> ".join(parts)
+    if kind == "edges":
+        body = ", ".join(f"{s}->{r}" + (f".{c}" if c else "") for s, r, c in h[2])
+        return ("circuit(" if h[1] else "remove(") + body + ")"
+    if kind == "or":
+        return f"({render(h[1])} | {render(h[2])})"
+    if kind == "and":
+        return f"({render(h[1])} & {render(h[2])})"
+    if kind == "not":
+        return f"~({render(h[1])})"
+    return kind
+
+
+class Model:
+    """Weights in float64 and the graph structure, read straight from a HookedTransformer."""
+
+    def __init__(self, tl_model):
+        cfg = tl_model.cfg
+        self.cfg = cfg
+        self.w = {k: v.detach().to(torch.float64) for k, v in tl_model.state_dict().items()}
+        self.L, self.H = cfg.n_layers, cfg.n_heads
+        self.mlp = not cfg.attn_only
+        self.ln = cfg.normalization_type == "LN"
+
+    # graph, independently: which (sender, layer-rank) feeds what
+    def rank(self, name: str) -> float:
+        if name == "in":
+            return -1
+        if name == "out":
+            return self.L + 1
+        if name.startswith("a"):
+            return int(name[1:].split(".")[0])
+        return int(name[1:]) + 0.5
+
+    def names(self) -> list[str]:
+        out = ["in"]
+        for layer in range(self.L):
+            out += [f"a{layer}.{h}" for h in range(self.H)]
+            if self.mlp:
+                out.append(f"m{layer}")
+        return out + ["out"]
+
+    def senders(self, receiver: str) -> list[str]:
+        r = self.rank(receiver)
+        if receiver.startswith("a"):
+            return [n for n in self.names() if n != "out" and self.rank(n) < math.floor(r)]
+        return [n for n in self.names() if n != "out" and self.rank(n) < r]
+
+    @staticmethod
+    def channels(name: str) -> list[str | None]:
+        if name.startswith("a"):
+            return ["q", "k", "v"]
+        return ["resid"] if name != "in" else []
+
+    def layernorm(self, x, prefix):
+        if not self.ln:
+            return x
+        x = x - x.mean(-1, keepdim=True)
+        x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.cfg.eps)
+        return x * self.w[f"{prefix}.w"] + self.w[f"{prefix}.b"]
+
+    def constants(self, receiver: str) -> torch.Tensor:
+        """Biases every run adds before `receiver` reads the residual stream."""
+        total = torch.zeros(self.cfg.d_model, dtype=torch.float64)
+        r = self.rank(receiver)
+        for layer in range(self.L):
+            if layer < r and not (receiver.startswith("a") and layer >= math.floor(r)):
+                total = total + self.w[f"blocks.{layer}.attn.b_O"]
+            if self.mlp and layer + 0.5 < r:
+                total = total + self.w[f"blocks.{layer}.mlp.b_out"]
+        return total
+
+
+class Oracle:
+    """Literal treeified evaluation for one example."""
+
+    def __init__(self, model: Model, hyp, xr, xc, masks):
+        self.m, self.h, self.xr, self.xc, self.masks = model, hyp, xr, xc, masks
+        self.T = len(xr)
+
+    # ------------------------------------------------------------ the matcher
+    def restriction_holds(self, r, step) -> bool:
+        _, ch, i, j = step
+        if r[0] == "offset":
+            return j == i - r[1]
+        if r[0] == "pos":
+            return i in {p % self.T for p in r[1] if -self.T <= p < self.T}
+        if r[0] == "src":
+            return j in {p % self.T for p in r[1] if -self.T <= p < self.T}
+        mask = self.masks[r[1]]
+        return bool(mask[i, j] if mask.dim() == 2 else mask[i])
+
+    def step_matches(self, pat, step) -> bool:
+        glob, ch, rs = pat
+        name, channel = step[0], step[1]
+        if not fnmatchcase(name, glob):
+            return False
+        if ch is not None and channel != ch:
+            return False
+        return all(self.restriction_holds(r, step) for r in rs)
+
+    def chain_matches(self, steps, path) -> bool:
+        pats = ["..."] + list(steps) + ["..."]
+
+        def go(a: int, b: int) -> bool:
+            if a == len(pats):
+                return b == len(path)
+            if pats[a] == "...":
+                return any(go(a + 1, c) for c in range(b, len(path) + 1))
+            return b < len(path) and self.step_matches(pats[a], path[b]) and go(a + 1, b + 1)
+
+        return go(0, 0)
+
+    def edge_set(self, keep, specs):
+        all_edges = {
+            (s, r, c) for r in self.m.names() for c in self.m.channels(r) for s in self.m.senders(r)
+        }
+        chosen = {
+            (s, r, c) for (s, r, c) in all_edges for (gs, gr, gc) in specs
+            if fnmatchcase(s, gs) and fnmatchcase(r, gr) and (gc is None or gc == c)
+        }
+        return chosen if keep else all_edges - chosen
+
+    def contains(self, h, path) -> bool:
+        kind = h[0]
+        if kind == "chain":
+            return self.chain_matches(h[1], path)
+        if kind == "edges":
+            edges = self.edge_set(h[1], h[2])
+            return all((a[0], b[0], b[1]) in edges for a, b in zip(path, path[1:]))
+        if kind == "or":
+            return self.contains(h[1], path) or self.contains(h[2], path)
+        if kind == "and":
+            return self.contains(h[1], path) and self.contains(h[2], path)
+        if kind == "not":
+            return not self.contains(h[1], path)
+        return kind == "all"
+
+    # ------------------------------------------------------------ the tree
+    def value(self, node: str, suffix: tuple, p: int) -> torch.Tensor:
+        """What this node's private copy (on `suffix`) writes at position p (no biases)."""
+        w, m = self.m.w, self.m
+        if node == "in":
+            path = (("in", None, p, p),) + suffix
+            tok = self.xr[p] if self.contains(self.h, path) else self.xc[p]
+            return w["embed.W_E"][tok] + w["pos_embed.W_pos"][p]
+
+        def reads(channel, i, j):
+            step = (node, channel, i, j)
+            total = m.constants(node)
+            for s in m.senders(node):
+                total = total + self.value(s, (step,) + suffix, j)
+            return total
+
+        if node.startswith("m"):
+            layer = int(node[1:])
+            x = m.layernorm(reads("resid", p, p), f"blocks.{layer}.ln2")
+            pre = x @ w[f"blocks.{layer}.mlp.W_in"] + w[f"blocks.{layer}.mlp.b_in"]
+            return torch.nn.functional.gelu(pre) @ w[f"blocks.{layer}.mlp.W_out"]
+        layer, head = (int(t) for t in node[1:].split("."))
+        pre = f"blocks.{layer}"
+        ln = f"{pre}.ln1"
+        q = m.layernorm(reads("q", p, p), ln) @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
+        scores, values = [], []
+        for j in range(p + 1):
+            k = m.layernorm(reads("k", p, j), ln) @ w[f"{pre}.attn.W_K"][head] + w[f"{pre}.attn.b_K"][head]
+            v = m.layernorm(reads("v", p, j), ln) @ w[f"{pre}.attn.W_V"][head] + w[f"{pre}.attn.b_V"][head]
+            scores.append(q @ k / math.sqrt(m.cfg.d_head))
+            values.append(v)
+        attn = torch.softmax(torch.stack(scores), dim=0)
+        z = sum(a * v for a, v in zip(attn, values))
+        return z @ w[f"{pre}.attn.W_O"][head]
+
+    def logits(self) -> torch.Tensor:
+        """[pos, vocab] the treeified model's output."""
+        m, w = self.m, self.m.w
+        rows = []
+        for i in range(self.T):
+            step = ("out", "resid", i, i)
+            x = m.constants("out") + sum(self.value(s, (step,), i) for s in m.senders("out"))
+            x = m.layernorm(x, "ln_final")
+            rows.append(x @ w["unembed.W_U"] + w["unembed.b_U"])
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------ |P| by enumeration
+    def all_paths(self):
+        """Every positional path, enumerated naively from the output down."""
+        m = self.m
+
+        def down(node, suffix, p):
+            if node == "in":
+                yield (("in", None, p, p),) + suffix
+                return
+            for ch in m.channels(node):
+                for j in ([p] if ch in ("q", "resid") else range(p + 1)):
+                    step = (node, ch, p, j)
+                    for s in m.senders(node):
+                        yield from down(s, (step,) + suffix, j)
+
+        for i in range(self.T):
+            yield from down("out", (), i)
+
+    def count(self) -> tuple[int, int]:
+        """(|P|, number of paths) for this example."""
+        inside = total = 0
+        for path in self.all_paths():
+            total += 1
+            inside += self.contains(self.h, path)
+        return inside, total
+
+
+# ---------------------------------------------------------------- random hypotheses
+def random_hypothesis(rng: random.Random, model: Model, mask_names_1d, mask_names_2d, depth=0):
+    """A random pattern mixing chains, restrictions, edge sets, unions and complements."""
+    heads = [f"a{l}.{h}" for l in range(model.L) for h in range(model.H)]
+    nodes = heads + ([f"m{l}" for l in range(model.L)] if model.mlp else [])
+    globs = nodes + [f"a{l}.*" for l in range(model.L)] + (["m*"] if model.mlp else [])
+    roll = rng.random()
+    if depth < 2 and roll < 0.22:
+        return ("not", random_hypothesis(rng, model, mask_names_1d, mask_names_2d, depth + 1))
+    if depth < 2 and roll < 0.40:
+        op = rng.choice(["or", "or", "and"])
+        return (op, random_hypothesis(rng, model, mask_names_1d, mask_names_2d, depth + 1),
+                random_hypothesis(rng, model, mask_names_1d, mask_names_2d, depth + 1))
+    if roll < 0.52:
+        names = ["in"] + nodes + ["out"]
+        specs = []
+        for _ in range(rng.randint(1, 6)):
+            s = rng.choice(names[:-1])
+            later = [n for n in names if n != "in" and model.rank(n) > model.rank(s)
+                     and not (n.startswith("a") and math.floor(model.rank(n)) <= model.rank(s))]
+            if not later:
+                continue
+            r = rng.choice(later)
+            c = rng.choice(["q", "k", "v", None]) if r.startswith("a") else None
+            specs.append((s, r, c))
+        if not specs:
+            specs = [("in", "out", None)]
+        return ("edges", rng.random() < 0.5, specs)
+    slots = sorted({glob_rank(g) for g in globs})
+    ranks = sorted(rng.sample(slots, rng.randint(1, min(3, len(slots)))))
+    chosen = [rng.choice([g for g in globs if glob_rank(g) == r]) for r in ranks]
+    steps = []
+    for glob in chosen:
+        if steps and steps[-1] != "..." and rng.random() < 0.3:
+            steps.append("...")
+        is_head = glob.startswith("a")
+        ch = rng.choice(["q", "k", "v", None, None]) if is_head else None
+        rs = []
+        if rng.random() < 0.45:
+            two_d = ch in ("k", "v")
+            options = ["pos"] + (["offset", "src"] if two_d else [])
+            if (mask_names_2d if two_d else mask_names_1d) and (not is_head or ch):
+                options.append("mask")
+            kind = rng.choice(options)
+            if kind == "offset":
+                rs.append(("offset", rng.choice([0, 1, 1, 2])))
+            elif kind in ("pos", "src"):
+                rs.append((kind, tuple(sorted(rng.sample(range(-1, 3), rng.randint(1, 2))))))
+            else:
+                rs.append(("mask", rng.choice(mask_names_2d if two_d else mask_names_1d)))
+        steps.append((glob, ch, rs))
+    if rng.random() < 0.3:
+        steps.insert(0, ("in", None, [("pos", (rng.randint(0, 2),))] if rng.random() < 0.5 else []))
+    if rng.random() < 0.3:
+        steps.append(("out", None, []))
+    return ("chain", steps)
+
+
+def glob_rank(glob: str) -> float:
+    """Where a glob's nodes sit, so random chains list steps in an order paths can take."""
+    layer = int(glob[1]) if glob[1:2].isdigit() else 0
+    return layer + (0.5 if glob.startswith("m") else 0)
+
+
+def uses(h, kind) -> bool:
+    if h[0] == kind:
+        return True
+    if h[0] == "chain":
+        return kind == "restriction" and any(s != "..." and s[2] for s in h[1])
+    return any(isinstance(x, tuple) and uses(x, kind) for x in h[1:])

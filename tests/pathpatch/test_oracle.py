@@ -1,0 +1,78 @@
+"""The engine against the brute-force oracle on hundreds of random non-trivial hypotheses."""
+
+import random
+
+import pytest
+import torch
+
+from pathpatch.engine import PositionContext, Runs, evaluate_logits
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis
+from tests.pathpatch import oracle
+from tests.pathpatch.conftest import FAMILIES, tiny_model
+
+T, B = 3, 2
+
+
+def _data(seed: int, vocab: int):
+    gen = torch.Generator().manual_seed(seed)
+    xr = torch.randint(0, vocab, (B, T), generator=gen)
+    xc = torch.randint(0, vocab, (B, T), generator=gen)
+    tril = torch.ones(T, T, dtype=torch.bool).tril()
+    masks = {
+        "m1": torch.rand(B, T, generator=gen) < 0.5,
+        "n1": torch.rand(B, T, generator=gen) < 0.5,
+        "m2": (torch.rand(B, T, T, generator=gen) < 0.5) & tril,
+        "n2": (torch.rand(B, T, T, generator=gen) < 0.5) & tril,
+    }
+    return xr, xc, masks
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_oracle_forward_matches_transformer_lens(family):
+    model = tiny_model(family)
+    xr, xc, masks = _data(0, model.cfg.d_vocab)
+    om = oracle.Model(model)
+    for b in range(B):
+        got = oracle.Oracle(om, ("all",), xr[b], xc[b], {}).logits()
+        torch.testing.assert_close(got, model(xr[b : b + 1])[0], atol=1e-10, rtol=1e-10)
+        got = oracle.Oracle(om, ("none",), xr[b], xc[b], {}).logits()
+        torch.testing.assert_close(got, model(xc[b : b + 1])[0], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_engine_matches_oracle_on_random_hypotheses(family):
+    model = tiny_model(family, seed=1)
+    graph = Graph.from_model(model)
+    om = oracle.Model(model)
+    rng = random.Random(f"oracle-{family}")
+    stats = dict(cases=0, nontrivial=0, complement=0, restricted=0, edges=0)
+    for case in range(100):
+        xr, xc, masks = _data(case, model.cfg.d_vocab)
+        h = oracle.random_hypothesis(rng, om, ["m1", "n1"], ["m2", "n2"])
+        text = oracle.render(h)
+        copy_graph = Hypothesis(f"h{case}", text).compile(graph)
+        runs = Runs(model, xr, xc)
+        positions = PositionContext(masks, B, T, torch.device("cpu"))
+        (got,) = evaluate_logits(model, graph, [copy_graph], runs, positions)
+        nontrivial = copy_graph.n_mixed >= 2
+        for b in range(B):
+            ex_masks = {k: v[b] for k, v in masks.items()}
+            orc = oracle.Oracle(om, h, xr[b], xc[b], ex_masks)
+            want = orc.logits()
+            torch.testing.assert_close(
+                got[b], want, atol=1e-9, rtol=1e-9, msg=lambda m, t=text: f"{t}: {m}"
+            )
+            inside, total = orc.count()
+            nontrivial &= 0 < inside < total
+        stats["cases"] += 1
+        stats["nontrivial"] += nontrivial
+        stats["complement"] += oracle.uses(h, "not") or (h[0] == "edges" and not h[1])
+        stats["restricted"] += oracle.uses(h, "restriction")
+        stats["edges"] += oracle.uses(h, "edges")
+    print(family, stats)
+    assert stats["nontrivial"] >= 0.5 * stats["cases"], stats
+    assert stats["complement"] >= 0.2 * stats["cases"], stats
+    assert stats["restricted"] >= 0.2 * stats["cases"], stats
+    assert stats["edges"] >= 0.1 * stats["cases"], stats
