@@ -1,0 +1,159 @@
+"""The engine against TransformerLens itself: trivial hypotheses, node patching, edge hooks."""
+
+import pytest
+import torch
+from transformer_lens import patching
+
+from pathpatch.copies import CF, CLEAN
+from pathpatch.engine import PositionContext, Runs, evaluate_logits
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis, edge_removal, node_removal
+from tests.pathpatch.conftest import tiny_model
+
+B, T = 3, 5
+
+
+def _tokens(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xr = torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen)
+    xc = torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen)
+    return xr, xc
+
+
+def _engine(model, hypotheses, xr, xc, masks=None):
+    graph = Graph.from_model(model)
+    runs = Runs(model, xr, xc)
+    positions = PositionContext(masks or {}, B, T, torch.device("cpu"))
+    copy_graphs = [h.compile(graph) for h in hypotheses]
+    return evaluate_logits(model, graph, copy_graphs, runs, positions), copy_graphs
+
+
+def test_all_paths_is_clean_run_and_no_paths_is_counterfactual(family):
+    model = tiny_model(family)
+    xr, xc = _tokens(model)
+    hyps = [
+        Hypothesis("all", "all"), Hypothesis("gap", "..."), Hypothesis("every edge", "circuit(*->*)"),
+        Hypothesis("union", "in -> out | ~(in -> out)"),
+        Hypothesis("none", "none"), Hypothesis("not all", "~..."), Hypothesis("empty", "in -> out & a0.0"),
+    ]
+    outs, cgs = _engine(model, hyps, xr, xc)
+    clean, cf = model(xr), model(xc)
+    for h, cg, out in zip(hyps[:4], cgs[:4], outs[:4]):
+        assert cg.root == CLEAN, h
+        torch.testing.assert_close(out, clean)
+    for h, cg, out in zip(hyps[4:], cgs[4:], outs[4:]):
+        assert cg.root == CF, h
+        torch.testing.assert_close(out, cf)
+    assert not torch.allclose(clean, cf)
+
+
+def test_mixed_computation_reproduces_clean_run(family):
+    """A pattern that *is* all paths but is not recognized as such still computes G(x_r)."""
+    model = tiny_model(family)
+    xr, xc = _tokens(model)
+    h = Hypothesis("all, split by position", "(a0.*[k]@prev | ~a0.*[k]@prev) | in -> out")
+    (out,), (cg,) = _engine(model, [h], xr, xc)
+    torch.testing.assert_close(out, model(xr), atol=1e-10, rtol=1e-10)
+
+
+def _functional(model):
+    gen = torch.Generator().manual_seed(7)
+    R = torch.randn(B, T, model.cfg.d_vocab, generator=gen, dtype=torch.float64)
+    return R, (lambda logits: (logits * R).sum())
+
+
+def test_node_removal_matches_transformer_lens_patching(family):
+    """'Node n removed' == TL patching n's output from the counterfactual run into the clean run."""
+    model = tiny_model(family)
+    xr, xc = _tokens(model)
+    graph = Graph.from_model(model)
+    _, cf_cache = model.run_with_cache(xc)
+    R, metric = _functional(model)  # TL stores the scalar in float32: compare to 1e-6
+    tl_heads = patching.get_act_patch_attn_head_out_all_pos(model, xr, cf_cache, metric)  # [layer, head]
+    hyps = [h for h in node_removal(graph) if h.name.startswith("remove a")]
+    outs, cgs = _engine(model, hyps, xr, xc)
+    for h, out in zip(hyps, outs):
+        node = graph.node(h.name.split()[-1])
+        want = tl_heads[node.layer, node.head].item()
+        assert (out * R).sum().item() == pytest.approx(want, rel=1e-6, abs=1e-6), h.name
+    if graph.has_mlp:  # TL patches MLP outputs one position at a time
+        tl_mlp = patching.get_act_patch_mlp_out(model, xr, cf_cache, metric)  # [layer, pos]
+        hyps = [Hypothesis(f"m{l}@{p}", f"~m{l}@pos={p}") for l in range(graph.n_layers) for p in range(T)]
+        outs, _ = _engine(model, hyps, xr, xc)
+        for h, out in zip(hyps, outs):
+            l, p = int(h.name[1]), int(h.name[-1])
+            assert (out * R).sum().item() == pytest.approx(tl_mlp[l, p].item(), rel=1e-6, abs=1e-6)
+    assert sum(cg.n_mixed for cg in cgs) > 0
+
+
+def _edge_hook_run(model, edge, xr, xc):
+    """Clean run where only `edge.sender`'s term in the receiver channel's input comes from x_c."""
+    _, rc = model.run_with_cache(xr)
+    _, cc = model.run_with_cache(xc)
+    s = edge.sender
+
+    def out_of(cache):
+        if s.kind.value == "input":
+            return cache["hook_embed"]
+        if s.kind.value == "mlp":
+            return cache[f"blocks.{s.layer}.hook_mlp_out"]
+        return cache[f"blocks.{s.layer}.attn.hook_z"][:, :, s.head] @ model.blocks[s.layer].attn.W_O[s.head]
+
+    delta = out_of(cc) - out_of(rc)  # [batch, pos, d_model]
+    r = edge.receiver
+    fired = []
+    if r.kind.value == "head":
+        name = f"blocks.{r.layer}.hook_{edge.channel.value}_input"
+
+        def hook(x, hook):  # [batch, pos, head, d_model]
+            fired.append(name)
+            x = x.clone()
+            x[:, :, r.head] += delta
+            return x
+    elif r.kind.value == "mlp":
+        name = f"blocks.{r.layer}.hook_mlp_in"
+
+        def hook(x, hook):
+            fired.append(name)
+            return x + delta
+    else:
+        name = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+        def hook(x, hook):
+            fired.append(name)
+            return x + delta
+
+    model.set_use_split_qkv_input(True)
+    if not model.cfg.attn_only:
+        model.set_use_hook_mlp_in(True)
+    try:
+        logits = model.run_with_hooks(xr, fwd_hooks=[(name, hook)])
+    finally:
+        model.set_use_split_qkv_input(False)
+        if not model.cfg.attn_only:
+            model.set_use_hook_mlp_in(False)
+    assert fired == [name], f"hook {name} did not fire"
+    return logits
+
+
+def test_single_edge_removal_matches_hook_run(family):
+    model = tiny_model(family)
+    xr, xc = _tokens(model)
+    graph = Graph.from_model(model)
+    hyps = edge_removal(graph)
+    outs, cgs = _engine(model, hyps, xr, xc)
+    for edge, h, out in zip(graph.edges, hyps, outs):
+        want = _edge_hook_run(model, edge, xr, xc)
+        torch.testing.assert_close(out, want, atol=1e-10, rtol=1e-10, msg=lambda m, h=h: f"{h.name}: {m}")
+    # single-edge removals compute only what lies downstream of the edge
+    for edge, cg in zip(graph.edges, cgs):
+        assert all(c.node.order >= edge.receiver.order for c in cg.copies)
+
+
+def test_circuit_has_one_mixed_copy_per_node():
+    model = tiny_model("mlp")
+    graph = Graph.from_model(model)
+    kept = [e for i, e in enumerate(graph.edges) if i % 2 == 0]
+    cg = Hypothesis("half", "circuit(" + ", ".join(map(str, kept)) + ")").compile(graph)
+    nodes = [c.node.name for c in cg.copies]
+    assert len(nodes) == len(set(nodes)) and len(nodes) >= 3
