@@ -1,19 +1,87 @@
 """A dataset of (reference, counterfactual) token pairs, with the positions where delta is read.
 
 Everything a hypothesis or metric may refer to travels in one frozen object, so a shard of it
-is a self-contained unit of work (hashable by content, picklable to workers).
+is a self-contained unit of work (hashable by content, picklable to workers). This module also
+holds the dataset's on-disk format (Parquet) and its deterministic split into shards.
+
+Parquet format (one row per example)
+------------------------------------
+Users bring their own pairs as a Parquet file with these columns (any order, no others):
+
+=================  ======================  ========  =============================================
+column             Arrow type              required  meaning
+=================  ======================  ========  =============================================
+``reference``      ``list<int32>``         yes       tokens x_r, length ``pos`` (same every row)
+``counterfactual`` ``list<int32>``         yes       tokens x_c, same length as ``reference``
+``scored``         ``list<bool>``          yes       positions where delta is read (>= 1 true)
+``example_id``     ``int64``               no        stable global example id, unique
+                                                     (default: the row number)
+``answer``         ``int64``               no        correct next token at the last scored
+                                                     position (metric ``logit_diff``)
+``wrong_answer``   ``int64``               no        the competing token (metric ``logit_diff``)
+``mask.<name>``    ``list<bool>``          no        1-D mask ``[pos]`` for input/q/MLP/output
+                                                     steps
+``mask.<name>``    ``list<list<bool>>``    no        2-D mask ``[dest][src]`` (``pos`` x ``pos``)
+                                                     for k/v steps
+=================  ======================  ========  =============================================
+
+- All sequences have the same length ``pos``: pad at the end and leave the padding unscored.
+- A scored position ``t`` means "the prediction made at ``t``" (of token ``t + 1``); the last
+  position may be scored for KL but not for ``loss``, which needs the next reference token.
+- Token columns may use any integer list type (``list<int64>``, ``large_list<int16>``, ...);
+  boolean columns must be boolean. Nulls are not allowed anywhere. Mask names are
+  identifiers (``[A-Za-z_][A-Za-z0-9_]*``).
+- Loading checks every row and reports the file, the column and the row of the first problem.
+  ``load_parquet(path, vocab_size=V)`` also checks that every token and answer is in
+  ``[0, V)``.
+
+Digests and shards
+------------------
+`PairDataset.digest` is a sha256 over the content (tokens, scored positions, masks by name,
+answers, example ids) in a fixed little-endian encoding, so it is the same across runs,
+processes and machines, and unchanged by a Parquet round trip. `shard_dataset` cuts the
+dataset into contiguous ranges of examples; each `Shard` carries its range, the digest of its
+slice, and an id ``shard-00003-<first 12 hex of that digest>``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
+
+from pathpatch.errors import PathPatchError
+
+MASK_PREFIX = "mask."
+"""Parquet columns starting with this prefix are named masks (``mask.induction``)."""
+
+REQUIRED_COLUMNS = ("reference", "counterfactual", "scored")
+OPTIONAL_COLUMNS = ("example_id", "answer", "wrong_answer")
+FORMAT_KEY = b"pathpatch.format"
+FORMAT_VERSION = b"pairs/1"
+
+_MASK_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DIGEST_VERSION = b"pathpatch.PairDataset/1\0"
+_TOKEN_FIELDS = ("reference", "counterfactual", "answer", "wrong_answer")
 
 
 @dataclass(frozen=True, eq=False)
 class PairDataset:
     """Pairs of equal-length token sequences plus per-example position masks.
+
+    Construction checks the structure (shapes, dtypes, at least one example, at least one
+    scored position per example, unique example ids, non-negative tokens) and raises
+    `PathPatchError` naming the field and the example; integer tensors are stored as int64.
+    The vocabulary range is checked by `validate(vocab_size)`, which needs the model.
 
     Attributes:
         reference: [batch, pos] int64 tokens x_r.
@@ -36,8 +104,21 @@ class PairDataset:
     example_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.example_ids is None:
-            object.__setattr__(self, "example_ids", torch.arange(self.reference.shape[0]))
+        if isinstance(self.reference, torch.Tensor) and self.example_ids is None:
+            ids = torch.arange(self.reference.shape[0], device=self.reference.device)
+            object.__setattr__(self, "example_ids", ids)
+        normalized = _check_structure(
+            reference=self.reference,
+            counterfactual=self.counterfactual,
+            scored=self.scored,
+            masks=self.masks,
+            answer=self.answer,
+            wrong_answer=self.wrong_answer,
+            example_ids=self.example_ids,
+            where="dataset",
+        )
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
 
     def __len__(self) -> int:
         return int(self.reference.shape[0])
@@ -61,3 +142,632 @@ class PairDataset:
             wrong_answer=pick(self.wrong_answer),
             example_ids=self.example_ids[index],
         )
+
+    def validate(self, vocab_size: int | None = None, where: str = "dataset") -> None:
+        """Check the structure again and, given `vocab_size`, that every token fits the model.
+
+        Args:
+            vocab_size: the model's vocabulary size; tokens and answers must lie in
+                [0, vocab_size). None checks the structure only.
+            where: how messages name this dataset ("dataset", "file 'pairs.parquet'", ...).
+
+        Raises:
+            PathPatchError: naming the field, the example (row) and the offending value.
+        """
+        _check_structure(
+            reference=self.reference,
+            counterfactual=self.counterfactual,
+            scored=self.scored,
+            masks=self.masks,
+            answer=self.answer,
+            wrong_answer=self.wrong_answer,
+            example_ids=self.example_ids,
+            where=where,
+        )
+        if vocab_size is None:
+            return
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+            raise PathPatchError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        for name in _TOKEN_FIELDS:
+            tokens = getattr(self, name)
+            if tokens is None:
+                continue
+            bad = (tokens < 0) | (tokens >= vocab_size)
+            if not bool(bad.any()):
+                continue
+            first = [int(i) for i in bad.nonzero()[0]]
+            row = first[0]
+            spot = f"row {row} ({self._example(row)})"
+            if len(first) == 2:
+                spot += f", position {first[1]}"
+            value = int(tokens[tuple(first)])
+            raise PathPatchError(
+                f"{where}: {name} {spot} has token {value}, outside the model's vocabulary "
+                f"[0, {vocab_size}) ({int(bad.sum())} such tokens in '{name}'); the data was "
+                "made for another tokenizer or model: regenerate it for this model, or check "
+                "that the sweep names the right model"
+            )
+
+    def digest(self) -> str:
+        """sha256 (hex) of the content: tokens, scored, masks by name, answers, example ids.
+
+        Stable across runs, processes and machines (fixed little-endian encoding, masks sorted
+        by name); independent of the tensors' device and of the original integer dtype.
+        """
+        h = hashlib.sha256(_DIGEST_VERSION)
+        _hash_tensor(h, "reference", self.reference)
+        _hash_tensor(h, "counterfactual", self.counterfactual)
+        _hash_tensor(h, "scored", self.scored)
+        for name in sorted(self.masks):
+            _hash_tensor(h, MASK_PREFIX + name, self.masks[name])
+        _hash_tensor(h, "answer", self.answer)
+        _hash_tensor(h, "wrong_answer", self.wrong_answer)
+        _hash_tensor(h, "example_ids", self.example_ids)
+        return h.hexdigest()
+
+    def shard(self, shard: Shard) -> PairDataset:
+        """The examples of `shard` (checked against its digest); see `Shard.take`."""
+        return shard.take(self)
+
+    def _example(self, row: int) -> str:
+        return f"example_id {int(self.example_ids[row])}"
+
+
+# --- structural checks ----------------------------------------------------------------------
+
+
+def _check_structure(
+    *,
+    reference: object,
+    counterfactual: object,
+    scored: object,
+    masks: object,
+    answer: object,
+    wrong_answer: object,
+    example_ids: object,
+    where: str,
+) -> dict[str, object]:
+    """Check shapes and dtypes; return the fields to store (integer tensors as int64).
+
+    Cheap: a few reductions over each tensor, no Python loop over examples.
+    """
+    reference = _integer_tensor(reference, "reference", 2, where)
+    batch, pos = reference.shape
+    if batch == 0:
+        raise PathPatchError(
+            f"{where}: has no examples (reference has shape {tuple(reference.shape)}); a "
+            "dataset needs at least one (reference, counterfactual) pair"
+        )
+    if pos == 0:
+        raise PathPatchError(f"{where}: sequences are empty (reference has shape [{batch}, 0])")
+    counterfactual = _integer_tensor(counterfactual, "counterfactual", 2, where)
+    if counterfactual.shape != reference.shape:
+        raise PathPatchError(
+            f"{where}: counterfactual has shape {list(counterfactual.shape)} but reference has "
+            f"{list(reference.shape)}; every pair needs equal-length sequences (path patching "
+            "swaps inputs position by position): pad both to the same length"
+        )
+    _nonnegative(reference, "reference", example_ids, where)
+    _nonnegative(counterfactual, "counterfactual", example_ids, where)
+
+    scored = _bool_tensor(scored, "scored", where)
+    if tuple(scored.shape) != (batch, pos):
+        raise PathPatchError(
+            f"{where}: scored has shape {list(scored.shape)}, expected [batch, pos] = "
+            f"[{batch}, {pos}] like reference"
+        )
+    empty = ~scored.any(dim=1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise PathPatchError(
+            f"{where}: row {row} ({_id_label(example_ids, row)}) has no scored position "
+            f"({int(empty.sum())} such rows); every example needs at least one position where "
+            "delta is read: set scored[row, t] = True for some t, or drop the example"
+        )
+
+    if not isinstance(masks, Mapping):
+        raise PathPatchError(
+            f"{where}: masks must be a dict of name -> bool tensor, got {type(masks).__name__}"
+        )
+    checked_masks: dict[str, torch.Tensor] = {}
+    for name, mask in masks.items():
+        if not isinstance(name, str) or not _MASK_NAME.fullmatch(name):
+            raise PathPatchError(
+                f"{where}: mask name {name!r} is not allowed; use an identifier such as "
+                "'induction' or 'prev_token' (letters, digits, underscores)"
+            )
+        label = f"mask '{name}'"
+        mask = _bool_tensor(mask, label, where)
+        if tuple(mask.shape) not in ((batch, pos), (batch, pos, pos)):
+            raise PathPatchError(
+                f"{where}: {label} has shape {list(mask.shape)}; a mask is [batch, pos] = "
+                f"[{batch}, {pos}] (1-D, for input/q/MLP/output steps) or [batch, pos, pos] = "
+                f"[{batch}, {pos}, {pos}] ([dest, src], for k/v steps)"
+            )
+        checked_masks[name] = mask
+
+    out: dict[str, object] = {
+        "reference": reference,
+        "counterfactual": counterfactual,
+        "scored": scored,
+        "masks": checked_masks,
+    }
+    for name, value in (("answer", answer), ("wrong_answer", wrong_answer)):
+        if value is None:
+            out[name] = None
+            continue
+        value = _integer_tensor(value, name, 1, where)
+        if value.shape[0] != batch:
+            raise PathPatchError(
+                f"{where}: {name} has {value.shape[0]} entries, expected one per example "
+                f"({batch})"
+            )
+        _nonnegative(value, name, example_ids, where)
+        out[name] = value
+
+    example_ids = _integer_tensor(example_ids, "example_ids", 1, where)
+    if example_ids.shape[0] != batch:
+        raise PathPatchError(
+            f"{where}: example_ids has {example_ids.shape[0]} entries, expected one per "
+            f"example ({batch})"
+        )
+    unique, counts = torch.unique(example_ids, return_counts=True)
+    if bool((counts > 1).any()):
+        dup = int(unique[counts > 1][0])
+        rows = (example_ids == dup).nonzero()[:, 0].tolist()
+        raise PathPatchError(
+            f"{where}: example_id {dup} appears in rows {rows}; example ids must be unique "
+            "(they key the result rows): renumber the examples"
+        )
+    out["example_ids"] = example_ids
+
+    device = reference.device
+    for name, value in out.items():
+        tensors = value.values() if isinstance(value, dict) else [value]
+        for t in tensors:
+            if t is not None and t.device != device:
+                raise PathPatchError(
+                    f"{where}: {name} is on {t.device} but reference is on {device}; keep a "
+                    "dataset's tensors on one device"
+                )
+    return out
+
+
+def _integer_tensor(value: object, name: str, ndim: int, where: str) -> torch.Tensor:
+    shape = "[batch, pos]" if ndim == 2 else "[batch]"
+    if not isinstance(value, torch.Tensor):
+        raise PathPatchError(
+            f"{where}: {name} must be a torch.Tensor {shape} of token ids, got "
+            f"{type(value).__name__}"
+        )
+    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
+        hint = ""
+        if value.is_floating_point() and bool(torch.isnan(value).any()):
+            hint = " (it contains NaN)"
+        raise PathPatchError(
+            f"{where}: {name} must hold integer ids, got dtype {value.dtype}{hint}; convert "
+            f"with .long() after checking the values are whole token ids"
+        )
+    if value.ndim != ndim:
+        raise PathPatchError(
+            f"{where}: {name} has shape {list(value.shape)}, expected {ndim}-D {shape}"
+        )
+    return value.long()
+
+
+def _bool_tensor(value: object, name: str, where: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise PathPatchError(
+            f"{where}: {name} must be a bool torch.Tensor, got {type(value).__name__}"
+        )
+    if value.dtype != torch.bool:
+        hint = ""
+        if value.is_floating_point() and bool(torch.isnan(value).any()):
+            hint = " (it contains NaN)"
+        raise PathPatchError(
+            f"{where}: {name} must have dtype torch.bool, got {value.dtype}{hint}; build it "
+            "with a comparison (x > 0) or .bool() so no weights or NaNs slip in"
+        )
+    return value
+
+
+def _nonnegative(tokens: torch.Tensor, name: str, example_ids: object, where: str) -> None:
+    bad = tokens < 0
+    if not bool(bad.any()):
+        return
+    first = [int(i) for i in bad.nonzero()[0]]
+    spot = f"row {first[0]} ({_id_label(example_ids, first[0])})"
+    if len(first) == 2:
+        spot += f", position {first[1]}"
+    raise PathPatchError(
+        f"{where}: {name} {spot} has negative token {int(tokens[tuple(first)])}; token ids "
+        "are >= 0 (padding too: pad with a real token and leave it unscored)"
+    )
+
+
+def _id_label(example_ids: object, row: int) -> str:
+    if isinstance(example_ids, torch.Tensor) and example_ids.ndim == 1 and row < len(example_ids):
+        return f"example_id {int(example_ids[row])}"
+    return f"example {row}"
+
+
+def _hash_tensor(h: hashlib._Hash, name: str, tensor: torch.Tensor | None) -> None:
+    if tensor is None:
+        h.update(f"{name}:none\0".encode())
+        return
+    array = tensor.detach().cpu().contiguous().numpy()
+    if array.dtype == np.bool_:
+        kind, array = "bool", array.astype(np.uint8)
+    else:
+        kind, array = "<i8", array.astype("<i8")
+    shape = ",".join(str(d) for d in array.shape)
+    h.update(f"{name}:{kind}:{shape}\0".encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+
+
+# --- Parquet --------------------------------------------------------------------------------
+
+
+def save_parquet(dataset: PairDataset, path: str | os.PathLike[str]) -> None:
+    """Write `dataset` in the Parquet format described in this module's docstring.
+
+    The file is written under a temporary name and renamed, so a reader never sees half a
+    file. `load_parquet` reads it back bit-exactly (same `digest`).
+    """
+    path = Path(path)
+    batch, pos = dataset.reference.shape
+    if int(dataset.reference.max()) > np.iinfo(np.int32).max:
+        raise PathPatchError("save_parquet: token ids above 2**31 - 1 do not fit list<int32>")
+    if int(dataset.counterfactual.max()) > np.iinfo(np.int32).max:
+        raise PathPatchError("save_parquet: token ids above 2**31 - 1 do not fit list<int32>")
+    columns: dict[str, pa.Array] = {
+        "example_id": pa.array(_numpy(dataset.example_ids), pa.int64()),
+        "reference": _list_array(_numpy(dataset.reference).astype(np.int32), [pos]),
+        "counterfactual": _list_array(_numpy(dataset.counterfactual).astype(np.int32), [pos]),
+        "scored": _list_array(_numpy(dataset.scored), [pos]),
+    }
+    for name in ("answer", "wrong_answer"):
+        value = getattr(dataset, name)
+        if value is not None:
+            columns[name] = pa.array(_numpy(value), pa.int64())
+    for name in sorted(dataset.masks):
+        mask = _numpy(dataset.masks[name])
+        columns[MASK_PREFIX + name] = _list_array(mask, list(mask.shape[1:]))
+    table = pa.table(columns).replace_schema_metadata({FORMAT_KEY: FORMAT_VERSION})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_parquet(path: str | os.PathLike[str], vocab_size: int | None = None) -> PairDataset:
+    """Read a dataset in the Parquet format described in this module's docstring.
+
+    Args:
+        path: the Parquet file.
+        vocab_size: if given, every token and answer must lie in [0, vocab_size).
+
+    Raises:
+        PathPatchError: naming the file, the column and the row of the first problem
+            (missing or unknown column, wrong type, null, ragged rows, reference and
+            counterfactual of unequal length, wrong mask size, token out of range, ...).
+    """
+    path = Path(path)
+    where = f"file '{path}'"
+    if not path.is_file():
+        raise PathPatchError(f"{where}: not found (or not a file); check the dataset path")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise PathPatchError(f"{where}: cannot be read as Parquet ({e})") from e
+
+    names = table.column_names
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise PathPatchError(f"{where}: column(s) {duplicated} appear more than once")
+    missing = [n for n in REQUIRED_COLUMNS if n not in names]
+    if missing:
+        raise PathPatchError(
+            f"{where}: missing required column(s) {missing}; a pairs file has columns "
+            f"{list(REQUIRED_COLUMNS)}, optionally {list(OPTIONAL_COLUMNS)} and "
+            f"'{MASK_PREFIX}<name>' masks"
+        )
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    unknown = [n for n in names if n not in known and not n.startswith(MASK_PREFIX)]
+    if unknown:
+        raise PathPatchError(
+            f"{where}: unknown column(s) {unknown}; allowed: {list(REQUIRED_COLUMNS)} + "
+            f"{list(OPTIONAL_COLUMNS)} + '{MASK_PREFIX}<name>' masks (rename or drop them; "
+            "a misspelt mask name would otherwise be silently ignored)"
+        )
+    batch = table.num_rows
+    if batch == 0:
+        raise PathPatchError(
+            f"{where}: has no rows; a dataset needs at least one (reference, counterfactual) "
+            "pair"
+        )
+
+    reference, lengths = _read_rows(table, "reference", where, boolean=False)
+    pos = int(lengths[0])
+    ragged = np.flatnonzero(lengths != pos)
+    if ragged.size:
+        row = int(ragged[0])
+        raise PathPatchError(
+            f"{where}: column 'reference' row {row} has {int(lengths[row])} tokens but row 0 "
+            f"has {pos} ({ragged.size} rows differ); all sequences must have the same length: "
+            "pad at the end and leave the padding unscored"
+        )
+    row_lengths = {"reference": lengths}
+    columns: dict[str, np.ndarray] = {"reference": reference.reshape(batch, pos)}
+    for name, boolean in (("counterfactual", False), ("scored", True)):
+        values, lengths = _read_rows(table, name, where, boolean=boolean)
+        _same_lengths(lengths, row_lengths["reference"], name, "reference", where)
+        columns[name] = values.reshape(batch, pos)
+
+    masks: dict[str, np.ndarray] = {}
+    for column in names:
+        if not column.startswith(MASK_PREFIX):
+            continue
+        name = column[len(MASK_PREFIX) :]
+        if not _MASK_NAME.fullmatch(name):
+            raise PathPatchError(
+                f"{where}: column '{column}': mask name {name!r} is not an identifier "
+                "(letters, digits, underscores; e.g. 'mask.induction')"
+            )
+        masks[name] = _read_mask(table, column, batch, pos, where)
+
+    scalars: dict[str, np.ndarray] = {}
+    for name in OPTIONAL_COLUMNS:
+        if name in names:
+            scalars[name] = _read_scalars(table, name, where)
+
+    fields = {
+        "reference": torch.from_numpy(columns["reference"].astype(np.int64)),
+        "counterfactual": torch.from_numpy(columns["counterfactual"].astype(np.int64)),
+        "scored": torch.from_numpy(columns["scored"]),
+        "masks": {k: torch.from_numpy(v) for k, v in masks.items()},
+        "answer": _tensor_or_none(scalars.get("answer")),
+        "wrong_answer": _tensor_or_none(scalars.get("wrong_answer")),
+        "example_ids": _tensor_or_none(scalars.get("example_id", np.arange(batch))),
+    }
+    # Check here first so messages name the file rather than "dataset".
+    fields = _check_structure(**fields, where=where)
+    dataset = PairDataset(**fields)
+    if vocab_size is not None:
+        dataset.validate(vocab_size, where=where)
+    return dataset
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def _tensor_or_none(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array.astype(np.int64))
+
+
+def _list_array(values: np.ndarray, inner: list[int]) -> pa.Array:
+    """Nested list array over rows of `values` ([rows, *inner]), innermost list first."""
+    array: pa.Array = pa.array(values.reshape(-1))
+    count = values.size
+    for size in reversed(inner):
+        count //= size
+        large = count * size >= 2**31
+        offsets = np.arange(0, (count + 1) * size, size, dtype=np.int64 if large else np.int32)
+        cls = pa.LargeListArray if large else pa.ListArray
+        array = cls.from_arrays(pa.array(offsets), array)
+    return array
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _type_name(t: pa.DataType) -> str:
+    """Arrow type without child field names: list<list<bool>>, not list<element: list<...>>."""
+    if pa.types.is_large_list(t):
+        return f"large_list<{_type_name(t.value_type)}>"
+    if _is_list(t):
+        return f"list<{_type_name(t.value_type)}>"
+    return str(t)
+
+
+def _first_null(array: pa.Array) -> int:
+    return int(np.flatnonzero(pc.is_null(array).to_numpy(zero_copy_only=False))[0])
+
+
+def _read_rows(
+    table: pa.Table, name: str, where: str, *, boolean: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (flat values, per-row lengths), with its type and nulls checked."""
+    column = table.column(name).combine_chunks()
+    want = "list<bool>" if boolean else "list<int32> (any integer list)"
+    t = column.type
+    value_ok = _is_list(t) and (
+        pa.types.is_boolean(t.value_type) if boolean else pa.types.is_integer(t.value_type)
+    )
+    if not value_ok:
+        hint = " (booleans only: no weights, no NaN)" if boolean else ""
+        raise PathPatchError(
+            f"{where}: column '{name}' has type {_type_name(t)}, expected {want}{hint}"
+        )
+    if column.null_count:
+        raise PathPatchError(
+            f"{where}: column '{name}' row {_first_null(column)} is null; nulls are not allowed"
+        )
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(column)
+    if values.null_count:
+        index = _first_null(values)
+        row = int(np.searchsorted(np.cumsum(lengths), index, side="right"))
+        raise PathPatchError(
+            f"{where}: column '{name}' row {row} contains a null; nulls are not allowed"
+        )
+    return values.to_numpy(zero_copy_only=False), lengths
+
+
+def _same_lengths(
+    lengths: np.ndarray, expected: np.ndarray, name: str, other: str, where: str
+) -> None:
+    bad = np.flatnonzero(lengths != expected)
+    if bad.size:
+        row = int(bad[0])
+        raise PathPatchError(
+            f"{where}: column '{name}' row {row} has {int(lengths[row])} entries but '{other}' "
+            f"has {int(expected[row])} ({bad.size} rows differ); each row's '{name}' must match "
+            f"its '{other}' position by position"
+        )
+
+
+def _read_mask(table: pa.Table, column: str, batch: int, pos: int, where: str) -> np.ndarray:
+    """A 1-D ([batch, pos]) or 2-D ([batch, pos, pos], [dest][src]) boolean mask column."""
+    t = table.schema.field(column).type
+    nested = _is_list(t) and _is_list(t.value_type)
+    if not nested:
+        values, lengths = _read_rows(table, column, where, boolean=True)
+        _same_lengths(lengths, np.full(batch, pos), column, "reference", where)
+        return values.reshape(batch, pos)
+    inner_type = t.value_type
+    if not pa.types.is_boolean(inner_type.value_type):
+        raise PathPatchError(
+            f"{where}: column '{column}' has type {_type_name(t)}, expected list<bool> (1-D) or "
+            "list<list<bool>> (2-D [dest][src]); booleans only: no weights, no NaN"
+        )
+    outer = table.column(column).combine_chunks()
+    if outer.null_count:
+        raise PathPatchError(
+            f"{where}: column '{column}' row {_first_null(outer)} is null; nulls are not allowed"
+        )
+    lengths = pc.list_value_length(outer).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(lengths != pos)
+    if bad.size:
+        row = int(bad[0])
+        raise PathPatchError(
+            f"{where}: column '{column}' row {row} has {int(lengths[row])} destination rows, "
+            f"expected {pos} (a 2-D mask is pos x pos = {pos} x {pos}, [dest][src])"
+        )
+    inner = pc.list_flatten(outer)  # [batch * pos] lists of src flags
+    if inner.null_count:
+        index = _first_null(inner)
+        raise PathPatchError(
+            f"{where}: column '{column}' row {index // pos}, dest {index % pos} is null; nulls "
+            "are not allowed"
+        )
+    inner_lengths = pc.list_value_length(inner).to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(inner_lengths != pos)
+    if bad.size:
+        index = int(bad[0])
+        raise PathPatchError(
+            f"{where}: column '{column}' row {index // pos}, dest {index % pos} has "
+            f"{int(inner_lengths[index])} source entries, expected {pos} (a 2-D mask is "
+            f"pos x pos = {pos} x {pos}, [dest][src])"
+        )
+    values = pc.list_flatten(inner)
+    if values.null_count:
+        index = _first_null(values)
+        raise PathPatchError(
+            f"{where}: column '{column}' row {index // (pos * pos)} contains a null; nulls are "
+            "not allowed"
+        )
+    return values.to_numpy(zero_copy_only=False).reshape(batch, pos, pos)
+
+
+def _read_scalars(table: pa.Table, name: str, where: str) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    if not pa.types.is_integer(column.type):
+        raise PathPatchError(
+            f"{where}: column '{name}' has type {_type_name(column.type)}, expected int64"
+        )
+    if column.null_count:
+        raise PathPatchError(
+            f"{where}: column '{name}' row {_first_null(column)} is null; nulls are not allowed "
+            "(drop the column if no row has a value)"
+        )
+    return column.to_numpy(zero_copy_only=False)
+
+
+# --- shards ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A contiguous range of examples [start, stop) of a dataset, identified by its content.
+
+    Attributes:
+        index: position of the shard in the dataset's shard list (0, 1, ...).
+        start: first example (row) of the shard.
+        stop: one past the last example.
+        digest: `PairDataset.digest` of the shard's examples.
+        id: ``shard-<index:05d>-<first 12 hex of digest>``, stable across runs and machines.
+    """
+
+    index: int
+    start: int
+    stop: int
+    digest: str
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop or self.index < 0:
+            raise PathPatchError(
+                f"shard {self.index}: range [{self.start}, {self.stop}) is empty or invalid; a "
+                "shard holds at least one example"
+            )
+        if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
+            raise PathPatchError(f"shard {self.index}: digest {self.digest!r} is not sha256 hex")
+        object.__setattr__(self, "id", f"shard-{self.index:05d}-{self.digest[:12]}")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def take(self, dataset: PairDataset, *, verify: bool = True) -> PairDataset:
+        """The shard's examples of `dataset`.
+
+        Args:
+            dataset: the dataset this shard was cut from.
+            verify: check that the slice has this shard's digest (catches a changed dataset).
+
+        Raises:
+            PathPatchError: the range does not fit `dataset` or its content differs.
+        """
+        if self.stop > len(dataset):
+            raise PathPatchError(
+                f"{self.id}: covers examples [{self.start}, {self.stop}) but the dataset has "
+                f"{len(dataset)}; it was cut from another dataset: shard this one again"
+            )
+        part = dataset.select(slice(self.start, self.stop))
+        if verify and part.digest() != self.digest:
+            raise PathPatchError(
+                f"{self.id}: examples [{self.start}, {self.stop}) of this dataset have digest "
+                f"{part.digest()[:12]}, not {self.digest[:12]}; the dataset changed since it "
+                "was sharded: shard it again"
+            )
+        return part
+
+
+def shard_dataset(dataset: PairDataset, shard_size: int) -> list[Shard]:
+    """Cut `dataset` into contiguous shards of `shard_size` examples (the last may be smaller).
+
+    Deterministic: the same dataset and size give the same ranges, digests and ids on any
+    run or machine; the shards cover every example exactly once, in order.
+
+    Raises:
+        PathPatchError: `shard_size` is not a positive int, or a shard would be empty.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise PathPatchError(
+            f"shard_size must be a positive number of examples, got {shard_size!r}"
+        )
+    n = len(dataset)
+    if n == 0:
+        raise PathPatchError("cannot shard an empty dataset: every shard needs an example")
+    shards = []
+    for index, start in enumerate(range(0, n, shard_size)):
+        stop = min(start + shard_size, n)
+        digest = dataset.select(slice(start, stop)).digest()
+        shards.append(Shard(index=index, start=start, stop=stop, digest=digest))
+    return shards

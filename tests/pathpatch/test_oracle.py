@@ -76,3 +76,39 @@ def test_engine_matches_oracle_on_random_hypotheses(family):
     assert stats["complement"] >= 0.2 * stats["cases"], stats
     assert stats["restricted"] >= 0.2 * stats["cases"], stats
     assert stats["edges"] >= 0.1 * stats["cases"], stats
+
+
+@pytest.mark.parametrize("family", ["attn-only", "mlp"])
+def test_path_counts_match_enumeration(family):
+    """|P| by dynamic programming equals the oracle's naive enumeration, masks included."""
+    from pathpatch.dataset import PairDataset
+    from pathpatch.explain import explain
+
+    model = tiny_model(family, seed=2)
+    graph = Graph.from_model(model)
+    om = oracle.Model(model)
+    rng = random.Random(f"count-{family}")
+    for case in range(25):
+        xr, xc, masks = _data(case, model.cfg.d_vocab)
+        data = PairDataset(xr, xc, torch.ones(B, T, dtype=torch.bool), masks)
+        h = oracle.random_hypothesis(rng, om, ["m1", "n1"], ["m2", "n2"])
+        for b in range(B):
+            got = explain(graph, Hypothesis("h", oracle.render(h)), dataset=data, example=b)
+            inside, total = oracle.Oracle(om, h, xr[b], xc[b], {k: v[b] for k, v in masks.items()}).count()
+            assert (got.n_paths, got.n_all) == (inside, total), oracle.render(h)
+            orc = oracle.Oracle(om, h, xr[b], xc[b], {k: v[b] for k, v in masks.items()})
+            for sample in got.samples:  # every sampled path is in P, by the oracle's matcher
+                assert orc.contains(h, _parse_sample(sample)), (oracle.render(h), sample)
+
+
+def _parse_sample(text: str) -> tuple:
+    """'in@0 -v-> a0.1@2 -> out@2' as the oracle's positional path."""
+    words = text.split()
+    name, p = words[0].split("@")
+    path, prev = [(name, None, int(p), int(p))], int(p)
+    for arrow, node in zip(words[1::2], words[2::2]):
+        name, i = node.split("@")
+        channel = "resid" if arrow == "->" else arrow[1]
+        path.append((name, channel, int(i), prev))
+        prev = int(i)
+    return tuple(path)

@@ -1,0 +1,451 @@
+"""Per-example dissimilarity delta between the clean output and another one, and its summary.
+
+delta(G(x_r), other) is read only at the dataset's scored positions, where `other` is a patched
+run G_H(x_r, x_c) (giving the unexplained effect UE) or the counterfactual run G(x_c) (giving
+the total effect TE). Every metric is non-negative per example, so errors on different inputs
+never cancel when averaged:
+
+- ``kl`` (default): KL(P_clean || P_other) of the next-token distributions at each scored
+  position (log_softmax in float64), averaged over the example's scored positions.
+- ``loss``: |loss_clean - loss_other| per scored position t, where loss = -log p(reference[t+1]),
+  then the mean over scored positions. The last position has no target: scoring it is an error.
+- ``logit_diff``: |(logit[answer] - logit[wrong_answer])_clean - (same)_other| at the example's
+  last scored position; the dataset must carry ``answer`` and ``wrong_answer``.
+- ``"module:function"``: a user callable ``fn(clean_logits, other_logits, batch) -> [batch]``,
+  imported by name (so it must be importable wherever the sweep runs).
+
+`summarize` turns per-example rows (hypothesis, example, ue, te) into scores: AUE, ATE,
+proportion explained = 1 - AUE/ATE, with a seeded paired bootstrap interval over examples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pathpatch.dataset import PairDataset
+from pathpatch.errors import PathPatchError
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor, PairDataset], torch.Tensor]
+"""fn(clean_logits [batch, pos, vocab], other_logits [batch, pos, vocab], batch) -> [batch]."""
+
+DEFAULT_METRIC = "kl"
+
+# Positions are processed in chunks of about this many float64 logits, so memory stays bounded
+# when a large vocabulary meets many scored positions.
+_CHUNK_ELEMENTS = 2**23
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A named per-example dissimilarity.
+
+    Attributes:
+        name: ``kl``, ``loss``, ``logit_diff`` or the ``module:function`` spec of a callable;
+            part of a work item's identity.
+        fn: the computation, fn(clean_logits, other_logits, batch) -> [batch].
+        check: optional dataset requirement (raises PathPatchError), run by
+            `check_dataset` before any model work and again by `per_example`.
+    """
+
+    name: str
+    fn: MetricFn
+    check: Callable[[PairDataset], None] | None = None
+
+    def check_dataset(self, dataset: PairDataset) -> None:
+        """Raise PathPatchError if this metric cannot be read on `dataset` (e.g. no answers)."""
+        if self.check is not None:
+            self.check(dataset)
+
+    def per_example(
+        self, clean_logits: torch.Tensor, other_logits: torch.Tensor, batch: PairDataset
+    ) -> torch.Tensor:
+        """delta(clean, other) per example.
+
+        Args:
+            clean_logits: [batch, pos, vocab] logits of G(x_r).
+            other_logits: [batch, pos, vocab] logits of G_H(x_r, x_c) or G(x_c).
+            batch: the examples the logits belong to (scored positions, answers).
+
+        Returns:
+            [batch] float64, finite and >= 0, on the logits' device.
+
+        Raises:
+            PathPatchError: shapes disagree, the dataset lacks what the metric needs, or a
+                (user) metric returns the wrong shape, negative or non-finite values.
+        """
+        expected = (len(batch), batch.seq_len)
+        for label, logits in (("clean_logits", clean_logits), ("other_logits", other_logits)):
+            if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+                got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+                raise PathPatchError(
+                    f"metric '{self.name}': {label} must be [batch, pos, vocab], got {got}"
+                )
+            if tuple(logits.shape[:2]) != expected:
+                raise PathPatchError(
+                    f"metric '{self.name}': {label} has shape {list(logits.shape)} but the batch "
+                    f"is [batch, pos] = {list(expected)}"
+                )
+        if clean_logits.shape != other_logits.shape:
+            raise PathPatchError(
+                f"metric '{self.name}': clean_logits {list(clean_logits.shape)} and "
+                f"other_logits {list(other_logits.shape)} differ in shape"
+            )
+        self.check_dataset(batch)
+        out = self.fn(clean_logits, other_logits, batch)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(batch),):
+            got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise PathPatchError(
+                f"metric '{self.name}' returned {got}; a metric returns one value per example, "
+                f"a tensor of shape [{len(batch)}]"
+            )
+        if out.is_complex() or out.dtype == torch.bool:
+            raise PathPatchError(f"metric '{self.name}' returned dtype {out.dtype}, not real")
+        out = out.to(torch.float64)
+        bad = ~torch.isfinite(out)
+        if bool(bad.any()):
+            rows = bad.nonzero()[:, 0].tolist()[:5]
+            ids = [int(batch.example_ids[r]) for r in rows]
+            raise PathPatchError(
+                f"metric '{self.name}' is not finite for example_ids {ids} (values "
+                f"{[float(out[r]) for r in rows]}); the logits likely contain NaN or inf: check "
+                "the model dtype (float16 overflows) and its inputs"
+            )
+        negative = out < 0
+        if bool(negative.any()):
+            row = int(negative.nonzero()[0, 0])
+            raise PathPatchError(
+                f"metric '{self.name}' is negative ({float(out[row])}) for example_id "
+                f"{int(batch.example_ids[row])}; a dissimilarity must be >= 0 so errors cannot "
+                "cancel across inputs: return e.g. an absolute difference"
+            )
+        return out
+
+
+def get_metric(spec: str | Metric = DEFAULT_METRIC) -> Metric:
+    """The metric named by `spec`: a built-in name, ``"module:function"``, or a Metric.
+
+    Raises:
+        PathPatchError: unknown name (the message lists the allowed ones), or a callable
+            that cannot be imported.
+    """
+    if isinstance(spec, Metric):
+        return spec
+    if not isinstance(spec, str):
+        raise PathPatchError(f"metric must be a name or a Metric, got {type(spec).__name__}")
+    if spec in BUILTIN_METRICS:
+        return BUILTIN_METRICS[spec]
+    if ":" in spec:
+        return Metric(name=spec, fn=_import_callable(spec))
+    raise PathPatchError(
+        f"unknown metric {spec!r}; allowed: {', '.join(repr(n) for n in BUILTIN_METRICS)}, or "
+        "'module:function' for your own fn(clean_logits, other_logits, batch) -> [batch]"
+    )
+
+
+def _import_callable(spec: str) -> MetricFn:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise PathPatchError(
+            f"metric {spec!r}: a callable metric is written 'module:function' "
+            "(e.g. 'my_metrics:top1_change')"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):
+            raise PathPatchError(
+                f"metric {spec!r}: no module named {module_name!r}; it must be importable "
+                "(on PYTHONPATH or installed) on the driver and every worker"
+            ) from e
+        raise PathPatchError(
+            f"metric {spec!r}: importing {module_name!r} failed: {e}; install what it needs"
+        ) from e
+    except Exception as e:
+        raise PathPatchError(
+            f"metric {spec!r}: importing {module_name!r} raised {type(e).__name__}: {e}"
+        ) from e
+    obj: object = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise PathPatchError(
+                f"metric {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise PathPatchError(
+            f"metric {spec!r}: {attr!r} is a {type(obj).__name__}, not a function "
+            "fn(clean_logits, other_logits, batch) -> [batch]"
+        )
+    return obj  # type: ignore[return-value]
+
+
+# --- built-in metrics -----------------------------------------------------------------------
+
+
+def _scored_index(batch: PairDataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(example, position) of every scored position, each [n_scored], in row-major order."""
+    rows, positions = batch.scored.to(device).nonzero(as_tuple=True)
+    return rows, positions
+
+
+def _chunks(n: int, vocab: int) -> list[slice]:
+    step = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _mean_over_scored(
+    values: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, batch: PairDataset
+) -> torch.Tensor:
+    """Per-example mean of per-position `values` [n_scored] -> [batch] float64.
+
+    Scatters into a dense [batch, pos] grid (unique indices, no atomics) and reduces along
+    pos, so the result is bitwise deterministic on every device.
+    """
+    grid = torch.zeros(len(batch), batch.seq_len, dtype=torch.float64, device=values.device)
+    grid[rows, positions] = values
+    counts = batch.scored.to(values.device).sum(dim=1).to(torch.float64)
+    return grid.sum(dim=1) / counts
+
+
+def _kl(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) -> torch.Tensor:
+    rows, positions = _scored_index(batch, clean.device)
+    values = torch.empty(len(rows), dtype=torch.float64, device=clean.device)
+    for part in _chunks(len(rows), clean.shape[-1]):
+        r, t = rows[part], positions[part]
+        log_p = torch.log_softmax(clean[r, t].to(torch.float64), dim=-1)  # (n, vocab)
+        log_q = torch.log_softmax(other[r, t].to(torch.float64), dim=-1)  # (n, vocab)
+        p = log_p.exp()
+        # 0 * log(0 / q) = 0: tokens the clean run rules out contribute nothing.
+        terms = torch.where(p > 0, p * (log_p - log_q), 0.0)
+        values[part] = terms.sum(dim=-1)
+    # KL >= 0; rounding can leave -1e-17 on identical distributions.
+    return _mean_over_scored(values.clamp_min(0.0), rows, positions, batch)
+
+
+def _check_loss(batch: PairDataset) -> None:
+    last = batch.scored[:, -1]
+    if bool(last.any()):
+        ids = batch.example_ids[last].tolist()
+        shown = f"{ids[:5]}".rstrip("]") + (", ...]" if len(ids) > 5 else "]")
+        raise PathPatchError(
+            f"metric 'loss' predicts the next reference token, but the dataset scores the last "
+            f"position ({batch.seq_len - 1}), which has none, in {len(ids)} examples "
+            f"(example_ids {shown}); unscore the last position or use metric 'kl'"
+        )
+
+
+def _loss(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) -> torch.Tensor:
+    rows, positions = _scored_index(batch, clean.device)
+    targets = batch.reference.to(clean.device)[rows, positions + 1]  # (n,)
+    values = torch.empty(len(rows), dtype=torch.float64, device=clean.device)
+    for part in _chunks(len(rows), clean.shape[-1]):
+        r, t, y = rows[part], positions[part], targets[part, None]
+        log_p = torch.log_softmax(clean[r, t].to(torch.float64), dim=-1).gather(-1, y)[:, 0]
+        log_q = torch.log_softmax(other[r, t].to(torch.float64), dim=-1).gather(-1, y)[:, 0]
+        values[part] = (log_p - log_q).abs()  # |loss_clean - loss_other|
+    return _mean_over_scored(values, rows, positions, batch)
+
+
+def _check_logit_diff(batch: PairDataset) -> None:
+    missing = [n for n in ("answer", "wrong_answer") if getattr(batch, n) is None]
+    if missing:
+        raise PathPatchError(
+            f"metric 'logit_diff' needs the dataset's answer and wrong_answer tokens, but it "
+            f"has no {' or '.join(missing)}; add the columns 'answer' and 'wrong_answer' or use "
+            "metric 'kl'"
+        )
+
+
+def _logit_diff(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) -> torch.Tensor:
+    device = clean.device
+    vocab = clean.shape[-1]
+    answer = batch.answer.to(device)
+    wrong = batch.wrong_answer.to(device)
+    for name, tokens in (("answer", answer), ("wrong_answer", wrong)):
+        if bool((tokens >= vocab).any()):
+            row = int((tokens >= vocab).nonzero()[0, 0])
+            raise PathPatchError(
+                f"metric 'logit_diff': {name} {int(tokens[row])} of example_id "
+                f"{int(batch.example_ids[row])} is outside the vocabulary [0, {vocab})"
+            )
+    scored = batch.scored.to(device)
+    arange = torch.arange(batch.seq_len, device=device)
+    last = torch.where(scored, arange, -1).amax(dim=1)  # (batch,) last scored position
+    rows = torch.arange(len(batch), device=device)
+
+    def diff(logits: torch.Tensor) -> torch.Tensor:
+        at = logits[rows, last].to(torch.float64)  # (batch, vocab)
+        return at[rows, answer] - at[rows, wrong]
+
+    return (diff(clean) - diff(other)).abs()
+
+
+BUILTIN_METRICS: dict[str, Metric] = {
+    "kl": Metric("kl", _kl),
+    "loss": Metric("loss", _loss, _check_loss),
+    "logit_diff": Metric("logit_diff", _logit_diff, _check_logit_diff),
+}
+"""Built-in metrics by name; ``kl`` is the default."""
+
+
+# --- scores ---------------------------------------------------------------------------------
+
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("hypothesis", pa.string()),
+        ("n", pa.int64()),
+        ("aue", pa.float64()),
+        ("ate", pa.float64()),
+        ("proportion_explained", pa.float64()),
+        ("pe_low", pa.float64()),
+        ("pe_high", pa.float64()),
+        ("aue_low", pa.float64()),
+        ("aue_high", pa.float64()),
+    ]
+)
+
+# Bootstrap replicates are drawn in blocks of about this many indices (memory bound). The block
+# size depends on n only, so the draws are the same for the same seed, hypothesis and n.
+_BOOT_BLOCK = 2**22
+
+
+def summarize(
+    rows: pa.Table,
+    *,
+    seed: int = 0,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    min_ate: float = 1e-6,
+) -> pa.Table:
+    """Scores per hypothesis from per-example rows, with paired bootstrap intervals.
+
+    For each hypothesis: n examples, AUE = mean UE, ATE = mean TE, proportion explained
+    PE = 1 - AUE/ATE (may be negative). The interval resamples example indices with
+    replacement (the same indices for UE and TE: paired), recomputes AUE and PE per
+    replicate, and takes the percentile interval at `confidence`.
+
+    Deterministic: rows are sorted by (hypothesis, example) first, and each hypothesis draws
+    from a generator seeded by (seed, hypothesis name), so a hypothesis's interval does not
+    depend on row order or on which other hypotheses are present.
+
+    Undefined scores are null, never huge numbers: PE and its interval when |ATE| < min_ate;
+    the PE interval also when any bootstrap replicate has |ATE| < min_ate (only likely with a
+    handful of examples, most with TE = 0).
+
+    Args:
+        rows: columns hypothesis (string), example (int64), ue (float64), te (float64);
+            others are ignored. One row per (hypothesis, example).
+        seed: bootstrap seed.
+        n_boot: bootstrap replicates (>= 1).
+        confidence: interval coverage, in (0, 1).
+        min_ate: |ATE| below this makes PE undefined.
+
+    Returns:
+        One row per hypothesis, sorted by name, with `SUMMARY_SCHEMA`'s columns.
+
+    Raises:
+        PathPatchError: missing columns, nulls, non-finite values, or duplicate
+            (hypothesis, example) rows.
+    """
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise PathPatchError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not 0.0 < confidence < 1.0:
+        raise PathPatchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
+    if not min_ate >= 0.0:
+        raise PathPatchError(f"min_ate must be >= 0, got {min_ate!r}")
+    missing = [c for c in ("hypothesis", "example", "ue", "te") if c not in rows.column_names]
+    if missing:
+        raise PathPatchError(
+            f"summarize: rows lack column(s) {missing}; expected hypothesis, example, ue, te"
+        )
+    table = rows.select(["hypothesis", "example", "ue", "te"])
+    for name in table.column_names:
+        if table.column(name).null_count:
+            raise PathPatchError(f"summarize: column '{name}' has nulls")
+    try:
+        table = pa.table(
+            {
+                "hypothesis": table.column("hypothesis").cast(pa.string()),
+                "example": table.column("example").cast(pa.int64()),
+                "ue": table.column("ue").cast(pa.float64()),
+                "te": table.column("te").cast(pa.float64()),
+            }
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise PathPatchError(f"summarize: column types do not fit: {e}") from e
+    table = table.sort_by([("hypothesis", "ascending"), ("example", "ascending")])
+
+    hypotheses = np.asarray(table.column("hypothesis").to_pylist(), dtype=object)
+    examples = table.column("example").to_numpy()
+    ue = table.column("ue").to_numpy()
+    te = table.column("te").to_numpy()
+    if not (np.isfinite(ue).all() and np.isfinite(te).all()):
+        raise PathPatchError("summarize: ue/te contain NaN or inf; the per-example rows are bad")
+
+    n_rows = len(hypotheses)
+    starts = [0, *(np.flatnonzero(hypotheses[1:] != hypotheses[:-1]) + 1).tolist()]
+    bounds = list(zip(starts, [*starts[1:], n_rows], strict=True)) if n_rows else []
+    alpha = (1.0 - confidence) / 2.0
+    out: dict[str, list] = {name: [] for name in SUMMARY_SCHEMA.names}
+    for start, stop in bounds:
+        name = str(hypotheses[start])
+        ex = examples[start:stop]
+        dup = np.flatnonzero(ex[1:] == ex[:-1])
+        if dup.size:
+            raise PathPatchError(
+                f"summarize: hypothesis {name!r} has more than one row for example "
+                f"{int(ex[dup[0]])}; results were duplicated (e.g. two files for one item)"
+            )
+        u, t = ue[start:stop], te[start:stop]
+        aue, ate = float(u.mean()), float(t.mean())
+        boot_ue, boot_te = _bootstrap_means(u, t, n_boot, _seed_for(seed, name))
+        aue_low, aue_high = np.quantile(boot_ue, [alpha, 1.0 - alpha])
+        pe = pe_low = pe_high = None
+        if abs(ate) >= min_ate and ate != 0.0:
+            pe = 1.0 - aue / ate
+            if bool((np.abs(boot_te) >= max(min_ate, np.finfo(float).tiny)).all()):
+                low, high = np.quantile(1.0 - boot_ue / boot_te, [alpha, 1.0 - alpha])
+                pe_low, pe_high = float(low), float(high)
+        for key, value in (
+            ("hypothesis", name),
+            ("n", int(stop - start)),
+            ("aue", aue),
+            ("ate", ate),
+            ("proportion_explained", pe),
+            ("pe_low", pe_low),
+            ("pe_high", pe_high),
+            ("aue_low", float(aue_low)),
+            ("aue_high", float(aue_high)),
+        ):
+            out[key].append(value)
+    return pa.table(out, schema=SUMMARY_SCHEMA)
+
+
+def _seed_for(seed: int, hypothesis: str) -> np.random.SeedSequence:
+    """A seed from (seed, hypothesis name), independent of row order and other hypotheses."""
+    words = np.frombuffer(hashlib.sha256(hypothesis.encode()).digest(), dtype="<u4")
+    return np.random.SeedSequence([int(seed) & (2**64 - 1), *map(int, words)])
+
+
+def _bootstrap_means(
+    ue: np.ndarray, te: np.ndarray, n_boot: int, seed: np.random.SeedSequence
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paired bootstrap: per replicate, mean UE and mean TE over the same resampled examples."""
+    rng = np.random.default_rng(seed)
+    n = len(ue)
+    block = max(1, _BOOT_BLOCK // n)
+    boot_ue = np.empty(n_boot)
+    boot_te = np.empty(n_boot)
+    for begin in range(0, n_boot, block):
+        end = min(begin + block, n_boot)
+        index = rng.integers(0, n, size=(end - begin, n))  # (replicates, n) example indices
+        boot_ue[begin:end] = ue[index].mean(axis=1)
+        boot_te[begin:end] = te[index].mean(axis=1)
+    return boot_ue, boot_te

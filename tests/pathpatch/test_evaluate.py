@@ -1,0 +1,119 @@
+"""The notebook API: evaluate() rows and summaries, validation errors, explain()."""
+
+import pytest
+import torch
+
+from pathpatch.dataset import PairDataset
+from pathpatch.engine import check, evaluate
+from pathpatch.errors import PathPatchError
+from pathpatch.explain import explain
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis, load_hypotheses
+from pathpatch.metrics import summarize
+from tests.pathpatch.conftest import tiny_model
+
+
+def _dataset(model, n=6, T=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    xr = torch.randint(0, model.cfg.d_vocab, (n, T), generator=gen)
+    xc = torch.randint(0, model.cfg.d_vocab, (n, T), generator=gen)
+    scored = torch.zeros(n, T, dtype=torch.bool)
+    scored[:, 2:] = True
+    masks = {"prev": torch.ones(n, T, T, dtype=torch.bool).tril(-1).triu(-1)}
+    return PairDataset(xr, xc, scored, masks, example_ids=torch.arange(100, 100 + n))
+
+
+@pytest.mark.parametrize("metric", ["kl", "loss"])
+def test_evaluate_rows_and_trivial_hypotheses(metric):
+    model = tiny_model("mlp")
+    data = _dataset(model)
+    if metric == "loss":  # |Δ loss| needs a next token: do not score the last position
+        data = PairDataset(data.reference, data.counterfactual, data.scored.clone().index_fill_(1, torch.tensor([4]), False),
+                           data.masks, example_ids=data.example_ids)
+    hyps = [Hypothesis("all", "all"), Hypothesis("none", "none"), Hypothesis("heads", "a0.* | a1.*")]
+    rows = evaluate(model, data, hyps, metric, batch_size=4)
+    assert rows.column_names[:4] == ["hypothesis", "example", "ue", "te"]
+    assert rows.num_rows == 3 * len(data)
+    d = rows.to_pydict()
+    assert d["example"][:6] == list(range(100, 106))
+    for h, ue, te in zip(d["hypothesis"], d["ue"], d["te"]):
+        assert te > 0
+        if h == "all":
+            assert ue == 0.0
+        elif h == "none":
+            assert ue == pytest.approx(te, rel=1e-12)
+        else:
+            assert 0 < ue
+    summary = summarize(rows).to_pydict()
+    pe = dict(zip(summary["hypothesis"], summary["proportion_explained"]))
+    assert pe["all"] == 1.0 and abs(pe["none"]) < 1e-12
+    # batching does not change results
+    again = evaluate(model, data, hyps, metric, batch_size=6)
+    assert again.equals(rows) or torch.allclose(torch.tensor(again["ue"].to_pylist()), torch.tensor(d["ue"]))
+
+
+def test_evaluate_errors_name_the_problem():
+    model = tiny_model("attn-only")
+    data = _dataset(model)
+    with pytest.raises(PathPatchError, match="unique"):
+        evaluate(model, data, [Hypothesis("a", "all"), Hypothesis("a", "none")])
+    with pytest.raises(PathPatchError, match="@mask=nope.*prev"):
+        evaluate(model, data, [Hypothesis("m", "a1.0[k]@mask=nope")])
+    with pytest.raises(PathPatchError, match="'a7.2' matches no node.*layers 0-1"):
+        evaluate(model, data, [Hypothesis("bad", "a7.2")])
+    with pytest.raises(PathPatchError, match="'x'.*max_mixed_copies = 1"):
+        evaluate(model, data, [Hypothesis("x", "a0.0 -> a1.0[k]@mask=prev")], max_mixed_copies=1)
+    with pytest.raises(PathPatchError, match=r"found end of pattern at column 8"):
+        Hypothesis("p", "a0.* ->").ast
+    with pytest.raises(PathPatchError, match=r"unknown channel 'x'.*column 14\n  a0.\* -> a1.0\[x\]\n {15}\^"):
+        Hypothesis("p", "a0.* -> a1.0[x]").ast
+    with pytest.raises(PathPatchError, match="memory_budget"):
+        evaluate(model, data, [Hypothesis("a", "all")], memory_budget=10)
+
+
+def test_memory_budget_shrinks_batches_not_results():
+    model = tiny_model("attn-only")
+    data = _dataset(model, n=8)
+    hyps = [Hypothesis("k", "a1.*[k]@mask=prev")]
+    small = evaluate(model, data, hyps, memory_budget=40_000)
+    full = evaluate(model, data, hyps)
+    assert torch.allclose(torch.tensor(small["ue"].to_pylist()), torch.tensor(full["ue"].to_pylist()),
+                          rtol=1e-12, atol=0)
+
+
+def test_check_reports_copies_and_cost():
+    model = tiny_model("mlp")
+    costs = check(model, [Hypothesis("one", "~a0.0"), Hypothesis("circ", "remove(in->out)")])
+    assert [c.name for c in costs] == ["one", "circ"]
+    assert costs[0].mixed_copies >= 2 and costs[1].mixed_copies == 1
+    assert all(c.est_cost > 0 for c in costs)
+
+
+def test_explain_counts_paths_by_dynamic_programming():
+    graph = Graph(n_layers=2, n_heads=2, has_mlp=False)
+    # one position: q/k/v all read position 0, so (1 + 3*2)^2 = 49 paths
+    assert explain(graph, Hypothesis("all", "all"), seq_len=1).n_paths == 49
+    assert explain(graph, Hypothesis("direct", "in -> out"), seq_len=3).n_paths == 3
+    e = explain(graph, Hypothesis("v", "in -> a1.0[v] -> out"), seq_len=3)
+    assert e.n_paths == 1 + 2 + 3  # sources j <= i for each output position i
+    gpt2 = Graph(n_layers=12, n_heads=12, has_mlp=True)
+    assert explain(gpt2, Hypothesis("all", "all"), seq_len=1).n_paths == gpt2.n_paths()
+    assert "paths in P" in str(e)
+
+
+def test_hypotheses_from_toml_tables():
+    graph = Graph(n_layers=2, n_heads=2, has_mlp=True)
+    hyps = load_hypotheses(
+        [{"name": "direct", "pattern": "in -> out"}, {"family": "node_removal"},
+         {"family": "induction_initial", "prev_heads": ["a0.0"], "induction_heads": ["a1.*"]}],
+        graph,
+    )
+    names = [h.name for h in hyps]
+    assert names[0] == "direct" and "remove a1.1" in names and "remove m0" in names
+    assert "initial (V | Q | K)" in names
+    with pytest.raises(PathPatchError, match=r"hypotheses\[0\].*keys"):
+        load_hypotheses([{"name": "x", "patern": "all"}], graph)
+    with pytest.raises(PathPatchError, match="unknown family 'nodes'"):
+        load_hypotheses([{"family": "nodes"}], graph)
+    with pytest.raises(PathPatchError, match="duplicate hypothesis name"):
+        load_hypotheses([{"name": "x", "pattern": "all"}, {"name": "x", "pattern": "none"}], graph)
