@@ -84,7 +84,7 @@ class _Counter:
         if key in self.memo:
             return self.memo[key]
         total = np.zeros(self.T, dtype=object)
-        for channel, mask, nxt in self.inputs(node, state):
+        for _channel, mask, nxt in self.inputs(node, state):
             if node.kind is NodeKind.INPUT:
                 if self.lang.accepts(nxt):
                     total = total + mask.astype(object)

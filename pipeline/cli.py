@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from pathpatch.errors import PathPatchError
 
@@ -14,6 +16,113 @@ def _cmd_evidence(args: argparse.Namespace) -> int:
     return evidence_main(args.model)
 
 
+def _apply_overrides(spec, args: argparse.Namespace):
+    changes = {}
+    if getattr(args, "workers", None) is not None:
+        if args.workers < 1:
+            raise PathPatchError(f"--workers {args.workers}: give at least 1")
+        changes["workers"] = args.workers
+    return spec.with_resources(**changes) if changes else spec
+
+
+def _finish(outcome, folder: Path, quiet: bool) -> int:
+    from pipeline.query import run_query
+
+    print(outcome.summary())
+    if not quiet:
+        print(run_query([folder], "SELECT hypothesis, n, aue, ate, proportion_explained, "
+                                  "pe_low, pe_high FROM scores ORDER BY hypothesis LIMIT 30"))
+        print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"")
+    if outcome.failed:
+        print(f"error: {outcome.failed} work item(s) failed every attempt; see "
+              f"`pathpatch status {folder}` for their errors, fix the cause and run "
+              f"`pathpatch resume {folder}`", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.plan import describe
+    from pipeline.resolve import resolve
+    from pipeline.spec import load_spec
+    from pipeline.sweep import run_sweep
+
+    spec = _apply_overrides(load_spec(args.spec), args)
+    resolved = resolve(spec)
+    if args.dry_run:
+        print(describe(resolved.plan))
+        print("dry run: nothing was written and no cluster was started")
+        return 0
+    out = Path(args.out) if args.out else Path("sweeps") / spec.name
+    outcome = run_sweep(spec, out, backend=args.backend, address=args.address,
+                        progress=not args.no_progress, resolved=resolved,
+                        spec_file=str(Path(args.spec).resolve()))
+    return _finish(outcome, out, args.quiet)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from pipeline.sweep import load_sweep_spec, run_sweep
+
+    spec = _apply_overrides(load_sweep_spec(args.folder), args)
+    outcome = run_sweep(spec, args.folder, backend=args.backend, address=args.address,
+                        progress=not args.no_progress)
+    return _finish(outcome, Path(args.folder), args.quiet)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.store import SweepFolder, item_status, summarize_status
+
+    folder = SweepFolder(args.folder)
+    manifest = folder.read_manifest()
+    summary = summarize_status(item_status(folder, manifest), by=args.by)
+    summary = {"sweep": str(folder.root), "name": manifest["name"], **summary}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"{summary['name']} ({folder.root}): {summary['done']} done, {summary['failed']} "
+          f"failed, {summary['pending']} pending of {summary['total']} work items")
+    for key in ("by_hypothesis", "by_shard"):
+        if key in summary:
+            label = key.removeprefix("by_")
+            width = max([len(label)] + [len(k) for k in summary[key]])
+            print(f"{label:<{width}}  done  failed  pending  total")
+            for name, c in summary[key].items():
+                print(f"{name:<{width}}  {c['done']:>4}  {c['failed']:>6}  {c['pending']:>7}  "
+                      f"{c['total']:>5}")
+    for f in summary["failures"]:
+        print(f"failed {f['item']} after {f['attempts']} attempts: {f['error']}")
+    return 0
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    from pipeline.query import run_query
+
+    if len(args.args) < 2:
+        raise PathPatchError("usage: pathpatch sql DIR [DIR ...] \"SELECT ...\" (views: "
+                             "results, scores, items)")
+    *folders, query = args.args
+    print(run_query(folders, query, args.format))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import bench_pipeline
+
+    result = bench_pipeline(args.spec, keep=args.keep)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a "
+                                     "local cluster started for this run)")
+    p.add_argument("--workers", type=int, help="override resources.workers")
+    p.add_argument("--backend", choices=("ray", "inprocess"), default="ray",
+                   help="inprocess: no Ray, one item after another (debugging)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathpatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +130,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evidence", help="show that a bundled model really does induction")
     p.add_argument("model", nargs="?", default="attn-only-2l")
     p.set_defaults(func=_cmd_evidence)
+
+    p = sub.add_parser("run", help="run (or resume) a sweep spec into a sweep folder")
+    p.add_argument("spec", help="sweep spec (TOML), e.g. jobs/default.toml")
+    p.add_argument("--out", help="sweep folder (default: sweeps/<spec name>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the plan; write nothing, start no cluster")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("resume", help="finish a sweep folder with the spec it was run with")
+    p.add_argument("folder")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_resume)
+
+    p = sub.add_parser("status", help="done / failed / pending work items of a sweep folder")
+    p.add_argument("folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--by", choices=("hypothesis", "shard"), help="break counts down")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("sql", help="read-only SQL over sweep folders (views results, scores, "
+                                   "items)")
+    p.add_argument("args", nargs="+", metavar="DIR... QUERY",
+                   help="one or more sweep folders, then the query")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.set_defaults(func=_cmd_sql)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=("pipeline",))
+    p.add_argument("--spec", default=None, help="sweep to time (default: jobs/bench.toml)")
+    p.add_argument("--keep", default=None, help="keep the sweep folders under this folder")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

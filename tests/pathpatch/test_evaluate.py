@@ -28,8 +28,8 @@ def test_evaluate_rows_and_trivial_hypotheses(metric):
     model = tiny_model("mlp")
     data = _dataset(model)
     if metric == "loss":  # |Δ loss| needs a next token: do not score the last position
-        data = PairDataset(data.reference, data.counterfactual, data.scored.clone().index_fill_(1, torch.tensor([4]), False),
-                           data.masks, example_ids=data.example_ids)
+        scored = data.scored.clone().index_fill_(1, torch.tensor([4]), False)
+        data = PairDataset(data.reference, data.counterfactual, scored, data.masks, example_ids=data.example_ids)
     hyps = [Hypothesis("all", "all"), Hypothesis("none", "none"), Hypothesis("heads", "a0.* | a1.*")]
     rows = evaluate(model, data, hyps, metric, batch_size=4)
     assert rows.column_names[:4] == ["hypothesis", "example", "ue", "te"]
@@ -64,9 +64,10 @@ def test_evaluate_errors_name_the_problem():
     with pytest.raises(PathPatchError, match="'x'.*max_mixed_copies = 1"):
         evaluate(model, data, [Hypothesis("x", "a0.0 -> a1.0[k]@mask=prev")], max_mixed_copies=1)
     with pytest.raises(PathPatchError, match=r"found end of pattern at column 8"):
-        Hypothesis("p", "a0.* ->").ast
-    with pytest.raises(PathPatchError, match=r"unknown channel 'x'.*column 14\n  a0.\* -> a1.0\[x\]\n {15}\^"):
-        Hypothesis("p", "a0.* -> a1.0[x]").ast
+        _ = Hypothesis("p", "a0.* ->").ast
+    caret = r"unknown channel 'x'.*column 14\n  a0.\* -> a1.0\[x\]\n {15}\^"
+    with pytest.raises(PathPatchError, match=caret):
+        _ = Hypothesis("p", "a0.* -> a1.0[x]").ast
     with pytest.raises(PathPatchError, match="memory_budget"):
         evaluate(model, data, [Hypothesis("a", "all")], memory_budget=10)
 
