@@ -29,7 +29,8 @@ def test_evaluate_rows_and_trivial_hypotheses(metric):
     data = _dataset(model)
     if metric == "loss":  # |Δ loss| needs a next token: do not score the last position
         scored = data.scored.clone().index_fill_(1, torch.tensor([4]), False)
-        data = PairDataset(data.reference, data.counterfactual, scored, data.masks, example_ids=data.example_ids)
+        data = PairDataset(data.reference, data.counterfactual, scored, data.masks,
+                           example_ids=data.example_ids)
     hyps = [Hypothesis("all", "all"), Hypothesis("none", "none"), Hypothesis("heads", "a0.* | a1.*")]
     rows = evaluate(model, data, hyps, metric, batch_size=4)
     assert rows.column_names[:4] == ["hypothesis", "example", "ue", "te"]
