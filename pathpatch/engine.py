@@ -1,12 +1,9 @@
-"""Exact treeified evaluation G_H(x_r, x_c): compute only the mixed copies, read the rest from caches.
+"""Exact treeified evaluation G_H(x_r, x_c) over a dataset: the public entry points.
 
-Per batch, the clean run G(x_r) and counterfactual run G(x_c) are cached once and shared by
-every hypothesis. A mixed copy's channel input is the clean residual stream plus, for each
-sender whose chosen copy is not clean, that copy's deviation from the clean sender output
-(biases are constants and cancel). LayerNorm is recomputed on every mixed input. Where
-restrictions split a channel, each input *version* is computed and picked per position (per
-(dest, src) pair for keys and values). Head outputs are kept as z and multiplied by W_O only
-where a deviation is needed; TransformerLens's materialized per-head results are never used.
+`evaluate` streams batches: per batch the clean and counterfactual runs are cached once
+(`runs.py`), hypotheses are evaluated in stacked groups (`stacking.py`), and delta is read at
+the scored positions (`metrics.py`). Only mixed copies are computed; nothing is approximated:
+a memory budget shrinks batches and groups, never precision.
 """
 
 from __future__ import annotations
@@ -16,241 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from pathpatch.copies import CF, CLEAN, ChannelInput, Copy, CopyGraph
+from pathpatch.copies import CopyGraph
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Channel, Graph, Node, NodeKind
-from pathpatch.patterns import Restriction
-
-
-class Runs:
-    """The clean and counterfactual runs of one batch: everything mixed copies read.
-
-    Holds, per run, the residual stream where each receiver reads it, per-head z (not per-head
-    results), MLP outputs, embeddings and logits.
-    """
-
-    def __init__(self, model, reference: torch.Tensor, counterfactual: torch.Tensor):
-        self.model = model
-        cfg = model.cfg
-        names = {"hook_embed", f"blocks.{cfg.n_layers - 1}.hook_resid_post"}
-        for layer in range(cfg.n_layers):
-            names |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"}
-            if not cfg.attn_only:
-                names |= {f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"}
-        self.logits: dict[str, torch.Tensor] = {}
-        self.cache: dict[str, dict[str, torch.Tensor]] = {}
-        for run, tokens in (("r", reference), ("c", counterfactual)):
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-            self.logits[run] = logits
-            self.cache[run] = dict(cache.items())
-        self._cf_dev: dict[int, torch.Tensor] = {}
-
-    def sender_output(self, node: Node, run: str) -> torch.Tensor:
-        """[batch, pos, d_model] what `node` adds to the residual stream in `run` (+ constants)."""
-        c = self.cache[run]
-        if node.kind is NodeKind.INPUT:
-            return c["hook_embed"]
-        if node.kind is NodeKind.MLP:
-            return c[f"blocks.{node.layer}.hook_mlp_out"]
-        z = c[f"blocks.{node.layer}.attn.hook_z"][:, :, node.head]  # [batch, pos, d_head]
-        return z @ self.model.blocks[node.layer].attn.W_O[node.head]
-
-    def cf_deviation(self, node: Node) -> torch.Tensor:
-        """[batch, pos, d_model] counterfactual minus clean output of `node` (cached)."""
-        if node.order not in self._cf_dev:
-            if node.kind is NodeKind.HEAD:
-                key = f"blocks.{node.layer}.attn.hook_z"
-                dz = self.cache["c"][key][:, :, node.head] - self.cache["r"][key][:, :, node.head]
-                dev = dz @ self.model.blocks[node.layer].attn.W_O[node.head]
-            else:
-                dev = self.sender_output(node, "c") - self.sender_output(node, "r")
-            self._cf_dev[node.order] = dev
-        return self._cf_dev[node.order]
-
-    def residual(self, receiver: Node, run: str) -> torch.Tensor:
-        """[batch, pos, d_model] the residual stream as `receiver` reads it in `run`."""
-        c = self.cache[run]
-        if receiver.kind is NodeKind.HEAD:
-            return c[f"blocks.{receiver.layer}.hook_resid_pre"]
-        if receiver.kind is NodeKind.MLP:
-            return c[f"blocks.{receiver.layer}.hook_resid_mid"]
-        return c[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
-
-
-@dataclass
-class PositionContext:
-    """Evaluates restrictions on one batch: 1-D [batch, pos] and 2-D [batch, dest, src] masks."""
-
-    masks: dict[str, torch.Tensor]
-    batch: int
-    seq_len: int
-    device: torch.device
-
-    def holds(self, r: Restriction, two_d: bool) -> torch.Tensor:
-        B, T = self.batch, self.seq_len
-        i = torch.arange(T, device=self.device)
-        if r.kind == "offset":
-            out = i[None, :] == (i[:, None] - r.value)  # [dest, src]
-        elif r.kind in ("pos", "src"):
-            wanted = torch.zeros(T, dtype=torch.bool, device=self.device)
-            for p in r.value:
-                if -T <= p < T:
-                    wanted[p] = True
-            if not two_d:
-                out = wanted
-            else:
-                out = wanted[:, None].expand(T, T) if r.kind == "pos" else wanted[None, :].expand(T, T)
-        else:
-            mask = self.masks.get(r.value)
-            if mask is None:
-                raise PathPatchError(
-                    f"restriction {r} names a mask the dataset lacks; it has: "
-                    f"{sorted(self.masks) or 'no masks'}"
-                )
-            want_dims = 3 if two_d else 2
-            if mask.dim() != want_dims:
-                kind = "2-D [batch, dest, src] (k/v steps)" if two_d else "1-D [batch, pos]"
-                raise PathPatchError(
-                    f"restriction {r} needs a {kind} mask but {r.value!r} has shape"
-                    f" {tuple(mask.shape)}"
-                )
-            return mask.to(self.device, torch.bool)
-        shape = (B, T, T) if two_d else (B, T)
-        return out.expand(shape)
-
-    def version_index(self, ci: ChannelInput) -> torch.Tensor | None:
-        """Per position (or (dest, src) pair), which input version to read; None if only one."""
-        if len(ci.versions) == 1:
-            return None
-        two_d = ci.channel is not None and ci.channel.is_2d
-        relevant = sorted({r for atom in ci.atoms for r in atom}, key=str)
-        holds = {r: self.holds(r, two_d) for r in relevant}
-        shape = (self.batch, self.seq_len, self.seq_len) if two_d else (self.batch, self.seq_len)
-        index = torch.zeros(shape, dtype=torch.long, device=self.device)
-        all_r = set(relevant)
-        for atom, version in zip(ci.atoms, ci.atom_version, strict=True):
-            if version == 0:
-                continue
-            sel = torch.ones(shape, dtype=torch.bool, device=self.device)
-            for r in all_r:
-                sel &= holds[r] if r in atom else ~holds[r]
-            index[sel] = version
-        return index
-
-
-def _norm(owner, name: str):
-    """The LayerNorm module `owner.name`, or identity for models built without normalization."""
-    return getattr(owner, name, None) or (lambda x: x)
-
-
-def _pick(stack: list[torch.Tensor], index: torch.Tensor | None) -> torch.Tensor:
-    """Per position, the version `index` names: [batch, pos, ...] from V tensors of that shape."""
-    if index is None:
-        return stack[0]
-    out = stack[0].clone()
-    for v in range(1, len(stack)):
-        sel = index == v
-        out[sel] = stack[v][sel]
-    return out
-
-
-class CopyEvaluator:
-    """Computes one hypothesis's mixed copies on one batch and returns its output logits."""
-
-    def __init__(self, model, graph: Graph, runs: Runs, positions: PositionContext):
-        self.model = model
-        self.graph = graph
-        self.runs = runs
-        self.positions = positions
-
-    def logits(self, copy_graph: CopyGraph) -> torch.Tensor:
-        """[batch, pos, d_vocab] G_H(x_r, x_c)."""
-        if copy_graph.root == CLEAN:
-            return self.runs.logits["r"]
-        if copy_graph.root == CF:
-            return self.runs.logits["c"]
-        deviations: dict[int, torch.Tensor] = {}
-        for copy in copy_graph.copies:
-            if copy.node.kind is NodeKind.OUTPUT:
-                x = self._channel_input(copy, copy.inputs[0], deviations)
-                return self.model.unembed(_norm(self.model, "ln_final")(x))
-            deviations[copy.id] = self._deviation(copy, deviations)
-        raise AssertionError("copy graph without an output copy")
-
-    def _version_input(self, receiver: Node, version: tuple[int, ...], devs) -> torch.Tensor:
-        """Residual input for one version: the base run plus the senders that deviate from it."""
-        senders = self.graph.senders(receiver)
-        n_clean = sum(c == CLEAN for c in version)
-        n_cf = sum(c == CF for c in version)
-        base = "r" if n_clean >= n_cf else "c"
-        x = self.runs.residual(receiver, base)
-        for sender, child in zip(senders, version, strict=True):
-            if child == CLEAN:
-                if base == "c":
-                    x = x - self.runs.cf_deviation(sender)
-            elif child == CF:
-                if base == "r":
-                    x = x + self.runs.cf_deviation(sender)
-            else:
-                d = devs[child]
-                x = x + (d if base == "r" else d - self.runs.cf_deviation(sender))
-        return x
-
-    def _channel_input(self, copy: Copy, ci: ChannelInput, devs) -> torch.Tensor:
-        """[batch, pos, d_model] a 1-D channel's input, versions picked per position."""
-        stack = [self._version_input(copy.node, v, devs) for v in ci.versions]
-        return _pick(stack, self.positions.version_index(ci))
-
-    def _deviation(self, copy: Copy, devs) -> torch.Tensor:
-        """[batch, pos, d_model] this copy's output minus the clean output of its node."""
-        node = copy.node
-        if node.kind is NodeKind.INPUT:
-            ci = copy.inputs[0]
-            index = self.positions.version_index(ci)
-            reads_cf = torch.as_tensor([v == (CF,) for v in ci.versions], device=index.device)
-            return self.runs.cf_deviation(node) * reads_cf[index].unsqueeze(-1)
-        block = self.model.blocks[node.layer]
-        if node.kind is NodeKind.MLP:
-            x = self._channel_input(copy, copy.inputs[0], devs)
-            out = block.mlp(_norm(block, "ln2")(x))
-            return out - self.runs.sender_output(node, "r")
-        z = self._head_z(copy, block, devs)  # [batch, pos, d_head]
-        z_clean = self.runs.cache["r"][f"blocks.{node.layer}.attn.hook_z"][:, :, node.head]
-        return (z - z_clean) @ block.attn.W_O[node.head]
-
-    def _head_z(self, copy: Copy, block, devs) -> torch.Tensor:
-        node, attn, h = copy.node, block.attn, copy.node.head
-        by_channel = {ci.channel: ci for ci in copy.inputs}
-        ln1 = _norm(block, "ln1")
-        q_in = self._channel_input(copy, by_channel[Channel.Q], devs)
-        q = ln1(q_in) @ attn.W_Q[h] + attn.b_Q[h]  # [batch, pos, d_head]
-
-        def project(channel: Channel, W: torch.Tensor, b: torch.Tensor):
-            ci = by_channel[channel]
-            xs = [self._version_input(node, v, devs) for v in ci.versions]
-            return [ln1(x) @ W[h] + b[h] for x in xs], self.positions.version_index(ci)
-
-        keys, k_index = project(Channel.K, attn.W_K, attn.b_K)  # V x [batch, pos, d_head]
-        values, v_index = project(Channel.V, attn.W_V, attn.b_V)
-        scores = _pick([q @ k.transpose(-1, -2) / attn.attn_scale for k in keys], k_index)
-        T = q.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))  # [batch, dest, src]
-        pattern = torch.softmax(scores, dim=-1)
-        if v_index is None:
-            return pattern @ values[0]
-        return sum(
-            (pattern * (v_index == i)) @ v for i, v in enumerate(values)
-        )
-
-
-def evaluate_logits(
-    model, graph: Graph, copy_graphs: Sequence[CopyGraph], runs: Runs, positions: PositionContext
-) -> list[torch.Tensor]:
-    """G_H logits for each hypothesis on one cached batch."""
-    evaluator = CopyEvaluator(model, graph, runs, positions)
-    return [evaluator.logits(cg) for cg in copy_graphs]
-
+from pathpatch.graph import Graph
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import GroupEvaluator, GroupPlan
 
 DEFAULT_MAX_MIXED_COPIES = 4096
 
@@ -312,6 +80,9 @@ def check(
     ]
 
 
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
 @torch.inference_mode()
 def evaluate(
     model,
@@ -322,6 +93,7 @@ def evaluate(
     batch_size: int | None = None,
     memory_budget: int | None = None,
     max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES,
+    progress=None,
 ):
     """Per-example unexplained and total effects of each hypothesis.
 
@@ -330,8 +102,10 @@ def evaluate(
         dataset: a `PairDataset`; delta is read at its `scored` positions.
         hypotheses: `Hypothesis` objects (names unique).
         metric: "kl" (default), "loss", "logit_diff", "module:function" or a `Metric`.
-        batch_size: examples per pass (default: all, or what `memory_budget` allows).
-        memory_budget: bytes; shrinks batches so caches fit (never approximates).
+        batch_size: examples per pass (default: as many as `memory_budget` allows, up to 64).
+        memory_budget: bytes for caches and mixed copies (default 2 GiB); decides the batch
+            size and how many hypotheses are stacked in one pass. Never approximates.
+        progress: optional callable(n_examples_done) called after each batch.
 
     Returns:
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
@@ -349,21 +123,31 @@ def evaluate(
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
     _check_masks(hypotheses, graph, dataset)
     dataset.validate(model.cfg.d_vocab)
+    if hasattr(metric, "check_dataset"):
+        metric.check_dataset(dataset)
+    budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
+    batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size)
+    plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]
     n = len(dataset)
-    batch_size = batch_size or _batch_size_for(model, dataset, memory_budget)
     device = next(model.parameters()).device
     ue = torch.zeros(len(hypotheses), n, dtype=torch.float64)
     te = torch.zeros(n, dtype=torch.float64)
     for start in range(0, n, batch_size):
         batch = dataset.select(slice(start, start + batch_size))
+        stop = start + len(batch)
         runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
         positions = PositionContext(
             {k: v.to(device) for k, v in batch.masks.items()}, len(batch), batch.seq_len, device
         )
         clean = runs.logits["r"]
-        te[start : start + len(batch)] = metric.per_example(clean, runs.logits["c"], batch).cpu()
-        for i, logits in enumerate(evaluate_logits(model, graph, copy_graphs, runs, positions)):
-            ue[i, start : start + len(batch)] = metric.per_example(clean, logits, batch).cpu()
+        te[start:stop] = metric.per_example(clean, runs.logits["c"], batch).cpu()
+        for group, plan in zip(groups, plans, strict=True):
+            outputs = GroupEvaluator(model, plan, runs, positions).logits()
+            for i, logits in zip(group, outputs, strict=True):
+                ue[i, start:stop] = metric.per_example(clean, logits, batch).cpu()
+        del runs
+        if progress is not None:
+            progress(len(batch))
     examples = dataset.example_ids.to(torch.int64)
     return pa.table(
         {
@@ -375,19 +159,68 @@ def evaluate(
     )
 
 
-def _batch_size_for(model, dataset, memory_budget: int | None) -> int:
-    """Largest batch whose two cached runs fit the budget (caches dominate memory)."""
-    if memory_budget is None:
-        return min(len(dataset), 64)
-    cfg = model.cfg
-    T = dataset.seq_len
-    itemsize = next(model.parameters()).element_size()
-    per_run = T * (cfg.n_layers * (2 * cfg.d_model + cfg.n_heads * cfg.d_head) + 2 * cfg.d_vocab)
-    per_example = 4 * per_run * itemsize  # two runs + working copies
-    size = int(memory_budget // per_example)
-    if size < 1:
-        raise PathPatchError(
-            f"memory_budget={memory_budget} bytes cannot hold even one example"
-            f" (~{per_example} bytes each); raise it"
-        )
-    return min(size, len(dataset))
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes the engine will hold, per example, and the batch/group sizes that fit a budget.
+
+    Per example: both cached runs, the counterfactual deviation bank (every node), and, per
+    stacked hypothesis, its bank of mixed-copy deviations, its widest stage's input rows and
+    its output logits. The estimate is conservative (it counts working copies twice).
+    """
+
+    model: object
+    seq_len: int
+    budget: int
+
+    @property
+    def _itemsize(self) -> int:
+        return next(self.model.parameters()).element_size()
+
+    def fixed_per_example(self) -> int:
+        cfg, T = self.model.cfg, self.seq_len
+        per_run = T * (cfg.n_layers * (3 * cfg.d_model + cfg.n_heads * cfg.d_head) + 2 * cfg.d_model
+                       + cfg.d_vocab)
+        n_nodes = 2 + cfg.n_layers * (cfg.n_heads + (0 if cfg.attn_only else 1))
+        bank = n_nodes * T * cfg.d_model
+        return (2 * per_run + 2 * bank) * self._itemsize
+
+    def hypothesis_per_example(self, cg: CopyGraph) -> int:
+        cfg, T = self.model.cfg, self.seq_len
+        widest = 0
+        by_stage: dict = {}
+        for copy in cg.copies:
+            key = (copy.node.layer, copy.node.kind)
+            by_stage[key] = by_stage.get(key, 0) + sum(len(ci.versions) for ci in copy.inputs)
+        widest = max(by_stage.values(), default=0)
+        elements = (cg.n_mixed + 3 * widest) * T * cfg.d_model + widest * T * T + 2 * T * cfg.d_vocab
+        return elements * self._itemsize
+
+    def schedule(self, copy_graphs: Sequence[CopyGraph], n_examples: int, batch_size: int | None
+                 ) -> tuple[int, list[list[int]]]:
+        """(batch size, groups of hypothesis indices) whose peak fits the budget."""
+        fixed = self.fixed_per_example()
+        costs = [self.hypothesis_per_example(cg) for cg in copy_graphs]
+        largest = max(costs, default=0)
+        most = self.budget // (fixed + largest)
+        if most < 1:
+            raise PathPatchError(
+                f"memory_budget={self.budget} bytes cannot hold even one example with the largest"
+                f" hypothesis (~{fixed + largest} bytes); raise it"
+            )
+        if batch_size is None:
+            batch_size = int(min(64, n_examples, most))
+        elif batch_size > most:
+            raise PathPatchError(
+                f"batch_size={batch_size} does not fit memory_budget={self.budget} bytes (at most"
+                f" {most} examples with these hypotheses); lower batch_size or raise the budget"
+            )
+        room = self.budget // batch_size - fixed
+        groups: list[list[int]] = [[]]
+        used = 0
+        for i, cost in enumerate(costs):
+            if groups[-1] and used + cost > room:
+                groups.append([])
+                used = 0
+            groups[-1].append(i)
+            used += cost
+        return batch_size, [g for g in groups if g]

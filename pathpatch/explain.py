@@ -16,9 +16,9 @@ import torch
 
 from pathpatch.automaton import CompiledPattern, ConstantLanguage, compile_pattern
 from pathpatch.copies import estimate_cost
-from pathpatch.engine import PositionContext
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Channel, Graph, Node, NodeKind
+from pathpatch.positions import PositionContext
 
 
 @dataclass(frozen=True)

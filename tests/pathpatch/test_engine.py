@@ -5,9 +5,11 @@ import torch
 from transformer_lens import patching
 
 from pathpatch.copies import CF, CLEAN
-from pathpatch.engine import PositionContext, Runs, evaluate_logits
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, edge_removal, node_removal
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import evaluate_logits
 from tests.pathpatch.conftest import tiny_model
 
 B, T = 3, 5

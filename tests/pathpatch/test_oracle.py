@@ -5,9 +5,11 @@ import random
 import pytest
 import torch
 
-from pathpatch.engine import PositionContext, Runs, evaluate_logits
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import evaluate_logits
 from tests.pathpatch import oracle
 from tests.pathpatch.conftest import FAMILIES, tiny_model
 

@@ -1,0 +1,69 @@
+"""The clean run G(x_r) and counterfactual run G(x_c) of one batch, cached once for every hypothesis.
+
+Only what mixed copies read is kept: the residual stream where each receiver reads it, per-head
+z (never per-head results: W_O is applied where a deviation is needed), MLP outputs, the
+embedding and the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pathpatch.graph import Graph, NodeKind
+
+
+class Runs:
+    """Caches of both runs; `cf_bank()` gives every node's counterfactual-minus-clean output."""
+
+    def __init__(self, model, reference: torch.Tensor, counterfactual: torch.Tensor):
+        self.model = model
+        self.graph = Graph.from_model(model)
+        cfg = model.cfg
+        names = {"hook_embed", f"blocks.{cfg.n_layers - 1}.hook_resid_post"}
+        for layer in range(cfg.n_layers):
+            names |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"}
+            if not cfg.attn_only:
+                names |= {f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"}
+        self.logits: dict[str, torch.Tensor] = {}
+        self.cache: dict[str, dict[str, torch.Tensor]] = {}
+        for run, tokens in (("r", reference), ("c", counterfactual)):
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+            self.logits[run] = logits
+            self.cache[run] = dict(cache.items())
+        self._cf_bank: torch.Tensor | None = None
+
+    def z(self, layer: int, run: str = "r") -> torch.Tensor:
+        """[batch, pos, head, d_head]"""
+        return self.cache[run][f"blocks.{layer}.attn.hook_z"]
+
+    def mlp_out(self, layer: int, run: str = "r") -> torch.Tensor:
+        """[batch, pos, d_model]"""
+        return self.cache[run][f"blocks.{layer}.hook_mlp_out"]
+
+    def residual_at(self, kind: NodeKind, layer: int, run: str = "r") -> torch.Tensor:
+        """[batch, pos, d_model] the residual stream as a receiver of this kind reads it."""
+        c = self.cache[run]
+        if kind is NodeKind.HEAD:
+            return c[f"blocks.{layer}.hook_resid_pre"]
+        if kind is NodeKind.MLP:
+            return c[f"blocks.{layer}.hook_resid_mid"]
+        return c[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
+
+    def cf_bank(self) -> torch.Tensor:
+        """[node, batch, pos, d_model] G(x_c) minus G(x_r) output of every node, by node order.
+
+        Biases cancel; positional embeddings are equal in both runs, so `in` is the token
+        embedding difference. Computed once per batch, shared by every hypothesis.
+        """
+        if self._cf_bank is None:
+            r, c = self.cache["r"], self.cache["c"]
+            parts = [c["hook_embed"] - r["hook_embed"]]
+            for layer in range(self.model.cfg.n_layers):
+                dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
+                W_O = self.model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+                parts.extend(torch.einsum("bphe,hed->hbpd", dz, W_O).unbind(0))
+                if self.graph.has_mlp:
+                    parts.append(self.mlp_out(layer, "c") - self.mlp_out(layer, "r"))
+            parts.append(torch.zeros_like(parts[0]))  # `out` sends nothing
+            self._cf_bank = torch.stack(parts)
+        return self._cf_bank
