@@ -46,6 +46,14 @@ class Language(Protocol):
         """Whether the word read so far (ending with the `in` symbol) is in the set."""
         ...
 
+    def normalize(self, state: object, node: Node) -> object:
+        """A representative of `state` that steps identically on `node`'s symbols.
+
+        Lets copies.py share work between states that differ only in what they no longer
+        need to remember (for an edge set: which receiver a live path came from).
+        """
+        ...
+
 
 def _resolve_glob(glob: str, graph: Graph, where: str) -> frozenset[int]:
     orders = frozenset(n.order for n in graph.nodes if fnmatchcase(n.name, glob))
@@ -118,6 +126,9 @@ class ChainLanguage:
     def accepts(self, state: frozenset[int]) -> bool:
         return len(self.elements) in state
 
+    def normalize(self, state: frozenset[int], node: Node) -> frozenset[int]:
+        return state
+
 
 def _check_step(matcher: _StepMatcher, graph: Graph, where: str) -> None:
     """Reject steps that can never mean what the user wrote (channel/restriction mismatches)."""
@@ -150,7 +161,17 @@ class EdgeSetLanguage:
 
     def __init__(self, edge_set: EdgeSet, graph: Graph, where: str):
         chosen = set()
+        exact = {(str(e.sender), str(e.receiver), e.channel.value): e for e in graph.edges}
         for spec in edge_set.edges:
+            channels = [spec.channel] if spec.channel else ["q", "k", "v", "resid"]
+            if not any(ch in spec.sender + spec.receiver for ch in "*?"):
+                found = {
+                    (e.sender.order, e.receiver.order, e.channel)
+                    for ch in channels if (e := exact.get((spec.sender, spec.receiver, ch)))
+                }
+                if found:
+                    chosen |= found
+                    continue
             senders = _resolve_glob(spec.sender, graph, where)
             receivers = _resolve_glob(spec.receiver, graph, where)
             found = {
@@ -171,19 +192,25 @@ class EdgeSetLanguage:
         self.edges = frozenset(chosen)
         self.output_order = graph.output.order
 
+    LIVE = ("live",)
+
     def start(self) -> tuple:
         return ("start",)
 
-    def step(self, state: tuple, symbol: Symbol) -> tuple:
-        node, channel, _ = symbol
+    def normalize(self, state: tuple, node: Node) -> tuple:
+        """LIVE if the edge into `node`'s receiver is kept (or `node` is the output), else DEAD."""
         if state == ("start",):
-            return ("at", node.order, channel) if node.order == self.output_order else self.DEAD
-        if state == self.DEAD:
+            return self.LIVE if node.order == self.output_order else self.DEAD
+        if state in (self.DEAD, self.LIVE):
             return state
         _, receiver, receiver_channel = state
-        if (node.order, receiver, receiver_channel) in self.edges:
-            return ("at", node.order, channel)
-        return self.DEAD
+        return self.LIVE if (node.order, receiver, receiver_channel) in self.edges else self.DEAD
+
+    def step(self, state: tuple, symbol: Symbol) -> tuple:
+        node, channel, _ = symbol
+        if self.normalize(state, node) == self.DEAD:
+            return self.DEAD
+        return ("at", node.order, channel)
 
     def accepts(self, state: tuple) -> bool:
         return state == ("at", 0, None)
@@ -206,6 +233,9 @@ class CombinedLanguage:
         results = (p.accepts(s) for p, s in zip(self.parts, state, strict=True))
         return any(results) if self.any_ else all(results)
 
+    def normalize(self, state: tuple, node: Node) -> tuple:
+        return tuple(p.normalize(s, node) for p, s in zip(self.parts, state, strict=True))
+
 
 @dataclass
 class ComplementLanguage:
@@ -220,6 +250,9 @@ class ComplementLanguage:
     def accepts(self, state) -> bool:
         return not self.inner.accepts(state)
 
+    def normalize(self, state, node: Node):
+        return self.inner.normalize(state, node)
+
 
 @dataclass
 class ConstantLanguage:
@@ -233,6 +266,9 @@ class ConstantLanguage:
 
     def accepts(self, state) -> bool:
         return self.value
+
+    def normalize(self, state, node: Node):
+        return state
 
 
 @dataclass

@@ -93,6 +93,7 @@ def build_copies(compiled: CompiledPattern, max_states: int = 200_000) -> CopyGr
         return ChannelInput(channel, atoms, tuple(versions), tuple(atom_version))
 
     def copy_id(node: Node, state) -> int:
+        state = lang.normalize(state, node)
         key = (node.order, state)
         if key in memo:
             return memo[key]

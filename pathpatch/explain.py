@@ -80,6 +80,7 @@ class _Counter:
                     yield channel, mask, self.lang.step(state, (node, channel, atom))
 
     def count(self, node: Node, state) -> np.ndarray:
+        state = self.lang.normalize(state, node)
         key = (node.order, state)
         if key in self.memo:
             return self.memo[key]
