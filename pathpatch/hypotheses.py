@@ -95,11 +95,41 @@ def induction_initial(
     ]
 
 
+def induction_refined(
+    graph: Graph, prev_heads: Sequence[str], induction_heads: Sequence[str]
+) -> list[Hypothesis]:
+    """Position-refined induction hypotheses (they read the induction task's masks).
+
+    V: the induction heads' values read the embedding only at the source position right after
+    the earlier occurrence of the current token (the token to be copied); Q: their queries read
+    the embedding only where the repeat is; K: their keys read previous-token heads only at that
+    same source position, and (strict) those heads carry the previous token through their values.
+    """
+    if not prev_heads or not induction_heads:
+        raise PathPatchError("induction_refined needs prev_heads and induction_heads (globs)")
+    ind = list(induction_heads)
+    after = "@mask=after_prev_occurrence"
+    v = _alternatives(ind, "in -> {}[v]" + after + " -> out")
+    q = _alternatives(ind, "in -> {}[q]@mask=repeat -> out")
+    k = _alternatives([f"in -> {p} -> {i}[k]{after} -> out" for p in prev_heads for i in ind], "{}")
+    k_strict = _alternatives(
+        [f"in -> {p}[v]@prev -> {i}[k]{after} -> out" for p in prev_heads for i in ind], "{}"
+    )
+    return [
+        Hypothesis("V at copied token", v),
+        Hypothesis("Q at repeat", q),
+        Hypothesis("K at copied token", k),
+        Hypothesis("K via previous-token V", k_strict),
+        Hypothesis("refined (V | Q | K)", f"{v} | {q} | {k}"),
+    ]
+
+
 FAMILIES = {
     "node_removal": node_removal,
     "edge_removal": edge_removal,
     "through_node": through_node,
     "induction_initial": induction_initial,
+    "induction_refined": induction_refined,
 }
 
 

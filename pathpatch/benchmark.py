@@ -1,0 +1,223 @@
+"""The engine benchmark: cost per hypothesis against a plain forward and a careful hook baseline.
+
+Everything is measured side by side in one process on the same examples, so the printed ratios
+hold on a noisy machine where absolute times do not. Three families of 64 hypotheses: random
+half-edge circuits, single-edge removals, and the induction families. The hook baseline is the
+careful TransformerLens way (per-head outputs from z, split q/k/v inputs, one run per
+hypothesis); its logits are checked against the engine's before any time is reported.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import GroupEvaluator, GroupPlan
+
+
+def gpt2_small_shaped(seed: int = 0, n_ctx: int = 64):
+    """A randomly initialized model with GPT-2 small's shape (no weights are downloaded)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=n_ctx,
+        act_fn="gelu_new", normalization_type="LN", seed=seed,
+    )
+    return HookedTransformer(cfg).eval()
+
+
+@dataclass
+class _Timer:
+    repeats: int
+
+    def best(self, fn) -> float:
+        """Fastest of `repeats` runs: the least disturbed by the rest of the machine."""
+        times = []
+        for _ in range(self.repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+
+def random_circuits(graph: Graph, n: int, rng: random.Random) -> list[Hypothesis]:
+    out = []
+    for i in range(n):
+        kept = [str(e) for e in graph.edges if rng.random() < 0.5]
+        out.append(Hypothesis(f"circuit {i}", "circuit(" + ", ".join(kept) + ")"))
+    return out
+
+
+def random_edge_removals(graph: Graph, n: int, rng: random.Random) -> list[Hypothesis]:
+    return [Hypothesis(f"remove {e}", f"remove({e})") for e in rng.sample(list(graph.edges), n)]
+
+
+def random_induction(graph: Graph, n: int, rng: random.Random) -> list[Hypothesis]:
+    out: list[Hypothesis] = []
+    while len(out) < n:
+        prev = f"a0.{rng.randrange(graph.n_heads)}"
+        ind = f"a{rng.randrange(1, graph.n_layers)}.{rng.randrange(graph.n_heads)}"
+        family = induction_initial(graph, [prev], [ind]) + induction_refined(graph, [prev], [ind])
+        out += [Hypothesis(f"{len(out) + i} {h.name}", h.pattern) for i, h in enumerate(family)]
+    return out[:n]
+
+
+def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Tensor:
+    """One hooked run of the circuit `kept`: every receiver input is the patched residual minus,
+    for each removed edge, (patched - counterfactual) sender output."""
+    cfg = model.cfg
+    outputs: list[torch.Tensor] = []  # patched-run sender outputs, in node order
+    cf_outputs: list[torch.Tensor] = []
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    removed: dict[tuple[str, str], torch.Tensor] = {}  # (receiver, channel) -> 0/1 over senders
+
+    def removal_mask(receiver, channel):
+        key = (receiver.name, channel)
+        if key not in removed:
+            senders = graph.senders(receiver)
+            removed[key] = torch.tensor(
+                [f"{s.name}->{receiver.name}" + ("" if channel == "resid" else f".{channel}") not in kept
+                 for s in senders], dtype=xr.dtype if xr.is_floating_point() else torch.float32)
+        return removed[key]
+
+    def fix(receiver, channel, x):
+        mask = removal_mask(receiver, channel)
+        if not mask.any():
+            return x
+        n = len(mask)
+        dev = torch.stack(cf_outputs[:n]) - torch.stack(outputs[:n])  # [sender, batch, pos, d_model]
+        return x + torch.einsum("s,sbpd->bpd", mask.to(dev.dtype), dev)
+
+    def on_embed(x, hook):
+        outputs.append(x)
+        cf_outputs.append(cf_cache["hook_embed"])
+        return x
+
+    def on_z(z, hook, layer):
+        W_O = model.blocks[layer].attn.W_O
+        outputs.extend(torch.einsum("bphe,hed->hbpd", z, W_O).unbind(0))
+        cf_outputs.extend(torch.einsum("bphe,hed->hbpd", cf_cache[hook.name], W_O).unbind(0))
+        return z
+
+    def on_qkv(x, hook, layer, channel):  # [batch, pos, head, d_model]
+        heads = [fix(graph.node(f"a{layer}.{h}"), channel, x[:, :, h]) for h in range(cfg.n_heads)]
+        return torch.stack(heads, dim=2)
+
+    def on_mlp_in(x, hook, layer):
+        return fix(graph.node(f"m{layer}"), "resid", x)
+
+    def on_mlp_out(x, hook, layer):
+        outputs.append(x)
+        cf_outputs.append(cf_cache[hook.name])
+        return x
+
+    def on_final(x, hook):
+        return fix(graph.output, "resid", x)
+
+    hooks = [("hook_embed", on_embed)]
+    for layer in range(cfg.n_layers):
+        for ch in ("q", "k", "v"):
+            hooks.append((f"blocks.{layer}.hook_{ch}_input",
+                          lambda x, hook, l=layer, c=ch: on_qkv(x, hook, l, c)))
+        hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, hook, l=layer: on_z(z, hook, l)))
+        if graph.has_mlp:
+            hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, l=layer: on_mlp_in(x, hook, l)))
+            hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, l=layer: on_mlp_out(x, hook, l)))
+    hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", on_final))
+    del order
+    return model.run_with_hooks(xr, fwd_hooks=hooks)
+
+
+def _engine_seconds(model, graph, hyps, xr, xc, masks, budget, timer) -> tuple[float, float, int]:
+    """(seconds for all hypotheses incl. both cache forwards, compile seconds, groups)."""
+    t0 = time.perf_counter()
+    copy_graphs = compile_all(graph, hyps, max_mixed_copies=10**6)
+    batch_size, groups = MemoryBudget(model, xr.shape[1], budget).schedule(
+        copy_graphs, xr.shape[0], xr.shape[0])
+    plans = [GroupPlan(graph, [copy_graphs[i] for i in g]) for g in groups]
+    compile_s = time.perf_counter() - t0
+    positions = PositionContext(masks, xr.shape[0], xr.shape[1], xr.device)
+
+    def run():
+        runs = Runs(model, xr, xc)
+        for plan in plans:
+            GroupEvaluator(model, plan, runs, positions).logits()
+
+    return timer.best(run), compile_s, len(groups)
+
+
+@torch.inference_mode()
+def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, seq_len: int = 32,
+                         repeats: int = 2, seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                         baseline_hypotheses: int | None = None) -> dict:
+    """Ratios of the engine's per-hypothesis cost to a plain forward, and of the hook baseline's."""
+    torch.manual_seed(seed)
+    model = model if model is not None else gpt2_small_shaped(seed)
+    graph = Graph.from_model(model)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xr = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
+    xc = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
+    i = torch.arange(seq_len)
+    masks = {  # shapes of the induction task's masks, at fixed plausible places
+        "after_prev_occurrence": (i[None, :] == (i[:, None] - seq_len // 2 + 1)).expand(batch, -1, -1),
+        "prev_occurrence": (i[None, :] == (i[:, None] - seq_len // 2)).expand(batch, -1, -1),
+        "repeat": (i >= seq_len // 2).expand(batch, -1),
+    }
+    timer = _Timer(repeats)
+    forward_s = timer.best(lambda: model(xr))
+    families = {
+        "circuits": random_circuits(graph, n_hypotheses, rng),
+        "edge_removal": random_edge_removals(graph, n_hypotheses, rng),
+        "induction": random_induction(graph, n_hypotheses, rng),
+    }
+    result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
+                                    ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
+                    "batch": batch, "seq_len": seq_len, "n_hypotheses": n_hypotheses,
+                    "torch_threads": torch.get_num_threads(), "forward_s": round(forward_s, 4)}
+    for name, hyps in families.items():
+        total, compile_s, n_groups = _engine_seconds(model, graph, hyps, xr, xc, masks, memory_budget, timer)
+        result[f"engine_over_forward_{name}"] = round(total / len(hyps) / forward_s, 3)
+        result[f"compile_s_per_hypothesis_{name}"] = round(compile_s / len(hyps), 4)
+        result[f"groups_{name}"] = n_groups
+    # careful hook baseline on the same circuits (a subset if asked, cost is per hypothesis)
+    circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
+    _, cf_cache = model.run_with_cache(xc)
+    model.set_use_split_qkv_input(True)
+    if graph.has_mlp:
+        model.set_use_hook_mlp_in(True)
+    try:
+        kept_sets = [set(h.pattern[len("circuit("):-1].split(", ")) for h in circuits]
+        check_plan = GroupPlan(graph, compile_all(graph, circuits[:1], max_mixed_copies=10**6))
+        want = GroupEvaluator(model, check_plan, Runs(model, xr, xc),
+                              PositionContext({}, batch, seq_len, xr.device)).logits()[0]
+        got = hook_baseline(model, graph, kept_sets[0], xr, cf_cache)
+        err = (got - want).abs().max().item()
+        assert err < 1e-3 * max(1.0, want.abs().max().item()), f"hook baseline disagrees: {err}"
+
+        def baseline():
+            _, cache = model.run_with_cache(xc)  # its counterfactual cache, amortized like ours
+            for kept in kept_sets:
+                hook_baseline(model, graph, kept, xr, cache)
+
+        base_s = timer.best(baseline)
+    finally:
+        model.set_use_split_qkv_input(False)
+        if graph.has_mlp:
+            model.set_use_hook_mlp_in(False)
+    engine_circuit_s = result["engine_over_forward_circuits"] * forward_s
+    result["hook_baseline_over_forward"] = round(base_s / len(circuits) / forward_s, 3)
+    result["hook_baseline_over_engine"] = round(base_s / len(circuits) / engine_circuit_s, 3)
+    result["baseline_max_abs_diff"] = err
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["memory_budget_mib"] = round(memory_budget / 2**20, 1)
+    return result
