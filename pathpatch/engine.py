@@ -182,7 +182,10 @@ class MemoryBudget:
                        + cfg.d_vocab)
         n_nodes = 2 + cfg.n_layers * (cfg.n_heads + (0 if cfg.attn_only else 1))
         bank = n_nodes * T * cfg.d_model
-        return (2 * per_run + 2 * bank) * self._itemsize
+        # transient: a forward's widest activations, and the metric's float64 log-probabilities
+        forward = T * (4 * (cfg.d_mlp or 0) + cfg.n_heads * T + 2 * cfg.d_vocab)
+        metric = 4 * T * cfg.d_vocab * 8
+        return (2 * per_run + 2 * bank + forward) * self._itemsize + metric
 
     def hypothesis_per_example(self, cg: CopyGraph) -> int:
         cfg, T = self.model.cfg, self.seq_len

@@ -1,0 +1,88 @@
+"""The CUDA path of the engine on a lent GPU: exactness vs CPU, fp32/bf16/fp16, memory budget.
+
+Run: python scripts/gpu_check.py  (on a machine with a CUDA GPU). Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, ".")
+from pathpatch.benchmark import gpt2_small_shaped, random_circuits, random_edge_removals  # noqa: E402
+from pathpatch.dataset import PairDataset  # noqa: E402
+from pathpatch.engine import evaluate  # noqa: E402
+from pathpatch.graph import Graph  # noqa: E402
+from pathpatch.hypotheses import Hypothesis  # noqa: E402
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "no CUDA device"
+    out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    if "--bench-only" in sys.argv:
+        return bench(out)
+    model = gpt2_small_shaped(seed=0, n_ctx=64)
+    graph = Graph.from_model(model)
+    rng = random.Random(0)
+    hyps = random_circuits(graph, 8, rng) + random_edge_removals(graph, 8, rng) + [
+        Hypothesis("prev-k", "a0.* -> a5.*[k]@prev -> out"), Hypothesis("not a3", "~a3.*")]
+    gen = torch.Generator().manual_seed(0)
+    n, T = 32, 32
+    data = PairDataset(torch.randint(0, 50257, (n, T), generator=gen),
+                       torch.randint(0, 50257, (n, T), generator=gen),
+                       torch.ones(n, T, dtype=torch.bool))
+    cpu = evaluate(model, data, hyps, batch_size=8)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        m = gpt2_small_shaped(seed=0, n_ctx=64).to("cuda").to(dtype)
+        assert next(m.parameters()).dtype == dtype and next(m.parameters()).is_cuda
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rows = evaluate(m, data, hyps, batch_size=8)
+        torch.cuda.synchronize()
+        ue_gpu = torch.tensor(rows["ue"].to_pylist())
+        ue_cpu = torch.tensor(cpu["ue"].to_pylist())
+        results[str(dtype)] = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            "max_rel_diff_ue_vs_cpu_fp32": float(((ue_gpu - ue_cpu).abs() / ue_cpu.abs().clamp_min(1e-9)).max()),
+            "max_abs_diff_ue": float((ue_gpu - ue_cpu).abs().max()),
+            "max_rel_diff_where_ue_over_0.01": float(((ue_gpu - ue_cpu).abs() / ue_cpu)[ue_cpu > 0.01].max()),
+            "gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        }
+        del m
+    out["dtypes"] = results
+    # memory budget: peak GPU memory of evaluate stays under the budget
+    m = gpt2_small_shaped(seed=0, n_ctx=64).to("cuda")
+    big = [Hypothesis(f"c{i}", h.pattern) for i, h in enumerate(random_circuits(graph, 24, rng))]
+    budgets = {}
+    for budget in (384 * 2**20, 1024 * 2**20, 4096 * 2**20):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        rows = evaluate(m, data, big, memory_budget=budget)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        budgets[f"{budget >> 20} MiB"] = {"peak_mib": round(peak / 2**20, 1), "under_budget": peak <= budget,
+                                          "seconds": round(time.perf_counter() - t0, 2)}
+    out["memory_budget"] = budgets
+    print(json.dumps(out, indent=1), flush=True)
+    bench(out)
+
+
+def bench(out: dict) -> None:
+    from pathpatch.benchmark import run_engine_benchmark
+
+    for dtype in (torch.float32, torch.bfloat16):
+        m = gpt2_small_shaped(seed=0, n_ctx=64).to("cuda").to(dtype)
+        result = run_engine_benchmark(m, n_hypotheses=64, repeats=3, memory_budget=8 * 2**30)
+        print(json.dumps({"bench_engine": str(dtype), **result}), flush=True)
+        del m
+
+
+if __name__ == "__main__":
+    main()
