@@ -161,7 +161,7 @@ class EdgeSetLanguage:
 
     def __init__(self, edge_set: EdgeSet, graph: Graph, where: str):
         chosen = set()
-        exact = {(str(e.sender), str(e.receiver), e.channel.value): e for e in graph.edges}
+        exact = graph.edges_by_name
         for spec in edge_set.edges:
             channels = [spec.channel] if spec.channel else ["q", "k", "v", "resid"]
             if not any(ch in spec.sender + spec.receiver for ch in "*?"):

@@ -165,6 +165,11 @@ class Graph:
             Edge(s, r, c) for r in self.nodes for c in r.channels for s in self.senders(r)
         )
 
+    @cached_property
+    def edges_by_name(self) -> dict[tuple[str, str, str], Edge]:
+        """(sender, receiver, channel value) -> edge, for exact-name lookups."""
+        return {(e.sender.name, e.receiver.name, e.channel.value): e for e in self.edges}
+
     def n_paths(self) -> int:
         """Number of input->output paths, ignoring positions (exact, by dynamic programming)."""
         count = {0: 1}

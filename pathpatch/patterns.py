@@ -139,7 +139,7 @@ Pattern = Chain | EdgeSet | Union | Intersection | Complement | Everything
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<arrow>->)|(?P<gap>\.\.\.)|(?P<punct>[|&~(),\[\]@=])"
-    r"|(?P<int>-?\d+)|(?P<name>[A-Za-z_*?][A-Za-z0-9_.*?]*))"
+    r"|(?P<int>-?\d+)|(?P<name>[A-Za-z_*?][A-Za-z0-9_.*?]*)|(?P<bad>\S))"
 )
 
 
@@ -151,17 +151,14 @@ class _Token:
 
 
 def _tokenize(text: str) -> list[_Token]:
-    tokens, i = [], 0
-    while i < len(text):
-        if text[i:].strip() == "":
-            break
-        m = _TOKEN.match(text, i)
-        if not m:
-            j = i + len(text[i:]) - len(text[i:].lstrip())
-            raise _error(text, j, f"unexpected character {text[j]!r}")
+    tokens = []
+    for m in _TOKEN.finditer(text):
         kind = m.lastgroup
+        if kind is None:  # trailing whitespace
+            break
+        if kind == "bad":
+            raise _error(text, m.start(kind), f"unexpected character {m.group(kind)!r}")
         tokens.append(_Token(kind, m.group(kind), m.start(kind)))
-        i = m.end()
     tokens.append(_Token("end", "", len(text)))
     return tokens
 
