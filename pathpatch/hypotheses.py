@@ -104,6 +104,8 @@ def induction_refined(
     the earlier occurrence of the current token (the token to be copied); Q: their queries read
     the embedding only where the repeat is; K: their keys read previous-token heads only at that
     same source position, and (strict) those heads carry the previous token through their values.
+    The last two let the values arrive by any route (e.g. through layer-0 heads), still only
+    from the copied token's position.
     """
     if not prev_heads or not induction_heads:
         raise PathPatchError("induction_refined needs prev_heads and induction_heads (globs)")
@@ -115,12 +117,16 @@ def induction_refined(
     k_strict = _alternatives(
         [f"in -> {p}[v]@prev -> {i}[k]{after} -> out" for p in prev_heads for i in ind], "{}"
     )
+    v_any = _alternatives(ind, "... -> {}[v]" + after + " -> out")
+    q_all = _alternatives(ind, "in -> {}[q] -> out")
     return [
         Hypothesis("V at copied token", v),
         Hypothesis("Q at repeat", q),
         Hypothesis("K at copied token", k),
         Hypothesis("K via previous-token V", k_strict),
         Hypothesis("refined (V | Q | K)", f"{v} | {q} | {k}"),
+        Hypothesis("V by any route at copied token", v_any),
+        Hypothesis("refined, V by any route (V* | Q | K)", f"{v_any} | {q_all} | {k}"),
     ]
 
 
