@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -127,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pathpatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("evidence", help="show that a bundled model really does induction")
-    p.add_argument("model", nargs="?", default="attn-only-2l")
+    p = sub.add_parser(
+        "evidence",
+        help="show that a model does its task: induction heads (attn-only-2l, or any model spec); "
+        "MLPs that matter (mlp-2l)",
+    )
+    p.add_argument("model", nargs="?", default="attn-only-2l", help="model spec (default: attn-only-2l)")
     p.set_defaults(func=_cmd_evidence)
 
     p = sub.add_parser("run", help="run (or resume) a sweep spec into a sweep folder")
@@ -172,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     except PathPatchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `pathpatch sql ... | head`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silence the flush at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def test_peak_memory_stays_under_the_budget_where_it_binds():
     budget = 8 * 2**20
     unbounded = _peak_tensor_bytes(lambda: evaluate(model, data, hyps))
     bounded_rows = []
-    bounded = _peak_tensor_bytes(lambda: bounded_rows.append(evaluate(model, data, hyps, memory_budget=budget)))
+    bounded = _peak_tensor_bytes(
+        lambda: bounded_rows.append(evaluate(model, data, hyps, memory_budget=budget)))
     print(f"peak tensor bytes: unbounded {unbounded}, budget {budget}, bounded {bounded}")
     assert unbounded > 2 * budget, "the budget would not bind on this model"
     assert bounded <= budget, f"peak {bounded} bytes over the budget {budget}"
