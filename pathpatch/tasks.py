@@ -18,6 +18,7 @@ Two tasks, one per bundled model:
 from __future__ import annotations
 
 import inspect
+import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from functools import lru_cache
@@ -429,9 +430,66 @@ def modular_sum_pairs(
     )
 
 
+_NUMBER_TEMPLATES = (
+    "I counted: {a}, {b}, {c},",
+    "The pages are {a}, {b}, {c},",
+    "Seats {a}, {b}, {c},",
+)
+_NON_NUMBERS = (" cat", " dog", " tree", " house", " river", " stone", " bird", " table", " chair",
+                " road", " lamp", " book", " door", " hill", " ship", " cloud")
+
+
+def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
+    """GPT-2 number prediction: prompts counting up by one, whose next token is a number, and
+    counterfactuals with the numbers replaced by words (the next token is not a number).
+
+    The answer is the next number; the wrong answer repeats the last one. Delta is read at the
+    last position. Needs the GPT-2 tokenizer from the local Hugging Face cache.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise PathPatchError(
+            f"dataset 'gpt2_numbers' needs the {tokenizer!r} tokenizer in the local Hugging Face cache"
+            f" and it is not there ({type(err).__name__}); download it where there is network"
+            f" (`huggingface-cli download {tokenizer}`) and copy the cache"
+        ) from None
+    rng = random.Random(seed)
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    refs, cfs, answers, wrongs = [], [], [], []
+    while len(refs) < n:
+        template = rng.choice(_NUMBER_TEMPLATES)
+        a = rng.randrange(10, 95)
+        ref = ids(template.format(a=a, b=a + 1, c=a + 2))
+        words = rng.sample(_NON_NUMBERS, 3)
+        cf = ids(template.format(a=words[0].strip(), b=words[1].strip(), c=words[2].strip()))
+        answer, wrong = ids(f" {a + 3}"), ids(f" {a + 2}")
+        if len(ref) != len(cf) or len(answer) != 1 or len(wrong) != 1:
+            continue  # keep pairs token-aligned with single-token answers
+        refs.append(ref)
+        cfs.append(cf)
+        answers.append(answer[0])
+        wrongs.append(wrong[0])
+    width = max(len(r) for r in refs)
+    pad = tok.eos_token_id
+    # left-pad so every prompt ends at the last position (GPT-2 has no padding token)
+    reference = torch.tensor([[pad] * (width - len(r)) + r for r in refs])
+    counterfactual = torch.tensor([[pad] * (width - len(c)) + c for c in cfs])
+    scored = torch.zeros(n, width, dtype=torch.bool)
+    scored[:, -1] = True
+    return PairDataset(reference, counterfactual, scored, answer=torch.tensor(answers),
+                       wrong_answer=torch.tensor(wrongs))
+
+
 DATASETS: dict[str, Callable[..., PairDataset]] = {
     "induction": induction_pairs,
     "modular_sum": modular_sum_pairs,
+    "gpt2_numbers": gpt2_numbers,
 }
 
 

@@ -1,0 +1,157 @@
+"""Figures of localization scores: intervals per hypothesis, node heatmaps, strongest edges.
+
+Input is a scores table (hypothesis, proportion_explained, pe_low, pe_high, aue, ate, ...);
+the node and edge figures read the names the removal families give (`remove a1.2`,
+`remove a0.3->a1.2.k`), which is why this lives with the method and not the pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+_NODE = re.compile(r"^remove (a(\d+)\.(\d+)|m(\d+))$")
+_EDGE = re.compile(r"^remove ([\w.]+)->([\w.]+?)(?:\.([qkv]))?$")
+
+
+def _rows(scores) -> list[dict]:
+    return scores.to_pylist() if hasattr(scores, "to_pylist") else list(scores)
+
+
+def _effect(row: dict) -> float | None:
+    """Share of the total effect the hypothesis leaves unexplained (AUE / ATE)."""
+    pe = row.get("proportion_explained")
+    return None if pe is None or (isinstance(pe, float) and math.isnan(pe)) else 1.0 - pe
+
+
+def intervals_axes(ax, scores, max_rows: int = 40) -> None:
+    """Proportion explained per hypothesis with its interval, best first."""
+    rows = [r for r in _rows(scores) if r.get("proportion_explained") is not None]
+    total = len(rows)
+    rows.sort(key=lambda r: r["proportion_explained"])
+    rows = rows[:max_rows][::-1]  # with many hypotheses, the ones explaining least matter most
+    y = list(range(len(rows)))[::-1]
+    pe = [r["proportion_explained"] for r in rows]
+    low = [r["pe_low"] if r.get("pe_low") is not None else p for r, p in zip(rows, pe)]
+    high = [r["pe_high"] if r.get("pe_high") is not None else p for r, p in zip(rows, pe)]
+    lo = [p - l for p, l in zip(pe, low)]
+    hi = [h - p for p, h in zip(pe, high)]
+    ax.errorbar(pe, y, xerr=[lo, hi], fmt="o", color="tab:blue", ecolor="tab:gray", capsize=3, ms=4)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.axvline(1, color="black", lw=0.6, ls=":")
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{r['hypothesis']} (n={r.get('n', '?')})" for r in rows], fontsize=7)
+    ax.set_xlabel("proportion explained  (1 - AUE/ATE), 95% interval")
+    ax.set_title("hypotheses" if total <= max_rows else f"the {max_rows} explaining least, of {total}")
+
+
+def node_matrix(scores) -> tuple[list[list[float | None]], bool] | None:
+    """[layer][head (+ MLP column)] of AUE/ATE for node-removal hypotheses, or None."""
+    found = {}
+    for r in _rows(scores):
+        m = _NODE.match(r["hypothesis"])
+        if m:
+            key = (int(m.group(2)), int(m.group(3))) if m.group(2) else (int(m.group(4)), "mlp")
+            found[key] = _effect(r)
+    if not found:
+        return None
+    layers = 1 + max(k[0] for k in found)
+    heads = 1 + max((k[1] for k in found if k[1] != "mlp"), default=-1)
+    has_mlp = any(k[1] == "mlp" for k in found)
+    matrix = [[found.get((l, h)) for h in range(heads)] + ([found.get((l, "mlp"))] if has_mlp else [])
+              for l in range(layers)]
+    return matrix, has_mlp
+
+
+def heatmap_axes(ax, scores) -> bool:
+    """Layers x heads heatmap of the effect each node's removal leaves unexplained."""
+    found = node_matrix(scores)
+    if found is None:
+        return False
+    matrix, has_mlp = found
+    values = [[math.nan if v is None else v for v in row] for row in matrix]
+    im = ax.imshow(values, cmap="magma_r", aspect="auto", vmin=0, vmax=max(1e-9, max(
+        (v for row in values for v in row if not math.isnan(v)), default=1)))
+    n_cols = len(values[0])
+    labels = [str(h) for h in range(n_cols - (1 if has_mlp else 0))] + (["MLP"] if has_mlp else [])
+    ax.set_xticks(range(n_cols))
+    ax.set_xticklabels(labels)
+    ax.set_yticks(range(len(values)))
+    ax.set_ylabel("layer")
+    ax.set_xlabel("head")
+    for l, row in enumerate(values):
+        for h, v in enumerate(row):
+            if not math.isnan(v):
+                ax.text(h, l, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.5 * im.get_clim()[1] else "black")
+    ax.figure.colorbar(im, ax=ax, label="AUE / ATE when removed")
+    ax.set_title("node removed: effect left unexplained")
+    return True
+
+
+def _node_xy(name: str, n_layers: int) -> tuple[float, float]:
+    if name == "in":
+        return -1.0, 0.0
+    if name == "out":
+        return float(n_layers), 0.0
+    if name.startswith("m"):
+        return int(name[1:]) + 0.5, 0.0
+    layer, head = name[1:].split(".")
+    return float(layer), int(head) - 1.5
+
+
+def edges_axes(ax, scores, top_k: int = 20) -> bool:
+    """The edges whose removal leaves the most effect unexplained, drawn on the model's layout."""
+    edges = []
+    for r in _rows(scores):
+        m = _EDGE.match(r["hypothesis"])
+        if m and _effect(r) is not None:
+            edges.append((_effect(r), m.group(1), m.group(2), m.group(3)))
+    if not edges:
+        return False
+    edges.sort(reverse=True)
+    strongest = edges[:top_k]
+    names = {n for _, s, t, _ in edges for n in (s, t)}
+    n_layers = 1 + max((int(n[1:].split(".")[0]) for n in names if n[0] in "am"), default=0)
+    top = max(abs(e[0]) for e in strongest) or 1.0
+    colors = {"q": "tab:green", "k": "tab:orange", "v": "tab:purple", None: "tab:blue"}
+    for effect, s, t, ch in reversed(strongest):
+        (x0, y0), (x1, y1) = _node_xy(s, n_layers), _node_xy(t, n_layers)
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(
+            arrowstyle="-|>", lw=0.5 + 4 * abs(effect) / top, color=colors[ch], alpha=0.8,
+            connectionstyle="arc3,rad=0.15"))
+    for n in names:
+        x, y = _node_xy(n, n_layers)
+        ax.scatter([x], [y], s=520, color="white", edgecolor="black", zorder=3)
+        ax.text(x, y, n, ha="center", va="center", fontsize=8, zorder=4)
+    for ch, c in colors.items():
+        ax.plot([], [], color=c, label=f".{ch}" if ch else "resid")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_xlabel("layer")
+    ax.set_yticks([])
+    ax.set_title(f"strongest {len(strongest)} edges (width: AUE/ATE when removed)")
+    return True
+
+
+def report_figure(scores, title: str = "") -> Figure:
+    """All panels that apply to these scores, in one figure."""
+    rows = _rows(scores)
+    panels = [intervals_axes]
+    if node_matrix(rows) is not None:
+        panels.append(heatmap_axes)
+    if any(_EDGE.match(r["hypothesis"]) for r in rows):
+        panels.append(edges_axes)
+    height = max(4.0, 0.22 * min(40, len(rows)) + 1.5)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        panel(ax, rows)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,72 @@
+"""`pathpatch report DIR`: a PNG and an HTML page of a sweep's scores, next to its results.
+
+Scores are recomputed from the per-example rows with the method's seeded paired bootstrap
+(`pathpatch.metrics.summarize`), so the figure's intervals are the bootstrap ones; the SQL
+`scores` view gives the delta-method interval instead. Drawing lives in `pathpatch.figures`.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+
+from pathpatch.errors import PathPatchError
+from pathpatch.figures import report_figure
+from pathpatch.metrics import summarize
+from pipeline.query import open_sweeps
+from pipeline.store import atomic_write_bytes
+
+_COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_low", "pe_high")
+
+
+def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
+    """Write FOLDER/report.png and FOLDER/report.html; returns their paths."""
+    folder = Path(folder)
+    con = open_sweeps(folder)
+    rows = con.sql("SELECT hypothesis, example, ue, te FROM results").arrow().read_all()
+    if rows.num_rows == 0:
+        raise PathPatchError(f"{folder} has no finished results yet: run or resume the sweep first")
+    items = con.sql("SELECT status, count(*) AS n FROM items GROUP BY status").fetchall()
+    scores = summarize(rows, seed=seed)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    title = f"{manifest.get('name', folder.name)}: {manifest.get('model')} / {manifest.get('metric')}"
+
+    png = folder / "report.png"
+    fig = report_figure(scores, title=title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(png, buffer.getvalue())
+
+    status = ", ".join(f"{n} {s}" for s, n in sorted(items))
+    table_rows = []
+    for r in sorted(scores.to_pylist(), key=lambda r: -(r["proportion_explained"] or float("-inf"))):
+        cells = []
+        for c in _COLUMNS:
+            v = r[c]
+            if isinstance(v, float):
+                cells.append(f"{v:.4g}")
+            else:
+                cells.append("undefined" if v is None else html.escape(str(v)))
+        table_rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    spec_hash = html.escape(str(manifest.get("spec_hash", ""))[:16])
+    digest = html.escape(str(manifest.get("model_digest", ""))[:16])
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}</style>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<p>Work items: {html.escape(status)}. Spec hash <code>{spec_hash}</code>,
+model digest <code>{digest}</code>.
+Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval over examples
+(seed {seed}); "undefined" where ATE is near zero.</p>
+<img src="report.png" alt="scores" style="max-width:100%">
+<table><tr>{''.join(f'<th>{c}</th>' for c in _COLUMNS)}</tr>
+{''.join(table_rows)}
+</table></body></html>
+"""
+    page_path = folder / "report.html"
+    atomic_write_bytes(page_path, page.encode())
+    return png, page_path
