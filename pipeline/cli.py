@@ -106,6 +106,16 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The default sweep (jobs/default.toml) into sweeps/default, on a local Ray."""
+    default = Path(__file__).resolve().parent.parent / "jobs" / "default.toml"
+    if not default.is_file():
+        raise PathPatchError(f"{default} is missing: the demo runs from a source checkout")
+    return _cmd_run(argparse.Namespace(
+        spec=str(default), out=args.out, dry_run=False, address=args.address, workers=None,
+        backend="ray", no_progress=False, quiet=False))
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import bench_pipeline
 
@@ -161,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more sweep folders, then the query")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=_cmd_sql)
+
+    p = sub.add_parser("demo", help="run the default induction sweep (jobs/default.toml)")
+    p.add_argument("--out", default="sweeps/default")
+    p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("what", choices=("pipeline",))

@@ -1,0 +1,162 @@
+"""The plan: a sweep cut into work items, each named by a hash of what determines its rows.
+
+Pure and deterministic (no Ray, no files, no model): the same inputs give the same items, in
+the same order, with the same identities, on any machine. A work item is one fixed group of
+hypotheses on one dataset shard; its identity hashes the model weights digest, the shard
+digest (which covers the examples and their ids), the group's (name, canonical pattern) pairs,
+the metric and the dtype. Resources, the cluster address and the item's position in the plan
+are not part of it, so resuming, resizing or editing a sweep reuses every unchanged item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+IDENTITY_VERSION = "pathpatch-item/1"
+"""Bump when the meaning of a result row changes, so old files are not mistaken for new."""
+
+
+@dataclass(frozen=True)
+class HypothesisInfo:
+    """One hypothesis as the pipeline sees it: opaque text plus validation's cost report.
+
+    Attributes:
+        name: unique label; the `hypothesis` column of result rows.
+        canonical: normalized pattern text (equal patterns, equal text).
+        mixed_copies: node copies the engine must compute for it.
+        est_cost: estimated compute, in plain forward passes per batch.
+    """
+
+    name: str
+    canonical: str
+    mixed_copies: int = 0
+    est_cost: float = 0.0
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A contiguous range of examples [start, stop) named by its content digest."""
+
+    index: int
+    start: int
+    stop: int
+    digest: str
+    id: str
+
+    @property
+    def n_examples(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One actor call and one result file: a group of hypotheses on one shard.
+
+    Attributes:
+        id: identity hash (hex); the result file is `items/<id>.parquet`.
+        group: index of the hypothesis group in the plan.
+        shard: the shard evaluated.
+        hypotheses: the group, in spec order.
+    """
+
+    id: str
+    group: int
+    shard: ShardInfo
+    hypotheses: tuple[HypothesisInfo, ...]
+
+    @property
+    def n_examples(self) -> int:
+        return self.shard.n_examples
+
+    @property
+    def expected_rows(self) -> int:
+        """One row per (hypothesis, example)."""
+        return len(self.hypotheses) * self.shard.n_examples
+
+    @property
+    def est_cost(self) -> float:
+        return sum(h.est_cost for h in self.hypotheses)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every work item of a sweep, shard-major (all groups of shard 0, then shard 1, ...)."""
+
+    model_digest: str
+    metric: str
+    dtype: str
+    hypotheses: tuple[HypothesisInfo, ...]
+    groups: tuple[tuple[HypothesisInfo, ...], ...]
+    shards: tuple[ShardInfo, ...]
+    items: tuple[WorkItem, ...]
+
+    @property
+    def n_examples(self) -> int:
+        return sum(s.n_examples for s in self.shards)
+
+
+def item_identity(*, model_digest: str, shard_digest: str,
+                  hypotheses: tuple[HypothesisInfo, ...], metric: str, dtype: str) -> str:
+    """sha256 (hex, 32 chars) of exactly what determines a work item's rows."""
+    payload = {
+        "version": IDENTITY_VERSION,
+        "model": model_digest,
+        "shard": shard_digest,
+        "hypotheses": [[h.name, h.canonical] for h in hypotheses],
+        "metric": metric,
+        "dtype": dtype,
+    }
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def group_hypotheses(hypotheses: tuple[HypothesisInfo, ...],
+                     group_size: int) -> tuple[tuple[HypothesisInfo, ...], ...]:
+    """Consecutive groups of `group_size` in spec order (appending keeps earlier groups)."""
+    assert group_size >= 1, group_size
+    return tuple(hypotheses[i:i + group_size] for i in range(0, len(hypotheses), group_size))
+
+
+def make_plan(*, model_digest: str, shards: tuple[ShardInfo, ...],
+              hypotheses: tuple[HypothesisInfo, ...], group_size: int, metric: str,
+              dtype: str) -> Plan:
+    """Cut a sweep into work items (shard-major), each with its identity."""
+    names = [h.name for h in hypotheses]
+    assert len(set(names)) == len(names), "hypothesis names must be unique"
+    groups = group_hypotheses(tuple(hypotheses), group_size)
+    items = tuple(
+        WorkItem(
+            id=item_identity(model_digest=model_digest, shard_digest=shard.digest,
+                             hypotheses=group, metric=metric, dtype=dtype),
+            group=g, shard=shard, hypotheses=group,
+        )
+        for shard in shards
+        for g, group in enumerate(groups)
+    )
+    assert len({item.id for item in items}) == len(items), "duplicate work item identity"
+    return Plan(model_digest=model_digest, metric=metric, dtype=dtype,
+                hypotheses=tuple(hypotheses), groups=groups, shards=tuple(shards), items=items)
+
+
+def describe(plan: Plan, *, max_rows: int = 50) -> str:
+    """The plan as text for `run --dry-run`: totals, then one line per hypothesis."""
+    total = sum(item.est_cost for item in plan.items)
+    lines = [
+        f"plan: {len(plan.items)} work items = {len(plan.groups)} hypothesis groups x "
+        f"{len(plan.shards)} shards; {len(plan.hypotheses)} hypotheses on {plan.n_examples} "
+        f"examples",
+        f"model digest {plan.model_digest[:12]}, metric {plan.metric}, dtype {plan.dtype}; "
+        f"estimated cost {total:.1f} forward-equivalents per batch over all items",
+        "",
+        f"{'group':>5}  {'hypothesis':<32} {'mixed copies':>12} {'est. cost':>10}  canonical",
+    ]
+    rows = [(g, h) for g, group in enumerate(plan.groups) for h in group]
+    for g, h in rows[:max_rows]:
+        canonical = h.canonical if len(h.canonical) <= 60 else h.canonical[:57] + "..."
+        lines.append(f"{g:>5}  {h.name:<32} {h.mixed_copies:>12} {h.est_cost:>10.2f}  "
+                     f"{canonical}")
+    if len(rows) > max_rows:
+        lines.append(f"... and {len(rows) - max_rows} more hypotheses")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""Driver progress: one tqdm bar of work items with examples/s, ETA and failures."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class Progress:
+    """Items done out of total; postfix shows examples/s, failures and requeues.
+
+    Disabled (no output) when `enabled` is False, e.g. for `--no-progress` or in tests.
+    """
+
+    def __init__(self, total: int, *, skipped: int = 0, enabled: bool = True,
+                 desc: str = "items"):
+        self.bar = tqdm(total=total + skipped, initial=skipped, desc=desc, unit="item",
+                        disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                        smoothing=0.1)
+        self.start = time.perf_counter()
+        self.examples = 0
+        self.failed = 0
+        self.requeued = 0
+        self._update_postfix()
+
+    def done(self, examples: int) -> None:
+        self.examples += examples
+        self._update_postfix()
+        self.bar.update(1)
+
+    def fail(self) -> None:
+        self.failed += 1
+        self._update_postfix()
+        self.bar.update(1)
+
+    def requeue(self) -> None:
+        self.requeued += 1
+        self._update_postfix()
+
+    def _update_postfix(self) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix(ex_per_s=f"{self.examples / elapsed:.1f}", failed=self.failed,
+                             requeued=self.requeued, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

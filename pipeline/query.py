@@ -1,0 +1,220 @@
+"""SQL over sweep folders: read-only DuckDB views `results`, `scores` and `items`.
+
+The only module that imports DuckDB. `open_sweeps(dir, ...)` returns a connection whose views
+cover the *current* plan of each folder (files of items the spec no longer names are not
+shown); several folders are one query apart (every view has a `sweep` column). The connection
+is read-only: its database is attached read-only, file access is disabled and the
+configuration locked once the views exist, so CREATE, INSERT, COPY ... TO, ATTACH,
+INSTALL/LOAD and SET fail. `run_query` (the CLI) also refuses any statement but a query
+with a message that says so.
+
+Views:
+    results  sweep, item, shard, hypothesis, example, ue, te, ... (every per-example row)
+    scores   sweep, hypothesis, n, aue, ate, proportion_explained, pe_low, pe_high,
+             aue_low, aue_high (delta-method normal 95% interval; PE null when |ATE| < 1e-6)
+    items    sweep, item, group_index, shard, shard_id, n_examples, rows, hypotheses, status,
+             attempts, error, path
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+
+from pathpatch.errors import PathPatchError
+from pipeline.store import SweepFolder, item_status
+
+MIN_ATE = 1e-6
+"""|ATE| below this makes proportion explained undefined (as in `pathpatch.metrics`)."""
+Z95 = 1.959963984540054
+FORMATS = ("table", "csv", "json")
+ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")
+
+_EMPTY_RESULTS = pa.schema([
+    ("hypothesis", pa.string()), ("example", pa.int64()), ("ue", pa.float64()),
+    ("te", pa.float64()), ("item", pa.string()), ("shard", pa.int32()),
+])
+
+_SCORES_SQL = f"""
+CREATE TEMP VIEW scores AS
+WITH s AS (
+    SELECT sweep, hypothesis, count(*) AS n, avg(ue) AS aue, avg(te) AS ate,
+           var_samp(ue) AS var_ue, var_samp(te) AS var_te, covar_samp(ue, te) AS cov
+    FROM results GROUP BY sweep, hypothesis
+), d AS (
+    SELECT *,
+        CASE WHEN abs(ate) >= {MIN_ATE} THEN 1 - aue / ate END AS pe,
+        -- delta method for aue/ate: Var ~ (v_u/A^2 - 2 U c/A^3 + U^2 v_t/A^4) / n
+        CASE WHEN abs(ate) >= {MIN_ATE} AND n > 1 THEN sqrt(greatest(
+            (var_ue / (ate * ate) - 2 * aue * cov / (ate * ate * ate)
+             + aue * aue * var_te / (ate * ate * ate * ate)) / n, 0)) END AS se_pe,
+        CASE WHEN n > 1 THEN sqrt(var_ue / n) END AS se_aue
+    FROM s
+)
+SELECT sweep, hypothesis, n, aue, ate, pe AS proportion_explained,
+       pe - {Z95} * se_pe AS pe_low, pe + {Z95} * se_pe AS pe_high,
+       aue - {Z95} * se_aue AS aue_low, aue + {Z95} * se_aue AS aue_high
+FROM d
+"""
+
+
+def _sweep_label(folder: Path, taken: set[str]) -> str:
+    label = folder.resolve().name
+    if label in taken:
+        label = str(folder.resolve())
+    taken.add(label)
+    return label
+
+
+def open_sweeps(*folders: str | Path) -> duckdb.DuckDBPyConnection:
+    """One read-only DuckDB connection with views over the sweep folders' current results.
+
+    Example:
+        >>> con = open_sweeps("sweeps/default")
+        >>> con.sql("SELECT * FROM scores ORDER BY proportion_explained DESC").df()
+
+    Raises:
+        PathPatchError: a folder is not a sweep folder.
+    """
+    if not folders:
+        raise PathPatchError("give at least one sweep folder")
+    sweeps = []
+    taken: set[str] = set()
+    for f in folders:
+        sweep = SweepFolder(f)
+        manifest = sweep.read_manifest()
+        sweeps.append((_sweep_label(sweep.root, taken), sweep, manifest))
+
+    con = _read_only_connection()
+    result_parts, item_tables = [], []
+    for i, (label, sweep, manifest) in enumerate(sweeps):
+        records = item_status(sweep, manifest)
+        files = [r["path"] for r in records if r["status"] == "done"]
+        data = pads.dataset(files, format="parquet") if files else _EMPTY_RESULTS.empty_table()
+        con.register(f"_results_{i}", data)
+        result_parts.append(f"SELECT '{_quote(label)}' AS sweep, * FROM _results_{i}")
+        item_tables.append(pa.Table.from_pylist([
+            {"sweep": label, "item": r["id"], "group_index": r["group"], "shard": r["shard"],
+             "shard_id": r["shard_id"], "n_examples": r["n_examples"], "rows": r["rows"],
+             "hypotheses": r["hypotheses"], "status": r["status"], "attempts": r["attempts"],
+             "error": r["error"], "path": r["path"]}
+            for r in records
+        ], schema=_ITEMS_SCHEMA))
+    con.register("_items", pa.concat_tables(item_tables))
+    con.execute("CREATE TEMP VIEW results AS " + " UNION ALL BY NAME ".join(result_parts))
+    con.execute("CREATE TEMP VIEW items AS SELECT * FROM _items")
+    con.execute(_SCORES_SQL)
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+_ITEMS_SCHEMA = pa.schema([
+    ("sweep", pa.string()), ("item", pa.string()), ("group_index", pa.int64()),
+    ("shard", pa.int64()), ("shard_id", pa.string()), ("n_examples", pa.int64()),
+    ("rows", pa.int64()), ("hypotheses", pa.list_(pa.string())), ("status", pa.string()),
+    ("attempts", pa.int64()), ("error", pa.string()), ("path", pa.string()),
+])
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def _read_only_connection() -> duckdb.DuckDBPyConnection:
+    """A connection whose main database is an empty file attached read-only (then deleted)."""
+    with tempfile.TemporaryDirectory(prefix="pathpatch-sql-") as tmp:
+        path = os.path.join(tmp, "views.duckdb")
+        duckdb.connect(path).close()
+        con = duckdb.connect(path, read_only=True)
+    return con
+
+
+def check_read_only(query: str) -> list[str]:
+    """Split `query` into statements; refuse anything but SELECT-like ones, saying why.
+
+    Raises:
+        PathPatchError: a statement is not a query, or the SQL does not parse.
+    """
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise PathPatchError(f"SQL does not parse: {err}") from None
+    if not statements:
+        raise PathPatchError("no SQL statement given: e.g. \"SELECT * FROM scores\"")
+    out = []
+    for st in statements:
+        kind = st.type.name
+        if kind not in ALLOWED_STATEMENTS:
+            raise PathPatchError(
+                f"sql is read-only: {kind} statements are not allowed ({st.query.strip()[:80]!r});"
+                " only queries (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) over the views "
+                "results, scores and items; to export, use --format csv and redirect"
+            )
+        out.append(st.query)
+    return out
+
+
+def run_query(folders: list[str | Path], query: str, fmt: str = "table") -> str:
+    """Run read-only `query` over the sweep folders and format every statement's result.
+
+    Raises:
+        PathPatchError: a bad folder, a refused statement, or an SQL error (its message).
+    """
+    if fmt not in FORMATS:
+        raise PathPatchError(f"--format {fmt!r}: allowed are {', '.join(FORMATS)}")
+    statements = check_read_only(query)
+    con = open_sweeps(*folders)
+    chunks = []
+    try:
+        for sql in statements:
+            try:
+                rel = con.sql(sql)
+                table = rel.to_arrow_table() if rel is not None else pa.table({})
+            except duckdb.Error as err:
+                raise PathPatchError(f"SQL error: {err}") from None
+            chunks.append(_format(table, fmt))
+    finally:
+        con.close()
+    return "\n".join(chunks)
+
+
+def _format(table: pa.Table, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(table.to_pylist(), default=str, indent=1)
+    if fmt == "csv":
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        return buf.getvalue().decode().rstrip("\n")
+    return _text_table(table)
+
+
+def _text_table(table: pa.Table, max_rows: int = 200) -> str:
+    names = table.column_names
+    rows = table.slice(0, max_rows).to_pylist()
+
+    def cell(v: object) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return str(v)
+
+    cells = [[cell(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    if table.num_rows > max_rows:
+        lines.append(f"... {table.num_rows - max_rows} more rows (use --format csv for all)")
+    lines.append(f"({table.num_rows} rows)")
+    return "\n".join(lines)
+

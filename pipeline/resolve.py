@@ -1,0 +1,146 @@
+"""Resolution: a `SweepSpec` turned into a checked `Plan` by loading what it names, on the driver.
+
+Everything that can fail because of the user's input fails here, before a folder is written
+or a cluster is touched: the metric, the model, the dataset (vocabulary, masks, metric needs),
+the hypotheses (nodes, patterns, mixed-copy bound) and the shards. Errors are
+`PathPatchError`s prefixed with the spec key they come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pathpatch import engine
+from pathpatch.dataset import PairDataset, Shard, load_parquet, shard_dataset
+from pathpatch.errors import PathPatchError
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import load_hypotheses
+from pathpatch.metrics import get_metric
+from pathpatch.models import load_model, model_digest
+from pathpatch.tasks import make_dataset
+from pipeline.plan import HypothesisInfo, Plan, ShardInfo, make_plan
+from pipeline.spec import SweepSpec
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64,
+                "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, eq=False)
+class Resolved:
+    """A spec with everything it names loaded and checked.
+
+    Attributes:
+        spec: the spec.
+        model: the model as loaded on the driver (CPU).
+        dataset: all pairs.
+        shards: `pathpatch.dataset.Shard`s, in order.
+        hypotheses: `pathpatch.hypotheses.Hypothesis` objects, in spec order (opaque here).
+        plan: the work items.
+    """
+
+    spec: SweepSpec
+    model: Any
+    dataset: PairDataset
+    shards: tuple[Shard, ...]
+    hypotheses: tuple[Any, ...]
+    plan: Plan
+
+    def hypotheses_of(self, names: tuple[str, ...]) -> list[Any]:
+        by_name = {h.name: h for h in self.hypotheses}
+        return [by_name[n] for n in names]
+
+
+def _prefixed(key: str, value: object, err: PathPatchError) -> PathPatchError:
+    return PathPatchError(f"{key} = {value!r}: {err}")
+
+
+def resolve(spec: SweepSpec) -> Resolved:
+    """Load and check everything `spec` names; build the plan.
+
+    Raises:
+        PathPatchError: naming the spec key and value at fault, with the likely fix.
+    """
+    try:
+        metric = get_metric(spec.metric)
+    except PathPatchError as err:
+        raise _prefixed("metric", spec.metric, err) from None
+    try:
+        model = load_model(spec.model, device="cpu", dtype=TORCH_DTYPES[spec.dtype])
+    except PathPatchError as err:
+        raise _prefixed("model", spec.model, err) from None
+    except (OSError, RuntimeError, KeyError) as err:
+        raise PathPatchError(f"model = {spec.model!r} could not be loaded ({err}); check the "
+                             "name or path") from None
+    vocab = int(model.cfg.d_vocab)
+    dataset = _load_dataset(spec, vocab)
+    if metric.check is not None:
+        try:
+            metric.check(dataset)
+        except PathPatchError as err:
+            raise _prefixed("metric", spec.metric, err) from None
+
+    try:
+        shards = tuple(shard_dataset(dataset, spec.shard_size))
+    except PathPatchError as err:
+        raise _prefixed("shard_size", spec.shard_size, err) from None
+    graph = Graph.from_model(model)
+    try:
+        hypotheses = tuple(load_hypotheses(spec.hypothesis_entries(), graph))
+    except PathPatchError as err:
+        raise PathPatchError(f"hypotheses: {err}") from None
+    if not hypotheses:
+        raise PathPatchError("hypotheses: the entries generate no hypothesis; add a named "
+                             "pattern or a family that yields at least one")
+    try:
+        costs = engine.check(model, list(hypotheses), max_mixed_copies=spec.max_mixed_copies,
+                             dataset=dataset)
+    except PathPatchError as err:
+        raise PathPatchError(f"hypotheses: {err}") from None
+    infos = tuple(
+        HypothesisInfo(name=h.name, canonical=h.canonical, mixed_copies=int(c.mixed_copies),
+                       est_cost=float(c.est_cost))
+        for h, c in zip(hypotheses, costs, strict=True)
+    )
+    plan = make_plan(
+        model_digest=model_digest(model),
+        shards=tuple(ShardInfo(index=s.index, start=s.start, stop=s.stop, digest=s.digest,
+                               id=s.id) for s in shards),
+        hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
+    )
+    return Resolved(spec=spec, model=model, dataset=dataset, shards=shards,
+                    hypotheses=hypotheses, plan=plan)
+
+
+def _load_dataset(spec: SweepSpec, vocab: int) -> PairDataset:
+    if spec.dataset.path is not None:
+        try:
+            dataset = load_parquet(spec.dataset.path, vocab_size=vocab)
+        except PathPatchError as err:
+            raise _prefixed("dataset.path", spec.dataset.path, err) from None
+        except OSError as err:
+            raise PathPatchError(f"dataset.path = {spec.dataset.path!r} cannot be read ({err}); "
+                                 "give a Parquet file of pairs") from None
+    else:
+        n = dict(spec.dataset.params).get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n < 1:
+            raise PathPatchError(f"dataset.n = {n}: the dataset would be empty and a shard "
+                                 "needs at least one example; give n >= 1")
+        try:
+            dataset = make_dataset(spec.dataset.kind, **spec.dataset_params())
+        except PathPatchError as err:
+            raise _prefixed("dataset.kind", spec.dataset.kind, err) from None
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise PathPatchError(f"dataset (kind = {spec.dataset.kind!r}): bad parameters "
+                                 f"{dict(spec.dataset.params)}: {err}") from None
+    if len(dataset) == 0:
+        raise PathPatchError("dataset has no examples: every shard needs at least one; raise "
+                             "dataset.n or check the file")
+    try:
+        dataset.validate(vocab, where="dataset")
+    except PathPatchError as err:
+        raise PathPatchError(f"{err} (model {spec.model!r} has vocabulary size {vocab})"
+                             ) from None
+    return dataset

@@ -1,0 +1,369 @@
+"""A sweep spec: one TOML file parsed into a frozen, validated `SweepSpec` (no model loaded).
+
+This module checks only what can be checked from the text itself: known keys, types, ranges,
+and files that must exist. Everything that needs the model (node names, patterns, vocabulary,
+mixed-copy bounds) is checked by `pipeline.resolve` before any cluster work. Every error names
+the key (``resources.workers``), the bad value, what is allowed and the likely fix.
+
+The format (every key) is documented in docs/PIPELINE.md; `jobs/default.toml` is an example.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pathpatch.errors import PathPatchError
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+"""Precisions a sweep may evaluate in (torch dtype names)."""
+
+TOP_KEYS = (
+    "name", "model", "dataset", "shard_size", "group_size", "metric", "hypotheses", "seed",
+    "dtype", "max_mixed_copies", "resources", "execution",
+)
+DATASET_KEYS_PATH = ("path",)
+RESOURCE_KEYS = ("workers", "gpus_per_worker", "threads_per_worker", "memory_budget",
+                 "batch_size")
+EXECUTION_KEYS = ("max_attempts", "item_timeout_s", "start_timeout_s", "in_flight_per_worker",
+                  "shard_cache")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How much of the cluster a sweep uses; none of it changes a result row.
+
+    Attributes:
+        workers: number of actors (each holds one model); None = as many as the cluster fits.
+        gpus_per_worker: GPUs each actor asks Ray for; None = 1 where the cluster has GPUs,
+            else 0.
+        threads_per_worker: torch threads (and Ray CPUs) per actor.
+        memory_budget: bytes the engine may use per call (shrinks batches; never approximates);
+            None = the engine's default.
+        batch_size: examples per engine pass; None = the engine decides.
+    """
+
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    threads_per_worker: int = 1
+    memory_budget: int | None = None
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Fault-handling policy of the driver.
+
+    Attributes:
+        max_attempts: tries per work item before it is recorded as failed.
+        item_timeout_s: seconds one item may run on an actor before the actor is replaced.
+        start_timeout_s: seconds an actor may take to start (load its model).
+        in_flight_per_worker: calls queued on one actor at once (2 keeps it busy).
+        shard_cache: shards an actor keeps in memory.
+    """
+
+    max_attempts: int = 3
+    item_timeout_s: float = 900.0
+    start_timeout_s: float = 300.0
+    in_flight_per_worker: int = 2
+    shard_cache: int = 8
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the pairs come from: a generator with parameters, or a Parquet file.
+
+    Attributes:
+        kind: generator name for `pathpatch.tasks.make_dataset` (None for a file).
+        params: generator parameters as sorted (key, value) pairs (lists become tuples).
+        path: absolute path of a Parquet file of pairs (None for a generator).
+    """
+
+    kind: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep spec (see docs/PIPELINE.md for every key).
+
+    Attributes:
+        name: label of the sweep (default: the file's stem).
+        model: model spec for `pathpatch.models.load_model` (paths made absolute).
+        dataset: the pairs.
+        shard_size: examples per shard.
+        group_size: hypotheses evaluated together in one work item.
+        metric: metric spec ("kl", "loss", "logit_diff" or "module:function").
+        hypotheses: the [[hypotheses]] entries, each as sorted (key, value) pairs.
+        seed: seed of the dataset generator (unless it sets its own) and of the bootstrap.
+        dtype: evaluation precision.
+        max_mixed_copies: reject a hypothesis needing more mixed node copies than this.
+        resources, execution: cluster use and fault policy (not part of any identity).
+        source: the TOML text as given; base_dir: the folder relative paths were read from.
+    """
+
+    name: str
+    model: str
+    dataset: DatasetSpec
+    shard_size: int
+    group_size: int
+    metric: str
+    hypotheses: tuple[tuple[tuple[str, Any], ...], ...]
+    seed: int = 0
+    dtype: str = "float32"
+    max_mixed_copies: int = 256
+    resources: Resources = field(default_factory=Resources)
+    execution: Execution = field(default_factory=Execution)
+    source: str = field(default="", compare=False, repr=False)
+    base_dir: str = field(default=".", compare=False, repr=False)
+
+    def hypothesis_entries(self) -> list[dict[str, Any]]:
+        """The [[hypotheses]] entries as plain dicts (lists back as lists)."""
+        return [{k: _thaw(v) for k, v in entry} for entry in self.hypotheses]
+
+    def dataset_params(self) -> dict[str, Any]:
+        """Generator parameters as plain dicts/lists, with the sweep seed unless set."""
+        params = {k: _thaw(v) for k, v in self.dataset.params}
+        params.setdefault("seed", self.seed)
+        return params
+
+    def digest(self) -> str:
+        """sha256 over every resolved field (the provenance 'spec hash')."""
+        fields = asdict(self)
+        fields.pop("source")
+        fields.pop("base_dir")
+        text = json.dumps(fields, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def with_resources(self, **changes: Any) -> SweepSpec:
+        """A copy with some `Resources` fields replaced (e.g. `workers=2` from the CLI)."""
+        return replace(self, resources=replace(self.resources, **changes))
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate the sweep spec at `path`.
+
+    Raises:
+        PathPatchError: the file is missing or not TOML, or a key is unknown or invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PathPatchError(f"sweep spec {str(path)!r} does not exist: give the path of a .toml "
+                             "file (jobs/default.toml is an example)")
+    text = path.read_text()
+    return parse_spec(text, base_dir=path.resolve().parent, default_name=path.stem,
+                      where=str(path))
+
+
+def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sweep",
+               where: str = "spec") -> SweepSpec:
+    """Validate TOML `text`; relative paths in it are read from `base_dir`.
+
+    Raises:
+        PathPatchError: naming the key, the value, what is allowed and the likely fix.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise PathPatchError(f"{where}: not valid TOML ({err}); fix the syntax there") from None
+    base = Path(base_dir)
+    _no_unknown(raw, TOP_KEYS, "", where)
+    for key in ("model", "dataset", "hypotheses"):
+        if key not in raw:
+            raise PathPatchError(f"{where}: missing required key '{key}'; see docs/PIPELINE.md "
+                                 "or jobs/default.toml for an example")
+
+    name = _string(raw.get("name", default_name), "name", where)
+    model = _model(raw["model"], base, where)
+    dataset = _dataset(raw["dataset"], base, where)
+    shard_size = _int(raw.get("shard_size", 64), "shard_size", where, low=1)
+    group_size = _int(raw.get("group_size", 8), "group_size", where, low=1)
+    metric = _string(raw.get("metric", "kl"), "metric", where)
+    seed = _int(raw.get("seed", 0), "seed", where, low=0)
+    dtype = _string(raw.get("dtype", "float32"), "dtype", where)
+    if dtype not in DTYPES:
+        raise PathPatchError(f"{where}: dtype = {dtype!r} is not supported: allowed are "
+                             f"{', '.join(DTYPES)}")
+    max_copies = _int(raw.get("max_mixed_copies", 256), "max_mixed_copies", where, low=1)
+    hypotheses = _hypotheses(raw["hypotheses"], where)
+    return SweepSpec(
+        name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
+        metric=metric, hypotheses=hypotheses, seed=seed, dtype=dtype,
+        max_mixed_copies=max_copies, resources=_resources(raw.get("resources", {}), where),
+        execution=_execution(raw.get("execution", {}), where), source=text,
+        base_dir=str(base.resolve()),
+    )
+
+
+# --- sections --------------------------------------------------------------------------------
+
+
+def _model(value: Any, base: Path, where: str) -> str:
+    model = _string(value, "model", where)
+    # A path relative to the spec's folder wins where it exists; otherwise the name is passed
+    # on as given (bundled name, TransformerLens name, or a path relative to the cwd).
+    local = (base / model).expanduser()
+    if not Path(model).is_absolute() and local.exists():
+        return str(local.resolve())
+    if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
+        raise PathPatchError(f"{where}: model = {model!r}: no such file or directory (looked in "
+                             f"{base}); check the path, which is read relative to the spec")
+    return model
+
+
+def _dataset(value: Any, base: Path, where: str) -> DatasetSpec:
+    if not isinstance(value, dict):
+        raise PathPatchError(f"{where}: dataset must be a table ([dataset] with kind = ... or "
+                             f"path = ...), got {value!r}")
+    if "path" in value:
+        _no_unknown(value, DATASET_KEYS_PATH, "dataset.", where,
+                    hint="a Parquet dataset takes only 'path'")
+        raw_path = _string(value["path"], "dataset.path", where)
+        path = (base / raw_path).expanduser().resolve()
+        if not path.is_file():
+            raise PathPatchError(f"{where}: dataset.path = {raw_path!r}: no such file ({path}); "
+                                 "the path is read relative to the spec's folder")
+        return DatasetSpec(path=str(path))
+    if "kind" not in value:
+        raise PathPatchError(f"{where}: [dataset] needs kind = \"induction\" (a generator) or "
+                             "path = \"pairs.parquet\" (a file)")
+    kind = _string(value["kind"], "dataset.kind", where)
+    params = tuple(sorted((k, _freeze(v)) for k, v in value.items() if k != "kind"))
+    return DatasetSpec(kind=kind, params=params)
+
+
+def _hypotheses(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PathPatchError(f"{where}: hypotheses must be an array of tables ([[hypotheses]] "
+                             "with name/pattern or family = ...)")
+    if not value:
+        raise PathPatchError(f"{where}: hypotheses is empty: add at least one [[hypotheses]] "
+                             "entry")
+    return tuple(tuple(sorted((k, _freeze(v)) for k, v in entry.items())) for entry in value)
+
+
+def _resources(value: Any, where: str) -> Resources:
+    _table(value, "resources", where)
+    _no_unknown(value, RESOURCE_KEYS, "resources.", where)
+    workers = value.get("workers", "auto")
+    if workers != "auto":
+        workers = _int(workers, "resources.workers", where, low=1, extra="or \"auto\"")
+    gpus = value.get("gpus_per_worker", "auto")
+    if gpus != "auto":
+        if isinstance(gpus, bool) or not isinstance(gpus, int | float) or gpus < 0:
+            raise PathPatchError(f"{where}: resources.gpus_per_worker = {gpus!r}: give a number "
+                                 ">= 0 or \"auto\"")
+        gpus = float(gpus)
+    budget = value.get("memory_budget")
+    batch = value.get("batch_size")
+    return Resources(
+        workers=None if workers == "auto" else workers,
+        gpus_per_worker=None if gpus == "auto" else gpus,
+        threads_per_worker=_int(value.get("threads_per_worker", 1),
+                                "resources.threads_per_worker", where, low=1),
+        memory_budget=None if budget is None else _bytes(budget, "resources.memory_budget",
+                                                         where),
+        batch_size=None if batch is None else _int(batch, "resources.batch_size", where, low=1),
+    )
+
+
+def _execution(value: Any, where: str) -> Execution:
+    _table(value, "execution", where)
+    _no_unknown(value, EXECUTION_KEYS, "execution.", where)
+    d = Execution()
+    return Execution(
+        max_attempts=_int(value.get("max_attempts", d.max_attempts), "execution.max_attempts",
+                          where, low=1),
+        item_timeout_s=_seconds(value.get("item_timeout_s", d.item_timeout_s),
+                                "execution.item_timeout_s", where),
+        start_timeout_s=_seconds(value.get("start_timeout_s", d.start_timeout_s),
+                                 "execution.start_timeout_s", where),
+        in_flight_per_worker=_int(value.get("in_flight_per_worker", d.in_flight_per_worker),
+                                  "execution.in_flight_per_worker", where, low=1),
+        shard_cache=_int(value.get("shard_cache", d.shard_cache), "execution.shard_cache",
+                         where, low=1),
+    )
+
+
+# --- small checks ----------------------------------------------------------------------------
+
+
+def _no_unknown(table: dict, allowed: tuple[str, ...], prefix: str, where: str,
+                hint: str = "") -> None:
+    for key in table:
+        if key not in allowed:
+            close = [a for a in allowed if a.lower() == key.lower() or a.startswith(key[:3])]
+            guess = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise PathPatchError(
+                f"{where}: unknown key '{prefix}{key}'{guess}; allowed are "
+                f"{', '.join(prefix + a for a in allowed)}" + (f"; {hint}" if hint else "")
+            )
+
+
+def _table(value: Any, key: str, where: str) -> None:
+    if not isinstance(value, dict):
+        raise PathPatchError(f"{where}: {key} must be a table ([{key}]), got {value!r}")
+
+
+def _string(value: Any, key: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PathPatchError(f"{where}: {key} = {value!r} must be a non-empty string")
+    return value
+
+
+def _int(value: Any, key: str, where: str, *, low: int, extra: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PathPatchError(f"{where}: {key} = {value!r} must be an integer >= {low}"
+                             + (f" {extra}" if extra else ""))
+    return value
+
+
+def _seconds(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 \
+            or not math.isfinite(value):
+        raise PathPatchError(f"{where}: {key} = {value!r} must be a positive number of seconds")
+    return float(value)
+
+
+def _bytes(value: Any, key: str, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise PathPatchError(f"{where}: {key} = {value!r}: give bytes as a positive integer or "
+                             "a size such as \"512MiB\" or \"2GB\"")
+    size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if size <= 0:
+        raise PathPatchError(f"{where}: {key} = {value!r} must be positive")
+    return size
+
+
+class _Table(tuple):
+    """A TOML table frozen as sorted (key, value) pairs (hashable; thaws back to a dict)."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return _Table(sorted((k, _freeze(v)) for k, v in value.items()))
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, _Table):
+        return {k: _thaw(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value

@@ -1,0 +1,348 @@
+"""The sweep folder: where a sweep's spec, plan and results live, written crash-safely.
+
+Layout (see docs/PIPELINE.md)::
+
+    SWEEP/
+      spec.toml              the spec as given (latest run); specs/<hash>.toml keeps each one
+      manifest.json          the current plan: items, shards, hypotheses, provenance
+      items/<id>.parquet     one file per work item, named by its identity: per-example rows
+      failed/<id>.json       items that failed every attempt, with the error (cleared on success)
+      events.jsonl           what happened: runs, requeues, replaced workers, failures
+      .lock                  flock'ed by the one driver allowed at a time
+
+A result file is written to a temp name, fsynced, renamed, the folder fsynced, and counts as
+done only if it reads back whole (row count and identity from its own metadata). Only the
+driver holding the lock writes; readers (status, sql) need no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import importlib.metadata
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pathpatch.errors import PathPatchError
+from pipeline.plan import Plan, WorkItem
+
+MANIFEST_FORMAT = "pathpatch-sweep/1"
+META_KEY = b"pathpatch.provenance"
+TEMP_MARK = ".tmp-"
+LIBRARIES = ("pathpatch", "torch", "transformer-lens", "pyarrow", "numpy", "ray", "duckdb")
+
+
+class SweepLocked(PathPatchError):
+    """Another driver holds the sweep folder's lock."""
+
+
+@functools.cache
+def git_revision() -> str:
+    """The source tree's git commit (+"-dirty" when it has changes), or "unknown"."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return rev + ("-dirty" if dirty else "")
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that shape a result."""
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temp file in the same folder, fsync and rename."""
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class SweepFolder:
+    """One sweep's folder on disk (created by `prepare`; readers use it as it is)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.items_dir = self.root / "items"
+        self.failed_dir = self.root / "failed"
+        self.manifest_path = self.root / "manifest.json"
+        self.spec_path = self.root / "spec.toml"
+        self.events_path = self.root / "events.jsonl"
+        self.lock_path = self.root / ".lock"
+
+    # --- lock -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the folder's OS lock (flock) for this driver; the OS frees it if we die.
+
+        Raises:
+            SweepLocked: another live driver holds it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                raise SweepLocked(
+                    f"sweep folder {str(self.root)!r} is in use by another driver ({holder}); "
+                    "wait for it to finish or stop it, or give another --out folder"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                      .encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    # --- spec, manifest, events -------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def write_spec(self, text: str, spec_hash: str) -> None:
+        """Keep the spec as given: `spec.toml` (latest) and `specs/<hash>.toml` (each)."""
+        (self.root / "specs").mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.spec_path, text.encode())
+        atomic_write_bytes(self.root / "specs" / f"{spec_hash[:16]}.toml", text.encode())
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_bytes(self.manifest_path,
+                           (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest; an error that says what to do when this is not a sweep folder."""
+        if not self.manifest_path.is_file():
+            raise PathPatchError(
+                f"{str(self.root)!r} is not a sweep folder (no manifest.json): give the folder "
+                "that `pathpatch run SPEC --out DIR` wrote"
+            )
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise PathPatchError(f"{self.manifest_path}: unreadable manifest ({err}); run the "
+                                 "sweep again to rewrite it") from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise PathPatchError(f"{self.manifest_path}: format {manifest.get('format')!r}, "
+                                 f"expected {MANIFEST_FORMAT!r}")
+        return manifest
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append one event line (flushed and fsynced: it is the record of what happened)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"time": round(time.time(), 3), "event": event, **fields},
+                          sort_keys=True, default=str)
+        with open(self.events_path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.events_path.is_file():
+            return []
+        out = []
+        for line in self.events_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line cut by a crash
+                out.append(json.loads(line))
+        return out
+
+    # --- result files -----------------------------------------------------------------------
+
+    def item_path(self, item_id: str) -> Path:
+        return self.items_dir / f"{item_id}.parquet"
+
+    def remove_stale_temps(self) -> int:
+        """Delete temp files a killed driver left (only call while holding the lock)."""
+        removed = 0
+        for folder in (self.items_dir, self.failed_dir, self.root, self.root / "specs"):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if TEMP_MARK in path.name:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+    def is_whole(self, item_id: str, expected_rows: int, *, full: bool = True) -> bool:
+        """Does the item's file read back whole? (`full=False` reads the footer only.)"""
+        path = self.item_path(item_id)
+        if not path.is_file():
+            return False
+        try:
+            if full:
+                table = pq.read_table(path)
+                meta, rows = table.schema.metadata or {}, table.num_rows
+            else:
+                md = pq.read_metadata(path)
+                meta, rows = md.metadata or {}, md.num_rows
+            prov = json.loads(meta.get(META_KEY, b"{}"))
+        except (OSError, pa.ArrowException, ValueError):
+            return False
+        return rows == expected_rows and prov.get("item") == item_id
+
+    def write_item(self, item: WorkItem, table: pa.Table, provenance: dict[str, Any]) -> Path:
+        """Write one item's rows atomically and check they read back whole.
+
+        Adds columns `item` (identity) and `shard` (index) so rows can be joined and broken
+        down. Raises PathPatchError when the rows are not one per (hypothesis, example).
+        """
+        if table.num_rows != item.expected_rows:
+            raise PathPatchError(
+                f"item {item.id}: the engine returned {table.num_rows} rows, expected "
+                f"{item.expected_rows} ({len(item.hypotheses)} hypotheses x "
+                f"{item.n_examples} examples)"
+            )
+        table = table.append_column("item", pa.array([item.id] * table.num_rows, pa.string()))
+        table = table.append_column("shard",
+                                    pa.array([item.shard.index] * table.num_rows, pa.int32()))
+        meta = dict(table.schema.metadata or {})
+        meta[META_KEY] = json.dumps({**provenance, "item": item.id, "rows": table.num_rows},
+                                    sort_keys=True).encode()
+        table = table.replace_schema_metadata(meta)
+        self.items_dir.mkdir(parents=True, exist_ok=True)
+        path = self.item_path(item.id)
+        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(self.items_dir)
+        back = pq.read_table(path)
+        if back.num_rows != table.num_rows or not back.equals(table):
+            path.unlink(missing_ok=True)
+            raise OSError(f"{path} did not read back whole; the disk may be full or failing")
+        self.clear_failure(item.id)
+        return path
+
+    # --- failures -----------------------------------------------------------------------------
+
+    def record_failure(self, item_id: str, error: str, attempts: int) -> None:
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        record = {"item": item_id, "error": error, "attempts": attempts, "time": time.time()}
+        atomic_write_bytes(self.failed_dir / f"{item_id}.json",
+                           json.dumps(record, indent=1).encode())
+
+    def clear_failure(self, item_id: str) -> None:
+        (self.failed_dir / f"{item_id}.json").unlink(missing_ok=True)
+
+    def failures(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        if self.failed_dir.is_dir():
+            for path in sorted(self.failed_dir.glob("*.json")):
+                with contextlib.suppress(OSError, json.JSONDecodeError):
+                    out[path.stem] = json.loads(path.read_text())
+        return out
+
+
+# --- manifest and status ------------------------------------------------------------------------
+
+
+def build_manifest(plan: Plan, *, spec_name: str, spec_hash: str, spec_file: str,
+                   base_dir: str, model: str, seed: int, provenance: dict[str, Any]
+                   ) -> dict[str, Any]:
+    """The manifest: enough to report status and build SQL views without loading a model."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "name": spec_name,
+        "spec_hash": spec_hash,
+        "spec_file": spec_file,
+        "base_dir": base_dir,
+        "model": model,
+        "model_digest": plan.model_digest,
+        "metric": plan.metric,
+        "dtype": plan.dtype,
+        "seed": seed,
+        "provenance": provenance,
+        "hypotheses": [dict(asdict(h), group=g) for g, group in enumerate(plan.groups)
+                       for h in group],
+        "shards": [asdict(s) for s in plan.shards],
+        "items": [
+            {"id": item.id, "group": item.group, "shard": item.shard.index,
+             "shard_id": item.shard.id, "n_examples": item.n_examples,
+             "rows": item.expected_rows, "hypotheses": [h.name for h in item.hypotheses]}
+            for item in plan.items
+        ],
+    }
+
+
+def item_status(folder: SweepFolder, manifest: dict[str, Any], *, full: bool = False
+                ) -> list[dict[str, Any]]:
+    """One record per current item: id, group, shard, status (done/failed/pending), error."""
+    failures = folder.failures()
+    out = []
+    for item in manifest["items"]:
+        if folder.is_whole(item["id"], item["rows"], full=full):
+            status, error, attempts = "done", None, None
+        elif item["id"] in failures:
+            status = "failed"
+            error = failures[item["id"]].get("error")
+            attempts = failures[item["id"]].get("attempts")
+        else:
+            status, error, attempts = "pending", None, None
+        out.append({**item, "status": status, "error": error, "attempts": attempts,
+                    "path": str(folder.item_path(item["id"]))})
+    return out
+
+
+def summarize_status(records: list[dict[str, Any]], by: str | None = None) -> dict[str, Any]:
+    """Counts of done/failed/pending, overall and optionally per hypothesis or shard."""
+    def count(rs: list[dict[str, Any]]) -> dict[str, int]:
+        c = {"done": 0, "failed": 0, "pending": 0}
+        for r in rs:
+            c[r["status"]] += 1
+        c["total"] = len(rs)
+        return c
+
+    out: dict[str, Any] = count(records)
+    if by == "hypothesis":
+        keys = sorted({h for r in records for h in r["hypotheses"]},
+                      key=lambda h: min(i for i, r in enumerate(records) if h in r["hypotheses"]))
+        out["by_hypothesis"] = {h: count([r for r in records if h in r["hypotheses"]])
+                                for h in keys}
+    elif by == "shard":
+        shards = sorted({r["shard"] for r in records})
+        out["by_shard"] = {str(s): count([r for r in records if r["shard"] == s])
+                           for s in shards}
+    out["failures"] = [{"item": r["id"], "error": r["error"], "attempts": r["attempts"]}
+                       for r in records if r["status"] == "failed"]
+    return out

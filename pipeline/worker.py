@@ -1,0 +1,131 @@
+"""The worker: one loaded model that evaluates work items, with a small cache of shards.
+
+Plain Python (no Ray): the Ray actor in `pipeline.executor` wraps it, and the in-process
+backend uses it directly, so both run exactly the same code. A worker checks on start that its
+weights have the digest the plan was made with (a different file on another node would
+otherwise silently produce other numbers).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pathpatch import engine
+from pathpatch.dataset import PairDataset
+from pathpatch.errors import PathPatchError
+from pathpatch.models import load_model, model_digest
+
+if TYPE_CHECKING:  # annotations only: result tables are built by the engine
+    import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker of a sweep is built from (picklable to actors).
+
+    Attributes:
+        model: model spec for `load_model`.
+        model_digest: the digest the plan used; a mismatch is an error.
+        dtype: torch dtype name.
+        metric: metric spec.
+        threads: torch threads.
+        device: "cpu", "cuda" or "auto" (cuda where available).
+        batch_size, memory_budget: passed to `engine.evaluate`.
+        shard_cache: shards kept in memory.
+        max_mixed_copies: the bound validation used.
+    """
+
+    model: str
+    model_digest: str
+    dtype: str
+    metric: str
+    threads: int = 1
+    device: str = "auto"
+    batch_size: int | None = None
+    memory_budget: int | None = None
+    shard_cache: int = 8
+    max_mixed_copies: int = 256
+
+
+@dataclass(frozen=True)
+class Task:
+    """One work item as shipped to a worker: the item id, its hypotheses and its shard id."""
+
+    item_id: str
+    shard_id: str
+    hypotheses: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Where and how fast a task ran (recorded in the sweep's event log, not in results)."""
+
+    node: str
+    pid: int
+    seconds: float
+    examples: int
+
+
+class Worker:
+    """One model, evaluating tasks on shards it caches (least recently used out first)."""
+
+    def __init__(self, config: WorkerConfig, node: str | None = None, model: Any = None):
+        """Load the model (or take `model`, already loaded, in the driver's process)."""
+        from pipeline.resolve import TORCH_DTYPES
+
+        torch.set_num_threads(config.threads)
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config = config
+        self.node = node or socket.gethostname()
+        if model is None:
+            model = load_model(config.model, device=device, dtype=TORCH_DTYPES[config.dtype])
+        self.model = model
+        digest = model_digest(self.model)
+        if digest != config.model_digest:
+            raise PathPatchError(
+                f"model {config.model!r} on node {self.node} has weights digest {digest[:12]}, "
+                f"but the plan was made with {config.model_digest[:12]}: the file differs "
+                "between machines; put the same file on every node (or use a bundled model)"
+            )
+        self._shards: OrderedDict[str, PairDataset] = OrderedDict()
+
+    def holds(self, shard_id: str) -> bool:
+        return shard_id in self._shards
+
+    def add_shard(self, shard_id: str, data: PairDataset) -> None:
+        self._shards[shard_id] = data
+        self._shards.move_to_end(shard_id)
+        while len(self._shards) > self.config.shard_cache:
+            self._shards.popitem(last=False)
+
+    def evaluate(self, task: Task, data: PairDataset | None = None) -> tuple[pa.Table, TaskInfo]:
+        """Rows of one work item: `engine.evaluate` on the shard's examples.
+
+        Args:
+            task: the item.
+            data: the shard's examples, when the caller did not know this worker holds them.
+        """
+        if data is not None:
+            self.add_shard(task.shard_id, data)
+        if task.shard_id not in self._shards:
+            raise KeyError(f"worker does not hold shard {task.shard_id}")  # driver bug
+        self._shards.move_to_end(task.shard_id)
+        shard = self._shards[task.shard_id]
+        start = time.perf_counter()
+        table = engine.evaluate(
+            self.model, shard, list(task.hypotheses), self.config.metric,
+            batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
+            max_mixed_copies=self.config.max_mixed_copies,
+        )
+        info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,
+                        examples=len(shard))
+        return table, info

@@ -1,0 +1,57 @@
+"""The planner: deterministic items whose identity depends on exactly what shapes their rows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pipeline.plan import HypothesisInfo, ShardInfo, describe, item_identity, make_plan
+
+SHARDS = tuple(ShardInfo(index=i, start=4 * i, stop=4 * i + 4, digest=f"{i:064x}",
+                         id=f"shard-{i:05d}") for i in range(3))
+HYPS = tuple(HypothesisInfo(name=f"h{i}", canonical=f"a0.{i}", mixed_copies=i, est_cost=0.5)
+             for i in range(5))
+
+
+def plan(**changes):
+    args = dict(model_digest="m" * 64, shards=SHARDS, hypotheses=HYPS, group_size=2,
+                metric="kl", dtype="float32")
+    args.update(changes)
+    return make_plan(**args)
+
+
+def test_items_are_groups_times_shards_in_shard_major_order():
+    p = plan()
+    assert [len(g) for g in p.groups] == [2, 2, 1]
+    assert len(p.items) == 9
+    assert [(i.shard.index, i.group) for i in p.items[:4]] == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert p.items[0].expected_rows == 8 and p.items[2].expected_rows == 4
+    assert plan() == p  # deterministic
+    assert "9 work items" in describe(p)
+
+
+def test_identity_depends_on_what_determines_rows():
+    base = {i.id for i in plan().items}
+    for changed in (plan(model_digest="n" * 64), plan(metric="loss"), plan(dtype="float64"),
+                    plan(hypotheses=(replace(HYPS[0], canonical="a0.9"),) + HYPS[1:]),
+                    plan(hypotheses=(replace(HYPS[0], name="renamed"),) + HYPS[1:])):
+        assert len(base & {i.id for i in changed.items}) < len(base)
+    # cost estimates are reports, not identity
+    cheap = tuple(replace(h, est_cost=9.0, mixed_copies=99) for h in HYPS)
+    assert {i.id for i in plan(hypotheses=cheap).items} == base
+
+
+def test_appending_a_hypothesis_keeps_full_groups_and_shards():
+    before = {i.id for i in plan(hypotheses=HYPS[:4]).items}
+    after = plan(hypotheses=HYPS[:4] + (HypothesisInfo("h9", "a1.0"),))
+    new = [i for i in after.items if i.id not in before]
+    assert len(new) == len(SHARDS) and all(i.hypotheses[0].name == "h9" for i in new)
+    more_data = plan(shards=SHARDS + (ShardInfo(3, 12, 14, "f" * 64, "shard-00003"),))
+    assert {i.id for i in plan().items} <= {i.id for i in more_data.items}
+
+
+def test_identity_is_a_stable_hash():
+    a = item_identity(model_digest="m", shard_digest="s", hypotheses=HYPS[:1], metric="kl",
+                      dtype="float32")
+    assert a == item_identity(model_digest="m", shard_digest="s", hypotheses=HYPS[:1],
+                              metric="kl", dtype="float32")
+    assert len(a) == 32 and int(a, 16) >= 0

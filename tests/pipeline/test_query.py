@@ -1,0 +1,108 @@
+"""SQL views over sweep folders: results, scores, items; read-only; several sweeps at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pathpatch.errors import PathPatchError
+from pathpatch.metrics import summarize
+from pipeline.cli import main
+from pipeline.query import check_read_only, open_sweeps, run_query
+from pipeline.spec import load_spec
+from pipeline.sweep import run_sweep
+from tests.pipeline.conftest import write_spec
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory, checkpoint: Path) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("sweeps")
+    a, b = tmp / "a", tmp / "b"
+    run_sweep(load_spec(write_spec(tmp, checkpoint, name="a")), a, backend="inprocess",
+              progress=False)
+    run_sweep(load_spec(write_spec(tmp, checkpoint, name="b", metric="loss")), b,
+              backend="inprocess", progress=False)
+    return a, b
+
+
+def test_views_and_scores(sweeps):
+    a, _ = sweeps
+    con = open_sweeps(a)
+    assert con.sql("SELECT count(*) FROM results").fetchall() == [(4 * 48,)]
+    assert con.sql("SELECT count(DISTINCT (hypothesis, example)) FROM results"
+                   ).fetchall() == [(4 * 48,)]
+    items = con.sql("SELECT status, count(*) FROM items GROUP BY status").fetchall()
+    assert items == [("done", 6)]
+    scores = con.sql("SELECT * FROM scores ORDER BY hypothesis").to_arrow_table().to_pylist()
+    reference = summarize(con.sql("SELECT hypothesis, example, ue, te FROM results"
+                                  ).to_arrow_table()).to_pylist()
+    reference = {r["hypothesis"]: r for r in reference}
+    for row in scores:
+        ref = reference[row["hypothesis"]]
+        assert row["n"] == ref["n"] == 48
+        for key in ("aue", "ate", "proportion_explained"):
+            assert row[key] == pytest.approx(ref[key], rel=1e-9, abs=1e-12)
+        if row["proportion_explained"] is not None:
+            assert row["pe_low"] <= row["proportion_explained"] <= row["pe_high"]
+        assert row["aue_low"] <= row["aue"] <= row["aue_high"]
+    assert con.sql("SELECT * FROM results LIMIT 5").df().shape[0] == 5  # pandas works
+
+
+def test_several_sweeps_in_one_query(sweeps):
+    a, b = sweeps
+    out = run_query([a, b], "SELECT sweep, count(*) AS n FROM scores GROUP BY sweep "
+                            "ORDER BY sweep", "json")
+    assert json.loads(out) == [{"sweep": "a", "n": 4}, {"sweep": "b", "n": 4}]
+    out = run_query([a, b], "SELECT x.hypothesis, x.aue AS kl, y.aue AS loss FROM scores x "
+                            "JOIN scores y USING (hypothesis) WHERE x.sweep = 'a' AND "
+                            "y.sweep = 'b'", "csv")
+    assert out.splitlines()[0] == '"hypothesis","kl","loss"' and len(out.splitlines()) == 5
+
+
+@pytest.mark.parametrize("statement", [
+    "CREATE TABLE t AS SELECT 1",
+    "INSERT INTO results VALUES ('x', 1, 1, 1, 'i', 0)",
+    "COPY (SELECT * FROM results) TO '/tmp/pathpatch-leak.csv'",
+    "ATTACH '/tmp/pathpatch-other.duckdb' AS o",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET threads = 1",
+    "DROP VIEW scores",
+    "SELECT 1; DELETE FROM results",
+])
+def test_sql_is_read_only(sweeps, statement, capsys):
+    a, _ = sweeps
+    code = main(["sql", str(a), statement])
+    err = capsys.readouterr().err
+    assert code == 2 and "read-only" in err and "Traceback" not in err, err
+    assert not Path("/tmp/pathpatch-leak.csv").exists()
+    assert not Path("/tmp/pathpatch-other.duckdb").exists()
+
+
+@pytest.mark.parametrize("statement", [
+    "CREATE TABLE t AS SELECT 1", "COPY (SELECT 1) TO '/tmp/pathpatch-leak2.csv'",
+    "ATTACH '/tmp/pathpatch-other2.duckdb' AS o", "INSTALL httpfs", "LOAD httpfs",
+    "SET threads = 1", "SELECT * FROM read_csv('/etc/hostname')",
+])
+def test_python_connection_is_read_only_too(sweeps, statement):
+    import duckdb
+
+    con = open_sweeps(sweeps[0])
+    with pytest.raises(duckdb.Error):
+        con.execute(statement)
+    assert not Path("/tmp/pathpatch-leak2.csv").exists()
+
+
+def test_cli_formats_and_errors(sweeps, capsys):
+    a, _ = sweeps
+    assert main(["sql", str(a), "SELECT hypothesis, n FROM scores ORDER BY 1"]) == 0
+    out = capsys.readouterr().out
+    assert "direct" in out and "(4 rows)" in out
+    assert main(["sql", str(a), "SELECT nope FROM scores"]) == 2
+    assert "SQL error" in capsys.readouterr().err
+    assert main(["sql", str(a), "SELECT 1", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"1": 1}]
+    with pytest.raises(PathPatchError, match="read-only"):
+        check_read_only("PRAGMA threads=2")
