@@ -178,6 +178,22 @@ class Graph:
         return count[self.output.order]
 
 
+def describe(graph: Graph, *, edges: bool = False) -> str:
+    """Readable summary: nodes by layer, edge and path counts (every edge on request)."""
+    lines = [f"{graph.n_layers} layers x {graph.n_heads} heads" + (" + MLPs" if graph.has_mlp else ""),
+             "nodes:", "  in"]
+    for layer in range(graph.n_layers):
+        heads = " ".join(n.name for n in graph.nodes if n.layer == layer and n.kind is NodeKind.HEAD)
+        mlp = f"  m{layer}" if graph.has_mlp else ""
+        lines.append(f"  layer {layer}: {heads}{mlp}")
+    lines.append("  out")
+    lines.append(f"edges: {len(graph.edges):,} (sender -> receiver.channel; channels q, k, v for heads)")
+    lines.append(f"paths (positions ignored): {graph.n_paths():,}")
+    if edges:
+        lines += [f"  {e}" for e in graph.edges]
+    return "\n".join(lines)
+
+
 def check_supported(cfg) -> None:
     """Reject architectures whose forward pass the engine does not reproduce exactly."""
     problems = []

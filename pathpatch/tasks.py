@@ -462,7 +462,9 @@ def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     refs, cfs, answers, wrongs = [], [], [], []
-    while len(refs) < n:
+    for _attempt in range(100 * n):
+        if len(refs) == n:
+            break
         template = rng.choice(_NUMBER_TEMPLATES)
         a = rng.randrange(10, 95)
         ref = ids(template.format(a=a, b=a + 1, c=a + 2))
@@ -475,6 +477,11 @@ def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
         cfs.append(cf)
         answers.append(answer[0])
         wrongs.append(wrong[0])
+    if len(refs) < n:
+        raise PathPatchError(
+            f"tokenizer {tokenizer!r} gives number prompts and word prompts of different lengths"
+            " (or multi-token numbers); gpt2_numbers needs GPT-2's tokenizer"
+        )
     width = max(len(r) for r in refs)
     pad = tok.eos_token_id
     # left-pad so every prompt ends at the last position (GPT-2 has no padding token)

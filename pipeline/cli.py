@@ -111,16 +111,59 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     default = Path(__file__).resolve().parent.parent / "jobs" / "default.toml"
     if not default.is_file():
         raise PathPatchError(f"{default} is missing: the demo runs from a source checkout")
-    return _cmd_run(argparse.Namespace(
+    status = _cmd_run(argparse.Namespace(
         spec=str(default), out=args.out, dry_run=False, address=args.address, workers=None,
         backend="ray", no_progress=False, quiet=False))
+    _cmd_report(argparse.Namespace(folder=args.out))
+    return status
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import bench_pipeline
+    if args.what == "engine":
+        from pathpatch.benchmark import run_engine_benchmark
 
-    result = bench_pipeline(args.spec, keep=args.keep)
+        model = None
+        if args.model != "gpt2-small-shape":
+            from pathpatch.models import load_model
+
+            model = load_model(args.model)
+        result = run_engine_benchmark(model, n_hypotheses=args.hypotheses, repeats=args.repeats)
+    else:
+        from pipeline.bench import bench_pipeline
+
+        result = bench_pipeline(args.spec, keep=args.keep)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def _cmd_graph(args: argparse.Namespace) -> int:
+    from pathpatch.graph import Graph, describe
+    from pathpatch.models import load_model
+
+    print(describe(Graph.from_model(load_model(args.model)), edges=args.edges))
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from pathpatch.explain import explain
+    from pathpatch.hypotheses import Hypothesis
+    from pathpatch.models import load_model
+
+    model = load_model(args.model)
+    dataset = None
+    if args.dataset:
+        from pathpatch.tasks import make_dataset
+
+        dataset = make_dataset(args.dataset, n=1)
+    print(explain(model, Hypothesis(args.name, args.pattern), seq_len=args.seq_len, dataset=dataset))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    png, page = write_report(args.folder)
+    print(f"report: {page} (figure: {png})")
     return 0
 
 
@@ -177,11 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("what", choices=("pipeline",))
-    p.add_argument("--spec", default=None, help="sweep to time (default: jobs/bench.toml)")
-    p.add_argument("--keep", default=None, help="keep the sweep folders under this folder")
+    p = sub.add_parser("bench", help="benchmarks: engine (per-hypothesis cost) or pipeline (Ray)")
+    p.add_argument("what", choices=("engine", "pipeline"))
+    p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
+    p.add_argument("--keep", default=None, help="pipeline: keep the sweep folders under this folder")
+    p.add_argument("--model", default="gpt2-small-shape",
+                   help="engine: gpt2-small-shape (random weights) or a model name (attn-only-2l)")
+    p.add_argument("--hypotheses", type=int, default=64, help="engine: hypotheses per family")
+    p.add_argument("--repeats", type=int, default=2, help="engine: timed runs (the best counts)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("graph", help="nodes, edges and number of paths of a model")
+    p.add_argument("model", help="bundled name, TransformerLens name, HF directory or checkpoint")
+    p.add_argument("--edges", action="store_true", help="list every edge")
+    p.set_defaults(func=_cmd_graph)
+
+    p = sub.add_parser("explain", help="what a pattern means on a model: |P|, sample paths, copies")
+    p.add_argument("model")
+    p.add_argument("pattern", help='e.g. "in -> a1.*[v] -> out" (grammar: docs/PATTERNS.md)')
+    p.add_argument("--name", default="pattern")
+    p.add_argument("--seq-len", type=int, default=8, help="positions to count paths over")
+    p.add_argument("--dataset", help="task whose first example supplies @mask= masks (induction)")
+    p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("report", help="write report.png and report.html into a sweep folder")
+    p.add_argument("folder")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

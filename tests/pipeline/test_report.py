@@ -1,0 +1,78 @@
+"""`pathpatch report`, `graph`, `explain`: files a person can open, text a person can read."""
+
+import re
+import struct
+
+import pytest
+
+from pipeline.cli import main
+
+SPEC = """
+name = "tiny_scan"
+model = "attn-only-2l"
+metric = "kl"
+shard_size = 32
+group_size = 40
+[dataset]
+kind = "induction"
+n = 32
+[[hypotheses]]
+name = "initial"
+pattern = "in -> a1.*[v] -> out | in -> a1.*[q] -> out | in -> a0.3 -> a1.*[k] -> out"
+[[hypotheses]]
+family = "node_removal"
+[[hypotheses]]
+family = "edge_removal"
+"""
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    spec = root / "tiny.toml"
+    spec.write_text(SPEC)
+    out = root / "sweep"
+    assert main(["run", str(spec), "--out", str(out), "--backend", "inprocess", "--quiet",
+                 "--no-progress"]) == 0
+    return out
+
+
+def test_report_writes_a_png_and_a_page(sweep, capsys):
+    assert main(["report", str(sweep)]) == 0
+    assert "report.html" in capsys.readouterr().out
+    png = (sweep / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 1500 and height > 400  # three panels: intervals, heatmap, edge graph
+    page = (sweep / "report.html").read_text()
+    assert '<img src="report.png"' in page
+    names = re.findall(r"<tr><td>([^<]+)</td>", page)
+    assert "initial" in names and "remove a0.3" in names and "remove a0.3-&gt;a1.0.k" in names
+    assert len(names) == 1 + 8 + 81  # every hypothesis of the sweep, once
+
+
+def test_report_panels_follow_the_families(sweep):
+    from pathpatch.figures import node_matrix
+    from pipeline.query import open_sweeps
+
+    rows = open_sweeps(sweep).sql("SELECT * FROM scores").arrow().read_all()
+    matrix, has_mlp = node_matrix(rows)
+    assert len(matrix) == 2 and len(matrix[0]) == 4 and not has_mlp
+    # removing the previous-token head a0.3 loses most of the effect: the hottest cell
+    assert max(v for row in matrix for v in row) == matrix[0][3] > 0.9
+
+
+def test_report_on_an_empty_or_missing_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_graph_and_explain_commands(capsys):
+    assert main(["graph", "attn-only-2l"]) == 0
+    out = capsys.readouterr().out
+    assert "layer 1: a1.0 a1.1 a1.2 a1.3" in out and "edges: 81" in out and "paths (positions ignored): 169" in out
+    assert main(["explain", "attn-only-2l", "in -> a1.0[v] -> out", "--seq-len", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "paths in P: 6 of" in out and "mixed copies: 2" in out
+    assert main(["explain", "attn-only-2l", "a1.0[x]"]) == 2
+    assert "unknown channel 'x'" in capsys.readouterr().err
