@@ -15,12 +15,14 @@ def tokenizer_dir(tmp_path_factory):
 
     corpus = [t.format(a=a, b=a + 1, c=a + 2) + f" {a + 3}"
               for t in _NUMBER_TEMPLATES for a in range(5, 100)]
-    corpus += [t.format(a=w.strip(), b=w.strip(), c=w.strip()) for t in _NUMBER_TEMPLATES for w in _NON_NUMBERS]
+    corpus += [t.format(a=w.strip(), b=w.strip(), c=w.strip())
+               for t in _NUMBER_TEMPLATES for w in _NON_NUMBERS]
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(corpus * 5, vocab_size=600, min_frequency=1,
                             special_tokens=["<|endoftext|>"])
     folder = tmp_path_factory.mktemp("tok")
-    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
     return str(folder)
 
 
