@@ -79,30 +79,36 @@ def random_induction(graph: Graph, n: int, rng: random.Random) -> list[Hypothesi
 
 
 def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Tensor:
-    """One hooked run of the circuit `kept`: every receiver input is the patched residual minus,
-    for each removed edge, (patched - counterfactual) sender output."""
+    """One hooked run of the circuit `kept`, written carefully: per-head outputs from z, split
+    q/k/v inputs, and per layer one matrix product that subtracts, for every removed edge,
+    (patched - counterfactual) sender output from the receiver's input."""
     cfg = model.cfg
     outputs: list[torch.Tensor] = []  # patched-run sender outputs, in node order
     cf_outputs: list[torch.Tensor] = []
-    order = {n.name: i for i, n in enumerate(graph.nodes)}
-    removed: dict[tuple[str, str], torch.Tensor] = {}  # (receiver, channel) -> 0/1 over senders
+    removed: dict[tuple[int, str], torch.Tensor] = {}  # (layer, channel) -> [head, sender] 0/1
+    dev_cache: dict[int, torch.Tensor] = {}  # n senders -> [sender, batch*pos*d_model]
 
-    def removal_mask(receiver, channel):
-        key = (receiver.name, channel)
+    def mask(receivers, channel: str) -> torch.Tensor:
+        senders = graph.senders(receivers[0])
+        suffix = "" if channel == "resid" else f".{channel}"
+        return torch.tensor([[f"{s.name}->{r.name}{suffix}" not in kept for s in senders]
+                             for r in receivers], dtype=torch.float32)
+
+    def deviations(n: int) -> torch.Tensor:
+        if n not in dev_cache:
+            dev_cache.clear()
+            dev_cache[n] = (torch.stack(cf_outputs[:n]) - torch.stack(outputs[:n])).flatten(1)
+        return dev_cache[n]
+
+    def fix(key, receivers, channel, x):  # x: [batch, pos, receiver, d_model]
         if key not in removed:
-            senders = graph.senders(receiver)
-            removed[key] = torch.tensor(
-                [f"{s.name}->{receiver.name}" + ("" if channel == "resid" else f".{channel}") not in kept
-                 for s in senders], dtype=xr.dtype if xr.is_floating_point() else torch.float32)
-        return removed[key]
-
-    def fix(receiver, channel, x):
-        mask = removal_mask(receiver, channel)
-        if not mask.any():
+            removed[key] = mask(receivers, channel)
+        m = removed[key]
+        if not m.any():
             return x
-        n = len(mask)
-        dev = torch.stack(cf_outputs[:n]) - torch.stack(outputs[:n])  # [sender, batch, pos, d_model]
-        return x + torch.einsum("s,sbpd->bpd", mask.to(dev), dev)
+        dev = deviations(m.shape[1])
+        delta = (m.to(dev) @ dev).view(len(receivers), *x.shape[:2], x.shape[-1])
+        return x + delta.permute(1, 2, 0, 3)
 
     def on_embed(x, hook):
         outputs.append(x)
@@ -116,11 +122,11 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
         return z
 
     def on_qkv(x, hook, layer, channel):  # [batch, pos, head, d_model]
-        heads = [fix(graph.node(f"a{layer}.{h}"), channel, x[:, :, h]) for h in range(cfg.n_heads)]
-        return torch.stack(heads, dim=2)
+        heads = [graph.node(f"a{layer}.{h}") for h in range(cfg.n_heads)]
+        return fix((layer, channel), heads, channel, x)
 
     def on_mlp_in(x, hook, layer):
-        return fix(graph.node(f"m{layer}"), "resid", x)
+        return fix((layer, "mlp"), [graph.node(f"m{layer}")], "resid", x[:, :, None])[:, :, 0]
 
     def on_mlp_out(x, hook, layer):
         outputs.append(x)
@@ -128,7 +134,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
         return x
 
     def on_final(x, hook):
-        return fix(graph.output, "resid", x)
+        return fix((cfg.n_layers, "out"), [graph.output], "resid", x[:, :, None])[:, :, 0]
 
     hooks = [("hook_embed", on_embed)]
     for layer in range(cfg.n_layers):
@@ -140,7 +146,6 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
             hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, l=layer: on_mlp_in(x, hook, l)))
             hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, l=layer: on_mlp_out(x, hook, l)))
     hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", on_final))
-    del order
     return model.run_with_hooks(xr, fwd_hooks=hooks)
 
 

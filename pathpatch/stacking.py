@@ -90,9 +90,16 @@ class GroupPlan:
                 self._plan_rows(stage)
 
     def _plan_rows(self, stage: _Stage) -> None:
-        """Number the rows and build each hypothesis's 0/1 mixing matrices for this stage."""
-        n_nodes = len(self.graph.nodes)
-        per_h: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
+        """Number the rows and build each hypothesis's mixing matrices for this stage.
+
+        Bank entries are stored relative to the counterfactual run (e = copy - G(x_c) output),
+        and each row starts from whichever cached residual needs fewer terms:
+          clean base: x = resid_r + sum_{CF or mixed} c_s + sum_{mixed} e_s
+          cf base:    x = resid_c - sum_{CLEAN} c_s + sum_{mixed} e_s
+        (c_s = counterfactual minus clean output of sender s). A circuit's rows then need one
+        product over the senders' copies; a single-edge removal's only a few columns.
+        """
+        per_h: dict[int, list] = defaultdict(list)
         for cr in stage.copies:
             senders = np.array([s.order for s in self.graph.senders(cr.copy.node)])
             slot = self.slot[cr.hypothesis]
@@ -100,20 +107,34 @@ class GroupPlan:
                 rows = []
                 for version in ci.versions:
                     rows.append(stage.n_rows)
-                    children = np.array(version)
-                    per_h[cr.hypothesis].append((stage.n_rows, senders, children, slot))
+                    per_h[cr.hypothesis].append((stage.n_rows, senders, np.array(version), slot))
                     stage.n_rows += 1
                 cr.rows.append(rows)
         for h, entries in per_h.items():
             n_bank = sum(o < stage.order for o in self.bank_order[h])
             rows = torch.tensor([e[0] for e in entries])
+            from_cf = torch.zeros(len(entries), dtype=torch.bool)
+            cf_terms: dict[int, dict[int, float]] = {}
             mixed = torch.zeros(len(entries), n_bank)
-            cf = torch.zeros(len(entries), n_nodes)
             for r, (_, senders, children, slot) in enumerate(entries):
-                cf[r, senders[children == CF]] = 1.0
+                n_clean, n_cf = int((children == CLEAN).sum()), int((children == CF).sum())
+                n_mixed = len(children) - n_clean - n_cf
+                use_cf = n_clean + n_mixed < n_cf + 2 * n_mixed
+                from_cf[r] = use_cf
+                if use_cf:
+                    terms = {int(s): -1.0 for s in senders[children == CLEAN]}
+                else:
+                    terms = {int(s): 1.0 for s in senders[children != CLEAN]}
+                cf_terms[r] = terms
                 for child in children[children >= 0]:
                     mixed[r, slot[int(child)]] = 1.0
-            stage.mixing[h] = (rows, mixed, cf)
+            columns = sorted({s for t in cf_terms.values() for s in t})
+            cf = torch.zeros(len(entries), len(columns))
+            position = {s: i for i, s in enumerate(columns)}
+            for r, terms in cf_terms.items():
+                for s, v in terms.items():
+                    cf[r, position[s]] = v
+            stage.mixing[h] = (rows, from_cf, torch.tensor(columns, dtype=torch.long), cf, mixed)
 
     @property
     def n_passes(self) -> int:
@@ -158,16 +179,22 @@ class GroupEvaluator:
         return out
 
     def _mix(self, stage: _Stage, banks, cf_bank) -> torch.Tensor:
-        """Each row's input: the clean residual plus its chosen sender deviations."""
-        base = self.runs.residual_at(stage.kind, stage.layer)  # [batch, pos, d_model]
-        B, T, d = base.shape
-        x = base.expand(stage.n_rows, B, T, d).clone()
-        for h, (rows, mixed, cf) in stage.mixing.items():
-            dev = cf.to(cf_bank) @ cf_bank.view(cf_bank.shape[0], -1)
+        """Each row's input: a cached residual plus its chosen sender terms (see `_plan_rows`)."""
+        clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
+        cf_resid = self.runs.residual_at(stage.kind, stage.layer, "c")
+        B, T, d = clean.shape
+        x = clean.new_empty(stage.n_rows, B, T, d)
+        for h, (rows, from_cf, columns, cf, mixed) in stage.mixing.items():
+            rows = rows.to(x.device)
+            part = torch.where(from_cf.to(x.device)[:, None, None, None], cf_resid, clean)
+            flat = part.view(len(rows), -1)  # [row, batch*pos*d_model]
+            if len(columns):
+                terms = cf_bank[columns.to(x.device)].view(len(columns), -1)
+                flat = torch.addmm(flat, cf.to(terms), terms)
             if mixed.shape[1]:
-                bank = banks[h][: mixed.shape[1]]
-                dev = dev + mixed.to(bank) @ bank.view(bank.shape[0], -1)
-            x[rows.to(x.device)] += dev.view(-1, B, T, d)
+                bank = banks[h][: mixed.shape[1]].view(mixed.shape[1], -1)
+                flat = torch.addmm(flat, mixed.to(bank), bank)
+            x[rows] = flat.view(-1, B, T, d)
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:
@@ -176,9 +203,8 @@ class GroupEvaluator:
             ci = cr.copy.inputs[0]
             index = self.positions.version_index(ci)
             reads_cf = torch.as_tensor([v == (CF,) for v in ci.versions], device=index.device)
-            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = (
-                in_dev * reads_cf[index].unsqueeze(-1).to(in_dev.dtype)
-            )
+            reads_clean = ~reads_cf[index].unsqueeze(-1)
+            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = -in_dev * reads_clean
 
     def _picked(self, x: torch.Tensor, cr: _CopyRows, channel: int) -> torch.Tensor:
         ci = cr.copy.inputs[channel]
@@ -222,9 +248,9 @@ class GroupEvaluator:
                 zs[id(cr)] = sum((pattern * (v_index == i)) @ val for i, val in enumerate(values))
         z = torch.stack([zs[id(cr)] for cr in stage.copies])  # [copy, batch, pos, d_head]
         idx = [cr.copy.node.head for cr in stage.copies]
-        z_clean = self.runs.z(stage.layer)[:, :, idx].permute(2, 0, 1, 3)
+        z_cf = self.runs.z(stage.layer, "c")[:, :, idx].permute(2, 0, 1, 3)  # bank: relative to G(x_c)
         n = len(stage.copies)
-        dev = torch.bmm((z - z_clean).reshape(n, B * T, -1), attn.W_O[idx]).view(n, B, T, d)
+        dev = torch.bmm((z - z_cf).reshape(n, B * T, -1), attn.W_O[idx]).view(n, B, T, d)
         for i, cr in enumerate(stage.copies):
             banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = dev[i]
 
@@ -233,7 +259,7 @@ class GroupEvaluator:
         xs = torch.stack([self._picked(x, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
         out = block.mlp(_norm(block, "ln2")(xs.view(n * B, T, d))).view(n, B, T, d)
-        dev = out - self.runs.mlp_out(stage.layer)
+        dev = out - self.runs.mlp_out(stage.layer, "c")  # bank: relative to G(x_c)
         for i, cr in enumerate(stage.copies):
             banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = dev[i]
 
