@@ -107,18 +107,15 @@ class PairDataset:
         if isinstance(self.reference, torch.Tensor) and self.example_ids is None:
             ids = torch.arange(self.reference.shape[0], device=self.reference.device)
             object.__setattr__(self, "example_ids", ids)
-        normalized = _check_structure(
-            reference=self.reference,
-            counterfactual=self.counterfactual,
-            scored=self.scored,
-            masks=self.masks,
-            answer=self.answer,
-            wrong_answer=self.wrong_answer,
-            example_ids=self.example_ids,
-            where="dataset",
-        )
+        normalized = _check_structure(**self._fields(), where="dataset")
         for name, value in normalized.items():
             object.__setattr__(self, name, value)
+
+    def _fields(self) -> dict:
+        """Every field, by name: what structure checks and copies read."""
+        return {"reference": self.reference, "counterfactual": self.counterfactual,
+                "scored": self.scored, "masks": self.masks, "answer": self.answer,
+                "wrong_answer": self.wrong_answer, "example_ids": self.example_ids}
 
     def __len__(self) -> int:
         return int(self.reference.shape[0])
@@ -154,16 +151,7 @@ class PairDataset:
         Raises:
             PathPatchError: naming the field, the example (row) and the offending value.
         """
-        _check_structure(
-            reference=self.reference,
-            counterfactual=self.counterfactual,
-            scored=self.scored,
-            masks=self.masks,
-            answer=self.answer,
-            wrong_answer=self.wrong_answer,
-            example_ids=self.example_ids,
-            where=where,
-        )
+        _check_structure(**self._fields(), where=where)
         if vocab_size is None:
             return
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
