@@ -94,6 +94,7 @@ def evaluate(
     memory_budget: int | None = None,
     max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES,
     progress=None,
+    runs_cache: dict | None = None,
 ):
     """Per-example unexplained and total effects of each hypothesis.
 
@@ -106,6 +107,9 @@ def evaluate(
         memory_budget: bytes for caches and mixed copies (default 2 GiB); decides the batch
             size and how many hypotheses are stacked in one pass. Never approximates.
         progress: optional callable(n_examples_done) called after each batch.
+        runs_cache: a dict the caller keeps for this dataset (e.g. per shard): when the whole
+            dataset is one batch, its cached clean and counterfactual runs are kept there and
+            reused by the next call with other hypotheses (same numbers, two forwards saved).
 
     Returns:
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
@@ -135,7 +139,13 @@ def evaluate(
     for start in range(0, n, batch_size):
         batch = dataset.select(slice(start, start + batch_size))
         stop = start + len(batch)
-        runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
+        key = (dataset.digest(), batch_size, str(device)) if batch_size >= n else None
+        runs = runs_cache.get(key) if runs_cache is not None and key else None
+        if runs is None:
+            runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
+            if runs_cache is not None and key:
+                runs_cache.clear()  # one batch's runs at a time: what the budget accounts for
+                runs_cache[key] = runs
         positions = PositionContext(
             {k: v.to(device) for k, v in batch.masks.items()}, len(batch), batch.seq_len, device
         )
@@ -145,7 +155,6 @@ def evaluate(
             outputs = GroupEvaluator(model, plan, runs, positions).logits()
             for i, logits in zip(group, outputs, strict=True):
                 ue[i, start:stop] = metric.per_example(clean, logits, batch).cpu()
-        del runs
         if progress is not None:
             progress(len(batch))
     examples = dataset.example_ids.to(torch.int64)

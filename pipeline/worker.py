@@ -97,6 +97,7 @@ class Worker:
                 "between machines; put the same file on every node (or use a bundled model)"
             )
         self._shards: OrderedDict[str, PairDataset] = OrderedDict()
+        self._runs: dict = {}  # the engine's cached runs of the last shard (one batch)
 
     def holds(self, shard_id: str) -> bool:
         return shard_id in self._shards
@@ -124,7 +125,7 @@ class Worker:
         table = engine.evaluate(
             self.model, shard, list(task.hypotheses), self.config.metric,
             batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
-            max_mixed_copies=self.config.max_mixed_copies,
+            max_mixed_copies=self.config.max_mixed_copies, runs_cache=self._runs,
         )
         info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,
                         examples=len(shard))

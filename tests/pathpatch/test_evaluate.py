@@ -119,3 +119,27 @@ def test_hypotheses_from_toml_tables():
         load_hypotheses([{"family": "nodes"}], graph)
     with pytest.raises(PathPatchError, match="duplicate hypothesis name"):
         load_hypotheses([{"name": "x", "pattern": "all"}, {"name": "x", "pattern": "none"}], graph)
+
+
+def test_runs_cache_reuses_both_runs_and_changes_nothing(monkeypatch):
+    import pathpatch.engine as engine
+
+    model = tiny_model("attn-only")
+    data = _dataset(model)
+    built = []
+
+    class CountingRuns(engine.Runs):
+        def __init__(self, *args):
+            built.append(1)
+            super().__init__(*args)
+
+    monkeypatch.setattr(engine, "Runs", CountingRuns)
+    cache: dict = {}
+    first = evaluate(model, data, [Hypothesis("a", "a0.*")], runs_cache=cache)
+    second = evaluate(model, data, [Hypothesis("b", "~a1.0")], runs_cache=cache)
+    assert len(built) == 1 and len(cache) == 1
+    assert first.equals(evaluate(model, data, [Hypothesis("a", "a0.*")]))
+    assert second.equals(evaluate(model, data, [Hypothesis("b", "~a1.0")]))
+    other = _dataset(model, seed=1)  # another shard replaces the cached one
+    evaluate(model, other, [Hypothesis("a", "a0.*")], runs_cache=cache)
+    assert len(cache) == 1 and len(built) == 4
