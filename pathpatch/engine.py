@@ -49,9 +49,9 @@ def compile_all(
     return out
 
 
-def _check_masks(hypotheses: Sequence, graph: Graph, dataset) -> None:
+def _check_masks(hypotheses: Sequence, dataset) -> None:
     for h in hypotheses:
-        for r in h.restrictions(graph):
+        for r in h.restrictions:
             if r.kind == "mask" and r.value not in dataset.masks:
                 raise PathPatchError(
                     f"hypothesis {h.name!r} uses @mask={r.value} but the dataset has masks"
@@ -70,7 +70,7 @@ def check(
     graph = graph_or_model if isinstance(graph_or_model, Graph) else Graph.from_model(graph_or_model)
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
     if dataset is not None:
-        _check_masks(hypotheses, graph, dataset)
+        _check_masks(hypotheses, dataset)
     cfg = getattr(graph_or_model, "cfg", None)
     from pathpatch.copies import estimate_cost
 
@@ -125,10 +125,9 @@ def evaluate(
     if len(set(names)) != len(names):
         raise PathPatchError(f"hypothesis names must be unique, got {names}")
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
-    _check_masks(hypotheses, graph, dataset)
+    _check_masks(hypotheses, dataset)
     dataset.validate(model.cfg.d_vocab)
-    if hasattr(metric, "check_dataset"):
-        metric.check_dataset(dataset)
+    metric.check_dataset(dataset)
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
     batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size)
     plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]

@@ -64,11 +64,8 @@ class _Counter:
     def holds(self, node: Node, channel: Channel | None, atom) -> np.ndarray:
         """[pos] or [dest, src] where exactly this atom's restrictions hold."""
         two_d = channel is not None and channel.is_2d
-        shape = (self.T, self.T) if two_d else (self.T,)
-        out = np.ones(shape, dtype=bool)
-        for r in self.compiled.relevant(node, channel):
-            h = self.positions.holds(r, two_d)[0].cpu().numpy()
-            out &= h if r in atom else ~h
+        relevant = self.compiled.relevant(node, channel)
+        out = self.positions.atom_holds(atom, relevant, two_d)[0].cpu().numpy()
         return out & self.causal if two_d else out
 
     def inputs(self, node: Node, state):

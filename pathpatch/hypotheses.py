@@ -14,7 +14,16 @@ from pathpatch.automaton import compile_pattern
 from pathpatch.copies import CopyGraph, build_copies
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph, NodeKind
-from pathpatch.patterns import Pattern, parse
+from pathpatch.patterns import (
+    Chain,
+    Complement,
+    Intersection,
+    Pattern,
+    Restriction,
+    Step,
+    Union,
+    parse,
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,20 @@ class Hypothesis:
         compiled = compile_pattern(self.ast, graph, where=f"hypothesis {self.name!r}")
         return build_copies(compiled, max_states=max_states)
 
-    def restrictions(self, graph: Graph):
-        return compile_pattern(self.ast, graph, where=f"hypothesis {self.name!r}").restrictions
+    @property
+    def restrictions(self) -> frozenset[Restriction]:
+        """Every position restriction the pattern uses (read off the AST: no graph needed)."""
+        found: set[Restriction] = set()
+        todo = [self.ast]
+        while todo:
+            p = todo.pop()
+            if isinstance(p, Chain):
+                found.update(r for step in p.steps if isinstance(step, Step) for r in step.restrictions)
+            elif isinstance(p, Union | Intersection):
+                todo.extend(p.parts)
+            elif isinstance(p, Complement):
+                todo.append(p.inner)
+        return frozenset(found)
 
 
 def _node_names(graph: Graph, kinds=(NodeKind.HEAD, NodeKind.MLP)) -> list[str]:

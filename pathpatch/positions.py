@@ -52,21 +52,24 @@ class PositionContext:
         shape = (B, T, T) if two_d else (B, T)
         return out.expand(shape)
 
+    def atom_holds(self, atom, relevant, two_d: bool) -> torch.Tensor:
+        """[batch, pos] or [batch, dest, src]: where exactly `atom`'s restrictions (of `relevant`) hold."""
+        shape = (self.batch, self.seq_len, self.seq_len) if two_d else (self.batch, self.seq_len)
+        sel = torch.ones(shape, dtype=torch.bool, device=self.device)
+        for r in relevant:
+            holds = self.holds(r, two_d)
+            sel &= holds if r in atom else ~holds
+        return sel
+
     def version_index(self, ci: ChannelInput) -> torch.Tensor | None:
         """Per position (or (dest, src) pair), which input version to read; None if only one."""
         if len(ci.versions) == 1:
             return None
         two_d = ci.channel is not None and ci.channel.is_2d
-        relevant = sorted({r for atom in ci.atoms for r in atom}, key=str)
-        holds = {r: self.holds(r, two_d) for r in relevant}
+        relevant = {r for atom in ci.atoms for r in atom}
         shape = (self.batch, self.seq_len, self.seq_len) if two_d else (self.batch, self.seq_len)
         index = torch.zeros(shape, dtype=torch.long, device=self.device)
-        all_r = set(relevant)
         for atom, version in zip(ci.atoms, ci.atom_version, strict=True):
-            if version == 0:
-                continue
-            sel = torch.ones(shape, dtype=torch.bool, device=self.device)
-            for r in all_r:
-                sel &= holds[r] if r in atom else ~holds[r]
-            index[sel] = version
+            if version:
+                index[self.atom_holds(atom, relevant, two_d)] = version
         return index
