@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
+from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
 from pathpatch.positions import PositionContext
@@ -161,8 +162,9 @@ def _engine_seconds(model, graph, hyps, xr, xc, masks, budget, timer) -> tuple[f
 
     def run():
         runs = Runs(model, xr, xc)
+        folded = FoldedWeights(model)
         for plan in plans:
-            GroupEvaluator(model, plan, runs, positions).logits()
+            GroupEvaluator(model, plan, runs, positions, folded).logits()
 
     return timer.best(run), compile_s, len(groups)
 

@@ -15,6 +15,7 @@ import torch
 
 from pathpatch.copies import CopyGraph
 from pathpatch.errors import PathPatchError
+from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
@@ -133,6 +134,7 @@ def evaluate(
     plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device
+    folded = FoldedWeights(model)
     ue = torch.zeros(len(hypotheses), n, dtype=torch.float64)
     te = torch.zeros(n, dtype=torch.float64)
     for start in range(0, n, batch_size):
@@ -151,7 +153,7 @@ def evaluate(
         clean = runs.logits["r"]
         te[start:stop] = metric.per_example(clean, runs.logits["c"], batch).cpu()
         for group, plan in zip(groups, plans, strict=True):
-            outputs = GroupEvaluator(model, plan, runs, positions).logits()
+            outputs = GroupEvaluator(model, plan, runs, positions, folded).logits()
             for i, logits in zip(group, outputs, strict=True):
                 ue[i, start:stop] = metric.per_example(clean, logits, batch).cpu()
         if progress is not None:

@@ -1,13 +1,17 @@
 """Many hypotheses evaluated together: one pass per layer stage over all their mixed copies.
 
 A group's copies are sorted into stages (heads of layer L, MLP of layer L, output). Each stage
-is one pass: every input *row* (a version of a channel of a copy) is the clean residual plus a
-0/1 combination of sender deviations, computed as one matrix product per hypothesis over a
-prefix of its deviation bank (senders always come earlier in topological order); then all rows
-of all hypotheses go through LayerNorm, their projections and attention together, stacked along
-a leading dimension. Stages with no mixed copy are never run: they are read from the caches.
+is one pass: every input *row* (a version of a channel of a copy) is a residual stream made of
+cached runs and sender deviations; rows that come out equal are built once (a single-edge
+removal's downstream heads all read one row per layer, as in a forward). Each distinct input is
+built from whichever base needs the fewest terms: the clean residual, the counterfactual one, or
+one of the previous stage's inputs (a residual stream carried forward); the terms are one matrix
+product per hypothesis over a slice of its deviation bank. Then all rows of all hypotheses go
+through LayerNorm (folded into the projections, `folding.py`), attention, MLPs and unembedding
+together, stacked along a leading dimension. Stages with no mixed copy are never run: they are
+read from the caches.
 
-The plan (rows, coefficient matrices) depends only on the hypotheses, so it is built once and
+The plan (inputs, coefficient matrices) depends only on the hypotheses, so it is built once and
 reused for every batch.
 """
 
@@ -20,9 +24,14 @@ import numpy as np
 import torch
 
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph
+from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
+
+_RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.MLP: 2, NodeKind.OUTPUT: 3}
+_BASE_CLEAN, _BASE_CF, _BASE_PREVIOUS = 0, 1, 2
+_MAX_COMPARISONS = 4_000_000  # previous-stage bases are searched only up to this much work
 
 
 def _norm(owner, name: str):
@@ -41,6 +50,59 @@ def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+def _span(indices: np.ndarray) -> slice | torch.Tensor:
+    """A slice when `indices` are consecutive (a view, no copy), else an index tensor."""
+    if len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
+        return slice(int(indices[0]), int(indices[0]) + len(indices))
+    return torch.as_tensor(indices, dtype=torch.long)
+
+
+@dataclass
+class _Terms:
+    """coef [inputs, k] times k entries of a source bank: a slice of it (no copy) or gathered ones."""
+
+    coef: torch.Tensor
+    entries: slice | torch.Tensor
+
+    @staticmethod
+    def of(delta: np.ndarray) -> _Terms | None:
+        """Terms for a [inputs, bank] coefficient matrix, over its used columns only."""
+        used = np.flatnonzero(np.abs(delta).sum(axis=0))
+        if not len(used):
+            return None
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        if hi - lo <= 2 * len(used):  # a slice with some zero columns beats gathering
+            return _Terms(torch.from_numpy(delta[:, lo:hi].copy()), slice(lo, hi))
+        return _Terms(torch.from_numpy(delta[:, used].copy()), torch.as_tensor(used, dtype=torch.long))
+
+    def add_to(self, flat: torch.Tensor, bank: torch.Tensor) -> None:
+        """flat [inputs, n] += coef @ bank[entries] (bank [entries, ...] flattened)."""
+        entries = self.entries if isinstance(self.entries, slice) else self.entries.to(bank.device)
+        source = bank[entries].reshape(self.coef.shape[1], -1)
+        flat.addmm_(self.coef.to(source), source)
+
+
+@dataclass
+class _Mixing:
+    """How one hypothesis's distinct inputs of a stage are built: a base, then two products."""
+
+    start: int  # its inputs' positions in the stage's input tensor
+    stop: int
+    bases: dict[int, torch.Tensor]  # base kind -> local input indices
+    previous: torch.Tensor | None  # for _BASE_PREVIOUS inputs: their base in the previous stage
+    cf_terms: _Terms | None  # over G(x_c) - G(x_r) node outputs
+    mixed_terms: _Terms | None  # over the hypothesis's own deviation bank
+
+
+@dataclass
+class _Projection:
+    """Rows reading one distinct input each go through one batched product; rows sharing an
+    input (q, k and v of many heads reading one residual) through one wide product."""
+
+    singles: list[tuple[slice, torch.Tensor | slice, torch.Tensor | slice]] = field(default_factory=list)
+    shared: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+
+
 @dataclass
 class _CopyRows:
     """Where one copy's input rows sit in its stage, channel by channel."""
@@ -57,8 +119,12 @@ class _Stage:
     order: int  # receivers read senders of lower topological order only
     copies: list[_CopyRows] = field(default_factory=list)
     n_rows: int = 0
-    # per hypothesis present: (row indices, coefficients over its mixed bank, over the CF bank)
-    mixing: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    n_inputs: int = 0
+    row_input: list[int] = field(default_factory=list)  # distinct input each row reads
+    mixing: dict[int, _Mixing] = field(default_factory=dict)
+    projection: _Projection = field(default_factory=_Projection)
+    vectors: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    uses_previous: bool = False
 
 
 class GroupPlan:
@@ -70,71 +136,142 @@ class GroupPlan:
         # bank slot of each mixed copy: copies sorted by node order, so prefixes hold senders
         self.slot: list[dict[int, int]] = []
         self.bank_order: list[list[int]] = []  # node order of each slot
+        # each bank stores copy minus the run it is closest to (fewer terms to add back)
+        self.reference: list[int] = []
         stages: dict[tuple[int, int], _Stage] = {}
         for h, cg in enumerate(copy_graphs):
             ordered = sorted(cg.copies, key=lambda c: (c.node.order, c.id))
             self.slot.append({c.id: i for i, c in enumerate(ordered)})
             self.bank_order.append([c.node.order for c in ordered])
+            children = [c for copy in ordered for ci in copy.inputs for v in ci.versions for c in v]
+            self.reference.append(CLEAN if children.count(CLEAN) > children.count(CF) else CF)
             for copy in ordered:
                 node = copy.node
-                rank = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.MLP: 2, NodeKind.OUTPUT: 3}
-                key = (node.layer, rank[node.kind])
+                key = (node.layer, _RANK[node.kind])
                 if key not in stages:
                     first = min(n.order for n in graph.nodes
                                 if n.layer == node.layer and n.kind is node.kind)
                     stages[key] = _Stage(node.kind, node.layer, first)
                 stages[key].copies.append(_CopyRows(h, copy))
         self.stages = [stages[k] for k in sorted(stages)]
+        previous = None
         for stage in self.stages:
             if stage.kind is not NodeKind.INPUT:
-                self._plan_rows(stage)
+                self._plan_inputs(stage, previous)
+                if stage.kind is NodeKind.HEAD:
+                    self._plan_projection(stage)
+                previous = stage
+        for stage in self.stages:
+            stage.vectors = {}  # only needed while planning
 
-    def _plan_rows(self, stage: _Stage) -> None:
-        """Number the rows and build each hypothesis's mixing matrices for this stage.
+    def _plan_inputs(self, stage: _Stage, previous: _Stage | None) -> None:
+        """Number rows, merge equal ones into distinct inputs, pick each input's base.
 
-        Bank entries are stored relative to the counterfactual run (e = copy - G(x_c) output),
-        and each row starts from whichever cached residual needs fewer terms:
-          clean base: x = resid_r + sum_{CF or mixed} c_s + sum_{mixed} e_s
-          cf base:    x = resid_c - sum_{CLEAN} c_s + sum_{mixed} e_s
-        (c_s = counterfactual minus clean output of sender s). A circuit's rows then need one
-        product over the senders' copies; a single-edge removal's only a few columns.
+        An input is described relative to the clean run: x = resid_r + sum_s a_s c_s +
+        sum_m b_m e_m, with c_s = G(x_c) - G(x_r) output of sender s and e_m the bank entry of
+        mixed copy m (its output minus the bank's reference run). The base is resid_r, resid_c
+        (= resid_r + sum_s c_s) or a previous-stage input plus the clean residual between the
+        two stages, whichever leaves the fewest nonzero coefficients.
         """
-        per_h: dict[int, list] = defaultdict(list)
+        per_h: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
+        senders = np.array([s.order for s in self.graph.senders(stage.copies[0].copy.node)])
         for cr in stage.copies:
-            senders = np.array([s.order for s in self.graph.senders(cr.copy.node)])
-            slot = self.slot[cr.hypothesis]
             for ci in cr.copy.inputs:
                 rows = []
                 for version in ci.versions:
                     rows.append(stage.n_rows)
-                    per_h[cr.hypothesis].append((stage.n_rows, senders, np.array(version), slot))
+                    per_h[cr.hypothesis].append((stage.n_rows, senders, np.array(version)))
                     stage.n_rows += 1
                 cr.rows.append(rows)
+        stage.row_input = [0] * stage.n_rows
         for h, entries in per_h.items():
-            n_bank = sum(o < stage.order for o in self.bank_order[h])
-            rows = torch.tensor([e[0] for e in entries])
-            from_cf = torch.zeros(len(entries), dtype=torch.bool)
-            cf_terms: dict[int, dict[int, float]] = {}
-            mixed = torch.zeros(len(entries), n_bank)
-            for r, (_, senders, children, slot) in enumerate(entries):
-                n_clean, n_cf = int((children == CLEAN).sum()), int((children == CF).sum())
-                n_mixed = len(children) - n_clean - n_cf
-                use_cf = n_clean + n_mixed < n_cf + 2 * n_mixed
-                from_cf[r] = use_cf
-                if use_cf:
-                    terms = {int(s): -1.0 for s in senders[children == CLEAN]}
-                else:
-                    terms = {int(s): 1.0 for s in senders[children != CLEAN]}
-                cf_terms[r] = terms
-                for child in children[children >= 0]:
-                    mixed[r, slot[int(child)]] = 1.0
-            columns = sorted({s for t in cf_terms.values() for s in t})
-            cf = torch.zeros(len(entries), len(columns))
-            position = {s: i for i, s in enumerate(columns)}
-            for r, terms in cf_terms.items():
-                for s, v in terms.items():
-                    cf[r, position[s]] = v
-            stage.mixing[h] = (rows, from_cf, torch.tensor(columns, dtype=torch.long), cf, mixed)
+            self._plan_hypothesis(stage, previous, h, entries, senders)
+
+    def _plan_hypothesis(self, stage, previous, h, entries, senders) -> None:
+        slot, ref = self.slot[h], self.reference[h]
+        n_bank = sum(o < stage.order for o in self.bank_order[h])
+        distinct: dict[tuple[bytes, bytes], int] = {}
+        A, Bm, readers = [], [], []
+        for row, row_senders, children in entries:
+            a = np.zeros(stage.order, dtype=np.float32)
+            b = np.zeros(n_bank, dtype=np.float32)
+            mixed = children >= 0
+            a[row_senders[children == CF]] = 1
+            if ref == CF:
+                a[row_senders[mixed]] = 1
+            b[[slot[int(c)] for c in children[mixed]]] = 1
+            key = (a.tobytes(), b.tobytes())
+            if key not in distinct:
+                distinct[key] = len(A)
+                A.append(a)
+                Bm.append(b)
+                readers.append([])
+            readers[distinct[key]].append(row)
+        # singles first, in row order (a dense circuit's rows then meet the weights in order)
+        order = sorted(range(len(A)), key=lambda i: (len(readers[i]) > 1, readers[i][0]))
+        A = np.stack([A[i] for i in order])
+        Bm = np.stack([Bm[i] for i in order])
+        readers = [readers[i] for i in order]
+        start = stage.n_inputs
+        for i, rows in enumerate(readers):
+            for r in rows:
+                stage.row_input[r] = start + i
+        stage.n_inputs += len(A)
+        stage.vectors[h] = (A, Bm, start)
+
+        on_senders = np.zeros(stage.order, dtype=np.float32)
+        on_senders[senders] = 1
+        cost = {_BASE_CLEAN: (A != 0).sum(1) + (Bm != 0).sum(1),
+                _BASE_CF: (A != on_senders).sum(1) + (Bm != 0).sum(1)}
+        choice = np.where(cost[_BASE_CF] < cost[_BASE_CLEAN], _BASE_CF, _BASE_CLEAN)
+        best = np.minimum(cost[_BASE_CLEAN], cost[_BASE_CF])
+        delta_a = np.where((choice == _BASE_CF)[:, None], A - on_senders, A)
+        delta_b = Bm.copy()
+        prev_index = None
+        if previous is not None and h in previous.vectors:
+            Ap, Bp, prev_start = previous.vectors[h]
+            if len(A) * len(Ap) * (A.shape[1] + Bm.shape[1]) <= _MAX_COMPARISONS:
+                Ap = np.pad(Ap, ((0, 0), (0, A.shape[1] - Ap.shape[1])))
+                Bp = np.pad(Bp, ((0, 0), (0, Bm.shape[1] - Bp.shape[1])))
+                via = ((A[:, None] != Ap[None]).sum(2) + (Bm[:, None] != Bp[None]).sum(2) + 1)
+                p = via.argmin(1)
+                better = via[np.arange(len(A)), p] < best
+                if better.any():
+                    choice = np.where(better, _BASE_PREVIOUS, choice)
+                    delta_a[better] = A[better] - Ap[p[better]]
+                    delta_b[better] = Bm[better] - Bp[p[better]]
+                    prev_index = torch.as_tensor(prev_start + p[better], dtype=torch.long)
+                    stage.uses_previous = True
+        stage.mixing[h] = _Mixing(
+            start, stage.n_inputs,
+            {k: torch.as_tensor(np.flatnonzero(choice == k), dtype=torch.long)
+             for k in (_BASE_CLEAN, _BASE_CF, _BASE_PREVIOUS) if (choice == k).any()},
+            prev_index, _Terms.of(delta_a), _Terms.of(delta_b),
+        )
+
+    def _plan_projection(self, stage: _Stage) -> None:
+        """Group rows by the input they read; key each row by (head, channel)."""
+        key = [0] * stage.n_rows
+        for cr in stage.copies:
+            for channel, rows in enumerate(cr.rows):
+                for r in rows:
+                    key[r] = cr.copy.node.head * 3 + channel
+        readers: dict[int, list[int]] = defaultdict(list)
+        for r, i in enumerate(stage.row_input):
+            readers[i].append(r)
+        for mixing in stage.mixing.values():
+            singles = [i for i in range(mixing.start, mixing.stop) if len(readers[i]) == 1]
+            if singles:
+                lo = singles[0]
+                rows = np.array([readers[i][0] for i in singles])
+                stage.projection.singles.append(
+                    (slice(lo, lo + len(singles)), _span(rows), _span(np.array([key[r] for r in rows]))))
+            for i in range(mixing.start + len(singles), mixing.stop):
+                rows = sorted(readers[i], key=lambda r: key[r])
+                keys = [key[r] for r in rows]
+                every = keys == list(range(keys[-1] + 1)) and keys[-1] + 1 == 3 * self.graph.n_heads
+                stage.projection.shared.append(
+                    (i, torch.tensor(rows), None if every else torch.tensor(keys)))
 
     @property
     def n_passes(self) -> int:
@@ -145,11 +282,13 @@ class GroupPlan:
 class GroupEvaluator:
     """Runs a GroupPlan on one cached batch; counts the stage passes it makes."""
 
-    def __init__(self, model, plan: GroupPlan, runs: Runs, positions: PositionContext):
+    def __init__(self, model, plan: GroupPlan, runs: Runs, positions: PositionContext,
+                 folded: FoldedWeights | None = None):
         self.model = model
         self.plan = plan
         self.runs = runs
         self.positions = positions
+        self.folded = folded or FoldedWeights(model)  # share one across groups: folded once
         self.passes = 0
 
     def logits(self) -> list[torch.Tensor]:
@@ -157,17 +296,20 @@ class GroupEvaluator:
         runs, plan = self.runs, self.plan
         cf_bank = runs.cf_bank()  # [node, batch, pos, d_model]
         B, T, d = cf_bank.shape[1:]
-        banks = [cf_bank.new_zeros(len(order), B, T, d) for order in plan.bank_order]
+        # every slot is written by its stage before any later stage reads it
+        banks = [cf_bank.new_empty(len(order), B, T, d) for order in plan.bank_order]
         out: list[torch.Tensor | None] = [None] * len(plan.copy_graphs)
         for h, cg in enumerate(plan.copy_graphs):
             if cg.root in (CLEAN, CF):
                 out[h] = runs.logits["r" if cg.root == CLEAN else "c"]
+        previous: tuple[_Stage, torch.Tensor] | None = None
         for stage in plan.stages:
             if stage.kind is NodeKind.INPUT:
                 self._input_stage(stage, banks)
                 continue
             self.passes += 1
-            x = self._mix(stage, banks, cf_bank)  # [row, batch, pos, d_model]
+            x = self._mix(stage, banks, cf_bank, previous)  # [input, batch, pos, d_model]
+            previous = (stage, x)
             if stage.kind is NodeKind.HEAD:
                 self._head_stage(stage, x, banks)
             elif stage.kind is NodeKind.MLP:
@@ -178,23 +320,31 @@ class GroupEvaluator:
                     out[cr.hypothesis] = lg
         return out
 
-    def _mix(self, stage: _Stage, banks, cf_bank) -> torch.Tensor:
-        """Each row's input: a cached residual plus its chosen sender terms (see `_plan_rows`)."""
+    def _mix(self, stage: _Stage, banks, cf_bank, previous) -> torch.Tensor:
+        """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_inputs`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
-        cf_resid = self.runs.residual_at(stage.kind, stage.layer, "c")
+        bases = {_BASE_CLEAN: clean, _BASE_CF: self.runs.residual_at(stage.kind, stage.layer, "c")}
+        if stage.uses_previous:
+            prev_stage, prev_x = previous
+            between = clean - self.runs.residual_at(prev_stage.kind, prev_stage.layer, "r")
         B, T, d = clean.shape
-        x = clean.new_empty(stage.n_rows, B, T, d)
-        for h, (rows, from_cf, columns, cf, mixed) in stage.mixing.items():
-            rows = rows.to(x.device)
-            part = torch.where(from_cf.to(x.device)[:, None, None, None], cf_resid, clean)
-            flat = part.view(len(rows), -1)  # [row, batch*pos*d_model]
-            if len(columns):
-                terms = cf_bank[columns.to(x.device)].view(len(columns), -1)
-                flat = torch.addmm(flat, cf.to(terms), terms)
-            if mixed.shape[1]:
-                bank = banks[h][: mixed.shape[1]].view(mixed.shape[1], -1)
-                flat = torch.addmm(flat, mixed.to(bank), bank)
-            x[rows] = flat.view(-1, B, T, d)
+        x = clean.new_empty(stage.n_inputs, B, T, d)
+        for h, mixing in stage.mixing.items():
+            xh = x[mixing.start:mixing.stop]
+            for kind, local in mixing.bases.items():
+                if kind == _BASE_PREVIOUS:
+                    base = prev_x[mixing.previous.to(x.device)] + between
+                else:
+                    base = bases[kind]
+                if len(local) == len(xh):
+                    xh.copy_(base)
+                else:
+                    xh[local.to(x.device)] = base
+            flat = xh.view(len(xh), -1)
+            if mixing.cf_terms is not None:
+                mixing.cf_terms.add_to(flat, cf_bank)
+            if mixing.mixed_terms is not None:
+                mixing.mixed_terms.add_to(flat, banks[h])
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:
@@ -202,28 +352,52 @@ class GroupEvaluator:
         for cr in stage.copies:
             ci = cr.copy.inputs[0]
             index = self.positions.version_index(ci)
-            reads_cf = torch.as_tensor([v == (CF,) for v in ci.versions], device=index.device)
-            reads_clean = ~reads_cf[index].unsqueeze(-1)
-            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = -in_dev * reads_clean
+            reads_cf = torch.as_tensor([v == (CF,) for v in ci.versions], device=index.device)[index]
+            if self.plan.reference[cr.hypothesis] == CF:  # copy - G(x_c): -(c_in) where it reads x_r
+                entry = -in_dev * (~reads_cf).unsqueeze(-1)
+            else:  # copy - G(x_r): c_in where it reads x_c
+                entry = in_dev * reads_cf.unsqueeze(-1)
+            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = entry
 
-    def _picked(self, x: torch.Tensor, cr: _CopyRows, channel: int) -> torch.Tensor:
+    def _picked(self, x: torch.Tensor, stage: _Stage, cr: _CopyRows, channel: int) -> torch.Tensor:
         ci = cr.copy.inputs[channel]
-        return _pick(x[cr.rows[channel]], self.positions.version_index(ci))
+        rows = cr.rows[channel]
+        if len(rows) == 1:
+            return x[stage.row_input[rows[0]]]
+        return _pick(x[[stage.row_input[r] for r in rows]], self.positions.version_index(ci))
+
+    def _references(self, stage: _Stage) -> torch.Tensor:
+        """Per copy of the stage: 0 if its bank is relative to G(x_r), 1 if to G(x_c)."""
+        return torch.tensor([int(self.plan.reference[cr.hypothesis] == CF) for cr in stage.copies])
+
+    def _project(self, stage: _Stage, x: torch.Tensor) -> torch.Tensor:
+        """[row, batch*pos, d_head]: each row's q, k or v, LayerNorm folded in (`folding.py`)."""
+        fold = self.folded.qkv(stage.layer)
+        if fold.normalize_first:
+            x = _norm(self.model.blocks[stage.layer], "ln1")(x)
+        U, B, T, d = x.shape
+        flat = x.view(U, B * T, d)
+        mean, inv = fold.stats(flat)
+        proj = x.new_empty(stage.n_rows, B * T, fold.rows.shape[-1])
+        for inputs, rows, keys in stage.projection.singles:
+            p = torch.bmm(flat[inputs], fold.rows[keys])
+            proj[rows] = fold.finish(p, keys, None if mean is None else mean[inputs],
+                                     None if inv is None else inv[inputs])
+        n_keys = fold.rows.shape[0]
+        for i, rows, keys in stage.projection.shared:
+            if keys is None:  # every head and channel reads it: the forward's own wide product
+                weight, keys = fold.joined, slice(0, n_keys)
+            else:
+                weight = fold.joined.view(d, n_keys, -1)[:, keys].reshape(d, -1)
+            p = (flat[i] @ weight).view(B * T, len(rows), -1).transpose(0, 1)
+            proj[rows] = fold.finish(p, keys, None if mean is None else mean[i],
+                                     None if inv is None else inv[i])
+        return proj
 
     def _head_stage(self, stage: _Stage, x: torch.Tensor, banks) -> None:
-        block = self.model.blocks[stage.layer]
-        attn = block.attn
-        R, B, T, d = x.shape
-        heads = torch.empty(R, dtype=torch.long)
-        channels = torch.empty(R, dtype=torch.long)
-        for cr in stage.copies:
-            for c, rows in enumerate(cr.rows):
-                heads[rows] = cr.copy.node.head
-                channels[rows] = c
-        W = torch.stack([attn.W_Q, attn.W_K, attn.W_V])[channels, heads]  # [row, d_model, d_head]
-        b = torch.stack([attn.b_Q, attn.b_K, attn.b_V])[channels, heads]  # [row, d_head]
-        xn = _norm(block, "ln1")(x)
-        proj = torch.bmm(xn.view(R, B * T, d), W).view(R, B, T, -1) + b[:, None, None, :]
+        attn = self.model.blocks[stage.layer].attn
+        B, T, d = x.shape[1:]
+        proj = self._project(stage, x).view(stage.n_rows, B, T, -1)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]
@@ -236,7 +410,7 @@ class GroupEvaluator:
             z = torch.softmax(scores, dim=-1) @ v  # [copy, batch, pos, d_head]
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})
         for cr in split:  # versions picked per query position / per (dest, src) pair
-            q = self._picked(proj, cr, 0)
+            q = _pick(proj[cr.rows[0]], self.positions.version_index(cr.copy.inputs[0]))
             k_index = self.positions.version_index(cr.copy.inputs[1])
             v_index = self.positions.version_index(cr.copy.inputs[2])
             keys, values = proj[cr.rows[1]], proj[cr.rows[2]]
@@ -248,23 +422,25 @@ class GroupEvaluator:
                 zs[id(cr)] = sum((pattern * (v_index == i)) @ val for i, val in enumerate(values))
         z = torch.stack([zs[id(cr)] for cr in stage.copies])  # [copy, batch, pos, d_head]
         idx = [cr.copy.node.head for cr in stage.copies]
-        z_cf = self.runs.z(stage.layer, "c")[:, :, idx].permute(2, 0, 1, 3)  # bank: relative to G(x_c)
+        z_ref = torch.stack([self.runs.z(stage.layer, "r"), self.runs.z(stage.layer, "c")])
+        z_ref = z_ref[self._references(stage), :, :, idx]  # [copy, batch, pos, d_head]
         n = len(stage.copies)
-        dev = torch.bmm((z - z_cf).reshape(n, B * T, -1), attn.W_O[idx]).view(n, B, T, d)
+        dev = torch.bmm((z - z_ref).reshape(n, B * T, -1), attn.W_O[idx]).view(n, B, T, d)
         for i, cr in enumerate(stage.copies):
             banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = dev[i]
 
     def _mlp_stage(self, stage: _Stage, x: torch.Tensor, banks) -> None:
         block = self.model.blocks[stage.layer]
-        xs = torch.stack([self._picked(x, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
+        xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
         out = block.mlp(_norm(block, "ln2")(xs.view(n * B, T, d))).view(n, B, T, d)
-        dev = out - self.runs.mlp_out(stage.layer, "c")  # bank: relative to G(x_c)
+        ref = torch.stack([self.runs.mlp_out(stage.layer, "r"), self.runs.mlp_out(stage.layer, "c")])
+        dev = out - ref[self._references(stage)]
         for i, cr in enumerate(stage.copies):
             banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = dev[i]
 
     def _output_stage(self, stage: _Stage, x: torch.Tensor) -> list[torch.Tensor]:
-        xs = torch.stack([self._picked(x, cr, 0) for cr in stage.copies])
+        xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
         n, B, T, d = xs.shape
         logits = self.model.unembed(_norm(self.model, "ln_final")(xs.view(n * B, T, d)))
         return list(logits.view(n, B, T, -1))
