@@ -30,7 +30,6 @@ from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 
 _RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.MLP: 2, NodeKind.OUTPUT: 3}
-_BASE_CLEAN, _BASE_CF, _BASE_PREVIOUS = 0, 1, 2
 _MAX_COMPARISONS = 4_000_000  # previous-stage bases are searched only up to this much work
 
 
@@ -52,46 +51,52 @@ def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 def _span(indices: np.ndarray) -> slice | torch.Tensor:
     """A slice when `indices` are consecutive (a view, no copy), else an index tensor."""
-    if len(indices) and np.array_equal(indices, np.arange(indices[0], indices[0] + len(indices))):
-        return slice(int(indices[0]), int(indices[0]) + len(indices))
+    if len(indices) and indices[-1] - indices[0] + 1 == len(indices) and np.all(np.diff(indices) == 1):
+        return slice(int(indices[0]), int(indices[-1]) + 1)
     return torch.as_tensor(indices, dtype=torch.long)
 
 
 @dataclass
-class _Terms:
-    """coef [inputs, k] times k entries of a source bank: a slice of it (no copy) or gathered ones."""
-
-    coef: torch.Tensor
-    entries: slice | torch.Tensor
-
-    @staticmethod
-    def of(delta: np.ndarray) -> _Terms | None:
-        """Terms for a [inputs, bank] coefficient matrix, over its used columns only."""
-        used = np.flatnonzero(np.abs(delta).sum(axis=0))
-        if not len(used):
-            return None
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        if hi - lo <= 2 * len(used):  # a slice with some zero columns beats gathering
-            return _Terms(torch.from_numpy(delta[:, lo:hi].copy()), slice(lo, hi))
-        return _Terms(torch.from_numpy(delta[:, used].copy()), torch.as_tensor(used, dtype=torch.long))
-
-    def add_to(self, flat: torch.Tensor, bank: torch.Tensor) -> None:
-        """flat [inputs, n] += coef @ bank[entries] (bank [entries, ...] flattened)."""
-        entries = self.entries if isinstance(self.entries, slice) else self.entries.to(bank.device)
-        source = bank[entries].reshape(self.coef.shape[1], -1)
-        flat.addmm_(self.coef.to(source), source)
-
-
-@dataclass
 class _Mixing:
-    """How one hypothesis's distinct inputs of a stage are built: a base, then two products."""
+    """How one hypothesis's distinct inputs of a stage are built, in one product and maybe two.
+
+    Main product: coef @ [base rows; counterfactual deviations c_s; gathered bank entries], the
+    base rows being resid_r ("r"), resid_c ("c"), the clean residual between the previous stage
+    and this one ("between") and previous-stage inputs (their indices). It writes the inputs
+    once. A dense run of bank entries is read in place by a second product (no copy).
+    """
 
     start: int  # its inputs' positions in the stage's input tensor
     stop: int
-    bases: dict[int, torch.Tensor]  # base kind -> local input indices
-    previous: torch.Tensor | None  # for _BASE_PREVIOUS inputs: their base in the previous stage
-    cf_terms: _Terms | None  # over G(x_c) - G(x_r) node outputs
-    mixed_terms: _Terms | None  # over the hypothesis's own deviation bank
+    bases: list[str | int]
+    cf: slice | torch.Tensor | None  # entries of the G(x_c) - G(x_r) bank
+    gathered: slice | torch.Tensor | None  # entries of its own bank, copied into the main product
+    coef: torch.Tensor  # [inputs, bases + cf + gathered]
+    sliced: slice | None = None  # entries of its own bank read in place
+    sliced_coef: torch.Tensor | None = None
+
+    @staticmethod
+    def plan(start: int, base_coef: np.ndarray, bases: list, delta_a: np.ndarray,
+             delta_b: np.ndarray) -> _Mixing:
+        blocks, cf, gathered, sliced, sliced_coef = [base_coef], None, None, None, None
+        used = np.flatnonzero(np.abs(delta_a).sum(axis=0))
+        if len(used):
+            cf = _span(used)
+            blocks.append(delta_a[:, used])
+        used = np.flatnonzero(np.abs(delta_b).sum(axis=0))
+        if len(used):
+            lo, hi = int(used[0]), int(used[-1]) + 1
+            # reading in place costs (hi - lo) entry reads plus the zeros' FLOPs; gathering costs
+            # a copy (read, write, read again) of the used entries (a row's FLOPs per entry
+            # ~ 0.12 of an entry read, measured on CPU)
+            flops = 0.12 * len(base_coef)
+            if (hi - lo) * (1 + flops) <= len(used) * (3 + flops):
+                sliced, sliced_coef = slice(lo, hi), torch.from_numpy(delta_b[:, lo:hi].copy())
+            else:
+                gathered = _span(used)
+                blocks.append(delta_b[:, used])
+        coef = torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.float32))
+        return _Mixing(start, start + len(base_coef), bases, cf, gathered, coef, sliced, sliced_coef)
 
 
 @dataclass
@@ -125,6 +130,8 @@ class _Stage:
     projection: _Projection = field(default_factory=_Projection)
     vectors: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
     uses_previous: bool = False
+    # per hypothesis: (first, last + 1) of its copies in `copies`, first bank slot they fill
+    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 class GroupPlan:
@@ -154,6 +161,15 @@ class GroupPlan:
                     stages[key] = _Stage(node.kind, node.layer, first)
                 stages[key].copies.append(_CopyRows(h, copy))
         self.stages = [stages[k] for k in sorted(stages)]
+        for stage in self.stages:  # a hypothesis's copies of a stage fill consecutive bank slots
+            for i, cr in enumerate(stage.copies):
+                first = self.slot[cr.hypothesis][cr.copy.id]
+                if stage.spans and stage.spans[-1][0] == cr.hypothesis:
+                    h, start, _, slot = stage.spans[-1]
+                    assert first == slot + i - start
+                    stage.spans[-1] = (h, start, i + 1, slot)
+                else:
+                    stage.spans.append((cr.hypothesis, i, i + 1, first))
         previous = None
         for stage in self.stages:
             if stage.kind is not NodeKind.INPUT:
@@ -221,13 +237,14 @@ class GroupPlan:
 
         on_senders = np.zeros(stage.order, dtype=np.float32)
         on_senders[senders] = 1
-        cost = {_BASE_CLEAN: (A != 0).sum(1) + (Bm != 0).sum(1),
-                _BASE_CF: (A != on_senders).sum(1) + (Bm != 0).sum(1)}
-        choice = np.where(cost[_BASE_CF] < cost[_BASE_CLEAN], _BASE_CF, _BASE_CLEAN)
-        best = np.minimum(cost[_BASE_CLEAN], cost[_BASE_CF])
-        delta_a = np.where((choice == _BASE_CF)[:, None], A - on_senders, A)
+        cost_clean = (A != 0).sum(1) + (Bm != 0).sum(1)
+        cost_cf = (A != on_senders).sum(1) + (Bm != 0).sum(1)
+        from_cf = cost_cf < cost_clean
+        best = np.minimum(cost_clean, cost_cf)
+        delta_a = np.where(from_cf[:, None], A - on_senders, A)
         delta_b = Bm.copy()
-        prev_index = None
+        base = np.where(from_cf, 1, 0)  # index into `bases`
+        bases: list[str | int] = ["r", "c"]
         if previous is not None and h in previous.vectors:
             Ap, Bp, prev_start = previous.vectors[h]
             if len(A) * len(Ap) * (A.shape[1] + Bm.shape[1]) <= _MAX_COMPARISONS:
@@ -237,17 +254,19 @@ class GroupPlan:
                 p = via.argmin(1)
                 better = via[np.arange(len(A)), p] < best
                 if better.any():
-                    choice = np.where(better, _BASE_PREVIOUS, choice)
                     delta_a[better] = A[better] - Ap[p[better]]
                     delta_b[better] = Bm[better] - Bp[p[better]]
-                    prev_index = torch.as_tensor(prev_start + p[better], dtype=torch.long)
+                    chosen = sorted(set(p[better].tolist()))
+                    bases += ["between"] + [prev_start + i for i in chosen]
+                    base[better] = [3 + chosen.index(i) for i in p[better]]  # after r, c, between
                     stage.uses_previous = True
-        stage.mixing[h] = _Mixing(
-            start, stage.n_inputs,
-            {k: torch.as_tensor(np.flatnonzero(choice == k), dtype=torch.long)
-             for k in (_BASE_CLEAN, _BASE_CF, _BASE_PREVIOUS) if (choice == k).any()},
-            prev_index, _Terms.of(delta_a), _Terms.of(delta_b),
-        )
+        base_coef = np.zeros((len(A), len(bases)), dtype=np.float32)
+        base_coef[np.arange(len(A)), base] = 1
+        if "between" in bases:
+            base_coef[base >= 3, 2] = 1
+        keep = base_coef.any(axis=0)  # drop base rows nobody reads
+        stage.mixing[h] = _Mixing.plan(start, base_coef[:, keep], [b for b, k in zip(bases, keep) if k],
+                                       delta_a, delta_b)
 
     def _plan_projection(self, stage: _Stage) -> None:
         """Group rows by the input they read; key each row by (head, channel)."""
@@ -291,6 +310,7 @@ class GroupEvaluator:
         self.folded = folded or FoldedWeights(model)  # share one across groups: folded once
         self.passes = 0
 
+    @torch.no_grad()
     def logits(self) -> list[torch.Tensor]:
         """[batch, pos, d_vocab] G_H(x_r, x_c) for each hypothesis of the group."""
         runs, plan = self.runs, self.plan
@@ -323,28 +343,24 @@ class GroupEvaluator:
     def _mix(self, stage: _Stage, banks, cf_bank, previous) -> torch.Tensor:
         """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_inputs`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
-        bases = {_BASE_CLEAN: clean, _BASE_CF: self.runs.residual_at(stage.kind, stage.layer, "c")}
+        rows = {"r": clean, "c": self.runs.residual_at(stage.kind, stage.layer, "c")}
         if stage.uses_previous:
             prev_stage, prev_x = previous
-            between = clean - self.runs.residual_at(prev_stage.kind, prev_stage.layer, "r")
+            rows["between"] = clean - self.runs.residual_at(prev_stage.kind, prev_stage.layer, "r")
         B, T, d = clean.shape
         x = clean.new_empty(stage.n_inputs, B, T, d)
         for h, mixing in stage.mixing.items():
-            xh = x[mixing.start:mixing.stop]
-            for kind, local in mixing.bases.items():
-                if kind == _BASE_PREVIOUS:
-                    base = prev_x[mixing.previous.to(x.device)] + between
-                else:
-                    base = bases[kind]
-                if len(local) == len(xh):
-                    xh.copy_(base)
-                else:
-                    xh[local.to(x.device)] = base
-            flat = xh.view(len(xh), -1)
-            if mixing.cf_terms is not None:
-                mixing.cf_terms.add_to(flat, cf_bank)
-            if mixing.mixed_terms is not None:
-                mixing.mixed_terms.add_to(flat, banks[h])
+            flat = x[mixing.start:mixing.stop].view(mixing.stop - mixing.start, -1)
+            parts = [(rows[b] if isinstance(b, str) else prev_x[b]).view(1, -1) for b in mixing.bases]
+            for entries, bank in ((mixing.cf, cf_bank), (mixing.gathered, banks[h])):
+                if entries is not None:
+                    entries = entries if isinstance(entries, slice) else entries.to(x.device)
+                    parts.append(bank[entries].view(-1, flat.shape[1]))
+            source = torch.cat(parts) if len(parts) > 1 else parts[0]
+            torch.mm(mixing.coef.to(source), source, out=flat)
+            if mixing.sliced is not None:
+                bank = banks[h][mixing.sliced].view(-1, flat.shape[1])
+                flat.addmm_(mixing.sliced_coef.to(bank), bank)
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:
@@ -366,9 +382,9 @@ class GroupEvaluator:
             return x[stage.row_input[rows[0]]]
         return _pick(x[[stage.row_input[r] for r in rows]], self.positions.version_index(ci))
 
-    def _references(self, stage: _Stage) -> torch.Tensor:
-        """Per copy of the stage: 0 if its bank is relative to G(x_r), 1 if to G(x_c)."""
-        return torch.tensor([int(self.plan.reference[cr.hypothesis] == CF) for cr in stage.copies])
+    def _reference_run(self, h: int) -> str:
+        """The cached run hypothesis h's bank entries are relative to."""
+        return "c" if self.plan.reference[h] == CF else "r"
 
     def _project(self, stage: _Stage, x: torch.Tensor) -> torch.Tensor:
         """[row, batch*pos, d_head]: each row's q, k or v, LayerNorm folded in (`folding.py`)."""
@@ -421,28 +437,28 @@ class GroupEvaluator:
             else:
                 zs[id(cr)] = sum((pattern * (v_index == i)) @ val for i, val in enumerate(values))
         z = torch.stack([zs[id(cr)] for cr in stage.copies])  # [copy, batch, pos, d_head]
-        idx = [cr.copy.node.head for cr in stage.copies]
-        z_ref = torch.stack([self.runs.z(stage.layer, "r"), self.runs.z(stage.layer, "c")])
-        z_ref = z_ref[self._references(stage), :, :, idx]  # [copy, batch, pos, d_head]
-        n = len(stage.copies)
-        dev = torch.bmm((z - z_ref).reshape(n, B * T, -1), attn.W_O[idx]).view(n, B, T, d)
-        for i, cr in enumerate(stage.copies):
-            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = dev[i]
+        for h, start, stop, slot in stage.spans:  # bank entry: W_O (z - z_ref), written in place
+            heads = [cr.copy.node.head for cr in stage.copies[start:stop]]
+            z_ref = self.runs.z(stage.layer, self._reference_run(h))[:, :, heads].permute(2, 0, 1, 3)
+            n = stop - start
+            torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), attn.W_O[heads],
+                      out=banks[h][slot:slot + n].view(n, B * T, d))
 
     def _mlp_stage(self, stage: _Stage, x: torch.Tensor, banks) -> None:
         block = self.model.blocks[stage.layer]
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
         out = block.mlp(_norm(block, "ln2")(xs.view(n * B, T, d))).view(n, B, T, d)
-        ref = torch.stack([self.runs.mlp_out(stage.layer, "r"), self.runs.mlp_out(stage.layer, "c")])
-        dev = out - ref[self._references(stage)]
-        for i, cr in enumerate(stage.copies):
-            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = dev[i]
+        for h, start, stop, slot in stage.spans:
+            ref = self.runs.mlp_out(stage.layer, self._reference_run(h))
+            torch.sub(out[start:stop], ref, out=banks[h][slot:slot + stop - start])
 
     def _output_stage(self, stage: _Stage, x: torch.Tensor) -> list[torch.Tensor]:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
         n, B, T, d = xs.shape
-        logits = self.model.unembed(_norm(self.model, "ln_final")(xs.view(n * B, T, d)))
+        unembed = self.model.unembed  # its own forward copies W_U transposed on every call
+        normed = _norm(self.model, "ln_final")(xs.view(n * B, T, d)).view(n * B * T, d)
+        logits = torch.addmm(unembed.b_U, normed, unembed.W_U)
         return list(logits.view(n, B, T, -1))
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
+from pipeline.allocator import keep_freed_memory
 
 
 def _cmd_evidence(args: argparse.Namespace) -> int:
@@ -128,6 +129,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
             model = load_model(args.model)
         result = run_engine_benchmark(model, n_hypotheses=args.hypotheses, repeats=args.repeats)
+        result["allocator_keeps_freed_memory"] = keep_freed_memory()  # set by main(), both sides
     else:
         from pipeline.bench import bench_pipeline
 
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args.func(args) or 0)
     except PathPatchError as err:

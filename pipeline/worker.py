@@ -21,6 +21,7 @@ from pathpatch import engine
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.models import load_model, model_digest
+from pipeline.allocator import keep_freed_memory
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
     import pyarrow as pa
@@ -81,6 +82,7 @@ class Worker:
         from pipeline.resolve import TORCH_DTYPES
 
         torch.set_num_threads(config.threads)
+        keep_freed_memory()
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

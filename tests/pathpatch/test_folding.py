@@ -1,0 +1,94 @@
+"""LayerNorm folded into q/k/v, equal rows built once, residuals carried between stages."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from pathpatch.folding import FoldedWeights
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import GroupEvaluator, GroupPlan
+from tests.pathpatch.conftest import tiny_model
+
+
+def _random_model(normalization_type, dtype=torch.float64, attn_only=True, seed=0):
+    cfg = HookedTransformerConfig(
+        n_layers=2, n_heads=2, d_model=8, d_head=4, n_ctx=16, d_vocab=7, attn_only=attn_only,
+        d_mlp=None if attn_only else 12, act_fn=None if attn_only else "gelu",
+        normalization_type=normalization_type, dtype=dtype, seed=seed,
+    )
+    model = HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.7)
+    return model.eval()
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", None])
+def test_folded_projection_equals_layernorm_then_projection(norm):
+    model = _random_model(norm)
+    block = model.blocks[1]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, 8, generator=gen, dtype=torch.float64) * 3 + 2  # rows, tokens, d_model
+    normed = block.ln1(x) if norm is not None else x
+    want = torch.stack([torch.einsum("nd,hde->hne", row, W) + b[:, None] for row in normed
+                        for W, b in [(block.attn.W_Q, block.attn.b_Q), (block.attn.W_K, block.attn.b_K),
+                                     (block.attn.W_V, block.attn.b_V)]])  # [row*3, head, tok, d_head]
+    fold = FoldedWeights(model).qkv(1)
+    mean, inv = fold.stats(x)
+    for r in range(x.shape[0]):
+        for channel in range(3):
+            for head in range(2):
+                key = head * 3 + channel
+                got = fold.finish((x[r] @ fold.rows[key])[None], [key],
+                                  None if mean is None else mean[r], None if inv is None else inv[r])[0]
+                torch.testing.assert_close(got, want[r * 3 + channel, head], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", ["RMS", "LNPre"])
+def test_engine_reproduces_clean_run_with_other_norms(norm):
+    """Every node mixed, yet P = all paths: G(x_r) to float64 precision, MLP norms included."""
+    model = _random_model(norm, attn_only=False)
+    gen = torch.Generator().manual_seed(2)
+    xr, xc = (torch.randint(0, 7, (3, 5), generator=gen) for _ in range(2))
+    graph = Graph.from_model(model)
+    plan = GroupPlan(graph, [Hypothesis("all", "(a0.*[k]@prev | ~a0.*[k]@prev) | in -> out").compile(graph)])
+    (out,) = GroupEvaluator(model, plan, Runs(model, xr, xc), PositionContext({}, 3, 5, xr.device)).logits()
+    torch.testing.assert_close(out, model(xr), rtol=1e-10, atol=1e-10)
+
+
+def test_half_precision_keeps_transformer_lens_layernorm():
+    """bf16 takes the unfolded path; it agrees with the float64 engine to bf16 precision."""
+    exact = tiny_model("mlp", n_layers=2)
+    half = tiny_model("mlp", n_layers=2, dtype=torch.bfloat16)
+    half.load_state_dict({k: v.to(torch.bfloat16) for k, v in exact.state_dict().items()})
+    assert FoldedWeights(half).qkv(0).normalize_first and not FoldedWeights(exact).qkv(0).normalize_first
+    gen = torch.Generator().manual_seed(4)
+    xr, xc = (torch.randint(0, 7, (3, 5), generator=gen) for _ in range(2))
+    graph = Graph.from_model(exact)
+    h = Hypothesis("circuit", "circuit(in->a0.0.q, in->a0.1.k, a0.0->a1.1.v, a0.1->m0, m0->out, a1.1->out)")
+    logits = []
+    for model in (exact, half):
+        plan = GroupPlan(graph, [h.compile(graph)])
+        runs = Runs(model, xr, xc)
+        logits.append(GroupEvaluator(model, plan, runs, PositionContext({}, 3, 5, xr.device)).logits()[0])
+    scale = logits[0].abs().max().item()
+    assert (logits[1].double() - logits[0]).abs().max().item() < 0.05 * scale
+    assert not torch.allclose(logits[0], Runs(exact, xr, xc).logits["r"])  # a real patch
+
+
+def test_a_removed_edge_recomputes_one_row_per_stage_downstream():
+    """Downstream of a removed edge every head reads the same residual: built once, from the
+    previous stage's input plus what lies between, like a forward's residual stream."""
+    model = tiny_model("mlp", n_layers=4)
+    graph = Graph.from_model(model)
+    plan = GroupPlan(graph, [Hypothesis("r", "remove(a0.0->a1.1.q)").compile(graph)])
+    heads = [s for s in plan.stages if s.kind.value == "head"]
+    assert [s.layer for s in heads] == [1, 2, 3]
+    assert heads[0].n_inputs == 2  # a1.1's q, and the clean residual its k, v (and all else) read
+    for stage in heads[1:]:
+        assert stage.n_rows == 3 * graph.n_heads and stage.n_inputs == 1
+    assert heads[-1].uses_previous  # a2.*, m2 added to m2's input, not a1.1 ... m2 to resid_r
