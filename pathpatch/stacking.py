@@ -63,7 +63,9 @@ class _Mixing:
     Main product: coef @ [base rows; counterfactual deviations c_s; gathered bank entries], the
     base rows being resid_r ("r"), resid_c ("c"), the clean residual between the previous stage
     and this one ("between") and previous-stage inputs (their indices). It writes the inputs
-    once. A dense run of bank entries is read in place by a second product (no copy).
+    once. A dense run of bank entries is read in place: when it starts at the bank's first
+    entry, the main sources are copied into scratch rows just before the bank, so one product
+    reads both (`in_place` entries); otherwise by a second product.
     """
 
     start: int  # its inputs' positions in the stage's input tensor
@@ -72,13 +74,19 @@ class _Mixing:
     cf: slice | torch.Tensor | None  # entries of the G(x_c) - G(x_r) bank
     gathered: slice | torch.Tensor | None  # entries of its own bank, copied into the main product
     coef: torch.Tensor  # [inputs, bases + cf + gathered]
-    sliced: slice | None = None  # entries of its own bank read in place
+    sliced: slice | None = None  # entries of its own bank read in place, second product
     sliced_coef: torch.Tensor | None = None
+    in_place: int = 0  # own-bank entries [0, in_place) read by the main product, after scratch
+
+    @property
+    def n_sources(self) -> int:
+        """Rows of the main product's source that are copied (into scratch when `in_place`)."""
+        return self.coef.shape[1] - self.in_place
 
     @staticmethod
     def plan(start: int, base_coef: np.ndarray, bases: list, delta_a: np.ndarray,
              delta_b: np.ndarray) -> _Mixing:
-        blocks, cf, gathered, sliced, sliced_coef = [base_coef], None, None, None, None
+        blocks, cf, gathered, sliced, sliced_coef, in_place = [base_coef], None, None, None, None, 0
         used = np.flatnonzero(np.abs(delta_a).sum(axis=0))
         if len(used):
             cf = _span(used)
@@ -90,13 +98,18 @@ class _Mixing:
             # a copy (read, write, read again) of the used entries (a row's FLOPs per entry
             # ~ 0.12 of an entry read, measured on CPU)
             flops = 0.12 * len(base_coef)
-            if (hi - lo) * (1 + flops) <= len(used) * (3 + flops):
+            if (hi - lo) * (1 + flops) <= len(used) * (3 + flops) and 8 * lo <= hi:
+                in_place = hi  # the few zero columns before lo cost less than a second pass
+            elif (hi - lo) * (1 + flops) <= len(used) * (3 + flops):
                 sliced, sliced_coef = slice(lo, hi), torch.from_numpy(delta_b[:, lo:hi].copy())
             else:
                 gathered = _span(used)
                 blocks.append(delta_b[:, used])
+        if in_place:
+            blocks.append(delta_b[:, :in_place])
         coef = torch.from_numpy(np.concatenate(blocks, axis=1).astype(np.float32))
-        return _Mixing(start, start + len(base_coef), bases, cf, gathered, coef, sliced, sliced_coef)
+        return _Mixing(start, start + len(base_coef), bases, cf, gathered, coef, sliced, sliced_coef,
+                       in_place)
 
 
 @dataclass
@@ -128,8 +141,12 @@ class _Stage:
     row_input: list[int] = field(default_factory=list)  # distinct input each row reads
     mixing: dict[int, _Mixing] = field(default_factory=dict)
     projection: _Projection = field(default_factory=_Projection)
-    vectors: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
     uses_previous: bool = False
+    # while planning: per hypothesis (index of each vector, a vectors, b vectors, their rows),
+    # then the final (a, b, first input index) the next stage may take bases from
+    distinct: dict[int, tuple[dict, list, list, list]] = field(default_factory=dict)
+    vectors: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    senders: np.ndarray | None = None
     # per hypothesis: (first, last + 1) of its copies in `copies`, first bank slot they fill
     spans: list[tuple[int, int, int, int]] = field(default_factory=list)
 
@@ -170,61 +187,95 @@ class GroupPlan:
                     stage.spans[-1] = (h, start, i + 1, slot)
                 else:
                     stage.spans.append((cr.hypothesis, i, i + 1, first))
+        mixed_stages = [s for s in self.stages if s.kind is not NodeKind.INPUT]
+        for stage in mixed_stages:
+            self._distinct_inputs(stage)
+        for previous, stage in zip(mixed_stages, mixed_stages[1:]):
+            if previous.kind is NodeKind.HEAD and stage.kind is not NodeKind.HEAD:
+                self._carry_partial_inputs(previous, stage)
         previous = None
+        for stage in mixed_stages:
+            for h in stage.distinct:
+                self._plan_mixing(stage, previous, h)
+            if stage.kind is NodeKind.HEAD:
+                self._plan_projection(stage)
+            previous = stage
         for stage in self.stages:
-            if stage.kind is not NodeKind.INPUT:
-                self._plan_inputs(stage, previous)
-                if stage.kind is NodeKind.HEAD:
-                    self._plan_projection(stage)
-                previous = stage
-        for stage in self.stages:
-            stage.vectors = {}  # only needed while planning
+            stage.vectors, stage.distinct = {}, {}  # only needed while planning
+        # scratch rows before each bank: the most main-product sources a fused product copies
+        self.scratch = [0] * len(copy_graphs)
+        for stage in mixed_stages:
+            for h, mixing in stage.mixing.items():
+                if mixing.in_place:
+                    self.scratch[h] = max(self.scratch[h], mixing.n_sources)
 
-    def _plan_inputs(self, stage: _Stage, previous: _Stage | None) -> None:
-        """Number rows, merge equal ones into distinct inputs, pick each input's base.
+    def _distinct_inputs(self, stage: _Stage) -> None:
+        """Number the rows and merge equal ones into distinct inputs, per hypothesis.
 
         An input is described relative to the clean run: x = resid_r + sum_s a_s c_s +
         sum_m b_m e_m, with c_s = G(x_c) - G(x_r) output of sender s and e_m the bank entry of
-        mixed copy m (its output minus the bank's reference run). The base is resid_r, resid_c
-        (= resid_r + sum_s c_s) or a previous-stage input plus the clean residual between the
-        two stages, whichever leaves the fewest nonzero coefficients.
+        mixed copy m (its output minus the bank's reference run).
         """
-        per_h: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
         senders = np.array([s.order for s in self.graph.senders(stage.copies[0].copy.node)])
+        stage.senders = senders
         for cr in stage.copies:
+            slot, ref = self.slot[cr.hypothesis], self.reference[cr.hypothesis]
+            n_bank = sum(o < stage.order for o in self.bank_order[cr.hypothesis])
+            found, A, Bm, readers = stage.distinct.setdefault(cr.hypothesis, ({}, [], [], []))
             for ci in cr.copy.inputs:
                 rows = []
                 for version in ci.versions:
+                    children = np.array(version)
+                    a = np.zeros(stage.order, dtype=np.float32)
+                    b = np.zeros(n_bank, dtype=np.float32)
+                    mixed = children >= 0
+                    a[senders[children == CF]] = 1
+                    if ref == CF:
+                        a[senders[mixed]] = 1
+                    b[[slot[int(c)] for c in children[mixed]]] = 1
+                    key = (a.tobytes(), b.tobytes())
+                    if key not in found:
+                        found[key] = len(A)
+                        A.append(a)
+                        Bm.append(b)
+                        readers.append([])
+                    readers[found[key]].append(stage.n_rows)
                     rows.append(stage.n_rows)
-                    per_h[cr.hypothesis].append((stage.n_rows, senders, np.array(version)))
                     stage.n_rows += 1
                 cr.rows.append(rows)
         stage.row_input = [0] * stage.n_rows
-        for h, entries in per_h.items():
-            self._plan_hypothesis(stage, previous, h, entries, senders)
 
-    def _plan_hypothesis(self, stage, previous, h, entries, senders) -> None:
-        slot, ref = self.slot[h], self.reference[h]
-        n_bank = sum(o < stage.order for o in self.bank_order[h])
-        distinct: dict[tuple[bytes, bytes], int] = {}
-        A, Bm, readers = [], [], []
-        for row, row_senders, children in entries:
-            a = np.zeros(stage.order, dtype=np.float32)
-            b = np.zeros(n_bank, dtype=np.float32)
-            mixed = children >= 0
-            a[row_senders[children == CF]] = 1
-            if ref == CF:
-                a[row_senders[mixed]] = 1
-            b[[slot[int(c)] for c in children[mixed]]] = 1
-            key = (a.tobytes(), b.tobytes())
-            if key not in distinct:
-                distinct[key] = len(A)
-                A.append(a)
-                Bm.append(b)
-                readers.append([])
-            readers[distinct[key]].append(row)
-        # singles first, in row order (a dense circuit's rows then meet the weights in order)
-        order = sorted(range(len(A)), key=lambda i: (len(readers[i]) > 1, readers[i][0]))
+    def _carry_partial_inputs(self, heads: _Stage, stage: _Stage) -> None:
+        """Compute a following MLP/output input's part over the senders before `heads` inside
+        the heads' product, which reads those bank entries anyway; the input itself then adds
+        only the heads of its own layer (a previous-stage base, see `_plan_mixing`)."""
+        for h, (_, A, Bm, _) in stage.distinct.items():
+            if h not in heads.distinct or len(A) > 4:
+                continue
+            found, Ah, Bh, readers_h = heads.distinct[h]
+            for a, b in zip(A, Bm):
+                a, b = a[:heads.order].copy(), b[:len(Bh[0]) if Bh else 0].copy()
+                key = (a.tobytes(), b.tobytes())
+                if key not in found and np.count_nonzero(a) + np.count_nonzero(b) >= 4:
+                    found[key] = len(Ah)
+                    Ah.append(a)
+                    Bh.append(b)
+                    readers_h.append([])  # read by no row of this stage
+
+    def _plan_mixing(self, stage: _Stage, previous: _Stage | None, h: int) -> None:
+        """Pick each distinct input's base and build its products.
+
+        The base is resid_r, resid_c (= resid_r + sum_s c_s) or a previous-stage input plus the
+        clean residual between the two stages, whichever leaves the fewest nonzero coefficients.
+        """
+        _, A, Bm, readers = stage.distinct[h]
+        senders = stage.senders
+        # singles first, in row order (a dense circuit's rows then meet the weights in order),
+        # then inputs several rows share, then partial inputs carried for the next stage
+        def rank(i: int) -> tuple:
+            return (0 if len(readers[i]) == 1 else 1 if readers[i] else 2), readers[i][:1]
+
+        order = sorted(range(len(A)), key=rank)
         A = np.stack([A[i] for i in order])
         Bm = np.stack([Bm[i] for i in order])
         readers = [readers[i] for i in order]
@@ -278,7 +329,7 @@ class GroupPlan:
         readers: dict[int, list[int]] = defaultdict(list)
         for r, i in enumerate(stage.row_input):
             readers[i].append(r)
-        for mixing in stage.mixing.values():
+        for mixing in stage.mixing.values():  # singles come first (see `_plan_mixing`)
             singles = [i for i in range(mixing.start, mixing.stop) if len(readers[i]) == 1]
             if singles:
                 lo = singles[0]
@@ -286,6 +337,8 @@ class GroupPlan:
                 stage.projection.singles.append(
                     (slice(lo, lo + len(singles)), _span(rows), _span(np.array([key[r] for r in rows]))))
             for i in range(mixing.start + len(singles), mixing.stop):
+                if not readers[i]:
+                    continue  # a partial input carried for the next stage
                 rows = sorted(readers[i], key=lambda r: key[r])
                 keys = [key[r] for r in rows]
                 every = keys == list(range(keys[-1] + 1)) and keys[-1] + 1 == 3 * self.graph.n_heads
@@ -317,7 +370,9 @@ class GroupEvaluator:
         cf_bank = runs.cf_bank()  # [node, batch, pos, d_model]
         B, T, d = cf_bank.shape[1:]
         # every slot is written by its stage before any later stage reads it
-        banks = [cf_bank.new_empty(len(order), B, T, d) for order in plan.bank_order]
+        storage = [cf_bank.new_empty(n + len(order), B, T, d)
+                   for n, order in zip(plan.scratch, plan.bank_order, strict=True)]
+        banks = [st[n:] for n, st in zip(plan.scratch, storage, strict=True)]  # after scratch rows
         out: list[torch.Tensor | None] = [None] * len(plan.copy_graphs)
         for h, cg in enumerate(plan.copy_graphs):
             if cg.root in (CLEAN, CF):
@@ -328,7 +383,7 @@ class GroupEvaluator:
                 self._input_stage(stage, banks)
                 continue
             self.passes += 1
-            x = self._mix(stage, banks, cf_bank, previous)  # [input, batch, pos, d_model]
+            x = self._mix(stage, storage, cf_bank, previous)  # [input, batch, pos, d_model]
             previous = (stage, x)
             if stage.kind is NodeKind.HEAD:
                 self._head_stage(stage, x, banks)
@@ -340,7 +395,7 @@ class GroupEvaluator:
                     out[cr.hypothesis] = lg
         return out
 
-    def _mix(self, stage: _Stage, banks, cf_bank, previous) -> torch.Tensor:
+    def _mix(self, stage: _Stage, storage, cf_bank, previous) -> torch.Tensor:
         """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_inputs`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
         rows = {"r": clean, "c": self.runs.residual_at(stage.kind, stage.layer, "c")}
@@ -352,14 +407,21 @@ class GroupEvaluator:
         for h, mixing in stage.mixing.items():
             flat = x[mixing.start:mixing.stop].view(mixing.stop - mixing.start, -1)
             parts = [(rows[b] if isinstance(b, str) else prev_x[b]).view(1, -1) for b in mixing.bases]
-            for entries, bank in ((mixing.cf, cf_bank), (mixing.gathered, banks[h])):
+            scratch = self.plan.scratch[h]
+            bank = storage[h][scratch:]
+            for entries, source in ((mixing.cf, cf_bank), (mixing.gathered, bank)):
                 if entries is not None:
                     entries = entries if isinstance(entries, slice) else entries.to(x.device)
-                    parts.append(bank[entries].view(-1, flat.shape[1]))
-            source = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    parts.append(source[entries].view(-1, flat.shape[1]))
+            if mixing.in_place:  # sources copied just before the bank: one product reads all
+                first = scratch - mixing.n_sources
+                torch.cat(parts, out=storage[h][first:scratch].view(mixing.n_sources, -1))
+                source = storage[h][first:scratch + mixing.in_place].view(-1, flat.shape[1])
+            else:
+                source = torch.cat(parts) if len(parts) > 1 else parts[0]
             torch.mm(mixing.coef.to(source), source, out=flat)
             if mixing.sliced is not None:
-                bank = banks[h][mixing.sliced].view(-1, flat.shape[1])
+                bank = bank[mixing.sliced].view(-1, flat.shape[1])
                 flat.addmm_(mixing.sliced_coef.to(bank), bank)
         return x
 
