@@ -15,11 +15,15 @@ from tests.pathpatch.conftest import tiny_model
 B, T = 3, 5
 
 
+def _tokens(model, gen):
+    return (torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen),
+            torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen))
+
+
 def _setup(family="mlp", n_layers=3):
     model = tiny_model(family, n_layers=n_layers)
     gen = torch.Generator().manual_seed(3)
-    xr = torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen)
-    xc = torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen)
+    xr, xc = _tokens(model, gen)
     masks = {"m1": torch.rand(B, T, generator=gen) < 0.5,
              "m2": (torch.rand(B, T, T, generator=gen) < 0.5).tril()}
     graph = Graph.from_model(model)
@@ -58,3 +62,37 @@ def test_idle_layers_are_read_not_run():
     evaluator = GroupEvaluator(model, GroupPlan(graph, [h.compile(graph) for h in late]), runs, positions)
     evaluator.logits()
     assert evaluator.passes == 1  # only the output stage: nothing upstream changes
+
+
+def test_dense_circuits_match_an_independent_hook_run():
+    """Random half-edge circuits (every node mixed: fused products, carried partial inputs and
+    previous-stage bases all in play) equal the benchmark's hook baseline, written separately."""
+    from pathpatch.benchmark import hook_baseline, random_circuits
+
+    model = tiny_model("mlp", n_layers=3, n_heads=4)
+    graph = Graph.from_model(model)
+    xr, xc = _tokens(model, torch.Generator().manual_seed(3))
+    hyps = random_circuits(graph, 6, random.Random(1))
+    plan = GroupPlan(graph, [h.compile(graph) for h in hyps])
+    assert any(m.in_place for s in plan.stages for m in s.mixing.values())  # fused products
+    assert any(len(r) == 0 for s in plan.stages for r in _readers(s).values())  # carried inputs
+    positions = PositionContext({}, B, T, torch.device("cpu"))
+    got = GroupEvaluator(model, plan, Runs(model, xr, xc), positions).logits()
+    _, cf_cache = model.run_with_cache(xc)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        for h, logits in zip(hyps, got):
+            kept = set(h.pattern[len("circuit("):-1].split(", "))
+            want = hook_baseline(model, graph, kept, xr, cf_cache)
+            torch.testing.assert_close(logits, want, rtol=1e-10, atol=1e-10)
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+
+
+def _readers(stage) -> dict[int, list[int]]:
+    out = {i: [] for i in range(stage.n_inputs)}
+    for r, i in enumerate(stage.row_input):
+        out[i].append(r)
+    return out
