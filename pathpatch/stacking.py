@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph
 from pathpatch.folding import FoldedWeights
@@ -31,6 +32,7 @@ from pathpatch.runs import Runs
 
 _RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.MLP: 2, NodeKind.OUTPUT: 3}
 _MAX_COMPARISONS = 4_000_000  # previous-stage bases are searched only up to this much work
+_TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}  # exactly torch's tanh approximation
 
 
 def _norm(owner, name: str):
@@ -396,7 +398,7 @@ class GroupEvaluator:
         return out
 
     def _mix(self, stage: _Stage, storage, cf_bank, previous) -> torch.Tensor:
-        """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_inputs`)."""
+        """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_mixing`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
         rows = {"r": clean, "c": self.runs.residual_at(stage.kind, stage.layer, "c")}
         if stage.uses_previous:
@@ -510,7 +512,14 @@ class GroupEvaluator:
         block = self.model.blocks[stage.layer]
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
-        out = block.mlp(_norm(block, "ln2")(xs.view(n * B, T, d))).view(n, B, T, d)
+        normed = _norm(block, "ln2")(xs.view(n * B, T, d))
+        mlp = block.mlp
+        if type(mlp).__name__ == "MLP" and mlp.cfg.act_fn in _TANH_GELU:
+            # TransformerLens's gelu_new is four elementwise passes; torch's fused one is equal
+            hidden = F.gelu(torch.addmm(mlp.b_in, normed.view(-1, d), mlp.W_in), approximate="tanh")
+            out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(n, B, T, d)
+        else:
+            out = mlp(normed).view(n, B, T, d)
         for h, start, stop, slot in stage.spans:
             ref = self.runs.mlp_out(stage.layer, self._reference_run(h))
             torch.sub(out[start:stop], ref, out=banks[h][slot:slot + stop - start])

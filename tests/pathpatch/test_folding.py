@@ -13,10 +13,10 @@ from pathpatch.stacking import GroupEvaluator, GroupPlan
 from tests.pathpatch.conftest import tiny_model
 
 
-def _random_model(normalization_type, dtype=torch.float64, attn_only=True, seed=0):
+def _random_model(normalization_type, dtype=torch.float64, attn_only=True, seed=0, act_fn="gelu"):
     cfg = HookedTransformerConfig(
         n_layers=2, n_heads=2, d_model=8, d_head=4, n_ctx=16, d_vocab=7, attn_only=attn_only,
-        d_mlp=None if attn_only else 12, act_fn=None if attn_only else "gelu",
+        d_mlp=None if attn_only else 12, act_fn=None if attn_only else act_fn,
         normalization_type=normalization_type, dtype=dtype, seed=seed,
     )
     model = HookedTransformer(cfg)
@@ -48,10 +48,11 @@ def test_folded_projection_equals_layernorm_then_projection(norm):
                 torch.testing.assert_close(got, want[r * 3 + channel, head], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("norm", ["RMS", "LNPre"])
-def test_engine_reproduces_clean_run_with_other_norms(norm):
-    """Every node mixed, yet P = all paths: G(x_r) to float64 precision, MLP norms included."""
-    model = _random_model(norm, attn_only=False)
+@pytest.mark.parametrize("norm,act_fn", [("RMS", "gelu"), ("LNPre", "relu"), ("LN", "gelu_new")])
+def test_engine_reproduces_clean_run_with_other_norms(norm, act_fn):
+    """Every node mixed, yet P = all paths: G(x_r) to float64 precision, MLP norms included
+    (gelu_new: the engine's fused MLP path)."""
+    model = _random_model(norm, attn_only=False, act_fn=act_fn)
     gen = torch.Generator().manual_seed(2)
     xr, xc = (torch.randint(0, 7, (3, 5), generator=gen) for _ in range(2))
     graph = Graph.from_model(model)
