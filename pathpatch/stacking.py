@@ -149,7 +149,7 @@ class _Stage:
     distinct: dict[int, tuple[dict, list, list, list]] = field(default_factory=dict)
     vectors: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
     senders: np.ndarray | None = None
-    # per hypothesis: (first, last + 1) of its copies in `copies`, first bank slot they fill
+    # per hypothesis: (h, its first copy in `copies`, last + 1, first bank slot they fill)
     spans: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
