@@ -306,8 +306,12 @@ class RayExecutor:
         return self._pending[(fresh or candidates)[0]].popleft()
 
     def _fill(self) -> None:
+        # queue ahead only while there is plenty left: near the end a call queued behind a busy
+        # actor would wait while another actor idles (24 items on 2 workers: 1.57x -> 1.8x)
+        pending = sum(len(q) for q in self._pending.values())
+        depth = self.options.in_flight_per_worker if pending > 2 * len(self._slots) else 1
         for slot in list(self._slots):
-            while slot.ready and len(slot.inflight) < self.options.in_flight_per_worker:
+            while slot.ready and len(slot.inflight) < depth:
                 item_id = self._pick(slot)
                 if item_id is None:
                     return
