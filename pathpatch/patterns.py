@@ -151,9 +151,8 @@ class _Token(NamedTuple):
 
 
 def _tokenize(text: str) -> list[_Token]:
-    # one comprehension: a circuit's pattern runs to ~260k tokens
-    tokens = [_Token(m.lastgroup, m.group(m.lastgroup), m.start(m.lastgroup))
-              for m in _TOKEN.finditer(text) if m.lastgroup is not None]  # None: trailing space
+    # one comprehension: a circuit's pattern runs to ~260k tokens (trailing space matches nothing)
+    tokens = [_Token(m.lastgroup, m.group(m.lastgroup), m.start(m.lastgroup)) for m in _TOKEN.finditer(text)]
     for tok in tokens:
         if tok.kind == "bad":
             raise _error(text, tok.pos, f"unexpected character {tok.text!r}")

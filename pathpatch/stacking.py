@@ -53,7 +53,7 @@ def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 def _span(indices: np.ndarray) -> slice | torch.Tensor:
     """A slice when `indices` are consecutive (a view, no copy), else an index tensor."""
-    if len(indices) and indices[-1] - indices[0] + 1 == len(indices) and np.all(np.diff(indices) == 1):
+    if len(indices) and np.all(np.diff(indices) == 1):
         return slice(int(indices[0]), int(indices[-1]) + 1)
     return torch.as_tensor(indices, dtype=torch.long)
 
@@ -100,9 +100,10 @@ class _Mixing:
             # a copy (read, write, read again) of the used entries (a row's FLOPs per entry
             # ~ 0.12 of an entry read, measured on CPU)
             flops = 0.12 * len(base_coef)
-            if (hi - lo) * (1 + flops) <= len(used) * (3 + flops) and 8 * lo <= hi:
+            read_in_place = (hi - lo) * (1 + flops) <= len(used) * (3 + flops)
+            if read_in_place and 8 * lo <= hi:
                 in_place = hi  # the few zero columns before lo cost less than a second pass
-            elif (hi - lo) * (1 + flops) <= len(used) * (3 + flops):
+            elif read_in_place:
                 sliced, sliced_coef = slice(lo, hi), torch.from_numpy(delta_b[:, lo:hi].copy())
             else:
                 gathered = _span(used)

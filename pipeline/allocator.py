@@ -11,14 +11,16 @@ and the workers call it, never the library.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Tune glibc malloc to reuse freed memory; False where that is not possible."""
+    """Tune glibc malloc to reuse freed memory (once per process); False where not possible."""
     if not sys.platform.startswith("linux"):
         return False
     try:
