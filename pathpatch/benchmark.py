@@ -4,7 +4,9 @@ Everything is measured side by side in one process on the same examples, so the 
 hold on a noisy machine where absolute times do not. Three families of 64 hypotheses: random
 half-edge circuits, single-edge removals, and the induction families. The hook baseline is the
 careful TransformerLens way (per-head outputs from z, split q/k/v inputs, one run per
-hypothesis); its logits are checked against the engine's before any time is reported.
+hypothesis); its logits are checked against the engine's before any time is reported. It builds
+its mixed inputs with the engine's own mixing kernel (`kernels.py`), so that the ratio compares
+methods, not kernels.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
+from pathpatch.kernels import mix, mixing_kernel
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
@@ -108,7 +111,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
         if not m.any():
             return x
         dev = deviations(m.shape[1])
-        delta = (m.to(dev) @ dev).view(len(receivers), *x.shape[:2], x.shape[-1])
+        delta = mix(m.to(dev), dev).view(len(receivers), *x.shape[:2], x.shape[-1])
         return x + delta.permute(1, 2, 0, 3)
 
     def on_embed(x, hook):
@@ -203,7 +206,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
                                     ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
                     "batch": batch, "seq_len": seq_len, "n_hypotheses": n_hypotheses,
-                    "torch_threads": torch.get_num_threads()}
+                    "torch_threads": torch.get_num_threads(), "mixing_kernel": mixing_kernel()}
     engine_s = {}
     for name, hyps in families.items():
         total, compile_s, n_groups = _engine_seconds(model, graph, hyps, xr, xc, masks, memory_budget, timer)

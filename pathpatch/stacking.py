@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
+from pathpatch.kernels import mix_into
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 
@@ -422,10 +423,10 @@ class GroupEvaluator:
                 source = storage[h][first:scratch + mixing.in_place].view(-1, flat.shape[1])
             else:
                 source = torch.cat(parts) if len(parts) > 1 else parts[0]
-            torch.mm(mixing.coef.to(source), source, out=flat)
+            mix_into(flat, mixing.coef.to(source), source)
             if mixing.sliced is not None:
                 bank = bank[mixing.sliced].view(-1, flat.shape[1])
-                flat.addmm_(mixing.sliced_coef.to(bank), bank)
+                mix_into(flat, mixing.sliced_coef.to(bank), bank, accumulate=True)
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:

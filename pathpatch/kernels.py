@@ -1,0 +1,64 @@
+"""The mixing product, routed to the kernel that runs its thin shape well.
+
+Building a stage's inputs is coef [inputs, sources] @ sources [sources, batch*pos*d_model]: about
+36 rows, ~80 sources, ~200k columns on GPT-2 small. MKL, which `torch.mm` uses on CPU, runs that
+shape at 80-100 GFLOP/s on the AMD CPU we measured, half its speed on a forward's products;
+oneDNN (bundled with torch's CPU builds) runs it at 180-260. The mixing has no counterpart in a
+forward, so this changes no like-for-like comparison: the products a forward also does (MLPs,
+q/k/v, unembedding) stay on the same `torch.mm`/`addmm` calls as the forward.
+
+oneDNN is used for float32 and bfloat16 CPU tensors when torch has it; everything else (CUDA,
+float64, builds without oneDNN) takes `torch.mm`. Set PATHPATCH_MIXING_KERNEL=blas to force
+`torch.mm` everywhere (to compare the two).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def _onednn():
+    """oneDNN's linear (X @ W.T), or None when this torch lacks it or it is switched off."""
+    if os.environ.get("PATHPATCH_MIXING_KERNEL", "auto") == "blas":
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:  # a private op: check once that it exists here and computes the product
+        a, b = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(3, 4)
+        if not torch.equal(op(a, b.t(), None, "none", [], ""), a @ b):
+            return None
+    except (RuntimeError, TypeError):
+        return None
+    return op
+
+
+def mixing_kernel() -> str:
+    """Which kernel a float32 CPU mixing product takes: "onednn" or "blas" (torch.mm)."""
+    return "onednn" if _onednn() is not None else "blas"
+
+
+def _onednn_for(source: torch.Tensor):
+    op = _onednn()
+    return op if source.device.type == "cpu" and source.dtype in _ONEDNN_DTYPES else None
+
+
+def mix(coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """coef [M, K] @ source [K, N], a new [M, N] tensor."""
+    op = _onednn_for(source)
+    return coef @ source if op is None else op(coef, source.t(), None, "none", [], "")
+
+
+def mix_into(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor, accumulate: bool = False
+             ) -> torch.Tensor:
+    """out (+)= coef @ source, for coef [M, K], source [K, N] and out a [M, N] view."""
+    if _onednn_for(source) is None:  # BLAS writes straight into out
+        return out.addmm_(coef, source) if accumulate else torch.mm(coef, source, out=out)
+    product = mix(coef, source)  # oneDNN has no out=: one copy, still ~2x faster here
+    return out.add_(product) if accumulate else out.copy_(product)
