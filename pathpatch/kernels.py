@@ -55,10 +55,8 @@ def mix(coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     return coef @ source if op is None else op(coef, source.t(), None, "none", [], "")
 
 
-def mix_into(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor, accumulate: bool = False
-             ) -> torch.Tensor:
-    """out (+)= coef @ source, for coef [M, K], source [K, N] and out a [M, N] view."""
-    if _onednn_for(source) is None:  # BLAS writes straight into out
-        return out.addmm_(coef, source) if accumulate else torch.mm(coef, source, out=out)
-    product = mix(coef, source)  # oneDNN has no out=: one copy, still ~2x faster here
-    return out.add_(product) if accumulate else out.copy_(product)
+def mix_add_(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """out += coef @ source, in place."""
+    if _onednn_for(source) is None:
+        return out.addmm_(coef, source)
+    return out.add_(mix(coef, source))

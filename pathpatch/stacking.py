@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
-from pathpatch.kernels import mix_into
+from pathpatch.kernels import mix, mix_add_
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 
@@ -118,10 +118,12 @@ class _Mixing:
 
 @dataclass
 class _Projection:
-    """Rows reading one distinct input each go through one batched product; rows sharing an
-    input (q, k and v of many heads reading one residual) through one wide product."""
+    """One hypothesis's rows of a head stage: rows reading one distinct input each go through one
+    batched product; rows sharing an input (q, k and v of many heads reading one residual)
+    through one wide product. Inputs are indexed within the hypothesis's block."""
 
-    singles: list[tuple[slice, torch.Tensor | slice, torch.Tensor | slice]] = field(default_factory=list)
+    # (n, rows, keys): the block's first n inputs, read by one row each
+    singles: tuple[int, torch.Tensor | slice, torch.Tensor | slice] | None = None
     shared: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
 
 
@@ -143,8 +145,9 @@ class _Stage:
     n_rows: int = 0
     n_inputs: int = 0
     row_input: list[int] = field(default_factory=list)  # distinct input each row reads
+    input_owner: list[tuple[int, int]] = field(default_factory=list)  # (hypothesis, index in its block)
     mixing: dict[int, _Mixing] = field(default_factory=dict)
-    projection: _Projection = field(default_factory=_Projection)
+    projection: dict[int, _Projection] = field(default_factory=dict)  # by hypothesis
     uses_previous: bool = False
     # while planning: per hypothesis (index of each vector, a vectors, b vectors, their rows),
     # then the final (a, b, first input index) the next stage may take bases from
@@ -288,6 +291,7 @@ class GroupPlan:
             for r in rows:
                 stage.row_input[r] = start + i
         stage.n_inputs += len(A)
+        stage.input_owner += [(h, i) for i in range(len(A))]
         stage.vectors[h] = (A, Bm, start)
 
         on_senders = np.zeros(stage.order, dtype=np.float32)
@@ -333,26 +337,39 @@ class GroupPlan:
         readers: dict[int, list[int]] = defaultdict(list)
         for r, i in enumerate(stage.row_input):
             readers[i].append(r)
-        for mixing in stage.mixing.values():  # singles come first (see `_plan_mixing`)
+        for h, mixing in stage.mixing.items():  # singles come first (see `_plan_mixing`)
+            projection = stage.projection[h] = _Projection()
             singles = [i for i in range(mixing.start, mixing.stop) if len(readers[i]) == 1]
             if singles:
-                lo = singles[0]
                 rows = np.array([readers[i][0] for i in singles])
-                stage.projection.singles.append(
-                    (slice(lo, lo + len(singles)), _span(rows), _span(np.array([key[r] for r in rows]))))
+                projection.singles = (len(singles), _span(rows), _span(np.array([key[r] for r in rows])))
             for i in range(mixing.start + len(singles), mixing.stop):
                 if not readers[i]:
                     continue  # a partial input carried for the next stage
                 rows = sorted(readers[i], key=lambda r: key[r])
                 keys = [key[r] for r in rows]
                 every = keys == list(range(keys[-1] + 1)) and keys[-1] + 1 == 3 * self.graph.n_heads
-                stage.projection.shared.append(
-                    (i, torch.tensor(rows), None if every else torch.tensor(keys)))
+                projection.shared.append(
+                    (i - mixing.start, torch.tensor(rows), None if every else torch.tensor(keys)))
 
     @property
     def n_passes(self) -> int:
         """Layer-stage passes per batch (input copies need no pass: they are a masked select)."""
         return sum(s.kind is not NodeKind.INPUT for s in self.stages)
+
+
+class _Inputs:
+    """A stage's distinct inputs: one block [inputs, batch, pos, d_model] per hypothesis, each its
+    own mixing product's output (never copied into one shared tensor)."""
+
+    def __init__(self, stage: _Stage):
+        self.stage = stage
+        self.blocks: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Input i of the stage's numbering: [batch, pos, d_model]."""
+        h, j = self.stage.input_owner[i]
+        return self.blocks[h][j]
 
 
 class GroupEvaluator:
@@ -387,7 +404,7 @@ class GroupEvaluator:
                 self._input_stage(stage, banks)
                 continue
             self.passes += 1
-            x = self._mix(stage, storage, cf_bank, previous)  # [input, batch, pos, d_model]
+            x = self._mix(stage, storage, cf_bank, previous)
             previous = (stage, x)
             if stage.kind is NodeKind.HEAD:
                 self._head_stage(stage, x, banks)
@@ -399,34 +416,34 @@ class GroupEvaluator:
                     out[cr.hypothesis] = lg
         return out
 
-    def _mix(self, stage: _Stage, storage, cf_bank, previous) -> torch.Tensor:
+    def _mix(self, stage: _Stage, storage, cf_bank, previous) -> _Inputs:
         """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_mixing`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
         rows = {"r": clean, "c": self.runs.residual_at(stage.kind, stage.layer, "c")}
         if stage.uses_previous:
             prev_stage, prev_x = previous
             rows["between"] = clean - self.runs.residual_at(prev_stage.kind, prev_stage.layer, "r")
-        B, T, d = clean.shape
-        x = clean.new_empty(stage.n_inputs, B, T, d)
+        x = _Inputs(stage)
         for h, mixing in stage.mixing.items():
-            flat = x[mixing.start:mixing.stop].view(mixing.stop - mixing.start, -1)
             parts = [(rows[b] if isinstance(b, str) else prev_x[b]).view(1, -1) for b in mixing.bases]
+            width = parts[0].shape[1]
             scratch = self.plan.scratch[h]
             bank = storage[h][scratch:]
             for entries, source in ((mixing.cf, cf_bank), (mixing.gathered, bank)):
                 if entries is not None:
-                    entries = entries if isinstance(entries, slice) else entries.to(x.device)
-                    parts.append(source[entries].view(-1, flat.shape[1]))
+                    entries = entries if isinstance(entries, slice) else entries.to(clean.device)
+                    parts.append(source[entries].view(-1, width))
             if mixing.in_place:  # sources copied just before the bank: one product reads all
                 first = scratch - mixing.n_sources
                 torch.cat(parts, out=storage[h][first:scratch].view(mixing.n_sources, -1))
-                source = storage[h][first:scratch + mixing.in_place].view(-1, flat.shape[1])
+                source = storage[h][first:scratch + mixing.in_place].view(-1, width)
             else:
                 source = torch.cat(parts) if len(parts) > 1 else parts[0]
-            mix_into(flat, mixing.coef.to(source), source)
+            block = mix(mixing.coef.to(source), source)
             if mixing.sliced is not None:
-                bank = bank[mixing.sliced].view(-1, flat.shape[1])
-                mix_into(flat, mixing.sliced_coef.to(bank), bank, accumulate=True)
+                bank = bank[mixing.sliced].view(-1, width)
+                mix_add_(block, mixing.sliced_coef.to(bank), bank)
+            x.blocks[h] = block.view(-1, *clean.shape)
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:
@@ -441,46 +458,51 @@ class GroupEvaluator:
                 entry = in_dev * reads_cf.unsqueeze(-1)
             banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = entry
 
-    def _picked(self, x: torch.Tensor, stage: _Stage, cr: _CopyRows, channel: int) -> torch.Tensor:
+    def _picked(self, x: _Inputs, stage: _Stage, cr: _CopyRows, channel: int) -> torch.Tensor:
         ci = cr.copy.inputs[channel]
         rows = cr.rows[channel]
         if len(rows) == 1:
             return x[stage.row_input[rows[0]]]
-        return _pick(x[[stage.row_input[r] for r in rows]], self.positions.version_index(ci))
+        return _pick(torch.stack([x[stage.row_input[r]] for r in rows]), self.positions.version_index(ci))
 
     def _reference_run(self, h: int) -> str:
         """The cached run hypothesis h's bank entries are relative to."""
         return "c" if self.plan.reference[h] == CF else "r"
 
-    def _project(self, stage: _Stage, x: torch.Tensor) -> torch.Tensor:
+    def _project(self, stage: _Stage, x: _Inputs, shape: tuple[int, int, int]) -> torch.Tensor:
         """[row, batch*pos, d_head]: each row's q, k or v, LayerNorm folded in (`folding.py`)."""
         fold = self.folded.qkv(stage.layer)
-        if fold.normalize_first:
-            x = _norm(self.model.blocks[stage.layer], "ln1")(x)
-        U, B, T, d = x.shape
-        flat = x.view(U, B * T, d)
-        mean, inv = fold.stats(flat)
-        proj = x.new_empty(stage.n_rows, B * T, fold.rows.shape[-1])
-        for inputs, rows, keys in stage.projection.singles:
-            p = torch.bmm(flat[inputs], fold.rows[keys])
-            proj[rows] = fold.finish(p, keys, None if mean is None else mean[inputs],
-                                     None if inv is None else inv[inputs])
+        B, T, d = shape
         n_keys = fold.rows.shape[0]
-        for i, rows, keys in stage.projection.shared:
-            if keys is None:  # every head and channel reads it: the forward's own wide product
-                weight, keys = fold.joined, slice(0, n_keys)
-            else:
-                weight = fold.joined.view(d, n_keys, -1)[:, keys].reshape(d, -1)
-            p = (flat[i] @ weight).view(B * T, len(rows), -1).transpose(0, 1)
-            proj[rows] = fold.finish(p, keys, None if mean is None else mean[i],
-                                     None if inv is None else inv[i])
+        proj = fold.rows.new_empty(stage.n_rows, B * T, fold.rows.shape[-1])
+        for h, plan in stage.projection.items():
+            if plan.singles is None and not plan.shared:
+                continue  # only partial inputs carried for the next stage
+            block = x.blocks[h]
+            if fold.normalize_first:
+                block = _norm(self.model.blocks[stage.layer], "ln1")(block)
+            flat = block.view(-1, B * T, d)
+            mean, inv = fold.stats(flat)
+            if plan.singles is not None:
+                n, rows, keys = plan.singles
+                p = torch.bmm(flat[:n], fold.rows[keys])
+                proj[rows] = fold.finish(p, keys, None if mean is None else mean[:n],
+                                         None if inv is None else inv[:n])
+            for i, rows, keys in plan.shared:
+                if keys is None:  # every head and channel reads it: the forward's own wide product
+                    weight, keys = fold.joined, slice(0, n_keys)
+                else:
+                    weight = fold.joined.view(d, n_keys, -1)[:, keys].reshape(d, -1)
+                p = (flat[i] @ weight).view(B * T, len(rows), -1).transpose(0, 1)
+                proj[rows] = fold.finish(p, keys, None if mean is None else mean[i],
+                                         None if inv is None else inv[i])
         return proj
 
-    def _head_stage(self, stage: _Stage, x: torch.Tensor, banks) -> None:
+    def _head_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         attn = self.model.blocks[stage.layer].attn
-        B, T, d = x.shape[1:]
-        proj = self._project(stage, x).view(stage.n_rows, B, T, -1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        B, T, d = self.runs.residual_at(stage.kind, stage.layer).shape
+        proj = self._project(stage, x, (B, T, d)).view(stage.n_rows, B, T, -1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=proj.device).tril()
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]
         zs: dict[int, torch.Tensor] = {}
@@ -510,7 +532,7 @@ class GroupEvaluator:
             torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), attn.W_O[heads],
                       out=banks[h][slot:slot + n].view(n, B * T, d))
 
-    def _mlp_stage(self, stage: _Stage, x: torch.Tensor, banks) -> None:
+    def _mlp_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         block = self.model.blocks[stage.layer]
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
@@ -526,7 +548,7 @@ class GroupEvaluator:
             ref = self.runs.mlp_out(stage.layer, self._reference_run(h))
             torch.sub(out[start:stop], ref, out=banks[h][slot:slot + stop - start])
 
-    def _output_stage(self, stage: _Stage, x: torch.Tensor) -> list[torch.Tensor]:
+    def _output_stage(self, stage: _Stage, x: _Inputs) -> list[torch.Tensor]:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
         n, B, T, d = xs.shape
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
