@@ -7,9 +7,12 @@ oneDNN (bundled with torch's CPU builds) runs it at 180-260. The mixing has no c
 forward, so this changes no like-for-like comparison: the products a forward also does (MLPs,
 q/k/v, unembedding) stay on the same `torch.mm`/`addmm` calls as the forward.
 
-oneDNN is used for float32 and bfloat16 CPU tensors when torch has it; everything else (CUDA,
-float64, builds without oneDNN) takes `torch.mm`. Set PATHPATCH_MIXING_KERNEL=blas to force
-`torch.mm` everywhere (to compare the two).
+oneDNN is used for float32 and bfloat16 CPU products of at least `ONEDNN_MIN_MACS` multiply-adds
+when torch has it. Smaller ones (every product of a small model, single-edge removals) take
+`torch.mm`: oneDNN's fixed cost per call (~30 us here) outweighs its speed below ~2^23
+multiply-adds (measured per shape inside the engine: blas/oneDNN 0.3-0.8 below 2^23, 1.1 at 2^24,
+1.4-1.8 above 2^26). So do CUDA, float64 and builds without oneDNN. Set
+PATHPATCH_MIXING_KERNEL=blas to force `torch.mm` everywhere (to compare the two).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import torch
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+ONEDNN_MIN_MACS = 1 << 24  # M*K*N at which oneDNN starts to win on this shape (module doc)
 
 
 @functools.cache
@@ -40,23 +44,28 @@ def _onednn():
 
 
 def mixing_kernel() -> str:
-    """Which kernel a float32 CPU mixing product takes: "onednn" or "blas" (torch.mm)."""
+    """Which kernel a large float32 CPU mixing product takes: "onednn" or "blas" (torch.mm)."""
     return "onednn" if _onednn() is not None else "blas"
 
 
-def _onednn_for(source: torch.Tensor):
-    op = _onednn()
-    return op if source.device.type == "cpu" and source.dtype in _ONEDNN_DTYPES else None
+def _onednn_for(coef: torch.Tensor, source: torch.Tensor):
+    """oneDNN's linear when it should run coef @ source, else None (`torch.mm`)."""
+    if source.device.type != "cpu" or source.dtype not in _ONEDNN_DTYPES:
+        return None
+    if coef.shape[0] * coef.shape[1] * source.shape[1] < ONEDNN_MIN_MACS:
+        return None
+    return _onednn()
 
 
 def mix(coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """coef [M, K] @ source [K, N], a new [M, N] tensor."""
-    op = _onednn_for(source)
+    op = _onednn_for(coef, source)
     return coef @ source if op is None else op(coef, source.t(), None, "none", [], "")
 
 
 def mix_add_(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """out += coef @ source, in place."""
-    if _onednn_for(source) is None:
+    op = _onednn_for(coef, source)
+    if op is None:
         return out.addmm_(coef, source)
-    return out.add_(mix(coef, source))
+    return out.add_(op(coef, source.t(), None, "none", [], ""))

@@ -1,4 +1,4 @@
-"""The mixing product: oneDNN on float32 CPU tensors, equal to torch.mm; torch.mm elsewhere."""
+"""The mixing product: oneDNN on large float32 CPU products, equal to torch.mm; torch.mm elsewhere."""
 
 import random
 
@@ -16,7 +16,7 @@ from tests.pathpatch.conftest import tiny_model
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts the oneDNN calls the mixing makes."""
+    """Counts the oneDNN calls the mixing makes; every product counts as large."""
     op = kernels._onednn()
     assert op is not None, "this torch build should have oneDNN (the CPU wheels do)"
     calls = []
@@ -26,6 +26,7 @@ def counted(monkeypatch):
         return op(*args)
 
     monkeypatch.setattr(kernels, "_onednn", lambda: counting)
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 0)
     return calls
 
 
@@ -46,6 +47,17 @@ def test_other_dtypes_and_devices_take_torch_mm(counted):
     coef, source = torch.rand(3, 4, dtype=torch.float64), torch.rand(4, 6, dtype=torch.float64)
     torch.testing.assert_close(kernels.mix(coef, source), coef @ source)
     assert counted == []
+
+
+def test_small_products_take_torch_mm(counted, monkeypatch):
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_MACS", 7 * 20 * 3000)
+    coef, source = torch.rand(7, 20), torch.rand(20, 3000)
+    kernels.mix(coef[:6], source)
+    kernels.mix_add_(torch.zeros(7, 2999), coef, source[:, 1:])
+    assert counted == []
+    kernels.mix(coef, source)
+    kernels.mix_add_(torch.zeros(7, 3000), coef, source)
+    assert len(counted) == 2
 
 
 def test_the_environment_can_force_blas(monkeypatch):
