@@ -44,8 +44,9 @@ def test_mix_equals_torch_mm_on_views(counted):
 
 
 def test_other_dtypes_and_devices_take_torch_mm(counted):
-    coef, source = torch.rand(3, 4, dtype=torch.float64), torch.rand(4, 6, dtype=torch.float64)
-    torch.testing.assert_close(kernels.mix(coef, source), coef @ source)
+    for dtype in (torch.float64, torch.bfloat16):
+        coef, source = torch.rand(3, 4, dtype=dtype), torch.rand(4, 6, dtype=dtype)
+        torch.testing.assert_close(kernels.mix(coef, source), coef @ source)
     assert counted == []
 
 
