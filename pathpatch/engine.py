@@ -166,12 +166,12 @@ def evaluate(
         positions = PositionContext(
             {k: v.to(device) for k, v in batch.masks.items()}, len(batch), batch.seq_len, device
         )
-        clean = runs.logits["r"]
-        te[start:stop] = metric.per_example(clean, runs.logits["c"], batch).cpu()
+        delta = metric.against(runs.logits["r"], batch)  # the clean side once per batch
+        te[start:stop] = delta(runs.logits["c"]).cpu()
         for group, plan in zip(groups, plans, strict=True):
             outputs = GroupEvaluator(model, plan, runs, positions, folded).logits()
             for i, logits in zip(group, outputs, strict=True):
-                ue[i, start:stop] = metric.per_example(clean, logits, batch).cpu()
+                ue[i, start:stop] = delta(logits).cpu()
         if progress is not None:
             progress(len(batch))
     examples = dataset.example_ids.to(torch.int64)

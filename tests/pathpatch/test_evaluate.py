@@ -9,7 +9,7 @@ from pathpatch.errors import PathPatchError
 from pathpatch.explain import explain
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, load_hypotheses
-from pathpatch.metrics import summarize
+from pathpatch.metrics import Metric, get_metric, summarize
 from tests.pathpatch.conftest import tiny_model
 
 
@@ -51,6 +51,25 @@ def test_evaluate_rows_and_trivial_hypotheses(metric):
     # batching does not change results
     again = evaluate(model, data, hyps, metric, batch_size=6)
     assert again.equals(rows) or torch.allclose(torch.tensor(again["ue"].to_pylist()), torch.tensor(d["ue"]))
+
+
+def test_the_metric_reads_the_clean_run_once_per_batch():
+    """Every hypothesis of a batch (and the total effect) is scored against one clean side."""
+    model = tiny_model("mlp")
+    data = _dataset(model, n=10)
+    kl = get_metric("kl")
+    calls = []
+
+    def counting(clean, batch):
+        calls.append(len(batch))
+        return kl.against_clean(clean, batch)
+
+    hyps = [Hypothesis("all", "all"), Hypothesis("heads", "a0.* | a1.*"), Hypothesis("m", "m0 | m1")]
+    rows = evaluate(model, data, hyps, Metric("kl", kl.fn, against_clean=counting), batch_size=4)
+    assert calls == [4, 4, 2]
+    assert rows.equals(evaluate(model, data, hyps, "kl", batch_size=4))
+    per_call = Metric("kl", kl.fn)  # no split: fn(clean, other, batch) for every output
+    assert evaluate(model, data, hyps, per_call, batch_size=4).equals(rows)
 
 
 def test_evaluate_errors_name_the_problem():

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pathpatch import metrics
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.metrics import (
@@ -178,6 +179,57 @@ def test_get_metric_names_and_default():
     assert "unknown metric 'kl_div'; allowed: 'kl', 'loss', 'logit_diff'" in str(err.value)
     with pytest.raises(PathPatchError, match="must be a name or a Metric"):
         get_metric(3)
+
+
+def _naive_kl(clean, other, batch):
+    """Textbook KL in float64, one scored position at a time (0 log 0 = 0)."""
+    out = []
+    for b in range(len(batch)):
+        terms = []
+        for t in batch.scored[b].nonzero()[:, 0].tolist():
+            log_p = torch.log_softmax(clean[b, t].double(), -1)
+            log_q = torch.log_softmax(other[b, t].double(), -1)
+            p = log_p.exp()
+            terms.append(sum(float(p[v] * (log_p[v] - log_q[v])) for v in range(len(p)) if p[v] > 0))
+        out.append(sum(terms) / len(terms))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _naive_loss(clean, other, batch):
+    out = []
+    for b in range(len(batch)):
+        terms = []
+        for t in batch.scored[b].nonzero()[:, 0].tolist():
+            y = int(batch.reference[b, t + 1])
+            lp = torch.log_softmax(clean[b, t].double(), -1)[y]
+            lq = torch.log_softmax(other[b, t].double(), -1)[y]
+            terms.append(abs(float(lp - lq)))
+        out.append(sum(terms) / len(terms))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [2**23, 40])  # one chunk, and many (40 logits = 3 positions)
+def test_clean_side_computed_once_matches_textbook(monkeypatch, chunk):
+    """`against` keeps the clean side for the batch; every other output gets the textbook value,
+    also with tokens the clean run rules out (-inf) and across position chunks."""
+    monkeypatch.setattr(metrics, "_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(5)
+    clean = torch.randn(3, 6, 13, generator=gen) * 4
+    clean[0, 1, 3] = clean[2, 4, 0] = -math.inf  # ruled out by the clean run
+    others = [torch.randn(3, 6, 13, generator=gen) * 4 for _ in range(3)]
+    others[1][0, 1, 3] = -math.inf  # ruled out by both: adds nothing
+    scored = torch.rand(3, 6, generator=gen) < 0.6
+    scored[:, 0], scored[:, -1] = True, False  # every example scored; loss needs a next token
+    batch = PairDataset(torch.randint(4, 13, (3, 6), generator=gen),  # targets never ruled out
+                        torch.randint(0, 13, (3, 6), generator=gen), scored)
+    for name, naive in (("kl", _naive_kl), ("loss", _naive_loss)):
+        delta = get_metric(name).against(clean, batch)
+        for other in others:
+            want = naive(clean, other, batch)
+            torch.testing.assert_close(delta(other), want, rtol=1e-12, atol=1e-13)
+            torch.testing.assert_close(get_metric(name).per_example(clean, other, batch), want,
+                                       rtol=1e-12, atol=1e-13)
+        assert torch.equal(delta(clean.clone()), torch.zeros(3, dtype=torch.float64)), name
 
 
 def test_per_example_checks_shapes():
