@@ -208,7 +208,9 @@ class MemoryBudget:
                        + cfg.d_vocab)
         n_nodes = 2 + cfg.n_layers * (cfg.n_heads + (0 if cfg.attn_only else 1))
         bank = n_nodes * T * cfg.d_model
-        # transient: a forward's widest activations, and the metric's float64 log-probabilities
+        # transient: a forward's widest activations; the metric's float64 rows (KL keeps the
+        # clean probabilities for the batch, one row per scored position, and works on two more
+        # at a time: at most 3 per position, 4 counted)
         forward = T * (4 * (cfg.d_mlp or 0) + cfg.n_heads * T + 2 * cfg.d_vocab)
         metric = 4 * T * cfg.d_vocab * 8
         return (2 * per_run + 2 * bank + forward) * self._itemsize + metric
