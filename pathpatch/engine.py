@@ -127,6 +127,7 @@ def evaluate(
         runs_cache: a dict the caller keeps for this dataset (e.g. per shard): when the whole
             dataset is one batch, its cached clean and counterfactual runs are kept there and
             reused by the next call with other hypotheses (same numbers, two forwards saved).
+            With it and no `batch_size`, the dataset is one batch whenever the budget allows.
 
     Returns:
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
@@ -146,7 +147,8 @@ def evaluate(
     dataset.validate(model.cfg.d_vocab)
     metric.check_dataset(dataset)
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
-    batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size)
+    batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size,
+                                         whole=runs_cache is not None)
     plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device
@@ -159,9 +161,10 @@ def evaluate(
         key = (dataset.digest(), batch_size, str(device)) if batch_size >= n else None
         runs = runs_cache.get(key) if runs_cache is not None and key else None
         if runs is None:
+            if runs_cache is not None:  # one batch's runs at a time: what the budget accounts
+                runs_cache.clear()  # for; freed first, so the new runs reuse their memory
             runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
             if runs_cache is not None and key:
-                runs_cache.clear()  # one batch's runs at a time: what the budget accounts for
                 runs_cache[key] = runs
         positions = PositionContext(
             {k: v.to(device) for k, v in batch.masks.items()}, len(batch), batch.seq_len, device
@@ -226,9 +229,13 @@ class MemoryBudget:
         elements = (cg.n_mixed + 3 * widest) * T * cfg.d_model + widest * T * T + 2 * T * cfg.d_vocab
         return elements * self._itemsize
 
-    def schedule(self, copy_graphs: Sequence[CopyGraph], n_examples: int, batch_size: int | None
-                 ) -> tuple[int, list[list[int]]]:
-        """(batch size, groups of hypothesis indices) whose peak fits the budget."""
+    def schedule(self, copy_graphs: Sequence[CopyGraph], n_examples: int, batch_size: int | None,
+                 whole: bool = False) -> tuple[int, list[list[int]]]:
+        """(batch size, groups of hypothesis indices) whose peak fits the budget.
+
+        With no `batch_size`, batches hold up to 64 examples, or all `n_examples` when `whole`
+        and the budget allows it (one batch: its cached runs can serve the next call).
+        """
         fixed = self.fixed_per_example()
         costs = [self.hypothesis_per_example(cg) for cg in copy_graphs]
         largest = max(costs, default=0)
@@ -239,7 +246,7 @@ class MemoryBudget:
                 f" hypothesis (~{fixed + largest} bytes); raise it"
             )
         if batch_size is None:
-            batch_size = int(min(64, n_examples, most))
+            batch_size = int(min(n_examples if whole else 64, n_examples, most))
         elif batch_size > most:
             raise PathPatchError(
                 f"batch_size={batch_size} does not fit memory_budget={self.budget} bytes (at most"

@@ -147,13 +147,14 @@ def test_runs_cache_reuses_both_runs_and_changes_nothing(monkeypatch):
     data = _dataset(model)
     built = []
 
+    cache: dict = {}
+
     class CountingRuns(engine.Runs):
         def __init__(self, *args):
-            built.append(1)
+            built.append(len(cache))  # runs cached while these are built
             super().__init__(*args)
 
     monkeypatch.setattr(engine, "Runs", CountingRuns)
-    cache: dict = {}
     first = evaluate(model, data, [Hypothesis("a", "a0.*")], runs_cache=cache)
     second = evaluate(model, data, [Hypothesis("b", "~a1.0")], runs_cache=cache)
     assert len(built) == 1 and len(cache) == 1
@@ -162,3 +163,29 @@ def test_runs_cache_reuses_both_runs_and_changes_nothing(monkeypatch):
     other = _dataset(model, seed=1)  # another shard replaces the cached one
     evaluate(model, other, [Hypothesis("a", "a0.*")], runs_cache=cache)
     assert len(cache) == 1 and len(built) == 4
+    assert built[-1] == 0  # the old shard's runs were freed first: one batch's runs at a time
+
+
+def test_with_a_runs_cache_a_large_shard_is_one_batch(monkeypatch):
+    """More than 64 examples: one batch when a cache can keep its runs, so the next call
+    reuses them; without a cache, batches of at most 64. Same numbers either way."""
+    import pathpatch.engine as engine
+
+    model = tiny_model("attn-only")
+    data = _dataset(model, n=100)
+    built = []
+
+    class CountingRuns(engine.Runs):
+        def __init__(self, *args):
+            built.append(args[1].shape[0])  # examples in the batch
+            super().__init__(*args)
+
+    monkeypatch.setattr(engine, "Runs", CountingRuns)
+    cache: dict = {}
+    hyps = [[Hypothesis("a", "a0.*")], [Hypothesis("b", "~a1.0")]]
+    cached = [evaluate(model, data, h, runs_cache=cache) for h in hyps]
+    assert built == [100]
+    built.clear()
+    plain = [evaluate(model, data, h) for h in hyps]
+    assert built == [64, 36, 64, 36]
+    assert all(a.equals(b) for a, b in zip(cached, plain))
