@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,9 @@ def gpt2_small_shaped(seed: int = 0, n_ctx: int = 64):
         act_fn="gelu_new", normalization_type="LN", seed=seed,
     )
     return HookedTransformer(cfg).eval()
+
+
+BENCH_PHASES = 4  # three engine families, then the hook baseline
 
 
 @dataclass
@@ -175,8 +179,13 @@ def _engine_seconds(model, graph, hyps, xr, xc, masks, budget, timer) -> tuple[f
 @torch.inference_mode()
 def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, seq_len: int = 32,
                          repeats: int = 2, seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                         baseline_hypotheses: int | None = None) -> dict:
-    """Ratios of the engine's per-hypothesis cost to a plain forward, and of the hook baseline's."""
+                         baseline_hypotheses: int | None = None,
+                         progress: Callable[[str], None] | None = None) -> dict:
+    """Ratios of the engine's per-hypothesis cost to a plain forward, and of the hook baseline's.
+
+    `progress(phase)` is called as each of the BENCH_PHASES phases starts (minutes on CPU).
+    """
+    step = progress or (lambda phase: None)
     torch.manual_seed(seed)
     model = model if model is not None else gpt2_small_shaped(seed)
     graph = Graph.from_model(model)
@@ -209,6 +218,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
                     "torch_threads": torch.get_num_threads(), "mixing_kernel": mixing_kernel()}
     engine_s = {}
     for name, hyps in families.items():
+        step(f"engine: {name}")
         total, compile_s, n_groups = _engine_seconds(model, graph, hyps, xr, xc, masks, memory_budget, timer)
         engine_s[name] = total / len(hyps)
         result[f"compile_s_per_hypothesis_{name}"] = round(compile_s / len(hyps), 4)
@@ -219,6 +229,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     for name, seconds in engine_s.items():
         result[f"engine_over_forward_{name}"] = round(seconds / forward_s, 3)
     # careful hook baseline on the same circuits (a subset if asked, cost is per hypothesis)
+    step("hook baseline")
     circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
     _, cf_cache = model.run_with_cache(xc)
     model.set_use_split_qkv_input(True)

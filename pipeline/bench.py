@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -80,15 +81,24 @@ def machine_scaling(spec_path: str | Path, n_items: int = 8) -> float:
     return run(2) / run(1)
 
 
+def bench_phases(repeats: int = 2) -> int:
+    """How many times `bench_pipeline` calls `progress`: three ways per repeat, the resume and
+    the scaling without Ray."""
+    return 3 * repeats + 2
+
+
 def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | None = None,
-                   repeats: int = 2) -> dict[str, Any]:
+                   repeats: int = 2, progress: Callable[[str], None] | None = None
+                   ) -> dict[str, Any]:
     """Time the sweep at `spec_path` (default jobs/bench.toml) three ways; see module doc.
 
     Each way runs `repeats` times, alternating, into fresh folders; the fastest run counts
-    (other load on the machine only ever slows a run down).
+    (other load on the machine only ever slows a run down). `progress(phase)` is called as each
+    of the `bench_phases(repeats)` phases starts.
     """
     from pipeline.executor import ray_session
 
+    step = progress or (lambda phase: None)
     spec = load_spec(spec_path or DEFAULT_SPEC)
     one = spec.with_resources(workers=1, threads_per_worker=1)
     two = spec.with_resources(workers=2, threads_per_worker=1)
@@ -103,14 +113,18 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
             shutil.rmtree(root / name, ignore_errors=True)
         with ray_session(None):
             for r in range(repeats):
+                step(f"in process, run {r + 1}/{repeats}")
                 runs["inprocess"].append(run_sweep(
                     one, root / f"inprocess-{r}", backend="inprocess", resolved=resolved,
                     progress=False))
+                step(f"Ray, 1 worker, run {r + 1}/{repeats}")
                 runs["ray1"].append(run_sweep(one, root / f"ray1-{r}", resolved=resolved,
                                               progress=False, executor_options=warm))
+                step(f"Ray, 2 workers, run {r + 1}/{repeats}")
                 runs["ray2"].append(run_sweep(two, root / f"ray2-{r}",
                                               resolved=replace(resolved, spec=two),
                                               progress=False, executor_options=warm))
+        step("resume of a finished sweep")
         resume = run_sweep(two, root / "ray2-0", resolved=replace(resolved, spec=two),
                            progress=False)
         first = _rows(root / "inprocess-0")
@@ -120,6 +134,8 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
         torch.set_num_threads(threads)
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+    step("two plain processes without Ray")
+    scaling = machine_scaling(spec_path or DEFAULT_SPEC)
     best = {way: max(outcomes, key=_rows_per_s) for way, outcomes in runs.items()}
     rates = {way: _rows_per_s(o) for way, o in best.items()}
     return {
@@ -134,6 +150,5 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
         "ray2_over_ray1": round(rates["ray2"] / rates["ray1"], 3),
         "resume_evaluations": resume.evaluations,
         "identical_results": bool(identical),
-        "two_processes_over_one_without_ray": round(machine_scaling(spec_path or DEFAULT_SPEC),
-                                                    3),
+        "two_processes_over_one_without_ray": round(scaling, 3),
     }

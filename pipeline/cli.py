@@ -121,19 +121,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
-        from pathpatch.benchmark import run_engine_benchmark
+        from pathpatch.benchmark import BENCH_PHASES, run_engine_benchmark
+        from pipeline.progress import Phases
 
         model = None
         if args.model != "gpt2-small-shape":
             from pathpatch.models import load_model
 
             model = load_model(args.model)
-        result = run_engine_benchmark(model, n_hypotheses=args.hypotheses, repeats=args.repeats)
+        phases = Phases(BENCH_PHASES, "bench engine")
+        try:
+            result = run_engine_benchmark(model, n_hypotheses=args.hypotheses,
+                                          repeats=args.repeats, progress=phases)
+        finally:
+            phases.close()
         result["allocator_keeps_freed_memory"] = keep_freed_memory()  # set by main(), both sides
     else:
-        from pipeline.bench import bench_pipeline
+        from pipeline.bench import bench_phases, bench_pipeline
+        from pipeline.progress import Phases
 
-        result = bench_pipeline(args.spec, keep=args.keep)
+        phases = Phases(bench_phases(), "bench pipeline")
+        try:
+            result = bench_pipeline(args.spec, keep=args.keep, progress=phases)
+        finally:
+            phases.close()
     print(json.dumps(result, indent=1))
     return 0
 

@@ -1,4 +1,5 @@
-"""Driver progress: one tqdm bar of work items with examples/s, ETA and failures."""
+"""Driver progress: one tqdm bar of work items with examples/s, ETA and failures; `Phases` for
+the benchmarks' few long steps."""
 
 from __future__ import annotations
 
@@ -45,4 +46,26 @@ class Progress:
                              requeued=self.requeued, refresh=False)
 
     def close(self) -> None:
+        self.bar.close()
+
+
+class Phases:
+    """A bar over a benchmark's few long phases, named as each starts (on stderr)."""
+
+    def __init__(self, total: int, desc: str):
+        self.desc = desc
+        self.bar = tqdm(total=total, desc=desc, unit="phase", file=sys.stderr,
+                        dynamic_ncols=True, bar_format="{desc} ({n}/{total} done, {elapsed})")
+        self.started = False
+
+    def __call__(self, phase: str) -> None:
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description_str(f"{self.desc}: {phase}")
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.update(1)
+            self.bar.set_description_str(f"{self.desc}: done")
         self.bar.close()
