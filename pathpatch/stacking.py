@@ -510,8 +510,9 @@ class GroupEvaluator:
             q = proj[[cr.rows[0][0] for cr in simple]]  # [copy, batch, pos, d_head]
             k = proj[[cr.rows[1][0] for cr in simple]]
             v = proj[[cr.rows[2][0] for cr in simple]]
-            scores = (q @ k.transpose(-1, -2) / attn.attn_scale).masked_fill(~causal, float("-inf"))
-            z = torch.softmax(scores, dim=-1) @ v  # [copy, batch, pos, d_head]
+            # torch's fused causal attention: no [pos, pos] scores written out and masked (7-8%
+            # of a small model's sweep item with 128 examples; the same numbers up to rounding)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})
         for cr in split:  # versions picked per query position / per (dest, src) pair
             q = _pick(proj[cr.rows[0]], self.positions.version_index(cr.copy.inputs[0]))
