@@ -65,7 +65,8 @@ class Phases:
         self.bar.set_description_str(f"{self.desc}: {phase}")
 
     def close(self) -> None:
-        if self.started:
+        """End the bar: "done" after the last phase, else left at the phase that stopped."""
+        if self.started and self.bar.n + 1 == self.bar.total:
             self.bar.update(1)
             self.bar.set_description_str(f"{self.desc}: done")
         self.bar.close()
