@@ -57,10 +57,15 @@ def _onednn_for(coef: torch.Tensor, source: torch.Tensor):
     return _onednn()
 
 
+def _onednn_mm(op, coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """coef @ source through oneDNN's linear, which takes the weight as [N, K]."""
+    return op(coef, source.t(), None, "none", [], "")
+
+
 def mix(coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """coef [M, K] @ source [K, N], a new [M, N] tensor."""
     op = _onednn_for(coef, source)
-    return coef @ source if op is None else op(coef, source.t(), None, "none", [], "")
+    return coef @ source if op is None else _onednn_mm(op, coef, source)
 
 
 def mix_add_(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -68,4 +73,4 @@ def mix_add_(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor) -> tor
     op = _onednn_for(coef, source)
     if op is None:
         return out.addmm_(coef, source)
-    return out.add_(op(coef, source.t(), None, "none", [], ""))
+    return out.add_(_onednn_mm(op, coef, source))

@@ -502,7 +502,6 @@ class GroupEvaluator:
         attn = self.model.blocks[stage.layer].attn
         B, T, d = self.runs.residual_at(stage.kind, stage.layer).shape
         proj = self._project(stage, x, (B, T, d)).view(stage.n_rows, B, T, -1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=proj.device).tril()
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]
         zs: dict[int, torch.Tensor] = {}
@@ -514,13 +513,15 @@ class GroupEvaluator:
             # of a small model's sweep item with 128 examples; the same numbers up to rounding)
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})
+        if split:  # keys after the query: the fused kernel above masks them itself
+            future = torch.ones(T, T, dtype=torch.bool, device=proj.device).triu(1)
         for cr in split:  # versions picked per query position / per (dest, src) pair
             q = _pick(proj[cr.rows[0]], self.positions.version_index(cr.copy.inputs[0]))
             k_index = self.positions.version_index(cr.copy.inputs[1])
             v_index = self.positions.version_index(cr.copy.inputs[2])
             keys, values = proj[cr.rows[1]], proj[cr.rows[2]]
             scores = _pick(q @ keys.transpose(-1, -2) / attn.attn_scale, k_index)
-            pattern = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+            pattern = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
             if v_index is None:
                 zs[id(cr)] = pattern @ values[0]
             else:
