@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
+from pathpatch.support import check_model
 
 
 class NodeKind(enum.Enum):
@@ -101,9 +102,10 @@ class Graph:
 
     @classmethod
     def from_model(cls, model) -> Graph:
-        """The graph of a TransformerLens HookedTransformer (checks the architecture is supported)."""
+        """The graph of a TransformerLens HookedTransformer; refuses, by name, any feature the
+        engine does not compute exactly (`support.py`)."""
+        check_model(model)
         cfg = model.cfg
-        check_supported(cfg)
         return cls(n_layers=cfg.n_layers, n_heads=cfg.n_heads, has_mlp=not cfg.attn_only)
 
     @cached_property
@@ -192,29 +194,3 @@ def describe(graph: Graph, *, edges: bool = False) -> str:
     if edges:
         lines += [f"  {e}" for e in graph.edges]
     return "\n".join(lines)
-
-
-def check_supported(cfg) -> None:
-    """Reject architectures whose forward pass the engine does not reproduce exactly."""
-    problems = []
-    if cfg.positional_embedding_type != "standard":
-        problems.append(f"positional_embedding_type={cfg.positional_embedding_type!r}")
-    for flag in ("parallel_attn_mlp", "use_attention_sinks", "use_qk_norm", "use_logn_attn"):
-        if getattr(cfg, flag, False):
-            problems.append(f"{flag}=True")
-    if getattr(cfg, "n_key_value_heads", None) not in (None, cfg.n_heads):
-        problems.append(f"n_key_value_heads={cfg.n_key_value_heads}")
-    if getattr(cfg, "attn_scores_soft_cap", -1.0) not in (None, -1.0):
-        problems.append(f"attn_scores_soft_cap={cfg.attn_scores_soft_cap}")
-    if getattr(cfg, "output_logits_soft_cap", -1.0) not in (None, -1.0):
-        problems.append(f"output_logits_soft_cap={cfg.output_logits_soft_cap}")
-    if getattr(cfg, "clip_qkv", None) is not None:
-        problems.append(f"clip_qkv={cfg.clip_qkv}")
-    if getattr(cfg, "attention_dir", "causal") != "causal":
-        problems.append(f"attention_dir={cfg.attention_dir!r}")
-    if problems:
-        raise PathPatchError(
-            "unsupported model architecture: " + ", ".join(problems)
-            + "; pathpatch supports GPT-2-style causal transformers with standard positional"
-            " embeddings (attention-only or with MLPs)"
-        )
