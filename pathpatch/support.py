@@ -66,7 +66,8 @@ def _softcap_off(value, cfg) -> bool:
 
 
 _ROTARY = "rotary embeddings only (positional_embedding_type='rotary' is refused)"
-# Architectures whose forward TransformerLens changes by name (components/, utilities/architectures.py)
+# Architectures whose forward TransformerLens changes by name (components/, utilities/architectures.py);
+# another name changes at most the MLP module (GptOssForCausalLM), which the engine calls as built
 _RENAMED_FORWARD = {
     "Olmo2ForCausalLM": "post-norm blocks and q/k norms over all heads",
     "Olmo3ForCausalLM": "post-norm blocks and q/k norms over all heads",
@@ -107,32 +108,29 @@ FIELDS: dict[str, Rule] = {
     # values the engine does not reproduce yet
     "positional_embedding_type": _only(
         "'standard'", lambda value, cfg: value == "standard",
-        "rotary, ALiBi, shortformer and relative position biases act inside attention"),
-    "parallel_attn_mlp": _off("parallel attention + MLP (GPT-J, GPT-NeoX) rewires the graph"),
+        "position information inside attention (rotary, ALiBi, shortformer, relative biases)"),
+    "parallel_attn_mlp": _off("parallel attention + MLP (GPT-J, GPT-NeoX)"),
     "n_key_value_heads": _only(
         "None or n_heads", lambda value, cfg: value is None or value == cfg.n_heads,
-        "grouped-query attention (shared keys and values)"),
-    "use_local_attn": _off("local/windowed attention (GPT-Neo): masked (dest, src) pairs"),
+        "grouped-query attention (keys and values shared across heads)"),
+    "use_local_attn": _off("local/windowed attention (GPT-Neo)"),
     "use_normalization_before_and_after": _off(
-        "normalization after attention and after the MLP (Gemma-2): the post-attention norm acts "
-        "on the sum of the layer's heads"),
-    "use_attention_sinks": _off("attention sinks (a learned extra column in the softmax)"),
+        "normalization after attention and after the MLP (Gemma-2; the post-attention norm acts "
+        "on the sum of the layer's heads)"),
+    "use_attention_sinks": _off("attention sinks (a learned extra softmax column)"),
     "use_qk_norm": _off("q/k norms inside each head"),
     "use_logn_attn": _off("log-n scaling of queries by position"),
-    "clip_qkv": _only("None", lambda value, cfg: value is None, "q/k/v clamped after projection"),
-    "attention_dir": _only("'causal'", lambda value, cfg: value == "causal",
-                           "bidirectional attention (the graph assumes causal reads)"),
-    "attn_scores_soft_cap": _only("-1.0 (off)", _softcap_off, "soft cap on attention scores"),
-    "output_logits_soft_cap": _only("-1.0 (off)", _softcap_off, "soft cap on the logits"),
-    "load_in_4bit": _off("4-bit quantized weights (the engine reads weight matrices directly)"),
-    "n_devices": _only("1", lambda value, cfg: value == 1,
-                       "a model split over several devices (the engine keeps one model on one device)"),
+    "clip_qkv": _only("None", lambda value, cfg: value is None, "q/k/v clamped after the projection"),
+    "attention_dir": _only("'causal'", lambda value, cfg: value == "causal", "bidirectional attention"),
+    "attn_scores_soft_cap": _only("-1.0 (off)", _softcap_off, "a soft cap on attention scores"),
+    "output_logits_soft_cap": _only("-1.0 (off)", _softcap_off, "a soft cap on the logits"),
+    "load_in_4bit": _off("4-bit quantized weights"),
+    "n_devices": _only("1", lambda value, cfg: value == 1, "a model split over several devices"),
     "original_architecture": _only(
         f"any but {', '.join(sorted(_RENAMED_FORWARD))}",
         lambda value, cfg: value not in _RENAMED_FORWARD,
-        "TransformerLens changes the forward of "
-        + "; ".join(f"{k} ({v})" for k, v in sorted(_RENAMED_FORWARD.items()))
-        + "; other names change only the MLP module (GptOssForCausalLM) or tokenization"),
+        "the forward TransformerLens builds for "
+        + "; ".join(f"{k} ({v})" for k, v in sorted(_RENAMED_FORWARD.items()))),
     # read by features refused above
     "window_size": _inert("local attention only (use_local_attn is refused)"),
     "attn_types": _inert("local attention only (use_local_attn is refused)"),
@@ -191,8 +189,8 @@ FIELDS: dict[str, Rule] = {
 _SUPPORTED = (
     "pathpatch computes causal transformers with standard positional embeddings exactly: "
     "LayerNorm, RMSNorm (with or without weights) or no norm; plain, gated, SoLU or "
-    "mixture-of-experts MLPs, or none; any attention scale (`pathpatch.support.FIELDS` "
-    "classifies every TransformerLens option)"
+    "mixture-of-experts MLPs, or none; any attention scale (docs/MODELS.md classifies every "
+    "TransformerLens option)"
 )
 
 
@@ -214,10 +212,11 @@ def unsupported(cfg) -> list[str]:
             default = _default(field)
             if default is dataclasses.MISSING or value != default:
                 problems.append(
-                    f"{field.name}={value!r} (a TransformerLens option pathpatch has not examined;"
-                    " supported: its default)")
+                    f"{field.name}={value!r}: a TransformerLens option pathpatch has not examined"
+                    f" (supported: its default, {default!r})")
         elif rule.support is Support.REFUSED and not rule.accepts(value, cfg):
-            problems.append(f"{field.name}={value!r} ({rule.why}; supported: {rule.supported})")
+            problems.append(f"{field.name}={value!r}: {rule.why} is not computed exactly"
+                            f" (supported: {rule.supported})")
     return problems
 
 
@@ -226,7 +225,7 @@ def check_supported(cfg) -> None:
     problems = unsupported(cfg)
     if problems:
         raise PathPatchError(
-            "unsupported model architecture: " + ", ".join(problems) + "; " + _SUPPORTED)
+            "unsupported model architecture: " + "; ".join(problems) + ". " + _SUPPORTED)
 
 
 def check_model(model) -> None:

@@ -270,7 +270,7 @@ def test_an_unexamined_transformer_lens_option_is_refused_unless_at_its_default(
         brand_new_option: bool = False
 
     check_supported(NewerConfig(**BASE))
-    with pytest.raises(PathPatchError, match="brand_new_option=True .*not examined"):
+    with pytest.raises(PathPatchError, match="brand_new_option=True: .*not examined"):
         check_supported(NewerConfig(**BASE, brand_new_option=True))
 
 
