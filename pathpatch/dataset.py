@@ -124,6 +124,11 @@ class PairDataset:
     def seq_len(self) -> int:
         return int(self.reference.shape[1])
 
+    def nbytes(self) -> int:
+        """Bytes its tensors hold (what a dataset of n such pairs costs is n times one's)."""
+        tensors = [t for t in self._fields().values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in [*tensors, *self.masks.values()])
+
     def select(self, index: slice | torch.Tensor) -> PairDataset:
         """Rows `index` as a new dataset (masks and answers follow; example ids are kept)."""
 

@@ -66,13 +66,22 @@ def compile_all(
     return out
 
 
-def _check_masks(hypotheses: Sequence, dataset) -> None:
+def _check_restrictions(hypotheses: Sequence, dataset) -> None:
+    """Masks the dataset has, positions and offsets within its sequences."""
+    T = dataset.seq_len
     for h in hypotheses:
         for r in h.restrictions:
             if r.kind == "mask" and r.value not in dataset.masks:
                 raise PathPatchError(
                     f"hypothesis {h.name!r} uses @mask={r.value} but the dataset has masks"
                     f" {sorted(dataset.masks) or '(none)'}"
+                )
+            beyond = ([v for v in r.value if v >= T] if r.kind in ("pos", "src")
+                      else [r.value] if r.kind == "offset" and r.value >= T else [])
+            if beyond:
+                raise PathPatchError(
+                    f"hypothesis {h.name!r}: {r} reaches position {beyond[0]}, beyond the "
+                    f"dataset's sequences (positions 0-{T - 1})"
                 )
 
 
@@ -87,7 +96,7 @@ def check(
     graph = graph_or_model if isinstance(graph_or_model, Graph) else Graph.from_model(graph_or_model)
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
     if dataset is not None:
-        _check_masks(hypotheses, dataset)
+        _check_restrictions(hypotheses, dataset)
     cfg = getattr(graph_or_model, "cfg", None)
     from pathpatch.copies import estimate_cost
 
@@ -142,8 +151,11 @@ def evaluate(
     names = [h.name for h in hypotheses]
     if len(set(names)) != len(names):
         raise PathPatchError(f"hypothesis names must be unique, got {names}")
+    if dataset.seq_len > model.cfg.n_ctx:
+        raise PathPatchError(f"the dataset's sequences have {dataset.seq_len} positions, more "
+                             f"than the model's context (n_ctx = {model.cfg.n_ctx})")
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
-    _check_masks(hypotheses, dataset)
+    _check_restrictions(hypotheses, dataset)
     dataset.validate(model.cfg.d_vocab)
     metric.check_dataset(dataset)
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)

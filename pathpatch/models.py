@@ -173,12 +173,27 @@ def model_digest(model: torch.nn.Module) -> str:
     Buffers are left out: TransformerLens fills its causal-mask buffer lazily, so they change
     with use while the model does not.
     """
+    return _digest(dict(model.named_parameters()))
+
+
+def _digest(parameters: Mapping[str, torch.Tensor]) -> str:
+    """`model_digest` of a model whose parameters are `parameters` (a saved state dict's)."""
     h = hashlib.sha256()
-    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+    for name, param in sorted(parameters.items(), key=lambda item: item[0]):
         t = param.detach().cpu().contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(param.shape)}\n".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _check_digest(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], src: str) -> None:
+    """A checkpoint JSON's digest must be that of the weights beside it (same pair, unchanged)."""
+    want = config.get("digest") if config.get("format") == CHECKPOINT_FORMAT else None
+    if want is not None and _digest(state_dict) != want:
+        raise PathPatchError(
+            f"{src}: the weights do not match the digest in their JSON ({str(want)[:12]}...): "
+            "the .json belongs to other weights or the weights file changed; save the "
+            "checkpoint again (pathpatch.models.save_checkpoint)")
 
 
 def bundled_config(name: str) -> dict[str, Any]:
@@ -198,6 +213,7 @@ def _load_bundled(name: str, device: str | torch.device, dtype: torch.dtype) -> 
     config = bundled_config(name)
     res = importlib.resources.files("pathpatch") / "bundled" / f"{name}.safetensors"
     state_dict = safetensors.torch.load(res.read_bytes())
+    _check_digest(config, state_dict, f"bundled model {name!r}")
     model = build_model(_arch_from_json(config, name), device=device, dtype=dtype, init_weights=False)
     _load_weights(model, state_dict, f"bundled model {name!r}")
     return model
@@ -215,7 +231,12 @@ def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype)
     except json.JSONDecodeError as err:
         raise PathPatchError(f"{json_path} is not valid JSON: {err}") from err
     if path.suffix == ".safetensors":
-        state_dict = safetensors.torch.load_file(str(path))
+        try:
+            state_dict = safetensors.torch.load_file(str(path))
+        except Exception as err:  # safetensors' own error type: truncated, corrupt, not one
+            raise PathPatchError(
+                f"{path} is not a readable safetensors file ({err}): it may be truncated or "
+                "corrupt; save the checkpoint again") from None
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
@@ -226,6 +247,7 @@ def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype)
             ) from err
         if not isinstance(state_dict, Mapping):
             raise PathPatchError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    _check_digest(config, state_dict, str(path))
     arch = _arch_from_json(config, str(json_path))
     model = build_model(arch, device=device, dtype=dtype, init_weights=False)
     _load_weights(model, state_dict, str(path))

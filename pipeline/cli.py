@@ -39,8 +39,8 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
         print(f"error: {outcome.failed} work item(s) failed every attempt; see "
               f"`pathpatch status {folder}` for their errors, fix the cause and run "
               f"`pathpatch resume {folder}`", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_ITEMS_FAILED
+    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("sweeps") / spec.name
     outcome = run_sweep(spec, out, backend=args.backend, address=args.address,
                         progress=not args.no_progress, resolved=resolved,
-                        spec_file=str(Path(args.spec).resolve()))
+                        spec_file=str(Path(args.spec).resolve()), force=args.force)
     return _finish(outcome, out, args.quiet)
 
 
@@ -67,7 +67,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     spec = _apply_overrides(load_sweep_spec(args.folder), args)
     outcome = run_sweep(spec, args.folder, backend=args.backend, address=args.address,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, force=args.force)
     return _finish(outcome, Path(args.folder), args.quiet)
 
 
@@ -114,7 +114,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise PathPatchError(f"{default} is missing: the demo runs from a source checkout")
     status = _cmd_run(argparse.Namespace(
         spec=str(default), out=args.out, dry_run=False, address=args.address, workers=None,
-        backend="ray", no_progress=False, quiet=False))
+        backend="ray", no_progress=False, quiet=False, force=False))
     _cmd_report(argparse.Namespace(folder=args.out))
     return status
 
@@ -188,6 +188,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="inprocess: no Ray, one item after another (debugging)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that holds a sweep of another name, model, metric "
+                        "or dtype (its result files stay on disk, out of the views)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+"""Exit statuses: 1 = some work items failed every attempt (the rest is written); 2 = bad input
+or an environment problem, reported before anything was written or lost; 130 = Ctrl-C."""
+
+
+def _sweep_being_run(args: argparse.Namespace) -> str | None:
+    """The folder `run`, `resume` or `demo` writes into (for the message after Ctrl-C)."""
+    if args.command not in ("run", "resume", "demo") or getattr(args, "dry_run", False):
+        return None
+    folder = getattr(args, "folder", None) or getattr(args, "out", None)
+    if folder is None:
+        from pipeline.spec import load_spec
+
+        try:
+            folder = str(Path("sweeps") / load_spec(args.spec).name)
+        except PathPatchError:
+            return None
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()
@@ -269,10 +292,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PathPatchError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        folder = _sweep_being_run(args)
+        resume = f"; `pathpatch resume {folder}` finishes it" if folder else ""
+        print(f"\ninterrupted: every result written so far is kept{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `pathpatch sql ... | head`: the reader left; not an error
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silence the flush at exit
         return 0
+    except OSError as err:  # the environment, not the input: a full disk, permissions
+        if os.environ.get("PATHPATCH_TRACEBACK"):
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where} (PATHPATCH_TRACEBACK=1 shows where)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

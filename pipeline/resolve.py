@@ -75,7 +75,7 @@ def resolve(spec: SweepSpec) -> Resolved:
         raise PathPatchError(f"model = {spec.model!r} could not be loaded ({err}); check the "
                              "name or path") from None
     vocab = int(model.cfg.d_vocab)
-    dataset = _load_dataset(spec, vocab)
+    dataset = _load_dataset(spec, vocab, n_ctx=int(model.cfg.n_ctx))
     if metric.check is not None:
         try:
             metric.check(dataset)
@@ -114,7 +114,57 @@ def resolve(spec: SweepSpec) -> Resolved:
                     hypotheses=hypotheses, plan=plan)
 
 
-def _load_dataset(spec: SweepSpec, vocab: int) -> PairDataset:
+def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:
+    """What a generated dataset would allocate, checked before it is: the sequence length
+    against the model's context, the pair count against this machine's free memory (a
+    one-example probe measures the bytes per example, [dest, src] masks included)."""
+    import inspect
+
+    from pathpatch.tasks import DATASETS
+
+    params = dict(spec.dataset_params())
+    n = params.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PathPatchError(f"dataset.n = {n!r}: give the number of pairs as an integer >= 1")
+    fn = DATASETS.get(spec.dataset.kind)
+    if fn is None:
+        return  # make_dataset names the known kinds
+    default = inspect.signature(fn).parameters.get("seq_len")
+    seq_len = params.get("seq_len", default.default if default is not None else None)
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
+                                or seq_len < 1):
+        raise PathPatchError(f"dataset.seq_len = {seq_len!r}: give an integer >= 1")
+    if seq_len is not None and seq_len > n_ctx:
+        raise PathPatchError(
+            f"dataset.seq_len = {seq_len} is longer than the model's context (n_ctx = {n_ctx}, "
+            f"model {spec.model!r}): give seq_len <= {n_ctx}")
+    try:
+        probe = make_dataset(spec.dataset.kind, **{**params, "n": 1})
+    except (PathPatchError, TypeError, ValueError, RuntimeError):
+        return  # the full call below reports the bad parameter
+    per_example = probe.nbytes()
+    available = _available_memory()
+    if available is not None and n * per_example > available // 2:
+        need = n * per_example
+        raise PathPatchError(
+            f"dataset (kind = {spec.dataset.kind!r}, n = {n}, seq_len = {seq_len}) would take "
+            f"{need / 2**30:,.1f} GiB ({per_example:,} bytes per pair), more than half of this "
+            f"machine's {available / 2**30:.1f} GiB of free memory: lower dataset.n or seq_len")
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _load_dataset(spec: SweepSpec, vocab: int, n_ctx: int) -> PairDataset:
     if spec.dataset.path is not None:
         try:
             dataset = load_parquet(spec.dataset.path, vocab_size=vocab)
@@ -124,10 +174,7 @@ def _load_dataset(spec: SweepSpec, vocab: int) -> PairDataset:
             raise PathPatchError(f"dataset.path = {spec.dataset.path!r} cannot be read ({err}); "
                                  "give a Parquet file of pairs") from None
     else:
-        n = dict(spec.dataset.params).get("n")
-        if isinstance(n, int) and not isinstance(n, bool) and n < 1:
-            raise PathPatchError(f"dataset.n = {n}: the dataset would be empty and a shard "
-                                 "needs at least one example; give n >= 1")
+        _check_generated_size(spec, n_ctx)
         try:
             dataset = make_dataset(spec.dataset.kind, **spec.dataset_params())
         except PathPatchError as err:
@@ -138,6 +185,10 @@ def _load_dataset(spec: SweepSpec, vocab: int) -> PairDataset:
     if len(dataset) == 0:
         raise PathPatchError("dataset has no examples: every shard needs at least one; raise "
                              "dataset.n or check the file")
+    if dataset.seq_len > n_ctx:
+        raise PathPatchError(
+            f"dataset sequences have {dataset.seq_len} positions, more than the model's context "
+            f"(n_ctx = {n_ctx}, model {spec.model!r}): give sequences of at most {n_ctx} tokens")
     try:
         dataset.validate(vocab, where="dataset")
     except PathPatchError as err:

@@ -184,7 +184,7 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
             raise PathPatchError(f"{where}: missing required key '{key}'; see docs/PIPELINE.md "
                                  "or jobs/default.toml for an example")
 
-    name = _string(raw.get("name", default_name), "name", where)
+    name = _sweep_name(raw.get("name", default_name), where)
     model = _model(raw["model"], base, where)
     dataset = _dataset(raw["dataset"], base, where)
     shard_size = _int(raw.get("shard_size", 64), "shard_size", where, low=1)
@@ -320,6 +320,18 @@ def _string(value: Any, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise PathPatchError(f"{where}: {key} = {value!r} must be a non-empty string")
     return value
+
+
+def _sweep_name(value: Any, where: str) -> str:
+    """The sweep's folder name under sweeps/: one plain path component, so it cannot escape."""
+    name = _string(value, "name", where)
+    if (len(name) > 128 or name.startswith((".", "~")) or "/" in name or "\\" in name
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise PathPatchError(
+            f"{where}: name = {name!r} must be a plain folder name (letters, digits, spaces, "
+            "'-', '_', '.'; no '/', no leading '.' or '~', at most 128 characters): it names "
+            "the sweep's folder under sweeps/; give --out for a folder elsewhere")
+    return name
 
 
 def _int(value: Any, key: str, where: str, *, low: int, extra: str = "") -> int:

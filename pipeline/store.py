@@ -134,6 +134,52 @@ class SweepFolder:
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
+    # --- what may be written where ------------------------------------------------------------
+
+    def check_target(self, identity: dict[str, Any], *, force: bool = False) -> None:
+        """Refuse, before anything is written, a folder this sweep would damage or hide.
+
+        Writes go to a new folder, an empty one, or a sweep folder of the same identity (name,
+        model digest, metric, dtype: what makes its rows comparable); another sweep's folder
+        only with `force` (its result files stay on disk, out of the views). A folder holding
+        anything else is never written into.
+
+        Raises:
+            PathPatchError: naming the folder, what is in the way, and the fix.
+        """
+        root = self.root
+        existing = next(p for p in [root, *root.parents] if p.exists() or p == p.parent)
+        if existing.exists() and not existing.is_dir():
+            where = "is a file" if existing == root else f"is under {existing}, which is a file"
+            raise PathPatchError(f"sweep folder {str(root)!r} {where}: give a folder path (--out)")
+        if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+            raise PathPatchError(f"sweep folder {str(root)!r}: {existing} is not writable by this "
+                                 "user; give --out a folder you can write to")
+        if not root.is_dir():
+            return
+        if not self.manifest_path.exists():
+            theirs = sorted(p.name for p in root.iterdir()
+                            if p.name != ".lock" and TEMP_MARK not in p.name)
+            if theirs:
+                raise PathPatchError(
+                    f"{str(root)!r} is not empty and is not a pathpatch sweep folder (it holds "
+                    f"{', '.join(theirs[:5])}{' ...' if len(theirs) > 5 else ''}): nothing there "
+                    "is overwritten; give --out a new or empty folder")
+            return
+        try:
+            manifest = self.read_manifest()
+        except PathPatchError:
+            raise PathPatchError(
+                f"{str(root)!r} holds a manifest.json that is not a pathpatch sweep's: nothing "
+                "there is overwritten; give --out a new or empty folder") from None
+        differ = [f"{key} {manifest.get(key)!r} -> {value!r}" for key, value in identity.items()
+                  if manifest.get(key) != value]
+        if differ and not force:
+            raise PathPatchError(
+                f"{str(root)!r} holds another sweep ({'; '.join(differ)}): its results would "
+                "drop out of the views; give --out a new folder, or --force to take the folder "
+                "over (its result files stay on disk)")
+
     # --- spec, manifest, events -------------------------------------------------------------
 
     def exists(self) -> bool:

@@ -98,6 +98,7 @@ def run_sweep(
     ray_init: dict[str, Any] | None = None,
     spec_file: str = "",
     executor_options: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> SweepOutcome:
     """Run (or resume) the sweep `spec` into folder `out`.
 
@@ -112,10 +113,11 @@ def run_sweep(
         ray_init: extra `ray.init` arguments for a local cluster started here.
         spec_file: where the spec was read from (recorded in the manifest).
         executor_options: `ExecutorOptions` fields to override (e.g. warm_start=True).
+        force: take over `out` when it holds a sweep of another identity (`check_target`).
 
     Raises:
-        PathPatchError: invalid spec (before anything is written), folder locked by another
-            driver, or no worker could start.
+        PathPatchError: invalid spec or a folder that must not be written (before anything is
+            written), folder locked by another driver, or no worker could start.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r}: allowed are {BACKENDS}")
@@ -127,6 +129,8 @@ def run_sweep(
         probe_address(address)  # a wrong address fails here, before anything is written
     plan = resolved.plan
     folder = SweepFolder(out)
+    folder.check_target({"name": spec.name, "model_digest": plan.model_digest,
+                         "metric": plan.metric, "dtype": plan.dtype}, force=force)
     outcome = SweepOutcome(folder=folder.root, total=len(plan.items))
     with folder.locked():
         stale = folder.remove_stale_temps()
@@ -141,10 +145,11 @@ def run_sweep(
             "batch_size": spec.resources.batch_size,
             "memory_budget": spec.resources.memory_budget,
         }
-        folder.write_spec(spec.source, spec_hash)
+        # the manifest first: it marks the folder as a sweep's before spec.toml is written
         folder.write_manifest(build_manifest(
             plan, spec_name=spec.name, spec_hash=spec_hash, spec_file=spec_file,
             base_dir=spec.base_dir, model=spec.model, seed=spec.seed, provenance=provenance))
+        folder.write_spec(spec.source, spec_hash)
 
         pending: list[WorkItem] = []
         for item in plan.items:
