@@ -8,10 +8,12 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: setup demo test lint
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+# editable_mode=compat puts the checkout on sys.path, so a folder named pathpatch/ or pipeline/
+# in the working directory (the clone's parent folder) cannot shadow the packages
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt $(TORCH_SPEC) -e '.[test]'
+	$(PIP) install -q -c constraints.txt $(TORCH_SPEC) -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 demo: setup

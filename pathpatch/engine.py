@@ -34,6 +34,8 @@ class HypothesisCost:
     mixed_copies: int
     est_cost: float
     """Estimated compute of its mixed copies, in plain forward passes (per batch)."""
+    matches: str = "some"
+    """"none" (P = {}: G_H is the counterfactual run), "all" (the clean run) or "some" paths."""
 
 
 @contextmanager
@@ -98,10 +100,12 @@ def check(
     if dataset is not None:
         _check_restrictions(hypotheses, dataset)
     cfg = getattr(graph_or_model, "cfg", None)
-    from pathpatch.copies import estimate_cost
+    from pathpatch.copies import CF, CLEAN, estimate_cost
 
+    matches = {CF: "none", CLEAN: "all"}
     return [
-        HypothesisCost(h.name, cg.n_mixed, estimate_cost(cg, cfg) if cfg is not None else float("nan"))
+        HypothesisCost(h.name, cg.n_mixed, estimate_cost(cg, cfg) if cfg is not None else float("nan"),
+                       matches.get(cg.root, "some"))
         for h, cg in zip(hypotheses, copy_graphs, strict=True)
     ]
 

@@ -98,8 +98,8 @@ def induction_initial(
     queries; previous-token-K: their keys read previous-token heads that read the embedding.
     Every path listed sees x_r; all others see x_c.
     """
-    if not prev_heads or not induction_heads:
-        raise PathPatchError("induction_initial needs prev_heads and induction_heads (globs)")
+    prev_heads = _globs("induction_initial", "prev_heads", prev_heads)
+    induction_heads = _globs("induction_initial", "induction_heads", induction_heads)
     for glob in (*prev_heads, *induction_heads):
         compile_pattern(parse(glob), graph, where="induction_initial")
     ind = list(induction_heads)
@@ -128,8 +128,8 @@ def induction_refined(
     The last two let the values arrive by any route (e.g. through layer-0 heads), still only
     from the copied token's position.
     """
-    if not prev_heads or not induction_heads:
-        raise PathPatchError("induction_refined needs prev_heads and induction_heads (globs)")
+    prev_heads = _globs("induction_refined", "prev_heads", prev_heads)
+    induction_heads = _globs("induction_refined", "induction_heads", induction_heads)
     ind = list(induction_heads)
     after = "@mask=after_prev_occurrence"
     v = _alternatives(ind, "in -> {}[v]" + after + " -> out")
@@ -170,6 +170,25 @@ def expand_family(graph: Graph, family: str, **params) -> list[Hypothesis]:
         raise PathPatchError(f"family {family!r}: bad parameters {sorted(params)}: {err}") from None
 
 
+def check_name(name: object, where: str) -> str:
+    """A hypothesis name: a one-line printable string (it labels rows, SQL results, plots)."""
+    if not isinstance(name, str) or not name.strip():
+        raise PathPatchError(f"{where}: name = {name!r} must be a non-empty string")
+    if len(name) > 200 or not name.isprintable():
+        raise PathPatchError(f"{where}: name = {name!r} must be one line of printable "
+                             "characters (no newline, tab or NUL), at most 200 long")
+    return name
+
+
+def _globs(family: str, key: str, value: object) -> list[str]:
+    """A family's list-of-globs parameter (a bare string would be read letter by letter)."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or not value \
+            or not all(isinstance(v, str) for v in value):
+        raise PathPatchError(f"{family} needs {key} as a non-empty list of node globs, e.g. "
+                             f"{key} = [\"a0.3\"]; got {value!r}")
+    return list(value)
+
+
 def load_hypotheses(entries: Iterable[dict], graph: Graph) -> list[Hypothesis]:
     """Hypotheses from TOML tables: `{name, pattern}` or `{family, ...params}`; names unique."""
     out: list[Hypothesis] = []
@@ -190,7 +209,10 @@ def load_hypotheses(entries: Iterable[dict], graph: Graph) -> list[Hypothesis]:
                 f"{where}: a hypothesis is {{name = ..., pattern = ...}} or {{family = ..., ...}};"
                 f" got keys {sorted(entry)}"
             )
-        hyp = Hypothesis(str(entry["name"]), entry["pattern"])
+        name, pattern = entry["name"], entry["pattern"]
+        if not isinstance(pattern, str):
+            raise PathPatchError(f"{where}: pattern = {pattern!r} must be a string")
+        hyp = Hypothesis(check_name(name, where), pattern)
         hyp.compile(graph)  # parse + resolve names now, so errors point here
         out.append(hyp)
     seen: set[str] = set()

@@ -1,4 +1,5 @@
-"""The `pathpatch` command line: one subcommand per verb, each a thin call into a module."""
+"""The `pathpatch` command line: one subcommand per verb, each a thin call into a module
+(user-facing text: DESCRIPTION and EPILOG below)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,28 @@ def _apply_overrides(spec, args: argparse.Namespace):
     return spec.with_resources(**changes) if changes else spec
 
 
+SCORES_LEGEND = (
+    "proportion_explained = 1 - aue/ate: the share of the effect that the hypothesis's paths "
+    "carry (1: all of it; may be negative; NULL when ate is ~0)\n"
+    "pe_low, pe_high: its 95% confidence interval (delta method over the n pairs)\n"
+    "aue, ate: mean unexplained effect delta(G(x_r), G_H) and total effect delta(G(x_r), "
+    "G(x_c)) over the n (reference, counterfactual) pairs; delta = {metric}")
+
+
 def _finish(outcome, folder: Path, quiet: bool) -> int:
     from pipeline.query import run_query
 
     print(outcome.summary())
     if not quiet:
-        print(run_query([folder], "SELECT hypothesis, n, aue, ate, proportion_explained, "
-                                  "pe_low, pe_high FROM scores ORDER BY hypothesis LIMIT 30"))
-        print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"")
+        print(run_query([folder], "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
+                                  "aue, ate FROM scores ORDER BY proportion_explained DESC NULLS "
+                                  "LAST, hypothesis LIMIT 30"))
+        print(SCORES_LEGEND.format(metric=outcome.metric or "delta"))
+        print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"; per-example rows in "
+              "the view results; a report: pathpatch report " + str(folder))
     if outcome.failed:
+        print(f"partial: the scores above cover {outcome.total - outcome.failed} of "
+              f"{outcome.total} work items", file=sys.stderr)
         print(f"error: {outcome.failed} work item(s) failed every attempt; see "
               f"`pathpatch status {folder}` for their errors, fix the cause and run "
               f"`pathpatch resume {folder}`", file=sys.stderr)
@@ -44,18 +58,25 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.spec import load_spec
+    from pipeline.store import SweepFolder
+
+    spec = _apply_overrides(load_spec(args.spec), args)  # before the heavy imports: fast errors
+    out = Path(args.out) if args.out else Path("sweeps") / spec.name
+    if not args.dry_run:
+        SweepFolder(out).check_target(None)  # a file, unwritable, someone else's: say so now
+
     from pipeline.plan import describe
     from pipeline.resolve import resolve
-    from pipeline.spec import load_spec
     from pipeline.sweep import run_sweep
 
-    spec = _apply_overrides(load_spec(args.spec), args)
     resolved = resolve(spec)
+    for warning in resolved.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         print(describe(resolved.plan))
         print("dry run: nothing was written and no cluster was started")
         return 0
-    out = Path(args.out) if args.out else Path("sweeps") / spec.name
     outcome = run_sweep(spec, out, backend=args.backend, address=args.address,
                         progress=not args.no_progress, resolved=resolved,
                         spec_file=str(Path(args.spec).resolve()), force=args.force)
@@ -63,6 +84,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    from pipeline.store import SweepFolder
+
+    SweepFolder(args.folder).read_manifest()  # not a sweep folder: say so before heavy imports
     from pipeline.sweep import load_sweep_spec, run_sweep
 
     spec = _apply_overrides(load_sweep_spec(args.folder), args)
@@ -193,8 +217,25 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "or dtype (its result files stay on disk, out of the views)")
 
 
+DESCRIPTION = """\
+Path patching sweeps (Goldowsky-Dill et al. 2023): test where a model's behaviour lives by
+running many hypotheses (sets of paths through the model) over a dataset of (reference,
+counterfactual) pairs on a Ray cluster, then query the scores with SQL."""
+EPILOG = """\
+first steps:
+  pathpatch demo                                    the default sweep on the bundled model
+  pathpatch run jobs/induction_refinement.toml --dry-run
+  pathpatch sql sweeps/default "SELECT * FROM scores ORDER BY proportion_explained DESC"
+
+exit status: 0 done; 1 some work items failed (the rest is written); 2 bad input or an
+environment problem (nothing written or lost); 130 interrupted (resume finishes it).
+docs: README.md, docs/PIPELINE.md (specs, folders, SQL), docs/PATTERNS.md (hypotheses)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathpatch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="pathpatch", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -214,13 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("resume", help="finish a sweep folder with the spec it was run with")
-    p.add_argument("folder")
+    p.add_argument("folder", help="the sweep folder (e.g. sweeps/default)")
     _add_run_options(p)
     p.set_defaults(func=_cmd_resume)
 
     p = sub.add_parser("status", help="done / failed / pending work items of a sweep folder")
-    p.add_argument("folder")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("folder", help="the sweep folder (e.g. sweeps/default)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--by", choices=("hypothesis", "shard"), help="break counts down")
     p.set_defaults(func=_cmd_status)
 
@@ -228,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "items)")
     p.add_argument("args", nargs="+", metavar="DIR... QUERY",
                    help="one or more sweep folders, then the query")
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="output format (default: table)")
     p.set_defaults(func=_cmd_sql)
 
     p = sub.add_parser("demo", help="run the default induction sweep (jobs/default.toml)")
-    p.add_argument("--out", default="sweeps/default")
+    p.add_argument("--out", default="sweeps/default", help="sweep folder (default: sweeps/default)")
     p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     p.set_defaults(func=_cmd_demo)
 
@@ -252,15 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_graph)
 
     p = sub.add_parser("explain", help="what a pattern means on a model: |P|, sample paths, copies")
-    p.add_argument("model")
+    p.add_argument("model", help="bundled name, TransformerLens name, HF directory or checkpoint")
     p.add_argument("pattern", help='e.g. "in -> a1.*[v] -> out" (grammar: docs/PATTERNS.md)')
-    p.add_argument("--name", default="pattern")
+    p.add_argument("--name", default="pattern", help="label printed with the result")
     p.add_argument("--seq-len", type=int, default=8, help="positions to count paths over")
     p.add_argument("--dataset", help="task whose first example supplies @mask= masks (induction)")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="write report.png and report.html into a sweep folder")
-    p.add_argument("folder")
+    p.add_argument("folder", help="the sweep folder (e.g. sweeps/default)")
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -24,17 +24,34 @@ class Progress:
         self.examples = 0
         self.failed = 0
         self.requeued = 0
+        self.enabled = enabled
+        self._clock_started = False
         self._update_postfix()
 
     def done(self, examples: int) -> None:
         self.examples += examples
-        self._update_postfix()
-        self.bar.update(1)
+        self._advance()
 
     def fail(self) -> None:
         self.failed += 1
+        self._advance()
+
+    def _advance(self) -> None:
+        """Count one item. The first one restarts the clock instead of setting a rate: before
+        it, workers were starting, and a rate over that would make the first ETA many times
+        too long; ETA and examples/s count from it."""
+        if self._clock_started or not self.enabled:
+            self._update_postfix()
+            self.bar.update(1)
+            return
+        self._clock_started = True
+        n = self.bar.n + 1
+        self.bar.reset(total=self.bar.total)
+        self.bar.n = self.bar.last_print_n = self.bar.initial = n
+        self.start = time.perf_counter()
+        self.examples = 0
         self._update_postfix()
-        self.bar.update(1)
+        self.bar.refresh()
 
     def requeue(self) -> None:
         self.requeued += 1

@@ -39,6 +39,7 @@ class Resolved:
         shards: `pathpatch.dataset.Shard`s, in order.
         hypotheses: `pathpatch.hypotheses.Hypothesis` objects, in spec order (opaque here).
         plan: the work items.
+        warnings: what is valid but likely not meant (a pattern that matches no path).
     """
 
     spec: SweepSpec
@@ -47,6 +48,7 @@ class Resolved:
     shards: tuple[Shard, ...]
     hypotheses: tuple[Any, ...]
     plan: Plan
+    warnings: tuple[str, ...] = ()
 
     def hypotheses_of(self, names: tuple[str, ...]) -> list[Any]:
         by_name = {h.name: h for h in self.hypotheses}
@@ -110,8 +112,13 @@ def resolve(spec: SweepSpec) -> Resolved:
                                id=s.id) for s in shards),
         hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
     )
+    warnings = tuple(
+        f"hypothesis {h.name!r} ({h.pattern}) matches no path: it equals `none` (G_H is the "
+        "counterfactual run, so its unexplained effect is the total effect)"
+        for h, c in zip(hypotheses, costs, strict=True) if c.matches == "none" and h.canonical != "none"
+    )
     return Resolved(spec=spec, model=model, dataset=dataset, shards=shards,
-                    hypotheses=hypotheses, plan=plan)
+                    hypotheses=hypotheses, plan=plan, warnings=warnings)
 
 
 def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:

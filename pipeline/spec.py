@@ -158,10 +158,16 @@ def load_spec(path: str | Path) -> SweepSpec:
         PathPatchError: the file is missing or not TOML, or a key is unknown or invalid.
     """
     path = Path(path)
+    if path.is_dir():
+        raise PathPatchError(f"sweep spec {str(path)!r} is a folder: give the path of a .toml file "
+                             "in it (jobs/default.toml is an example)")
     if not path.is_file():
         raise PathPatchError(f"sweep spec {str(path)!r} does not exist: give the path of a .toml "
                              "file (jobs/default.toml is an example)")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PathPatchError(f"sweep spec {str(path)!r} cannot be read as UTF-8 text ({err})") from None
     return parse_spec(text, base_dir=path.resolve().parent, default_name=path.stem,
                       where=str(path))
 

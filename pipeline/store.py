@@ -136,13 +136,14 @@ class SweepFolder:
 
     # --- what may be written where ------------------------------------------------------------
 
-    def check_target(self, identity: dict[str, Any], *, force: bool = False) -> None:
+    def check_target(self, identity: dict[str, Any] | None, *, force: bool = False) -> None:
         """Refuse, before anything is written, a folder this sweep would damage or hide.
 
         Writes go to a new folder, an empty one, or a sweep folder of the same identity (name,
         model digest, metric, dtype: what makes its rows comparable); another sweep's folder
         only with `force` (its result files stay on disk, out of the views). A folder holding
-        anything else is never written into.
+        anything else is never written into. `identity=None` checks all but the identity
+        (before the model is loaded).
 
         Raises:
             PathPatchError: naming the folder, what is in the way, and the fix.
@@ -172,8 +173,8 @@ class SweepFolder:
             raise PathPatchError(
                 f"{str(root)!r} holds a manifest.json that is not a pathpatch sweep's: nothing "
                 "there is overwritten; give --out a new or empty folder") from None
-        differ = [f"{key} {manifest.get(key)!r} -> {value!r}" for key, value in identity.items()
-                  if manifest.get(key) != value]
+        differ = [f"{key} {manifest.get(key)!r} -> {value!r}"
+                  for key, value in (identity or {}).items() if manifest.get(key) != value]
         if differ and not force:
             raise PathPatchError(
                 f"{str(root)!r} holds another sweep ({'; '.join(differ)}): its results would "

@@ -48,6 +48,7 @@ class SweepOutcome:
         nodes: Ray node ids that ran work.
         seconds: time spent executing (cluster start-up excluded).
         examples, rows: examples evaluated (per item, summed) and result rows written.
+        metric: the delta the scores are in.
     """
 
     folder: Path
@@ -61,6 +62,7 @@ class SweepOutcome:
     seconds: float = 0.0
     examples: int = 0
     rows: int = 0
+    metric: str = ""
 
     def summary(self) -> str:
         return (f"{self.total} items: {self.skipped} already done, {self.evaluations} computed, "
@@ -131,7 +133,7 @@ def run_sweep(
     folder = SweepFolder(out)
     folder.check_target({"name": spec.name, "model_digest": plan.model_digest,
                          "metric": plan.metric, "dtype": plan.dtype}, force=force)
-    outcome = SweepOutcome(folder=folder.root, total=len(plan.items))
+    outcome = SweepOutcome(folder=folder.root, total=len(plan.items), metric=plan.metric)
     with folder.locked():
         stale = folder.remove_stale_temps()
         spec_hash = spec.digest()
@@ -183,7 +185,7 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
                   hypotheses=tuple(resolved.hypotheses_of(tuple(h.name for h in
                                                                  item.hypotheses))))
              for item in pending]
-    bar = Progress(len(pending), skipped=outcome.skipped, enabled=progress)
+    bar: Progress | None = None  # made once the cluster is up: Ray's start-up lines come first
 
     def shard_data(shard_id: str):
         return shards[shard_id].take(resolved.dataset)
@@ -201,38 +203,48 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
         outcome.nodes.add(info.node)
         folder.log("item_done", item=item.id, node=info.node, pid=info.pid,
                    seconds=round(info.seconds, 4))
-        bar.done(info.examples)
+        if bar is not None:
+            bar.done(info.examples)
 
     def on_failed(task: Task, error: str, attempts: int) -> None:
         folder.record_failure(task.item_id, error, attempts)
         folder.log("item_failed", item=task.item_id, error=error, attempts=attempts)
         outcome.failed += 1
-        bar.fail()
+        if bar is not None:
+            bar.fail()
 
     def event(name: str, **fields: Any) -> None:
         if name != "submitted":
             folder.log(name, **fields)
         if name == "requeued":
             outcome.requeues += 1
-            bar.requeue()
+            if bar is not None:
+                bar.requeue()
         if on_event is not None:
             on_event(name, **fields)
+
+    def start_bar() -> None:
+        nonlocal bar
+        bar = Progress(len(pending), skipped=outcome.skipped, enabled=progress)
 
     options = replace(_executor_options(resolved.spec), **executor_options)
     try:
         if backend == "inprocess":
+            start_bar()
             _run_in_process(resolved, tasks, shard_data, on_done, on_failed, event,
                             options.max_attempts, outcome)
         else:
             from pipeline.executor import RayExecutor, ray_session
 
             with ray_session(address, **ray_init):
+                start_bar()
                 executor = RayExecutor(worker_config(resolved), options, on_event=event)
                 stats = executor.run(tasks, shard_data, on_done, on_failed)
             outcome.evaluations = stats.evaluations
             outcome.seconds = stats.seconds
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def _executor_options(spec: SweepSpec):
