@@ -51,6 +51,32 @@ def intervals_axes(ax, scores, max_rows: int = 40) -> None:
     ax.set_title("hypotheses" if total <= max_rows else f"the {max_rows} explaining least, of {total}")
 
 
+def spread_axes(ax, scores, per_example: dict[str, list[float]], max_rows: int = 40) -> None:
+    """Per-example proportion explained (1 - UE/TE of each pair) for the hypotheses of
+    `intervals_axes`, in its order: a mean can hide pairs the hypothesis explains and pairs
+    it does not."""
+    rows = [r for r in _rows(scores) if r.get("proportion_explained") is not None]
+    rows.sort(key=lambda r: r["proportion_explained"])
+    rows = [r for r in rows[:max_rows][::-1] if per_example.get(r["hypothesis"])]
+    if not rows:
+        ax.set_axis_off()
+        return
+    data = [per_example[r["hypothesis"]] for r in rows]
+    y = list(range(len(rows)))[::-1]
+    ax.boxplot(data, positions=y, vert=False, widths=0.6, whis=(5, 95), showfliers=False,
+               medianprops=dict(color="tab:orange"))
+    ax.scatter([r["proportion_explained"] for r in rows], y, s=12, color="tab:blue", zorder=3,
+               label="mean ratio (1 - AUE/ATE)")
+    ax.axvline(0, color="black", lw=0.6)
+    ax.axvline(1, color="black", lw=0.6, ls=":")
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"{r['hypothesis']} ({len(per_example[r['hypothesis']])} pairs)" for r in rows],
+                       fontsize=7)
+    ax.set_xlabel("per-example 1 - UE/TE (box: quartiles, whiskers: 5-95%)")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("spread over examples")
+
+
 def node_matrix(scores) -> tuple[list[list[float | None]], bool] | None:
     """[layer][head (+ MLP column)] of AUE/ATE for node-removal hypotheses, or None."""
     found = {}
@@ -139,10 +165,14 @@ def edges_axes(ax, scores, top_k: int = 20) -> bool:
     return True
 
 
-def report_figure(scores, title: str = "") -> Figure:
-    """All panels that apply to these scores, in one figure."""
+def report_figure(scores, title: str = "", per_example: dict[str, list[float]] | None = None
+                  ) -> Figure:
+    """All panels that apply to these scores, in one figure (`per_example`: hypothesis ->
+    each pair's 1 - UE/TE, for the spread panel)."""
     rows = _rows(scores)
     panels = [intervals_axes]
+    if per_example:
+        panels.append(lambda ax, rows: spread_axes(ax, rows, per_example))
     if node_matrix(rows) is not None:
         panels.append(heatmap_axes)
     if any(_EDGE.match(r["hypothesis"]) for r in rows):

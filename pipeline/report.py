@@ -21,6 +21,22 @@ from pipeline.store import atomic_write_bytes
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_low", "pe_high")
 
 
+def _per_example_ratios(con, limit: int = 5000) -> dict[str, list[float]]:
+    """hypothesis -> each pair's 1 - UE/TE (pairs with |TE| < MIN_ATE left out), a seeded
+    sample of at most `limit` pairs per hypothesis (a plot needs no more)."""
+    from pipeline.query import MIN_ATE
+
+    out: dict[str, list[float]] = {}
+    table = con.sql(f"""
+        SELECT hypothesis, 1 - ue / te AS ratio FROM (
+            SELECT hypothesis, ue, te, row_number() OVER (PARTITION BY hypothesis
+                ORDER BY hash(example)) AS k FROM results WHERE abs(te) >= {MIN_ATE})
+        WHERE k <= {limit}""").fetchall()
+    for hypothesis, ratio in table:
+        out.setdefault(hypothesis, []).append(ratio)
+    return out
+
+
 def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     """Write FOLDER/report.png and FOLDER/report.html; returns their paths."""
     folder = Path(folder)
@@ -31,10 +47,15 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     items = con.sql("SELECT status, count(*) AS n FROM items GROUP BY status").fetchall()
     scores = summarize(rows, seed=seed)
     manifest = json.loads((folder / "manifest.json").read_text())
-    title = f"{manifest.get('name', folder.name)}: {manifest.get('model')} / {manifest.get('metric')}"
+    counts = dict(items)
+    total, done = sum(counts.values()), counts.get("done", 0)
+    partial = f"PARTIAL ({done} of {total} work items done): " if done < total else ""
+    title = (f"{partial}{manifest.get('name', folder.name)}: {manifest.get('model')} / "
+             f"{manifest.get('metric')}")
+    per_example = _per_example_ratios(con)
 
     png = folder / "report.png"
-    fig = report_figure(scores, title=title)
+    fig = report_figure(scores, title=title, per_example=per_example)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(png, buffer.getvalue())
@@ -50,6 +71,8 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
             else:
                 cells.append("undefined" if v is None else html.escape(str(v)))
         table_rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    notice = (f"<p><strong>{html.escape(partial)}the scores cover finished work items only; "
+              "resume the sweep for the rest.</strong></p>" if partial else "")
     spec_hash = html.escape(str(manifest.get("spec_hash", ""))[:16])
     digest = html.escape(str(manifest.get("model_digest", ""))[:16])
     page = f"""<!doctype html>
@@ -58,10 +81,12 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
 td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{text-align:left}}</style>
 </head><body>
 <h1>{html.escape(title)}</h1>
+{notice}
 <p>Work items: {html.escape(status)}. Spec hash <code>{spec_hash}</code>,
 model digest <code>{digest}</code>.
 Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval over examples
-(seed {seed}); "undefined" where ATE is near zero.</p>
+(seed {seed}); "undefined" where ATE is near zero. The spread panel shows each pair's own
+1 - UE/TE (pairs with TE near zero left out): a mean can hide a split between pairs.</p>
 <img src="report.png" alt="scores" style="max-width:100%">
 <table><tr>{''.join(f'<th>{c}</th>' for c in _COLUMNS)}</tr>
 {''.join(table_rows)}

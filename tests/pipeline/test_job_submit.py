@@ -1,4 +1,5 @@
-"""`ray job submit -- pathpatch run ...` on a cluster started with `ray start` (auth on)."""
+"""The README's cluster recipe: `ray start` a head and a second node (auth on), then
+`ray job submit -- pathpatch run ...`; the work runs on both nodes."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.spec import load_spec
+from pipeline.store import SweepFolder
 from pipeline.sweep import run_sweep
 from tests.pipeline.conftest import ROOT, env, rows, write_spec
 
@@ -31,6 +33,36 @@ def _ray_bin() -> str:
     import sys
 
     return str(Path(sys.executable).parent / "ray")
+
+
+def _wait_for_nodes(e: dict[str, str], gcs: str, n: int, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    script = (f"import ray; ray.init(address={gcs!r}, log_to_driver=False); "
+              "print(sum(x['Alive'] for x in ray.nodes()))")
+    while True:
+        probe = subprocess.run([_python(), "-c", script], env=e, capture_output=True, text=True,
+                               timeout=120)
+        if probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == [str(n)]:
+            return
+        assert time.monotonic() < deadline, probe.stdout[-1000:] + probe.stderr[-2000:]
+        time.sleep(2)
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
+
+
+def _stop(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
@@ -52,6 +84,7 @@ def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
          "--object-store-memory=100000000", "--disable-usage-stats"],
         env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.2:{dash}"
+    node = None
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -61,6 +94,13 @@ def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
                 break
             assert time.monotonic() < deadline, probe.stderr[-2000:]
             time.sleep(2)
+        node_log = open(tmp_path / "node.log", "w")
+        node = subprocess.Popen(  # a second node, joining with the same RAY_AUTH_MODE
+            [_ray_bin(), "start", f"--address=127.0.0.2:{gcs}", "--block",
+             "--node-ip-address=127.0.0.2", "--num-cpus=1", "--object-store-memory=100000000",
+             "--disable-usage-stats"],
+            env=e, stdout=node_log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for_nodes(e, f"127.0.0.2:{gcs}", 2)
         spec = write_spec(tmp_path, checkpoint)
         out = tmp_path / "out"
         job = subprocess.run(
@@ -70,7 +110,11 @@ def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
             env=e, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "0 already done, 6 computed, 0 failed" in job.stdout
+        nodes = {ev["node"] for ev in SweepFolder(out).events() if ev["event"] == "item_done"}
+        assert len(nodes) == 2, nodes  # both nodes worked
     finally:
+        if node is not None:
+            _stop(node)
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=10)
