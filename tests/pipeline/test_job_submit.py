@@ -79,7 +79,7 @@ def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [_ray_bin(), "start", "--head", "--block", "--node-ip-address=127.0.0.2",
-         f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
          "--dashboard-host=127.0.0.2", f"--dashboard-port={dash}",
          "--object-store-memory=100000000", "--disable-usage-stats"],
         env=e, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
