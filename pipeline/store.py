@@ -5,7 +5,8 @@ Layout (see docs/PIPELINE.md)::
     SWEEP/
       spec.toml              the spec as given (latest run); specs/<hash>.toml keeps each one
       manifest.json          the current plan: items, shards, hypotheses, provenance
-      items/<id>.parquet     one file per work item, named by its identity: per-example rows
+      items/<id>.parquet     one file per work item of the current plan: per-example rows
+      superseded/<id>.parquet  results of items the current spec no longer names
       failed/<id>.json       items that failed every attempt, with the error (cleared on success)
       events.jsonl           what happened: runs, requeues, replaced workers, failures
       .lock                  flock'ed by the one driver allowed at a time
@@ -248,6 +249,34 @@ class SweepFolder:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+    def set_aside(self, current: set[str]) -> tuple[int, int]:
+        """Keep `items/` exactly the current plan's results: files of items the plan no longer
+        names move to `superseded/`, and back when a plan names them again (so editing a spec
+        back costs nothing). Only call while holding the lock.
+
+        Returns:
+            (files moved out, files moved back).
+        """
+        out = back = 0
+        aside = self.root / "superseded"
+        if self.items_dir.is_dir():
+            for path in self.items_dir.glob("*.parquet"):
+                if path.stem not in current:
+                    aside.mkdir(exist_ok=True)
+                    os.replace(path, aside / path.name)
+                    out += 1
+        if aside.is_dir():
+            for path in aside.glob("*.parquet"):
+                if path.stem in current and not self.item_path(path.stem).exists():
+                    self.items_dir.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, self.item_path(path.stem))
+                    back += 1
+        if out or back:
+            for folder in (self.items_dir, aside):
+                if folder.is_dir():
+                    _fsync_dir(folder)
+        return out, back
 
     def is_whole(self, item_id: str, expected_rows: int, *, full: bool = True) -> bool:
         """Does the item's file read back whole? (`full=False` reads the footer only.)"""

@@ -136,6 +136,7 @@ def run_sweep(
     outcome = SweepOutcome(folder=folder.root, total=len(plan.items), metric=plan.metric)
     with folder.locked():
         stale = folder.remove_stale_temps()
+        set_aside, restored = folder.set_aside({item.id for item in plan.items})
         spec_hash = spec.digest()
         provenance = {
             "spec_hash": spec_hash, "git_revision": git_revision(),
@@ -164,7 +165,8 @@ def run_sweep(
                 folder.log("broken_file_removed", item=item.id)
             pending.append(item)
         folder.log("run_started", spec_hash=spec_hash, backend=backend, items=len(plan.items),
-                   skipped=outcome.skipped, pending=len(pending), stale_temps_removed=stale)
+                   skipped=outcome.skipped, pending=len(pending), stale_temps_removed=stale,
+                   superseded_set_aside=set_aside, superseded_restored=restored)
         if pending:
             _execute(resolved, folder, pending, provenance, outcome, backend=backend,
                      address=address, progress=progress, on_event=on_event,

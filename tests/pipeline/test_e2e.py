@@ -189,3 +189,28 @@ def test_cli_run_and_status_through_subprocess(ray_local, tmp_path, checkpoint):
     status = subprocess.run(PATHPATCH + ["status", str(out), "--by", "hypothesis"], cwd=ROOT,
                             env=env(), capture_output=True, text=True, timeout=120)
     assert "6 done, 0 failed, 0 pending of 6" in status.stdout, status.stdout
+
+
+def test_items_folder_holds_exactly_the_views_rows_across_spec_edits(tmp_path, checkpoint):
+    """Files of items a spec no longer names move to superseded/ (and back, for free, when a
+    spec names them again), so reading items/*.parquet directly gives the results view."""
+    import duckdb
+
+    spec_path = write_spec(tmp_path, checkpoint)
+    out = tmp_path / "out"
+    full_text = spec_path.read_text()
+    run_sweep(load_spec(spec_path), out, progress=False, backend="inprocess")
+    spec_path.write_text(full_text.replace(HYPOTHESES, HYPOTHESES.split("[[hypotheses]]\nname = \"prev")[0]))
+    run_sweep(load_spec(spec_path), out, progress=False, backend="inprocess")
+
+    def direct():
+        return duckdb.sql(f"SELECT hypothesis, example, ue, te, item, shard FROM "
+                          f"'{out}/items/*.parquet' ORDER BY hypothesis, example").to_arrow_table()
+
+    assert sorted(p.name for p in (out / "superseded").iterdir())  # the removed group's files
+    assert direct().equals(rows(out)) and direct().num_rows == 2 * 48
+    spec_path.write_text(full_text)  # the spec as it was: nothing to recompute
+    again = run_sweep(load_spec(spec_path), out, progress=False, backend="inprocess")
+    assert (again.evaluations, again.skipped) == (0, 6)
+    assert list((out / "superseded").iterdir()) == []
+    assert direct().equals(rows(out)) and direct().num_rows == 4 * 48
