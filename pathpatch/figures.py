@@ -1,6 +1,6 @@
 """Figures of localization scores: intervals per hypothesis, node heatmaps, strongest edges.
 
-Input is a scores table (hypothesis, proportion_explained, pe_low, pe_high, aue, ate, ...);
+Input is a scores table (hypothesis, proportion_explained, pe_boot_low/high or pe_low/high, ...);
 the node and edge figures read the names the removal families give (`remove a1.2`,
 `remove a0.3->a1.2.k`), which is why this lives with the method and not the pipeline.
 """
@@ -38,8 +38,12 @@ def intervals_axes(ax, scores, max_rows: int = 40) -> None:
     rows = rows[:max_rows][::-1]  # with many hypotheses, the ones explaining least matter most
     y = list(range(len(rows)))[::-1]
     pe = [r["proportion_explained"] for r in rows]
-    low = [r["pe_low"] if r.get("pe_low") is not None else p for r, p in zip(rows, pe)]
-    high = [r["pe_high"] if r.get("pe_high") is not None else p for r, p in zip(rows, pe)]
+    def bound(r: dict, side: str, p: float) -> float:  # bootstrap (summarize) or delta (SQL)
+        v = r.get(f"pe_boot_{side}", r.get(f"pe_{side}"))
+        return p if v is None else v
+
+    low = [bound(r, "low", p) for r, p in zip(rows, pe)]
+    high = [bound(r, "high", p) for r, p in zip(rows, pe)]
     lo = [p - l for p, l in zip(pe, low)]
     hi = [h - p for p, h in zip(pe, high)]
     ax.errorbar(pe, y, xerr=[lo, hi], fmt="o", color="tab:blue", ecolor="tab:gray", capsize=3, ms=4)

@@ -407,10 +407,10 @@ SUMMARY_SCHEMA = pa.schema(
         ("aue", pa.float64()),
         ("ate", pa.float64()),
         ("proportion_explained", pa.float64()),
-        ("pe_low", pa.float64()),
-        ("pe_high", pa.float64()),
-        ("aue_low", pa.float64()),
-        ("aue_high", pa.float64()),
+        ("pe_boot_low", pa.float64()),
+        ("pe_boot_high", pa.float64()),
+        ("aue_boot_low", pa.float64()),
+        ("aue_boot_high", pa.float64()),
     ]
 )
 
@@ -522,10 +522,10 @@ def summarize(
             ("aue", aue),
             ("ate", ate),
             ("proportion_explained", pe),
-            ("pe_low", pe_low),
-            ("pe_high", pe_high),
-            ("aue_low", float(aue_low)),
-            ("aue_high", float(aue_high)),
+            ("pe_boot_low", pe_low),
+            ("pe_boot_high", pe_high),
+            ("aue_boot_low", float(aue_low)),
+            ("aue_boot_high", float(aue_high)),
         ):
             out[key].append(value)
     return pa.table(out, schema=SUMMARY_SCHEMA)

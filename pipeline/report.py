@@ -18,7 +18,7 @@ from pathpatch.metrics import summarize
 from pipeline.query import open_sweeps
 from pipeline.store import atomic_write_bytes
 
-_COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_low", "pe_high")
+_COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
 
 def _per_example_ratios(con, limit: int = 5000) -> dict[str, list[float]]:

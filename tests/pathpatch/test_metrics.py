@@ -358,14 +358,14 @@ def test_summarize_by_hand():
     # 1/4, 1/2, 1/4 (te is always 1), so the 95% intervals span the extremes.
     assert (g["hypothesis"], g["n"], g["aue"], g["ate"]) == ("g", 2, 0.5, 1.0)
     assert g["proportion_explained"] == 0.5
-    assert (g["aue_low"], g["aue_high"]) == (0.0, 1.0)
-    assert (g["pe_low"], g["pe_high"]) == (0.0, 1.0)
+    assert (g["aue_boot_low"], g["aue_boot_high"]) == (0.0, 1.0)
+    assert (g["pe_boot_low"], g["pe_boot_high"]) == (0.0, 1.0)
     # h: AUE = 2, ATE = 4, PE = 0.5; ue = te / 2 on every example, so a *paired* bootstrap
     # gives PE = 0.5 in every replicate (an unpaired one would not).
     assert (h["hypothesis"], h["n"], h["aue"], h["ate"]) == ("h", 3, 2.0, 4.0)
     assert h["proportion_explained"] == pytest.approx(0.5)
-    assert h["pe_low"] == pytest.approx(0.5) and h["pe_high"] == pytest.approx(0.5)
-    assert 1.0 <= h["aue_low"] < 2.0 < h["aue_high"] <= 3.0
+    assert h["pe_boot_low"] == pytest.approx(0.5) and h["pe_boot_high"] == pytest.approx(0.5)
+    assert 1.0 <= h["aue_boot_low"] < 2.0 < h["aue_boot_high"] <= 3.0
 
 
 def test_summarize_negative_proportion_explained():
@@ -395,13 +395,13 @@ def test_undefined_when_ate_is_near_zero():
     ).to_pylist()
     for row in out:
         assert row["proportion_explained"] is None
-        assert row["pe_low"] is None and row["pe_high"] is None
+        assert row["pe_boot_low"] is None and row["pe_boot_high"] is None
         assert row["ate"] < 1e-6 and row["aue"] is not None
     # A replicate with ATE = 0 makes the interval undefined, not huge; the point estimate stays.
     few = summarize(table(("h", 0, 0.0, 0.0), ("h", 1, 0.0, 0.0), ("h", 2, 0.5, 1.0)))
     row = few.to_pylist()[0]
     assert row["proportion_explained"] == pytest.approx(0.5)
-    assert row["pe_low"] is None and row["pe_high"] is None
+    assert row["pe_boot_low"] is None and row["pe_boot_high"] is None
     assert summarize(table(("h", 0, 0.0, 1e-9)), min_ate=1e-12).to_pylist()[0][
         "proportion_explained"
     ] == pytest.approx(1.0)
@@ -416,19 +416,19 @@ def test_bootstrap_coverage_sanity():
         ue, te = rng.gamma(2, 0.2, n), rng.gamma(4, 0.25, n)
         data += [(f"t{k:03d}", i, float(ue[i]), float(te[i])) for i in range(n)]
     out = summarize(table(*data), n_boot=400, seed=1)
-    low = np.array(out.column("pe_low").to_pylist())
-    high = np.array(out.column("pe_high").to_pylist())
+    low = np.array(out.column("pe_boot_low").to_pylist())
+    high = np.array(out.column("pe_boot_high").to_pylist())
     pe = np.array(out.column("proportion_explained").to_pylist())
     assert ((low <= pe) & (pe <= high)).all()
     coverage = float(((low <= 0.6) & (0.6 <= high)).mean())
     assert 0.88 <= coverage <= 0.99, coverage
-    aue_low = np.array(out.column("aue_low").to_pylist())
-    aue_high = np.array(out.column("aue_high").to_pylist())
+    aue_low = np.array(out.column("aue_boot_low").to_pylist())
+    aue_high = np.array(out.column("aue_boot_high").to_pylist())
     assert 0.88 <= float(((aue_low <= 0.4) & (0.4 <= aue_high)).mean()) <= 0.99
     # Wider confidence, wider interval.
     wide = summarize(table(*data[: n]), n_boot=400, seed=1, confidence=0.99).to_pylist()[0]
     narrow = summarize(table(*data[: n]), n_boot=400, seed=1, confidence=0.5).to_pylist()[0]
-    assert wide["pe_low"] < narrow["pe_low"] < narrow["pe_high"] < wide["pe_high"]
+    assert wide["pe_boot_low"] < narrow["pe_boot_low"] < narrow["pe_boot_high"] < wide["pe_boot_high"]
 
 
 def test_summarize_empty_and_errors():
