@@ -42,8 +42,9 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
     print(outcome.summary())
     if not quiet:
         print(run_query([folder], "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
-                                  "aue, ate FROM scores ORDER BY proportion_explained DESC NULLS "
-                                  "LAST, hypothesis LIMIT 30"))
+                                  "aue, ate" + (", partial" if outcome.failed else "") +
+                                  " FROM scores ORDER BY proportion_explained DESC NULLS LAST, "
+                                  "hypothesis LIMIT 30"))
         print(SCORES_LEGEND.format(metric=outcome.metric or "delta"))
         print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"; per-example rows in "
               "the view results; a report: pathpatch report " + str(folder))

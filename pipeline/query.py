@@ -11,7 +11,8 @@ with a message that says so.
 Views:
     results  sweep, item, shard, hypothesis, example, ue, te, ... (every per-example row)
     scores   sweep, hypothesis, n, aue, ate, proportion_explained, pe_low, pe_high,
-             aue_low, aue_high (delta-method normal 95% interval; PE null when |ATE| < 1e-6)
+             aue_low, aue_high (delta-method normal 95% interval; PE null when |ATE| < 1e-6),
+             partial (true while some of the hypothesis's work items are not done)
     items    sweep, item, group_index, shard, shard_id, n_examples, rows, hypotheses, status,
              attempts, error, path
 """
@@ -58,11 +59,17 @@ WITH s AS (
              + aue * aue * var_te / (ate * ate * ate * ate)) / n, 0)) END AS se_pe,
         CASE WHEN n > 1 THEN sqrt(var_ue / n) END AS se_aue
     FROM s
+), c AS (  -- work items per hypothesis: a score over some of them is partial
+    SELECT sweep, hypothesis, count(*) AS items_total,
+           count(*) FILTER (WHERE status = 'done') AS items_done
+    FROM (SELECT sweep, status, unnest(hypotheses) AS hypothesis FROM items)
+    GROUP BY sweep, hypothesis
 )
 SELECT sweep, hypothesis, n, aue, ate, pe AS proportion_explained,
        pe - {Z95} * se_pe AS pe_low, pe + {Z95} * se_pe AS pe_high,
-       aue - {Z95} * se_aue AS aue_low, aue + {Z95} * se_aue AS aue_high
-FROM d
+       aue - {Z95} * se_aue AS aue_low, aue + {Z95} * se_aue AS aue_high,
+       c.items_done < c.items_total AS partial
+FROM d LEFT JOIN c USING (sweep, hypothesis)
 """
 
 

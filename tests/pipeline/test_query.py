@@ -106,3 +106,15 @@ def test_cli_formats_and_errors(sweeps, capsys):
     assert json.loads(capsys.readouterr().out) == [{"1": 1}]
     with pytest.raises(PathPatchError, match="read-only"):
         check_read_only("PRAGMA threads=2")
+
+
+def test_scores_say_when_they_are_partial(tmp_path, checkpoint):
+    out = tmp_path / "out"
+    run_sweep(load_spec(write_spec(tmp_path, checkpoint)), out, backend="inprocess", progress=False)
+    assert open_sweeps(out).sql("SELECT bool_or(partial) FROM scores").fetchall() == [(False,)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    gone = manifest["items"][0]
+    (out / "items" / f"{gone['id']}.parquet").unlink()
+    partial = open_sweeps(out).sql("SELECT hypothesis, n FROM scores WHERE partial "
+                                   "ORDER BY hypothesis").fetchall()
+    assert partial == sorted((h, 48 - gone["n_examples"]) for h in gone["hypotheses"])
