@@ -362,6 +362,12 @@ class RayExecutor:
         self.on_event("worker_started", worker=slot.index, node=slot.node, pid=slot.pid)
 
     def _on_result(self, slot: _Slot, item_id: str, ref: Any) -> None:
+        took = time.monotonic() - slot.head_since
+        if took > self.options.item_timeout_s:  # done, but after its deadline: a timeout too
+            self._forget(slot, ref)
+            self._retry_or_fail(item_id, f"took {took:.3g} s, over item_timeout_s = "
+                                         f"{self.options.item_timeout_s:g} s", slot)
+            return
         try:
             table, info = ray.get(ref, timeout=GET_TIMEOUT_S)
         except ray.exceptions.RayTaskError as err:  # the item itself raised; actor is fine

@@ -177,6 +177,18 @@ def test_hung_item_times_out_and_nothing_hangs(ray_local, tmp_path, checkpoint):
     assert "timed out" in failure["error"]
 
 
+def test_a_result_that_arrives_after_the_timeout_is_a_timeout(ray_local, tmp_path, checkpoint):
+    """item_timeout_s is enforced even when the call finishes between two deadline checks."""
+    spec = load_spec(write_spec(tmp_path, checkpoint, metric="tests.pipeline.slow_metric:slow_kl",
+                                execution="max_attempts = 1\nitem_timeout_s = 0.05"))
+    outcome = run_sweep(spec, tmp_path / "out", progress=False)
+    assert (outcome.evaluations, outcome.failed) == (0, 6)
+    errors = [f["error"] for f in SweepFolder(tmp_path / "out").failures().values()]
+    # cut by the deadline check, or refused on arrival when it finished between two checks
+    assert len(errors) == 6 and all("timed out after 0.05 s" in e or "over item_timeout_s = 0.05 s"
+                                    in e for e in errors), errors
+
+
 def test_cli_run_and_status_through_subprocess(ray_local, tmp_path, checkpoint):
     spec = write_spec(tmp_path, checkpoint)
     out = tmp_path / "out"
