@@ -81,8 +81,12 @@ def _sweep_label(folder: Path, taken: set[str]) -> str:
     return label
 
 
-def open_sweeps(*folders: str | Path) -> duckdb.DuckDBPyConnection:
+def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnection:
     """One read-only DuckDB connection with views over the sweep folders' current results.
+
+    `threads=1` (the default) makes every aggregate bitwise the same for the same rows:
+    DuckDB's parallel floating-point sums differ in the last bits from run to run. More threads
+    are faster on large sweeps, at that price.
 
     Example:
         >>> con = open_sweeps("sweeps/default")
@@ -100,7 +104,10 @@ def open_sweeps(*folders: str | Path) -> duckdb.DuckDBPyConnection:
         manifest = sweep.read_manifest()
         sweeps.append((_sweep_label(sweep.root, taken), sweep, manifest))
 
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise PathPatchError(f"threads = {threads!r}: give an integer >= 1")
     con = _read_only_connection()
+    con.execute(f"SET threads = {threads}")
     result_parts, item_tables = [], []
     for i, (label, sweep, manifest) in enumerate(sweeps):
         records = item_status(sweep, manifest)
