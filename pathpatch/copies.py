@@ -118,6 +118,48 @@ def build_copies(compiled: CompiledPattern, max_states: int = 200_000) -> CopyGr
     return CopyGraph(graph, root, tuple(copies))
 
 
+def single_copy_graph(graph: Graph, *, cut: dict[tuple[int, Channel], frozenset[int]] | None = None,
+                      forced: dict[int, int] | None = None, input_value: int = CLEAN) -> CopyGraph:
+    """The copies of a hypothesis in which every node has at most one copy, built from the
+    graph directly: no pattern, no automaton walk (single-edge and node removals, through-node,
+    circuits). Equal to what `build_copies` finds for the same paths (tested member by member).
+
+    Each node's copy reads each sender's copy, except along `cut` edges ((receiver order,
+    channel) -> sender orders), which read the counterfactual run (a circuit's edges outside
+    it); `forced` sets a node's copy outright (node order -> CLEAN or CF: a removed node is CF,
+    the node every path must cross is CLEAN over a CF input); `in` is `input_value`.
+    A node whose senders are all CLEAN is CLEAN, all CF is CF; only the rest are copies.
+    """
+    cut, forced = cut or {}, forced or {}
+    nodes = graph.nodes
+    touched = [o for o, _ in cut] + list(forced)
+    first = min(touched, default=len(nodes))
+    value = [input_value] * len(nodes)  # before `first` every node reads `in`'s value only
+    copies: list[Copy] = []
+    for node in nodes[max(first, 1):]:
+        if node.order in forced:
+            value[node.order] = forced[node.order]
+            continue
+        senders = graph.senders(node)
+        inputs, children = [], set()
+        for channel in node.channels:
+            removed = cut.get((node.order, channel))
+            if removed:
+                version = tuple(CF if s.order in removed else value[s.order] for s in senders)
+            else:
+                version = tuple([value[s.order] for s in senders])
+            children.update(version)
+            inputs.append(ChannelInput(channel, ((),), (version,), (0,)))
+        if children == {CLEAN}:
+            value[node.order] = CLEAN
+        elif children == {CF}:
+            value[node.order] = CF
+        else:
+            value[node.order] = len(copies)
+            copies.append(Copy(len(copies), node, tuple(inputs)))
+    return CopyGraph(graph, value[graph.output.order], tuple(copies))
+
+
 def estimate_cost(copy_graph: CopyGraph, cfg) -> float:
     """Rough FLOPs of computing the mixed copies, in units of one plain forward pass."""
     d, dh, T = cfg.d_model, cfg.d_head, cfg.n_ctx

@@ -95,19 +95,27 @@ def check(
     dataset=None,
 ) -> list[HypothesisCost]:
     """Validate hypotheses against a model (and dataset masks); report copies and cost."""
+    from pathpatch.copies import CF, CLEAN, estimate_cost
+
     graph = graph_or_model if isinstance(graph_or_model, Graph) else Graph.from_model(graph_or_model)
-    copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
     if dataset is not None:
         _check_restrictions(hypotheses, dataset)
     cfg = getattr(graph_or_model, "cfg", None)
-    from pathpatch.copies import CF, CLEAN, estimate_cost
-
     matches = {CF: "none", CLEAN: "all"}
-    return [
-        HypothesisCost(h.name, cg.n_mixed, estimate_cost(cg, cfg) if cfg is not None else float("nan"),
-                       matches.get(cg.root, "some"))
-        for h, cg in zip(hypotheses, copy_graphs, strict=True)
-    ]
+    shared: dict[tuple, tuple[int, float, str]] = {}  # family members that cost the same
+    out = []
+    for h in hypotheses:
+        key = getattr(h, "shared_cost", None)
+        if key is None or key not in shared:
+            (cg,) = compile_all(graph, [h], max_mixed_copies)
+            report = (cg.n_mixed, estimate_cost(cg, cfg) if cfg is not None else float("nan"),
+                      matches.get(cg.root, "some"))
+            if key is not None:
+                shared[key] = report
+        else:
+            report = shared[key]
+        out.append(HypothesisCost(h.name, *report))
+    return out
 
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.automaton import compile_pattern
-from pathpatch.copies import CopyGraph, build_copies
+from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, single_copy_graph
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph, NodeKind
+from pathpatch.graph import Channel, Graph, NodeKind
 from pathpatch.patterns import (
     Chain,
     Complement,
@@ -65,23 +65,77 @@ class Hypothesis:
         return frozenset(found)
 
 
+@dataclass(frozen=True)
+class StructuralHypothesis(Hypothesis):
+    """A family member valid by construction, whose copies are built from the graph directly
+    (`copies.single_copy_graph`): no parsing, no automaton walk, ~1000x faster to compile.
+
+    `pattern` is the equivalent free-form pattern, written in its canonical form, so identities,
+    copies and results equal those of `Hypothesis(name, pattern)` (tested for every member).
+    """
+
+    kind: str = ""
+    """"remove_edge" (target: an edge name), "remove_node" or "through_node" (a node name)."""
+    target: str = ""
+
+    @property
+    def canonical(self) -> str:
+        return self.pattern
+
+    @property
+    def restrictions(self) -> frozenset[Restriction]:
+        return frozenset()
+
+    @property
+    def shared_cost(self) -> tuple | None:
+        """Members with equal keys have equal copy counts and costs: single-edge removals into
+        one receiver channel differ only in which sender reads x_c (validation compiles one)."""
+        if self.kind == "remove_edge":
+            receiver = self.target.split("->")[1]
+            return (self.kind, receiver)
+        return None
+
+    def compile(self, graph: Graph, max_states: int = 200_000) -> CopyGraph:
+        if self.kind == "remove_edge":
+            sender, receiver, channel = _edge_parts(self.target)
+            edge = graph.edges_by_name[(sender, receiver, channel)]
+            cut = {(edge.receiver.order, edge.channel): frozenset([edge.sender.order])}
+            return single_copy_graph(graph, cut=cut)
+        node = graph.node(self.target)
+        if self.kind == "remove_node":
+            return single_copy_graph(graph, forced={node.order: CF})
+        if self.kind == "through_node":
+            return single_copy_graph(graph, forced={node.order: CLEAN}, input_value=CF)
+        raise ValueError(f"unknown structural hypothesis kind {self.kind!r}")
+
+
+def _edge_parts(name: str) -> tuple[str, str, str]:
+    """'a0.3->a1.5.k' -> ('a0.3', 'a1.5', 'k'); 'a0.3->m1' -> ('a0.3', 'm1', 'resid')."""
+    sender, receiver = name.split("->")
+    if receiver.count(".") == 2:  # a head: a{L}.{H}.{channel}
+        receiver, channel = receiver.rsplit(".", 1)
+        return sender, receiver, channel
+    return sender, receiver, Channel.RESID.value
+
+
 def _node_names(graph: Graph, kinds=(NodeKind.HEAD, NodeKind.MLP)) -> list[str]:
     return [n.name for n in graph.nodes if n.kind in kinds]
 
 
 def node_removal(graph: Graph) -> list[Hypothesis]:
     """Each node removed: P = every path avoiding it (its output patched from x_c)."""
-    return [Hypothesis(f"remove {n}", f"~{n}") for n in _node_names(graph)]
+    return [StructuralHypothesis(f"remove {n}", f"~{n}", "remove_node", n) for n in _node_names(graph)]
 
 
 def through_node(graph: Graph) -> list[Hypothesis]:
     """Each node alone: P = every path through it."""
-    return [Hypothesis(f"through {n}", n) for n in _node_names(graph)]
+    return [StructuralHypothesis(f"through {n}", n, "through_node", n) for n in _node_names(graph)]
 
 
 def edge_removal(graph: Graph) -> list[Hypothesis]:
     """Each edge removed: P = circuit of every edge but that one."""
-    return [Hypothesis(f"remove {e}", f"remove({e})") for e in graph.edges]
+    return [StructuralHypothesis(f"remove {e}", f"remove({e})", "remove_edge", str(e))
+            for e in graph.edges]
 
 
 def _alternatives(globs: Sequence[str], fmt: str) -> str:

@@ -1,0 +1,65 @@
+"""Families compiled from the graph directly equal the same patterns compiled through the parser
+and the automaton: same canonical text, same copies, bitwise the same logits."""
+
+import pytest
+import torch
+
+from pathpatch.copies import CF, CLEAN, CopyGraph
+from pathpatch.engine import check
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis, StructuralHypothesis, edge_removal, node_removal, through_node
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import evaluate_logits
+from tests.pathpatch.conftest import tiny_model
+
+FAMILIES = (edge_removal, node_removal, through_node)
+
+
+def _shape(cg: CopyGraph) -> tuple:
+    """The copy graph with copy ids replaced by their nodes' names (ids are an order only)."""
+    name = {c.id: c.node.name for c in cg.copies} | {CLEAN: "CLEAN", CF: "CF"}
+    copies = {c.node.name: tuple((ci.channel, ci.atoms, tuple(tuple(name[x] for x in v) for v in ci.versions),
+                                  ci.atom_version) for ci in c.inputs) for c in cg.copies}
+    return name[cg.root], copies
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.__name__)
+def test_every_member_equals_its_parsed_pattern(family):
+    for kind in ("attn-only", "attn-only-noln", "mlp"):
+        graph = Graph.from_model(tiny_model(kind, n_layers=3))
+        members = family(graph)
+        assert members and all(isinstance(h, StructuralHypothesis) for h in members)
+        for h in members:
+            parsed = Hypothesis(h.name, h.pattern)
+            assert h.canonical == parsed.canonical, h.name
+            direct, walked = h.compile(graph), parsed.compile(graph)
+            assert _shape(direct) == _shape(walked), h.name
+            assert len(direct.copies) == len(walked.copies) > 0, h.name
+            assert [c.node.order for c in direct.copies] == sorted(c.node.order for c in direct.copies)
+
+
+def test_direct_and_parsed_members_give_bitwise_the_same_logits():
+    model = tiny_model("mlp", n_layers=3)
+    graph = Graph.from_model(model)
+    gen = torch.Generator().manual_seed(3)
+    xr, xc = (torch.randint(0, model.cfg.d_vocab, (3, 5), generator=gen) for _ in range(2))
+    members = edge_removal(graph)[::7] + node_removal(graph)[::3] + through_node(graph)[::3]
+    runs = Runs(model, xr, xc)
+    positions = PositionContext({}, 3, 5, xr.device)
+    direct = evaluate_logits(model, graph, [h.compile(graph) for h in members], runs, positions)
+    parsed = evaluate_logits(model, graph, [Hypothesis(h.name, h.pattern).compile(graph) for h in members],
+                             runs, positions)
+    for h, a, b in zip(members, direct, parsed, strict=True):
+        assert torch.equal(a, b), h.name
+        assert not torch.equal(a, runs.logits["r"]), h.name  # a real patch
+
+
+def test_validation_shares_the_cost_of_removals_into_one_receiver():
+    model = tiny_model("mlp", n_layers=3)
+    graph = Graph.from_model(model)
+    members = edge_removal(graph)
+    shared = check(model, members)
+    alone = [check(model, [h])[0] for h in members]
+    assert shared == alone
+    assert len({h.shared_cost for h in members}) == sum(len(n.channels) for n in graph.nodes[1:])
