@@ -215,7 +215,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--force", action="store_true",
                    help="write into a folder that holds a sweep of another name, model, metric "
-                        "or dtype (its result files stay on disk, out of the views)")
+                        "or dtype (its result files are kept in superseded/, out of the views)")
 
 
 DESCRIPTION = """\

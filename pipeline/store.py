@@ -142,7 +142,7 @@ class SweepFolder:
 
         Writes go to a new folder, an empty one, or a sweep folder of the same identity (name,
         model digest, metric, dtype: what makes its rows comparable); another sweep's folder
-        only with `force` (its result files stay on disk, out of the views). A folder holding
+        only with `force` (its result files move to `superseded/`, out of the views). A folder holding
         anything else is never written into. `identity=None` checks all but the identity
         (before the model is loaded).
 
@@ -180,7 +180,7 @@ class SweepFolder:
             raise PathPatchError(
                 f"{str(root)!r} holds another sweep ({'; '.join(differ)}): its results would "
                 "drop out of the views; give --out a new folder, or --force to take the folder "
-                "over (its result files stay on disk)")
+                "over (its result files are kept in superseded/)")
 
     # --- spec, manifest, events -------------------------------------------------------------
 

@@ -110,8 +110,10 @@ def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
             env=e, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "0 already done, 6 computed, 0 failed" in job.stdout
-        nodes = {ev["node"] for ev in SweepFolder(out).events() if ev["event"] == "item_done"}
-        assert len(nodes) == 2, nodes  # both nodes worked
+        events = SweepFolder(out).events()
+        nodes = {ev["node"] for ev in events if ev["event"] == "worker_started"}
+        assert len(nodes) == 2, nodes  # an actor on each node (whichever starts first may do
+        # all six tiny items before the other is up, so work per node is not asserted)
     finally:
         if node is not None:
             _stop(node)
