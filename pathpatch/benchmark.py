@@ -11,6 +11,7 @@ methods, not kernels.
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import time
@@ -38,6 +39,27 @@ def gpt2_small_shaped(seed: int = 0, n_ctx: int = 64):
         act_fn="gelu_new", normalization_type="LN", seed=seed,
     )
     return HookedTransformer(cfg).eval()
+
+
+def cpu_description() -> dict:
+    """The CPU a figure was measured on: model name and vector extensions (hosts of one machine
+    kind differ: AVX-512 or not changes the engine's ratios)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    vector = sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))
+    return {"cpu": model, "cpus": os.cpu_count(), "vector_extensions": vector}
 
 
 BENCH_PHASES = 4  # three engine families, then the hook baseline
@@ -215,7 +237,8 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
                                     ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
                     "batch": batch, "seq_len": seq_len, "n_hypotheses": n_hypotheses,
-                    "torch_threads": torch.get_num_threads(), "mixing_kernel": mixing_kernel()}
+                    "torch_threads": torch.get_num_threads(), "mixing_kernel": mixing_kernel(),
+                    **cpu_description()}
     engine_s = {}
     for name, hyps in families.items():
         step(f"engine: {name}")

@@ -152,3 +152,117 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
         "identical_results": bool(identical),
         "two_processes_over_one_without_ray": round(scaling, 3),
     }
+
+
+# --- bench scan ----------------------------------------------------------------------------------
+
+SCAN_ARCH = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
+                 n_ctx=64, act_fn="gelu_new", normalization_type="LN")
+"""GPT-2 small's shape (random weights: nothing is downloaded)."""
+SCAN_PHASES = 4
+
+
+def _scan_spec(model: Path, pairs: int, seq_len: int, group_size: int) -> str:
+    return (f'name = "scan"\nmodel = "{model}"\nshard_size = {pairs}\ngroup_size = {group_size}\n'
+            f'[dataset]\nkind = "induction"\nn = {pairs}\nseq_len = {seq_len}\n'
+            f'vocab_size = {SCAN_ARCH["d_vocab"]}\n[resources]\nworkers = 1\n'
+            'threads_per_worker = 1\n[[hypotheses]]\nfamily = "edge_removal"\n')
+
+
+def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, group_size: int = 64,
+               keep: str | Path | None = None, progress: Callable[[str], None] | None = None
+               ) -> dict[str, Any]:
+    """The full single-edge scan of a GPT-2-small-shaped model, planned whole, with a fixed
+    sample of its items (evenly spaced over the plan) run through the pipeline in this process
+    on one torch thread; see docs/PIPELINE.md for what each figure means.
+
+    `progress(phase)` is called as each of the SCAN_PHASES phases starts.
+    """
+    import resource
+
+    from pathpatch.benchmark import cpu_description
+    from pathpatch.engine import compile_all
+    from pathpatch.graph import Graph
+    from pathpatch.models import build_model, save_checkpoint
+    from pathpatch.stacking import GroupPlan
+    from pipeline.store import SweepFolder
+
+    if sample_items < 1 or pairs < 1:
+        raise ValueError("sample_items and pairs must be >= 1")
+    step = progress or (lambda phase: None)
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pathpatch-scan-"))
+    threads = torch.get_num_threads()
+    try:
+        step("build and save the GPT-2-small-shaped model")
+        root.mkdir(parents=True, exist_ok=True)
+        checkpoint = root / "gpt2-small-shape.safetensors"
+        if not checkpoint.exists():
+            torch.manual_seed(0)
+            save_checkpoint(build_model(SCAN_ARCH), SCAN_ARCH, checkpoint)
+        spec_path = root / "scan.toml"
+        spec_path.write_text(_scan_spec(checkpoint, pairs, seq_len, group_size))
+        spec = load_spec(spec_path)
+
+        step("validate and plan the whole scan")
+        start = time.perf_counter()
+        resolved = resolve(spec)
+        plan_s = time.perf_counter() - start
+        peak_after_plan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        plan = resolved.plan
+        k = min(sample_items, len(plan.items))
+        sample = tuple(plan.items[round(i * (len(plan.items) - 1) / max(k - 1, 1))] for i in range(k))
+
+        step(f"compile and schedule the {k} sampled items' groups on their own")
+        torch.set_num_threads(1)
+        graph = Graph.from_model(resolved.model)
+        compile_s = schedule_s = 0.0
+        for item in sample:
+            hyps = resolved.hypotheses_of(tuple(h.name for h in item.hypotheses))
+            t0 = time.perf_counter()
+            copy_graphs = compile_all(graph, hyps)
+            t1 = time.perf_counter()
+            GroupPlan(graph, copy_graphs)
+            compile_s += t1 - t0
+            schedule_s += time.perf_counter() - t1
+
+        step(f"run the {k} sampled items through the pipeline")
+        out = root / "sweep"
+        shutil.rmtree(out, ignore_errors=True)
+        subset = replace(resolved, plan=replace(plan, items=sample))
+        outcome = run_sweep(spec, out, backend="inprocess", resolved=subset, progress=False)
+        item_s = sum(e["seconds"] for e in SweepFolder(out).events() if e["event"] == "item_done")
+        tokens = resolved.dataset.reference[:pairs]
+        forward_s = min(_timed(lambda: resolved.model(tokens)) for _ in range(3))
+    finally:
+        torch.set_num_threads(threads)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    n_hyp = sum(len(item.hypotheses) for item in sample)
+    total_s = outcome.seconds
+    per_hyp_example = total_s / (n_hyp * pairs)
+    return {
+        **cpu_description(),
+        "model_shape": {k: SCAN_ARCH[k] for k in ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
+        "hypotheses": len(plan.hypotheses), "items": len(plan.items), "pairs": pairs,
+        "seq_len": seq_len, "group_size": group_size,
+        "validate_and_plan_s": round(plan_s, 2),
+        "driver_peak_rss_mib_after_plan": round(peak_after_plan, 1),
+        "sampled_items": k, "sampled_hypotheses": n_hyp, "failed": outcome.failed,
+        "sample_wall_s": round(total_s, 2),
+        "share_compile": round(compile_s / total_s, 4),
+        "share_schedule": round(schedule_s / total_s, 4),
+        "share_evaluate": round(item_s / total_s, 4),  # includes compile and schedule
+        "share_write_and_driver": round(max(total_s - item_s, 0.0) / total_s, 4),
+        "forward_s": round(forward_s, 4),
+        "forwards_per_hypothesis": round(total_s / n_hyp / forward_s, 3),
+        "hypotheses_per_s_per_worker": round(n_hyp / total_s, 3),
+        "projected_hours_1000_prompts_one_worker": round(
+            len(plan.hypotheses) * 1000 * per_hyp_example / 3600, 1),
+    }
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start

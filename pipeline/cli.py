@@ -161,6 +161,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         finally:
             phases.close()
         result["allocator_keeps_freed_memory"] = keep_freed_memory()  # set by main(), both sides
+    elif args.what == "scan":
+        from pipeline.bench import SCAN_PHASES, bench_scan
+        from pipeline.progress import Phases
+
+        phases = Phases(SCAN_PHASES, "bench scan")
+        try:
+            result = bench_scan(pairs=args.pairs, sample_items=args.sample_items, keep=args.keep,
+                                progress=phases)
+        finally:
+            phases.close()
     else:
         from pipeline.bench import bench_phases, bench_pipeline
         from pipeline.progress import Phases
@@ -279,10 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: a local cluster)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks: engine (per-hypothesis cost) or pipeline (Ray)")
-    p.add_argument("what", choices=("engine", "pipeline"))
+    p = sub.add_parser("bench", help="benchmarks: engine (per-hypothesis cost), pipeline (Ray), "
+                                     "scan (the full single-edge scan of a GPT-2-small shape)")
+    p.add_argument("what", choices=("engine", "pipeline", "scan"))
+    p.add_argument("--pairs", type=int, default=16, help="scan: dataset pairs (32 tokens each)")
+    p.add_argument("--sample-items", type=int, default=3,
+                   help="scan: items (64 edge removals each) run through the pipeline")
     p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
-    p.add_argument("--keep", default=None, help="pipeline: keep the sweep folders under this folder")
+    p.add_argument("--keep", default=None,
+                   help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")
     p.add_argument("--model", default="gpt2-small-shape",
                    help="engine: gpt2-small-shape (random weights) or a model name (attn-only-2l)")
     p.add_argument("--hypotheses", type=int, default=64, help="engine: hypotheses per family")
