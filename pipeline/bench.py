@@ -162,21 +162,22 @@ SCAN_ARCH = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_
 SCAN_PHASES = 4
 
 
-def _scan_spec(model: Path, pairs: int, seq_len: int, group_size: int) -> str:
+def _scan_spec(model: Path, pairs: int, seq_len: int, group_size: int, vocab: int) -> str:
     return (f'name = "scan"\nmodel = "{model}"\nshard_size = {pairs}\ngroup_size = {group_size}\n'
             f'[dataset]\nkind = "induction"\nn = {pairs}\nseq_len = {seq_len}\n'
-            f'vocab_size = {SCAN_ARCH["d_vocab"]}\n[resources]\nworkers = 1\n'
+            f'vocab_size = {vocab}\n[resources]\nworkers = 1\n'
             'threads_per_worker = 1\n[[hypotheses]]\nfamily = "edge_removal"\n')
 
 
 def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, group_size: int = 64,
-               keep: str | Path | None = None, progress: Callable[[str], None] | None = None
-               ) -> dict[str, Any]:
+               keep: str | Path | None = None, progress: Callable[[str], None] | None = None,
+               arch: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full single-edge scan of a GPT-2-small-shaped model, planned whole, with a fixed
     sample of its items (evenly spaced over the plan) run through the pipeline in this process
     on one torch thread; see docs/PIPELINE.md for what each figure means.
 
-    `progress(phase)` is called as each of the SCAN_PHASES phases starts.
+    `progress(phase)` is called as each of the SCAN_PHASES phases starts; `arch` replaces the
+    GPT-2-small shape (tests use a tiny one).
     """
     import resource
 
@@ -195,12 +196,14 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
     try:
         step("build and save the GPT-2-small-shaped model")
         root.mkdir(parents=True, exist_ok=True)
-        checkpoint = root / "gpt2-small-shape.safetensors"
+        arch = dict(arch or SCAN_ARCH)
+        checkpoint = root / ("gpt2-small-shape.safetensors" if arch == SCAN_ARCH else
+                             "scan-model.safetensors")
         if not checkpoint.exists():
             torch.manual_seed(0)
-            save_checkpoint(build_model(SCAN_ARCH), SCAN_ARCH, checkpoint)
+            save_checkpoint(build_model(arch), arch, checkpoint)
         spec_path = root / "scan.toml"
-        spec_path.write_text(_scan_spec(checkpoint, pairs, seq_len, group_size))
+        spec_path.write_text(_scan_spec(checkpoint, pairs, seq_len, group_size, arch["d_vocab"]))
         spec = load_spec(spec_path)
 
         step("validate and plan the whole scan")
@@ -242,7 +245,7 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
     per_hyp_example = total_s / (n_hyp * pairs)
     return {
         **cpu_description(),
-        "model_shape": {k: SCAN_ARCH[k] for k in ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
+        "model_shape": {k: arch[k] for k in ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
         "hypotheses": len(plan.hypotheses), "items": len(plan.items), "pairs": pairs,
         "seq_len": seq_len, "group_size": group_size,
         "validate_and_plan_s": round(plan_s, 2),

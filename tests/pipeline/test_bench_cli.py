@@ -16,3 +16,22 @@ def test_bench_engine_prints_json_and_its_phases(capsys):
             "engine_over_forward_induction", "hook_baseline_over_engine"} <= result.keys()
     assert "bench engine: hook baseline (3/4 done" in captured.err
     assert "bench engine: done (4/4 done" in captured.err
+
+
+def test_bench_scan_plans_the_whole_scan_and_runs_a_sample(tmp_path):
+    from pathpatch.graph import Graph
+    from pathpatch.models import build_model
+    from pipeline.bench import bench_scan
+
+    arch = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=64, n_ctx=32,
+                act_fn="gelu_new", normalization_type="LN")
+    phases = []
+    result = bench_scan(pairs=4, seq_len=24, sample_items=2, group_size=8, keep=tmp_path,
+                        progress=phases.append, arch=arch)
+    edges = len(Graph.from_model(build_model(arch)).edges)
+    assert result["hypotheses"] == edges and result["items"] == -(-edges // 8)
+    assert result["sampled_items"] == 2  # the first and the last item
+    assert result["sampled_hypotheses"] == 8 + edges - 8 * (result["items"] - 1)
+    assert result["failed"] == 0 and result["forwards_per_hypothesis"] > 0
+    assert 0 < result["share_evaluate"] <= 1 and 0 <= result["share_compile"] < result["share_evaluate"]
+    assert "vector_extensions" in result and len(phases) == 4
