@@ -68,10 +68,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         SweepFolder(out).check_target(None)  # a file, unwritable, someone else's: say so now
 
     from pipeline.plan import describe
-    from pipeline.resolve import resolve
+    from pipeline.progress import Phases
+    from pipeline.resolve import RESOLVE_PHASES, resolve
     from pipeline.sweep import run_sweep
 
-    resolved = resolve(spec)
+    phases = Phases(RESOLVE_PHASES, "preparing", only_on_terminal=True)
+    try:
+        resolved = resolve(spec, progress=phases)
+    finally:
+        phases.close()
     for warning in resolved.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:

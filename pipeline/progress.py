@@ -69,10 +69,12 @@ class Progress:
 class Phases:
     """A bar over a benchmark's few long phases, named as each starts (on stderr)."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, *, only_on_terminal: bool = False):
+        """`only_on_terminal`: show nothing when stderr is not a terminal (a log, a test)."""
         self.desc = desc
         self.bar = tqdm(total=total, desc=desc, unit="phase", file=sys.stderr,
-                        dynamic_ncols=True, bar_format="{desc} ({n}/{total} done, {elapsed})")
+                        dynamic_ncols=True, bar_format="{desc} ({n}/{total} done, {elapsed})",
+                        disable=only_on_terminal and not sys.stderr.isatty())
         self.started = False
 
     def __call__(self, phase: str) -> None:

@@ -8,6 +8,7 @@ the hypotheses (nodes, patterns, mixed-copy bound) and the shards. Errors are
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,20 @@ def _prefixed(key: str, value: object, err: PathPatchError) -> PathPatchError:
     return PathPatchError(f"{key} = {value!r}: {err}")
 
 
-def resolve(spec: SweepSpec) -> Resolved:
+RESOLVE_PHASES = 5
+"""How many times `resolve` calls its `progress`: model, dataset, hypotheses, validation, plan."""
+
+
+def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> Resolved:
     """Load and check everything `spec` names; build the plan.
+
+    `progress(phase)` is called as each of the RESOLVE_PHASES phases starts.
 
     Raises:
         PathPatchError: naming the spec key and value at fault, with the likely fix.
     """
+    step = progress or (lambda phase: None)
+    step(f"load model {spec.model}")
     try:
         metric = get_metric(spec.metric)
     except PathPatchError as err:
@@ -77,6 +86,7 @@ def resolve(spec: SweepSpec) -> Resolved:
         raise PathPatchError(f"model = {spec.model!r} could not be loaded ({err}); check the "
                              "name or path") from None
     vocab = int(model.cfg.d_vocab)
+    step("dataset")
     dataset = _load_dataset(spec, vocab, n_ctx=int(model.cfg.n_ctx))
     if metric.check is not None:
         try:
@@ -89,6 +99,7 @@ def resolve(spec: SweepSpec) -> Resolved:
     except PathPatchError as err:
         raise _prefixed("shard_size", spec.shard_size, err) from None
     graph = Graph.from_model(model)
+    step("hypotheses")
     try:
         hypotheses = tuple(load_hypotheses(spec.hypothesis_entries(), graph))
     except PathPatchError as err:
@@ -96,6 +107,7 @@ def resolve(spec: SweepSpec) -> Resolved:
     if not hypotheses:
         raise PathPatchError("hypotheses: the entries generate no hypothesis; add a named "
                              "pattern or a family that yields at least one")
+    step(f"validate {len(hypotheses):,} hypotheses")
     try:
         costs = engine.check(model, list(hypotheses), max_mixed_copies=spec.max_mixed_copies,
                              dataset=dataset)
@@ -106,6 +118,7 @@ def resolve(spec: SweepSpec) -> Resolved:
                        est_cost=float(c.est_cost))
         for h, c in zip(hypotheses, costs, strict=True)
     )
+    step("plan work items")
     plan = make_plan(
         model_digest=model_digest(model),
         shards=tuple(ShardInfo(index=s.index, start=s.start, stop=s.stop, digest=s.digest,
