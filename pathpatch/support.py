@@ -210,7 +210,11 @@ def unsupported(cfg) -> list[str]:
         rule = FIELDS.get(field.name)
         if rule is None:  # a TransformerLens option newer than this table
             default = _default(field)
-            if default is dataclasses.MISSING or value != default:
+            try:
+                differs = default is dataclasses.MISSING or bool(value != default)
+            except (TypeError, ValueError, RuntimeError):  # e.g. a tensor: not comparable
+                differs = True
+            if differs:
                 problems.append(
                     f"{field.name}={value!r}: a TransformerLens option pathpatch has not examined"
                     f" (supported: its default, {default!r})")

@@ -80,6 +80,7 @@ FEATURES = {
     "no norm, gelu_fast": dict(normalization_type=None, act_fn="gelu_fast"),
     "gelu_pytorch_tanh": dict(act_fn="gelu_pytorch_tanh"),
     "relu2": dict(act_fn="relu2"),
+    "xielu": dict(act_fn="xielu"),
     "attention-only, LayerNorm": dict(attn_only=True),
     "attention-only, no norm": dict(attn_only=True, normalization_type=None),
     "final_rms over LayerNorm": dict(final_rms=True),
@@ -130,6 +131,15 @@ def test_accepted_feature_matches_transformer_lens_patching(feature):
         assert cg.n_mixed > 0, h.name  # a real recomputation, not a cached run
         assert not torch.allclose(ref, clean, rtol=1e-7, atol=1e-7), h.name  # and a real patch
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10, msg=lambda m, h=h: f"{h.name}: {m}")
+
+
+def test_every_activation_and_norm_transformer_lens_offers_is_checked():
+    from transformer_lens.utilities.activation_functions import SUPPORTED_ACTIVATIONS
+
+    checked = {f.get("act_fn", BASE["act_fn"]) for f in FEATURES.values()}
+    assert set(SUPPORTED_ACTIVATIONS) <= checked, "new activations: add them to FEATURES"
+    norms = {f.get("normalization_type", BASE["normalization_type"]) for f in FEATURES.values()}
+    assert norms == {"LN", "LNPre", "RMS", "RMSPre", None}
 
 
 def test_every_transformer_lens_config_field_is_classified():
