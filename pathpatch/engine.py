@@ -195,8 +195,9 @@ def evaluate(
         )
         delta = metric.against(runs.logits["r"], batch)  # the clean side once per batch
         te[start:stop] = delta(runs.logits["c"]).cpu()
+        read = batch.scored.to(device) if metric.scored_only else None
         for group, plan in zip(groups, plans, strict=True):
-            outputs = GroupEvaluator(model, plan, runs, positions, folded).logits()
+            outputs = GroupEvaluator(model, plan, runs, positions, folded, read).logits()
             for i, logits in zip(group, outputs, strict=True):
                 ue[i, start:stop] = delta(logits).cpu()
         if progress is not None:

@@ -59,12 +59,16 @@ class Metric:
         against_clean: optional `fn` split in two (built-ins): the clean logits' share (KL's
             clean probabilities, loss's clean log-probabilities) is computed once per batch
             instead of once per hypothesis. Same values as `fn`.
+        scored_only: the metric reads logits at the batch's scored positions only (built-ins),
+            so the engine unembeds those positions only and leaves the others NaN. A user
+            callable may read any position: its logits are complete.
     """
 
     name: str
     fn: MetricFn
     check: Callable[[PairDataset], None] | None = None
     against_clean: Against | None = None
+    scored_only: bool = False
 
     def check_dataset(self, dataset: PairDataset) -> None:
         """Raise PathPatchError if this metric cannot be read on `dataset` (e.g. no answers)."""
@@ -391,9 +395,9 @@ def _logit_diff(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) ->
 
 
 BUILTIN_METRICS: dict[str, Metric] = {
-    "kl": Metric("kl", _kl, against_clean=_kl_against),
-    "loss": Metric("loss", _loss, _check_loss, against_clean=_loss_against),
-    "logit_diff": Metric("logit_diff", _logit_diff, _check_logit_diff),
+    "kl": Metric("kl", _kl, against_clean=_kl_against, scored_only=True),
+    "loss": Metric("loss", _loss, _check_loss, against_clean=_loss_against, scored_only=True),
+    "logit_diff": Metric("logit_diff", _logit_diff, _check_logit_diff, scored_only=True),
 }
 """Built-in metrics by name; ``kl`` is the default."""
 

@@ -376,12 +376,15 @@ class GroupEvaluator:
     """Runs a GroupPlan on one cached batch; counts the stage passes it makes."""
 
     def __init__(self, model, plan: GroupPlan, runs: Runs, positions: PositionContext,
-                 folded: FoldedWeights | None = None):
+                 folded: FoldedWeights | None = None, read: torch.Tensor | None = None):
+        """`read`: [batch, pos] bool, the only positions whose logits are used (a metric's
+        scored positions); the others are not unembedded and come back NaN."""
         self.model = model
         self.plan = plan
         self.runs = runs
         self.positions = positions
         self.folded = folded or FoldedWeights(model)  # share one across groups: folded once
+        self.read = read
         self.passes = 0
 
     @torch.no_grad()
@@ -554,9 +557,17 @@ class GroupEvaluator:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
         n, B, T, d = xs.shape
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
-        normed = _norm(self.model, "ln_final")(xs.view(n * B, T, d)).view(n * B * T, d)
-        logits = torch.addmm(unembed.b_U, normed, unembed.W_U)
-        return list(logits.view(n, B, T, -1))
+        rows = xs.view(n, B * T, d)
+        if self.read is not None:  # the unembedding is a third of a GPT-2 forward: only read rows
+            where = self.read.reshape(-1).nonzero().squeeze(1)  # [k] flat positions
+            rows = rows[:, where]  # [n, k, d]
+        normed = _norm(self.model, "ln_final")(rows).reshape(-1, d)
+        logits = torch.addmm(unembed.b_U, normed, unembed.W_U)  # [n * rows, vocab]
+        if self.read is None:
+            return list(logits.view(n, B, T, -1))
+        full = logits.new_full((n, B * T, logits.shape[-1]), float("nan"))  # unread: NaN, loudly
+        full[:, where] = logits.view(n, len(where), -1)
+        return list(full.view(n, B, T, -1))
 
 
 def evaluate_logits(

@@ -189,3 +189,41 @@ def test_with_a_runs_cache_a_large_shard_is_one_batch(monkeypatch):
     plain = [evaluate(model, data, h) for h in hyps]
     assert built == [64, 36, 64, 36]
     assert all(a.equals(b) for a, b in zip(cached, plain))
+
+
+@pytest.mark.parametrize("name", ["kl", "loss", "logit_diff"])
+def test_built_in_metrics_unembed_only_the_scored_positions(name, monkeypatch):
+    """A built-in reads logits at scored positions only, so the engine unembeds just those; the
+    results equal those of the same metric as a user callable (complete logits) to 1e-12."""
+    import dataclasses
+
+    import pathpatch.engine
+    from pathpatch.stacking import GroupEvaluator
+
+    model = tiny_model("mlp")
+    data = _dataset(model)
+    scored = torch.zeros_like(data.scored)
+    scored[:, 2:4] = True  # not the last position: loss has no target there
+    data = dataclasses.replace(data, scored=scored, answer=data.reference[:, 0],
+                               wrong_answer=(data.reference[:, 0] + 1) % 7)
+    builtin = get_metric(name)
+    assert builtin.scored_only
+    as_user = dataclasses.replace(builtin, scored_only=False)
+    reads = []
+
+    class Recording(GroupEvaluator):
+        def logits(self):
+            out = super().logits()
+            reads.append(self.read)
+            return out
+
+    monkeypatch.setattr(pathpatch.engine, "GroupEvaluator", Recording)
+    hyps = [Hypothesis("~a0.0", "~a0.0"), Hypothesis("half", "in -> a1.*[v] -> out | ~m1")]
+    fast = evaluate(model, data, hyps, builtin)
+    full = evaluate(model, data, hyps, as_user)
+    assert reads[0] is not None and bool(reads[0].any()) and not bool(reads[0].all())
+    assert reads[-1] is None
+    for column in ("ue", "te"):
+        a, b = fast.column(column).to_numpy(), full.column(column).to_numpy()
+        assert abs(a - b).max() <= 1e-12 * max(1.0, abs(b).max())
+    assert fast.column("ue").to_numpy().max() > 0  # a real patch
