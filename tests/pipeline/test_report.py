@@ -77,3 +77,22 @@ def test_graph_and_explain_commands(capsys):
     assert "paths in P: 6 of" in out and "mixed copies: 2" in out
     assert main(["explain", "attn-only-2l", "a1.0[x]"]) == 2
     assert "unknown channel 'x'" in capsys.readouterr().err
+
+
+def test_edges_by_layer_shows_each_layer_pairs_largest_edge_effect():
+    import matplotlib.pyplot as plt
+
+    from pathpatch.figures import edge_layers_axes
+
+    scores = [{"hypothesis": h, "proportion_explained": pe} for h, pe in [
+        ("remove in->a0.1.q", 0.9), ("remove in->a0.2.v", 0.4), ("remove a0.1->a1.0.k", 0.7),
+        ("remove a0.1->out", 0.95), ("remove m0->out", None), ("remove a0.1", 0.0)]]
+    fig, ax = plt.subplots()
+    assert edge_layers_axes(ax, scores)
+    grid = ax.images[0].get_array()
+    # rows: in, 0; columns: 0, 1, out. Cells: the largest AUE/ATE = 1 - PE of their edges
+    assert grid[0, 0] == pytest.approx(0.6) and grid[1, 1] == pytest.approx(0.3)
+    assert grid[1, 2] == pytest.approx(0.05)  # m0->out has no defined score: not counted
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "out"]
+    assert not edge_layers_axes(plt.subplots()[1], scores[-1:])  # node removals only: no panel
+    plt.close("all")
