@@ -135,7 +135,7 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
     step("two plain processes without Ray")
-    scaling = machine_scaling(spec_path or DEFAULT_SPEC)
+    scaling = machine_scaling(spec_path or DEFAULT_SPEC, n_items=min(96, len(resolved.plan.items)))
     best = {way: max(outcomes, key=_rows_per_s) for way, outcomes in runs.items()}
     rates = {way: _rows_per_s(o) for way, o in best.items()}
     return {
