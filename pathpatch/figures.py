@@ -31,12 +31,22 @@ def _effect(row: dict) -> float | None:
     return None if pe is None or (isinstance(pe, float) and math.isnan(pe)) else 1.0 - pe
 
 
-def intervals_axes(ax, scores, max_rows: int = 40) -> None:
-    """Proportion explained per hypothesis with its interval, best first."""
+SHOWN = 40
+"""Hypotheses in the interval and spread panels: those that explain least."""
+
+
+def least_explained(scores, max_rows: int = SHOWN) -> list[dict]:
+    """The `max_rows` hypotheses with a defined score that explain least, best of them first:
+    with many hypotheses, those matter most (the interval and spread panels show these)."""
     rows = [r for r in _rows(scores) if r.get("proportion_explained") is not None]
-    total = len(rows)
     rows.sort(key=lambda r: r["proportion_explained"])
-    rows = rows[:max_rows][::-1]  # with many hypotheses, the ones explaining least matter most
+    return rows[:max_rows][::-1]
+
+
+def intervals_axes(ax, scores, max_rows: int = SHOWN) -> None:
+    """Proportion explained per hypothesis with its interval, best first."""
+    total = sum(r.get("proportion_explained") is not None for r in _rows(scores))
+    rows = least_explained(scores, max_rows)
     y = list(range(len(rows)))[::-1]
     pe = [r["proportion_explained"] for r in rows]
     def bound(r: dict, side: str, p: float) -> float:  # bootstrap (summarize) or delta (SQL)
@@ -56,13 +66,11 @@ def intervals_axes(ax, scores, max_rows: int = 40) -> None:
     ax.set_title("hypotheses" if total <= max_rows else f"the {max_rows} explaining least, of {total}")
 
 
-def spread_axes(ax, scores, per_example: dict[str, list[float]], max_rows: int = 40) -> None:
+def spread_axes(ax, scores, per_example: dict[str, list[float]], max_rows: int = SHOWN) -> None:
     """Per-example proportion explained (1 - UE/TE of each pair) for the hypotheses of
     `intervals_axes`, in its order: a mean can hide pairs the hypothesis explains and pairs
     it does not."""
-    rows = [r for r in _rows(scores) if r.get("proportion_explained") is not None]
-    rows.sort(key=lambda r: r["proportion_explained"])
-    rows = [r for r in rows[:max_rows][::-1] if per_example.get(r["hypothesis"])]
+    rows = [r for r in least_explained(scores, max_rows) if per_example.get(r["hypothesis"])]
     if not rows:
         ax.set_axis_off()
         return
@@ -220,7 +228,7 @@ def report_figure(scores, title: str = "", per_example: dict[str, list[float]] |
         panels.append(heatmap_axes)
     if any(_EDGE.match(r["hypothesis"]) for r in rows):
         panels += [edges_axes, edge_layers_axes]
-    height = max(4.0, 0.22 * min(40, len(rows)) + 1.5)
+    height = max(4.0, 0.22 * min(SHOWN, len(rows)) + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         panel(ax, rows)

@@ -24,7 +24,6 @@ class Progress:
         self.examples = 0
         self.failed = 0
         self.requeued = 0
-        self.enabled = enabled
         self._clock_started = False
         self._update_postfix()
 
@@ -40,7 +39,7 @@ class Progress:
         """Count one item. The first one restarts the clock instead of setting a rate: before
         it, workers were starting, and a rate over that would make the first ETA many times
         too long; ETA and examples/s count from it."""
-        if self._clock_started or not self.enabled:
+        if self._clock_started or self.bar.disable:
             self._update_postfix()
             self.bar.update(1)
             return

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
-from pathpatch.figures import report_figure
+from pathpatch.figures import least_explained, report_figure
 from pathpatch.metrics import summarize
 from pipeline.query import open_sweeps
 from pipeline.store import atomic_write_bytes
@@ -21,8 +21,6 @@ from pipeline.store import atomic_write_bytes
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
 
-SHOWN = 40
-"""Hypotheses in the figure's interval and spread panels (those explaining least)."""
 TABLE_ROWS = 50
 """Rows of the HTML table from each end (best and worst) when there are more."""
 
@@ -53,7 +51,7 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     """Write FOLDER/report.png and FOLDER/report.html; returns their paths.
 
     Every hypothesis is ranked by the SQL `scores` view; the seeded bootstrap runs only for
-    the ones shown (the figure's SHOWN explaining least, the table's TABLE_ROWS best and worst),
+    the ones shown (the figure's `figures.SHOWN` explaining least, the table's TABLE_ROWS best and worst),
     so the report costs about the same for 30 hypotheses as for 30,000.
     """
     folder = Path(folder)
@@ -63,7 +61,7 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     if not ranked:
         raise PathPatchError(f"{folder} has no finished results yet: run or resume the sweep first")
     table = ranked if len(ranked) <= 2 * TABLE_ROWS else ranked[:TABLE_ROWS] + ranked[-TABLE_ROWS:]
-    figure = [r["hypothesis"] for r in ranked if r["proportion_explained"] is not None][-SHOWN:]
+    figure = [r["hypothesis"] for r in least_explained(ranked)]
     shown = sorted(set(figure) | {r["hypothesis"] for r in table})
     rows = con.sql("SELECT hypothesis, example, ue, te FROM results WHERE "
                    "list_contains(?, hypothesis)", params=[shown]).to_arrow_table()
