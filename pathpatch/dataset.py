@@ -130,19 +130,23 @@ class PairDataset:
         return sum(t.numel() * t.element_size() for t in [*tensors, *self.masks.values()])
 
     def select(self, index: slice | torch.Tensor) -> PairDataset:
-        """Rows `index` as a new dataset (masks and answers follow; example ids are kept)."""
+        """Rows `index` as a new dataset (masks and answers follow; example ids are kept).
+
+        The rows are copied, never views: a shard is pickled to workers, and a pickled view
+        carries its parent's whole storage (every shard would ship the whole dataset).
+        """
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[index]
+            return None if t is None else t[index].clone()
 
         return PairDataset(
-            reference=self.reference[index],
-            counterfactual=self.counterfactual[index],
-            scored=self.scored[index],
-            masks={k: v[index] for k, v in self.masks.items()},
+            reference=pick(self.reference),
+            counterfactual=pick(self.counterfactual),
+            scored=pick(self.scored),
+            masks={k: pick(v) for k, v in self.masks.items()},
             answer=pick(self.answer),
             wrong_answer=pick(self.wrong_answer),
-            example_ids=self.example_ids[index],
+            example_ids=pick(self.example_ids),
         )
 
     def validate(self, vocab_size: int | None = None, where: str = "dataset") -> None:

@@ -414,3 +414,18 @@ def test_dataset_and_shards_pickle_for_workers():
     assert_same(ds, back)
     assert pickle.loads(pickle.dumps(shards)) == shards
     assert back.shard(shards[2]).example_ids.tolist() == [104]
+
+
+def test_a_shard_pickles_its_own_rows_not_the_whole_dataset():
+    """A row slice is a view of the parent's storage; pickled, a view carries all of it, so
+    every shard sent to a worker would ship the whole dataset."""
+    import pickle
+
+    big = tiny(batch=2000)
+    shard = shard_dataset(big, 10)[3]
+    part = shard.take(big)
+    own = sum(t.nbytes for t in (part.reference, part.counterfactual, part.scored,
+                                 part.answer, part.wrong_answer, part.example_ids,
+                                 *part.masks.values()))
+    assert len(pickle.dumps(part)) < 2 * own + 4096
+    assert_same(pickle.loads(pickle.dumps(part)), part)
