@@ -162,22 +162,29 @@ SCAN_ARCH = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_
 SCAN_PHASES = 4
 
 
-def _scan_spec(model: Path, pairs: int, seq_len: int, group_size: int, vocab: int) -> str:
+def _scan_spec(model: Path, pairs: int, seq_len: int, group_size: int, vocab: int,
+               device: str, memory_budget: int | None) -> str:
+    resources = ("gpus_per_worker = 1\n" if device == "cuda" else "threads_per_worker = 1\n")
+    if memory_budget is not None:
+        resources += f"memory_budget = {memory_budget}\n"
     return (f'name = "scan"\nmodel = "{model}"\nshard_size = {pairs}\ngroup_size = {group_size}\n'
             f'[dataset]\nkind = "induction"\nn = {pairs}\nseq_len = {seq_len}\n'
-            f'vocab_size = {vocab}\n[resources]\nworkers = 1\n'
-            'threads_per_worker = 1\n[[hypotheses]]\nfamily = "edge_removal"\n')
+            f'vocab_size = {vocab}\n[resources]\nworkers = 1\n{resources}'
+            '[[hypotheses]]\nfamily = "edge_removal"\n')
 
 
 def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, group_size: int = 64,
                keep: str | Path | None = None, progress: Callable[[str], None] | None = None,
-               arch: dict[str, Any] | None = None) -> dict[str, Any]:
+               arch: dict[str, Any] | None = None, device: str = "cpu",
+               memory_budget: int | None = None) -> dict[str, Any]:
     """The full single-edge scan of a GPT-2-small-shaped model, planned whole, with a fixed
-    sample of its items (evenly spaced over the plan) run through the pipeline in this process
-    on one torch thread; see docs/PIPELINE.md for what each figure means.
+    sample of its items (evenly spaced over the plan) run through the pipeline; see
+    docs/PIPELINE.md for what each figure means.
 
-    `progress(phase)` is called as each of the SCAN_PHASES phases starts; `arch` replaces the
-    GPT-2-small shape (tests use a tiny one).
+    On "cpu" the items run in this process on one torch thread; on "cuda" they run on one Ray
+    actor holding one GPU (what a GPU sweep does), and `memory_budget` (bytes per engine call)
+    lets the engine use the GPU's memory. `progress(phase)` is called as each of the
+    SCAN_PHASES phases starts; `arch` replaces the GPT-2-small shape (tests use a tiny one).
     """
     import resource
 
@@ -190,6 +197,10 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
 
     if sample_items < 1 or pairs < 1:
         raise ValueError("sample_items and pairs must be >= 1")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: allowed are cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: torch sees no CUDA device here")
     step = progress or (lambda phase: None)
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pathpatch-scan-"))
     threads = torch.get_num_threads()
@@ -203,7 +214,8 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
             torch.manual_seed(0)
             save_checkpoint(build_model(arch), arch, checkpoint)
         spec_path = root / "scan.toml"
-        spec_path.write_text(_scan_spec(checkpoint, pairs, seq_len, group_size, arch["d_vocab"]))
+        spec_path.write_text(_scan_spec(checkpoint, pairs, seq_len, group_size, arch["d_vocab"],
+                                        device, memory_budget))
         spec = load_spec(spec_path)
 
         step("validate and plan the whole scan")
@@ -232,10 +244,15 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
         out = root / "sweep"
         shutil.rmtree(out, ignore_errors=True)
         subset = replace(resolved, plan=replace(plan, items=sample))
-        outcome = run_sweep(spec, out, backend="inprocess", resolved=subset, progress=False)
+        if device == "cpu":
+            outcome = run_sweep(spec, out, backend="inprocess", resolved=subset, progress=False)
+        else:
+            outcome = run_sweep(spec, out, resolved=subset, progress=False,
+                                executor_options={"warm_start": True})
         item_s = sum(e["seconds"] for e in SweepFolder(out).events() if e["event"] == "item_done")
-        tokens = resolved.dataset.reference[:pairs]
-        forward_s = min(_timed(lambda: resolved.model(tokens)) for _ in range(3))
+        model = resolved.model.to(device)
+        tokens = resolved.dataset.reference[:pairs].to(device)
+        forward_s = min(_timed(lambda: model(tokens)) for _ in range(3))
     finally:
         torch.set_num_threads(threads)
         if not keep:
@@ -244,7 +261,8 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
     total_s = outcome.seconds
     per_hyp_example = total_s / (n_hyp * pairs)
     return {
-        **cpu_description(),
+        **cpu_description(), "device": device if device == "cpu" else
+        torch.cuda.get_device_name(0),
         "model_shape": {k: arch[k] for k in ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
         "hypotheses": len(plan.hypotheses), "items": len(plan.items), "pairs": pairs,
         "seq_len": seq_len, "group_size": group_size,
@@ -265,7 +283,10 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
 
 
 def _timed(fn: Callable[[], Any]) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     with torch.inference_mode():
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         return time.perf_counter() - start

@@ -173,7 +173,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         phases = Phases(SCAN_PHASES, "bench scan")
         try:
             result = bench_scan(pairs=args.pairs, sample_items=args.sample_items, keep=args.keep,
-                                progress=phases)
+                                progress=phases, device=args.device,
+                                memory_budget=args.memory_budget)
         finally:
             phases.close()
     else:
@@ -300,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=16, help="scan: dataset pairs (32 tokens each)")
     p.add_argument("--sample-items", type=int, default=3,
                    help="scan: items (64 edge removals each) run through the pipeline")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="scan: cpu (in this process, one thread) or cuda (one Ray actor, one GPU)")
+    p.add_argument("--memory-budget", type=int, default=None,
+                   help="scan: bytes per engine call (default: the engine's 2 GiB)")
     p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
     p.add_argument("--keep", default=None,
                    help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")

@@ -1,6 +1,12 @@
-"""The CUDA path of the engine on a lent GPU: exactness vs CPU, fp32/bf16/fp16, memory budget.
+"""The CUDA path on a lent GPU: exactness vs CPU, fp32/bf16/fp16, memory budget, engine bench,
+and the full single-edge scan of a GPT-2-small shape through the pipeline.
 
-Run: python scripts/gpu_check.py  (on a machine with a CUDA GPU). Prints one JSON object.
+Run on a machine with a CUDA GPU:
+    python scripts/gpu_check.py               everything (JSON lines; the scan last)
+    python scripts/gpu_check.py --bench-only  the engine benchmark only
+    python scripts/gpu_check.py --scan-only   the scan only (`pathpatch bench scan --device cuda`)
+The scan's goal: all 32,491 edges over 1,000 prompts in at most 15 minutes on one H100/H200
+(`projected_hours_1000_prompts_one_worker` <= 0.25).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ def main() -> None:
     out: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if "--bench-only" in sys.argv:
         return bench(out)
+    if "--scan-only" in sys.argv:
+        return scan()
     model = gpt2_small_shaped(seed=0, n_ctx=64)
     graph = Graph.from_model(model)
     rng = random.Random(0)
@@ -71,6 +79,7 @@ def main() -> None:
     out["memory_budget"] = budgets
     print(json.dumps(out, indent=1), flush=True)
     bench(out)
+    scan()
 
 
 def bench(out: dict) -> None:
@@ -81,6 +90,14 @@ def bench(out: dict) -> None:
         result = run_engine_benchmark(m, n_hypotheses=64, repeats=3, memory_budget=8 * 2**30)
         print(json.dumps({"bench_engine": str(dtype), **result}), flush=True)
         del m
+
+
+def scan() -> None:
+    """The scan on one GPU actor: 256 pairs (a shard per item), 6 sampled items of 64 edges."""
+    from pipeline.bench import bench_scan
+
+    result = bench_scan(pairs=256, sample_items=6, device="cuda", memory_budget=32 * 2**30)
+    print(json.dumps({"bench_scan": result}), flush=True)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,18 @@ def test_bench_scan_plans_the_whole_scan_and_runs_a_sample(tmp_path):
     assert result["failed"] == 0 and result["forwards_per_hypothesis"] > 0
     assert 0 < result["share_evaluate"] <= 1 and 0 <= result["share_compile"] < result["share_evaluate"]
     assert "vector_extensions" in result and len(phases) == 4
+    assert result["device"] == "cpu"
+
+
+def test_bench_scan_refuses_a_device_it_cannot_use(tmp_path):
+    import pytest
+    import torch
+
+    from pipeline.bench import bench_scan
+
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        bench_scan(device="tpu", keep=tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            bench_scan(device="cuda", keep=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before anything is built
