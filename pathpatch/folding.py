@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pathpatch.arch import Adapter, QKVWeights
+
 _CENTERING = {"LN": True, "LNPre": True, "RMS": False, "RMSPre": False}
 
 
@@ -64,26 +66,22 @@ class FoldedWeights:
     """
 
     def __init__(self, model):
-        self.model = model
+        self.arch = Adapter.of(model)
         self._qkv: dict[int, QKVProjection] = {}
 
     def qkv(self, layer: int) -> QKVProjection:
         if layer not in self._qkv:
-            block = self.model.blocks[layer]
-            self._qkv[layer] = _fold(self.model.cfg, block.attn, getattr(block, "ln1", None))
+            self._qkv[layer] = _fold(self.arch.qkv_weights(layer))
         return self._qkv[layer]
 
 
-def _fold(cfg, attn, ln) -> QKVProjection:
-    W = torch.stack([attn.W_Q, attn.W_K, attn.W_V], dim=1)  # [head, 3, d_model, d_head]
-    b = torch.stack([attn.b_Q, attn.b_K, attn.b_V], dim=1)  # [head, 3, d_head]
-    norm = cfg.normalization_type if ln is not None else None
+def _fold(weights: QKVWeights) -> QKVProjection:
+    W, b, norm, eps = weights.W, weights.b, weights.norm, weights.eps
     half = W.dtype not in (torch.float32, torch.float64)
-    eps = float(getattr(ln, "eps", 0.0))
     if norm is None or half:
         u, c, scaled = None, b, False
     else:
-        ln_b, ln_w = getattr(ln, "b", None), getattr(ln, "w", None)
+        ln_b, ln_w = weights.norm_b, weights.norm_w
         c = b if ln_b is None else b + torch.einsum("d,hcde->hce", ln_b, W)
         if ln_w is not None:
             W = W * ln_w[:, None]

@@ -2,7 +2,7 @@
 
 A sender feeds a receiver's channel whenever it writes to the residual stream before the
 receiver reads it. Biases are the same in every run, so they are constants, not senders.
-Every node knows the TransformerLens hook it lives at: one address scheme, not two.
+Where a node's output lives in a model's runs is the adapter's business (`arch.py`).
 """
 
 from __future__ import annotations
@@ -63,17 +63,6 @@ class Node:
             return ()
         return (Channel.RESID,)
 
-    @property
-    def hook(self) -> str:
-        """The TransformerLens hook holding this node's output (per head: index `head` of z)."""
-        if self.kind is NodeKind.INPUT:
-            return "hook_embed"
-        if self.kind is NodeKind.HEAD:
-            return f"blocks.{self.layer}.attn.hook_z"
-        if self.kind is NodeKind.MLP:
-            return f"blocks.{self.layer}.hook_mlp_out"
-        return "ln_final.hook_normalized"
-
     def __str__(self) -> str:
         return self.name
 
@@ -99,14 +88,19 @@ class Graph:
     n_layers: int
     n_heads: int
     has_mlp: bool
+    parallel: bool = False
+    """Each MLP reads its layer's input beside the heads (GPT-J, GPT-NeoX), not after them."""
 
     @classmethod
     def from_model(cls, model) -> Graph:
         """The graph of a TransformerLens HookedTransformer; refuses, by name, any feature the
         engine does not compute exactly (`support.py`)."""
-        check_model(model)
-        cfg = model.cfg
-        return cls(n_layers=cfg.n_layers, n_heads=cfg.n_heads, has_mlp=not cfg.attn_only)
+        from pathpatch.arch import Adapter
+
+        check_model(model)  # every time: hooks may have been attached since the adapter was made
+        arch = Adapter.of(model)
+        return cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
+                   parallel=arch.parallel)
 
     @cached_property
     def nodes(self) -> tuple[Node, ...]:
@@ -155,7 +149,7 @@ class Graph:
         for r in self.nodes:
             if r.kind is NodeKind.INPUT:
                 out.append(())
-            elif r.kind is NodeKind.HEAD:
+            elif r.kind is NodeKind.HEAD or (r.kind is NodeKind.MLP and self.parallel):
                 out.append(tuple(n for n in self.nodes if n.order < r.order and n.layer < r.layer))
             else:  # MLP reads after its own layer's heads; out reads everything
                 out.append(tuple(n for n in self.nodes if n.order < r.order))
@@ -182,7 +176,8 @@ class Graph:
 
 def describe(graph: Graph, *, edges: bool = False) -> str:
     """Readable summary: nodes by layer, edge and path counts (every edge on request)."""
-    lines = [f"{graph.n_layers} layers x {graph.n_heads} heads" + (" + MLPs" if graph.has_mlp else ""),
+    mlps = (" + MLPs (parallel: each reads its layer's input)" if graph.parallel else " + MLPs")
+    lines = [f"{graph.n_layers} layers x {graph.n_heads} heads" + (mlps if graph.has_mlp else ""),
              "nodes:", "  in"]
     for layer in range(graph.n_layers):
         heads = " ".join(n.name for n in graph.nodes if n.layer == layer and n.kind is NodeKind.HEAD)

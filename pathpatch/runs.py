@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.graph import Graph, NodeKind
 
 
@@ -18,49 +19,42 @@ class Runs:
     def __init__(self, model, reference: torch.Tensor, counterfactual: torch.Tensor):
         self.model = model
         self.graph = Graph.from_model(model)
-        cfg = model.cfg
-        names = {"hook_embed", f"blocks.{cfg.n_layers - 1}.hook_resid_post"}
-        for layer in range(cfg.n_layers):
-            names |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z"}
-            if not cfg.attn_only:
-                names |= {f"blocks.{layer}.hook_resid_mid", f"blocks.{layer}.hook_mlp_out"}
+        self.arch = Adapter.of(model)
         self.logits: dict[str, torch.Tensor] = {}
         self.cache: dict[str, dict[str, torch.Tensor]] = {}
         for run, tokens in (("r", reference), ("c", counterfactual)):
-            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-            self.logits[run] = logits
-            self.cache[run] = dict(cache.items())
+            self.logits[run], self.cache[run] = self.arch.run(tokens)
         self._cf_bank: torch.Tensor | None = None
 
     def z(self, layer: int, run: str = "r") -> torch.Tensor:
         """[batch, pos, head, d_head]"""
-        return self.cache[run][f"blocks.{layer}.attn.hook_z"]
+        return self.cache[run][self.arch.z_hook(layer)]
 
     def mlp_out(self, layer: int, run: str = "r") -> torch.Tensor:
         """[batch, pos, d_model]"""
-        return self.cache[run][f"blocks.{layer}.hook_mlp_out"]
+        return self.cache[run][self.arch.mlp_out_hook(layer)]
 
     def residual_at(self, kind: NodeKind, layer: int, run: str = "r") -> torch.Tensor:
         """[batch, pos, d_model] the residual stream as a receiver of this kind reads it."""
-        c = self.cache[run]
+        c, arch = self.cache[run], self.arch
         if kind is NodeKind.HEAD:
-            return c[f"blocks.{layer}.hook_resid_pre"]
+            return c[arch.head_input_hook(layer)]
         if kind is NodeKind.MLP:
-            return c[f"blocks.{layer}.hook_resid_mid"]
-        return c[f"blocks.{self.model.cfg.n_layers - 1}.hook_resid_post"]
+            return c[arch.mlp_input_hook(layer)]
+        return c[arch.output_input_hook()]
 
     def cf_bank(self) -> torch.Tensor:
         """[node, batch, pos, d_model] G(x_c) minus G(x_r) output of every node, by node order.
 
-        Biases cancel; positional embeddings are equal in both runs, so `in` is the token
-        embedding difference. Computed once per batch, shared by every hypothesis.
+        Biases cancel; positional embeddings are equal in both runs (rotary models have none),
+        so `in` is the token embedding difference. Computed once per batch, shared by every hypothesis.
         """
         if self._cf_bank is None:
             r, c = self.cache["r"], self.cache["c"]
-            parts = [c["hook_embed"] - r["hook_embed"]]
-            for layer in range(self.model.cfg.n_layers):
+            parts = [c[EMBED_HOOK] - r[EMBED_HOOK]]
+            for layer in range(self.arch.n_layers):
                 dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
-                W_O = self.model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+                W_O = self.arch.W_O(layer)  # [head, d_head, d_model]
                 parts.extend(torch.einsum("bphe,hed->hbpd", dz, W_O).unbind(0))
                 if self.graph.has_mlp:
                     parts.append(self.mlp_out(layer, "c") - self.mlp_out(layer, "r"))

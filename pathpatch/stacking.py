@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pathpatch.arch import Adapter
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
@@ -33,12 +34,6 @@ from pathpatch.runs import Runs
 
 _RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.MLP: 2, NodeKind.OUTPUT: 3}
 _MAX_COMPARISONS = 4_000_000  # previous-stage bases are searched only up to this much work
-_TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}  # exactly torch's tanh approximation
-
-
-def _norm(owner, name: str):
-    """The LayerNorm module `owner.name`, or identity for models built without normalization."""
-    return getattr(owner, name, None) or (lambda x: x)
 
 
 def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -379,7 +374,7 @@ class GroupEvaluator:
                  folded: FoldedWeights | None = None, read: torch.Tensor | None = None):
         """`read`: [batch, pos] bool, the only positions whose logits are used (a metric's
         scored positions); the others are not unembedded and come back NaN."""
-        self.model = model
+        self.arch = Adapter.of(model)
         self.plan = plan
         self.runs = runs
         self.positions = positions
@@ -483,7 +478,7 @@ class GroupEvaluator:
                 continue  # only partial inputs carried for the next stage
             block = x.blocks[h]
             if fold.normalize_first:
-                block = _norm(self.model.blocks[stage.layer], "ln1")(block)
+                block = self.arch.norm_before_heads(stage.layer, block)
             flat = block.view(-1, B * T, d)
             mean, inv = fold.stats(flat)
             if plan.singles is not None:
@@ -502,9 +497,13 @@ class GroupEvaluator:
         return proj
 
     def _head_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
-        attn = self.model.blocks[stage.layer].attn
-        B, T, d = self.runs.residual_at(stage.kind, stage.layer).shape
+        arch, layer = self.arch, stage.layer
+        scale = arch.attn_scale(layer)
+        B, T, d = self.runs.residual_at(stage.kind, layer).shape
         proj = self._project(stage, x, (B, T, d)).view(stage.n_rows, B, T, -1)
+        if arch.rotary:  # q and k rows rotate by their own position, before any version picking
+            qk = [r for cr in stage.copies for rows in cr.rows[:2] for r in rows]
+            proj[qk] = arch.rotate(layer, proj[qk])
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]
         zs: dict[int, torch.Tensor] = {}
@@ -514,7 +513,7 @@ class GroupEvaluator:
             v = proj[[cr.rows[2][0] for cr in simple]]
             # torch's fused causal attention: no [pos, pos] scores written out and masked (7-8%
             # of a small model's sweep item with 128 examples; the same numbers up to rounding)
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / attn.attn_scale)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / scale)
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})
         if split:  # keys after the query: the fused kernel above masks them itself
             future = torch.ones(T, T, dtype=torch.bool, device=proj.device).triu(1)
@@ -523,7 +522,7 @@ class GroupEvaluator:
             k_index = self.positions.version_index(cr.copy.inputs[1])
             v_index = self.positions.version_index(cr.copy.inputs[2])
             keys, values = proj[cr.rows[1]], proj[cr.rows[2]]
-            scores = _pick(q @ keys.transpose(-1, -2) / attn.attn_scale, k_index)
+            scores = _pick(q @ keys.transpose(-1, -2) / scale, k_index)
             pattern = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
             if v_index is None:
                 zs[id(cr)] = pattern @ values[0]
@@ -532,23 +531,15 @@ class GroupEvaluator:
         z = torch.stack([zs[id(cr)] for cr in stage.copies])  # [copy, batch, pos, d_head]
         for h, start, stop, slot in stage.spans:  # bank entry: W_O (z - z_ref), written in place
             heads = [cr.copy.node.head for cr in stage.copies[start:stop]]
-            z_ref = self.runs.z(stage.layer, self._reference_run(h))[:, :, heads].permute(2, 0, 1, 3)
+            z_ref = self.runs.z(layer, self._reference_run(h))[:, :, heads].permute(2, 0, 1, 3)
             n = stop - start
-            torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), attn.W_O[heads],
+            torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads],
                       out=banks[h][slot:slot + n].view(n, B * T, d))
 
     def _mlp_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
-        block = self.model.blocks[stage.layer]
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
-        normed = _norm(block, "ln2")(xs.view(n * B, T, d))
-        mlp = block.mlp
-        if type(mlp).__name__ == "MLP" and mlp.cfg.act_fn in _TANH_GELU:
-            # TransformerLens's gelu_new is four elementwise passes; torch's fused one is equal
-            hidden = F.gelu(torch.addmm(mlp.b_in, normed.view(-1, d), mlp.W_in), approximate="tanh")
-            out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(n, B, T, d)
-        else:
-            out = mlp(normed).view(n, B, T, d)
+        out = self.arch.mlp(stage.layer, xs.view(n * B, T, d)).view(n, B, T, d)
         for h, start, stop, slot in stage.spans:
             ref = self.runs.mlp_out(stage.layer, self._reference_run(h))
             torch.sub(out[start:stop], ref, out=banks[h][slot:slot + stop - start])
@@ -556,13 +547,11 @@ class GroupEvaluator:
     def _output_stage(self, stage: _Stage, x: _Inputs) -> list[torch.Tensor]:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
         n, B, T, d = xs.shape
-        unembed = self.model.unembed  # its own forward copies W_U transposed on every call
         rows = xs.view(n, B * T, d)
         if self.read is not None:  # the unembedding is a third of a GPT-2 forward: only read rows
             where = self.read.reshape(-1).nonzero().squeeze(1)  # [k] flat positions
             rows = rows[:, where]  # [n, k, d]
-        normed = _norm(self.model, "ln_final")(rows).reshape(-1, d)
-        logits = torch.addmm(unembed.b_U, normed, unembed.W_U)  # [n * rows, vocab]
+        logits = self.arch.unembed(rows.reshape(-1, d))  # [n * rows, vocab]
         if self.read is None:
             return list(logits.view(n, B, T, -1))
         full = logits.new_full((n, B * T, logits.shape[-1]), float("nan"))  # unread: NaN, loudly

@@ -1,0 +1,164 @@
+"""How a model computes, as the engine needs it: the one place it reads a model.
+
+The engine recomputes parts of a forward pass for its mixed copies (a head from its q/k/v
+inputs to its output, an MLP from its input, the unembedding) and reads the clean and
+counterfactual runs from hooks. Everything it needs from the model goes through `Adapter`:
+which hooks hold what, the q/k/v weights and the norm in front of them, the rotation of q and
+k by position, the attention scale, each head's output matrix, the MLP with its norm, the
+final norm with the unembedding, and the graph's wiring (sequential, or attention and MLP in
+parallel). `stacking.py`, `runs.py` and `folding.py` never read TransformerLens modules or hook
+names themselves, so another architecture, or another backend than TransformerLens's
+`HookedTransformer`, is one adapter.
+
+What is computed exactly, and what is refused by name, is `support.py`'s table, which
+`Graph.from_model` applies before any adapter is used.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}  # exactly torch's tanh approximation
+EMBED_HOOK = "hook_embed"
+"""The token embedding alone (the positional embedding, where there is one, is equal in both runs
+and cancels; rotary models have none)."""
+
+
+@dataclass(frozen=True)
+class QKVWeights:
+    """One layer's q/k/v projections per query head and the norm that precedes them.
+
+    k and v are per query head (a kv head's weights repeated over its group, as TransformerLens
+    computes grouped-query attention), so every head keeps its own k and v channels.
+    """
+
+    W: torch.Tensor  # [head, 3, d_model, d_head]
+    b: torch.Tensor  # [head, 3, d_head]
+    norm: str | None  # "LN", "LNPre", "RMS", "RMSPre" or None
+    norm_w: torch.Tensor | None  # [d_model]
+    norm_b: torch.Tensor | None  # [d_model]
+    eps: float
+
+
+class Adapter:
+    """One TransformerLens `HookedTransformer`, read the way the engine needs it."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.cfg
+        self.n_layers = cfg.n_layers
+        self.n_heads = cfg.n_heads
+        self.has_mlp = not cfg.attn_only
+        self.parallel = bool(cfg.parallel_attn_mlp) and self.has_mlp
+        """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
+        self.rotary = cfg.positional_embedding_type == "rotary"
+        self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+
+    @classmethod
+    def of(cls, model) -> Adapter:
+        """The adapter of `model`, made once per model object."""
+        adapter = _ADAPTERS.get(model)
+        if adapter is None:
+            adapter = _ADAPTERS[model] = cls(model)
+        return adapter
+
+    # --- the cached runs -----------------------------------------------------------------------
+
+    def z_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z"
+
+    def mlp_out_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    def head_input_hook(self, layer: int) -> str:
+        """The residual stream the heads of `layer` read."""
+        return f"blocks.{layer}.hook_resid_pre"
+
+    def mlp_input_hook(self, layer: int) -> str:
+        """The residual stream the MLP of `layer` reads: after its heads, or beside them."""
+        return self.head_input_hook(layer) if self.parallel else f"blocks.{layer}.hook_resid_mid"
+
+    def output_input_hook(self) -> str:
+        return f"blocks.{self.n_layers - 1}.hook_resid_post"
+
+    def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(logits, the `run_hooks` activations) of one plain forward."""
+        names = self.run_hooks()
+        logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
+        return logits, dict(cache.items())
+
+    def run_hooks(self) -> set[str]:
+        """Every hook the cached runs keep."""
+        names = {EMBED_HOOK, self.output_input_hook()}
+        for layer in range(self.n_layers):
+            names |= {self.head_input_hook(layer), self.z_hook(layer)}
+            if self.has_mlp:
+                names |= {self.mlp_input_hook(layer), self.mlp_out_hook(layer)}
+        return names
+
+    # --- heads ---------------------------------------------------------------------------------
+
+    def qkv_weights(self, layer: int) -> QKVWeights:
+        block = self.model.blocks[layer]
+        attn, ln = block.attn, getattr(block, "ln1", None)
+        return QKVWeights(
+            W=torch.stack([attn.W_Q, attn.W_K, attn.W_V], dim=1),
+            b=torch.stack([attn.b_Q, attn.b_K, attn.b_V], dim=1),
+            norm=self.model.cfg.normalization_type if ln is not None else None,
+            norm_w=getattr(ln, "w", None), norm_b=getattr(ln, "b", None),
+            eps=float(getattr(ln, "eps", 0.0)),
+        )
+
+    def norm_before_heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The heads' norm as the model's own module (half precision: `folding.py`)."""
+        return _call(getattr(self.model.blocks[layer], "ln1", None), x)
+
+    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """q or k rows [rows, batch, pos, d_head], each rotated by its own position (identity
+        without rotary embeddings). Rotation is per position, so it commutes with picking
+        versions per destination (q) or per source (k) afterwards."""
+        if not self.rotary:
+            return x
+        attn = self.model.blocks[layer].attn
+        rotated = attn.apply_rotary(x.permute(1, 2, 0, 3), 0, None)  # [batch, pos, rows, d_head]
+        return rotated.permute(2, 0, 1, 3)
+
+    def attn_scale(self, layer: int) -> float:
+        return float(self.model.blocks[layer].attn.attn_scale)
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """[head, d_head, d_model]"""
+        return self.model.blocks[layer].attn.W_O
+
+    # --- MLPs and the output -------------------------------------------------------------------
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The MLP node's output from its input rows x [..., pos, d_model] (norm included)."""
+        block = self.model.blocks[layer]
+        normed = _call(getattr(block, "ln2", None), x)
+        mlp = block.mlp
+        if type(mlp).__name__ == "MLP" and mlp.cfg.act_fn in _TANH_GELU:
+            # TransformerLens's gelu_new is four elementwise passes; torch's fused one is equal
+            d = normed.shape[-1]
+            hidden = F.gelu(torch.addmm(mlp.b_in, normed.reshape(-1, d), mlp.W_in),
+                            approximate="tanh")
+            return torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
+        return mlp(normed)
+
+    def unembed(self, rows: torch.Tensor) -> torch.Tensor:
+        """Logits [rows, vocab] of residual rows [rows, d_model] (final norm included)."""
+        normed = _call(getattr(self.model, "ln_final", None), rows)
+        unembed = self.model.unembed  # its own forward copies W_U transposed on every call
+        return torch.addmm(unembed.b_U, normed, unembed.W_U)
+
+
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _call(norm, x: torch.Tensor) -> torch.Tensor:
+    """A norm module, or identity for models built without normalization."""
+    return x if norm is None else norm(x)
