@@ -65,7 +65,8 @@ def _softcap_off(value, cfg) -> bool:
     return value is None or value <= 0  # TransformerLens's softcap_enabled: only > 0 caps
 
 
-_ROTARY = "rotary embeddings only (positional_embedding_type='rotary' is refused)"
+_ROTARY = ("the rotary tables TransformerLens computes: the engine rotates q and k rows with the "
+           "model's own apply_rotary, each by its position")
 # Architectures whose forward TransformerLens changes by name (components/, utilities/architectures.py);
 # another name changes at most the MLP module (GptOssForCausalLM), which the engine calls as built
 _RENAMED_FORWARD = {
@@ -105,14 +106,18 @@ FIELDS: dict[str, Rule] = {
     "attn_scale": _exact("attn.attn_scale"),
     "scale_attn_by_inverse_layer_idx": _exact("attn.attn_scale (multiplied by layer + 1)"),
     "dtype": _exact("float32/float64 fold the first norm; half precision applies the module first"),
+    # wiring and attention (arch.py)
+    "parallel_attn_mlp": _exact(
+        "each MLP reads its layer's input beside the heads: its senders are `in` and the nodes of "
+        "earlier layers (graph.py), its input the layer's resid_pre"),
+    "n_key_value_heads": _exact(
+        "grouped-query attention: every query head keeps its own k and v channels, computed with "
+        "its kv head's weights"),
     # values the engine does not reproduce yet
     "positional_embedding_type": _only(
-        "'standard'", lambda value, cfg: value == "standard",
-        "position information inside attention (rotary, ALiBi, shortformer, relative biases)"),
-    "parallel_attn_mlp": _off("parallel attention + MLP (GPT-J, GPT-NeoX)"),
-    "n_key_value_heads": _only(
-        "None or n_heads", lambda value, cfg: value is None or value == cfg.n_heads,
-        "grouped-query attention (keys and values shared across heads)"),
+        "'standard' or 'rotary'", lambda value, cfg: value in ("standard", "rotary"),
+        "position information inside attention other than rotary (ALiBi, shortformer, relative "
+        "biases)"),
     "use_local_attn": _off("local/windowed attention (GPT-Neo)"),
     "use_normalization_before_and_after": _off(
         "normalization after attention and after the MLP (Gemma-2; the post-attention norm acts "
@@ -134,27 +139,27 @@ FIELDS: dict[str, Rule] = {
     # read by features refused above
     "window_size": _inert("local attention only (use_local_attn is refused)"),
     "attn_types": _inert("local attention only (use_local_attn is refused)"),
-    "ungroup_grouped_query_attention": _inert("grouped-query attention only (refused unless ungrouped)"),
-    "rotary_dim": _inert(_ROTARY),
-    "rotary_base": _inert(_ROTARY),
-    "rotary_base_local": _inert(_ROTARY),
-    "rotary_scaling_factor": _inert(_ROTARY),
-    "rotary_adjacent_pairs": _inert(_ROTARY),
-    "use_NTK_by_parts_rope": _inert(_ROTARY),
-    "NTK_by_parts_low_freq_factor": _inert(_ROTARY),
-    "NTK_by_parts_high_freq_factor": _inert(_ROTARY),
-    "NTK_by_parts_factor": _inert(_ROTARY),
-    "NTK_original_ctx_len": _inert(_ROTARY),
-    "use_dynamic_ntk_rope": _inert(_ROTARY),
-    "use_yarn_rope": _inert(_ROTARY),
-    "yarn_factor": _inert(_ROTARY),
-    "yarn_attention_factor": _inert(_ROTARY),
-    "yarn_beta_fast": _inert(_ROTARY),
-    "yarn_beta_slow": _inert(_ROTARY),
-    "yarn_original_max_position_embeddings": _inert(_ROTARY),
-    "yarn_truncate": _inert(_ROTARY),
-    "yarn_global_attn_only": _inert(_ROTARY),
-    "train_seq_length": _inert("dynamic NTK rotary and log-n attention only (both refused)"),
+    "ungroup_grouped_query_attention": _inert("the shape of the k/v hooks (the same values)"),
+    "rotary_dim": _exact(_ROTARY),
+    "rotary_base": _exact(_ROTARY),
+    "rotary_base_local": _inert("rotary tables of local layers only (use_local_attn is refused)"),
+    "rotary_scaling_factor": _exact(_ROTARY),
+    "rotary_adjacent_pairs": _exact(_ROTARY),
+    "use_NTK_by_parts_rope": _exact(_ROTARY),
+    "NTK_by_parts_low_freq_factor": _exact(_ROTARY),
+    "NTK_by_parts_high_freq_factor": _exact(_ROTARY),
+    "NTK_by_parts_factor": _exact(_ROTARY),
+    "NTK_original_ctx_len": _exact(_ROTARY),
+    "use_dynamic_ntk_rope": _exact(_ROTARY),
+    "use_yarn_rope": _exact(_ROTARY),
+    "yarn_factor": _exact(_ROTARY),
+    "yarn_attention_factor": _exact(_ROTARY),
+    "yarn_beta_fast": _exact(_ROTARY),
+    "yarn_beta_slow": _exact(_ROTARY),
+    "yarn_original_max_position_embeddings": _exact(_ROTARY),
+    "yarn_truncate": _exact(_ROTARY),
+    "yarn_global_attn_only": _inert("rotary tables of local layers only (use_local_attn is refused)"),
+    "train_seq_length": _exact("dynamic NTK rotary tables (" + _ROTARY + "); log-n attention is refused"),
     "relative_attention_max_distance": _inert("T5 encoder-decoder models only"),
     "relative_attention_num_buckets": _inert("T5 encoder-decoder models only"),
     "decoder_start_token_id": _inert("encoder-decoder models only"),
@@ -187,10 +192,10 @@ FIELDS: dict[str, Rule] = {
 }
 
 _SUPPORTED = (
-    "pathpatch computes causal transformers with standard positional embeddings exactly: "
-    "LayerNorm, RMSNorm (with or without weights) or no norm; plain, gated, SoLU or "
-    "mixture-of-experts MLPs, or none; any attention scale (docs/MODELS.md classifies every "
-    "TransformerLens option)"
+    "pathpatch computes causal transformers with standard or rotary positional embeddings "
+    "exactly: LayerNorm, RMSNorm (with or without weights) or no norm; plain, gated, SoLU or "
+    "mixture-of-experts MLPs, or none; sequential or parallel attention and MLP; grouped-query "
+    "attention; any attention scale (docs/MODELS.md classifies every TransformerLens option)"
 )
 
 

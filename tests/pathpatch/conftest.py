@@ -8,6 +8,13 @@ FAMILIES = {
     "attn-only": dict(attn_only=True, normalization_type="LN"),
     "attn-only-noln": dict(attn_only=True, normalization_type=None),
     "mlp": dict(attn_only=False, normalization_type="LN", d_mlp=12, act_fn="gelu"),
+    # Llama / Mistral / Qwen2 style: RMSNorm, gated SiLU MLP, rotary, one kv head for two
+    "llama": dict(attn_only=False, normalization_type="RMS", d_mlp=12, act_fn="silu",
+                  gated_mlp=True, positional_embedding_type="rotary", rotary_dim=4,
+                  n_key_value_heads=1),
+    # Pythia / GPT-NeoX style: parallel attention + MLP, partial rotary
+    "neox": dict(attn_only=False, normalization_type="LN", d_mlp=12, act_fn="gelu",
+                 parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),
 }
 
 

@@ -62,7 +62,13 @@ class Model:
         self.w = {k: v.detach().to(torch.float64) for k, v in tl_model.state_dict().items()}
         self.L, self.H = cfg.n_layers, cfg.n_heads
         self.mlp = not cfg.attn_only
-        self.ln = cfg.normalization_type == "LN"
+        self.norm = cfg.normalization_type  # "LN", "RMS" or None
+        assert self.norm in ("LN", "RMS", None), self.norm
+        self.parallel = bool(cfg.parallel_attn_mlp)
+        self.rotary = cfg.positional_embedding_type == "rotary"
+        self.group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
+        self.act = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[cfg.act_fn] \
+            if self.mlp else None
 
     # graph, independently: which (sender, layer-rank) feeds what
     def rank(self, name: str) -> float:
@@ -84,7 +90,7 @@ class Model:
 
     def senders(self, receiver: str) -> list[str]:
         r = self.rank(receiver)
-        if receiver.startswith("a"):
+        if receiver.startswith("a") or (receiver.startswith("m") and self.parallel):
             return [n for n in self.names() if n != "out" and self.rank(n) < math.floor(r)]
         return [n for n in self.names() if n != "out" and self.rank(n) < r]
 
@@ -95,21 +101,51 @@ class Model:
         return ["resid"] if name != "in" else []
 
     def layernorm(self, x, prefix):
-        if not self.ln:
+        if self.norm is None:
             return x
+        if self.norm == "RMS":
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.cfg.eps) * self.w[f"{prefix}.w"]
         x = x - x.mean(-1, keepdim=True)
         x = x / torch.sqrt((x * x).mean(-1, keepdim=True) + self.cfg.eps)
         return x * self.w[f"{prefix}.w"] + self.w[f"{prefix}.b"]
 
+    def rotate(self, x, layer: int, p: int):
+        """x [d_head] (a q or k vector) rotated by position p, from the model's own tables."""
+        if not self.rotary:
+            return x
+        n = self.cfg.rotary_dim
+        rot, rest = x[:n], x[n:]
+        if self.cfg.rotary_adjacent_pairs:
+            flip = torch.stack([-rot[1::2], rot[::2]], dim=-1).reshape(-1)
+        else:
+            flip = torch.cat([-rot[n // 2:], rot[:n // 2]])
+        cos = self.w[f"blocks.{layer}.attn.rotary_cos"][p]
+        sin = self.w[f"blocks.{layer}.attn.rotary_sin"][p]
+        return torch.cat([rot * cos + flip * sin, rest])
+
+    def kv_weight(self, layer: int, name: str, head: int):
+        """W_K / W_V / b_K / b_V of a query head: its kv head's, under grouped-query attention."""
+        key = f"blocks.{layer}.attn.{name}"
+        if key in self.w:
+            return self.w[key][head]
+        return self.w[f"blocks.{layer}.attn._{name}"][head // self.group]
+
+    def mlp_out(self, x, layer: int):
+        w, pre = self.w, f"blocks.{layer}.mlp"
+        if f"{pre}.W_gate" in w:  # TransformerLens's gated MLP: b_in after the product
+            hidden = self.act(x @ w[f"{pre}.W_gate"]) * (x @ w[f"{pre}.W_in"]) + w[f"{pre}.b_in"]
+        else:
+            hidden = self.act(x @ w[f"{pre}.W_in"] + w[f"{pre}.b_in"])
+        return hidden @ w[f"{pre}.W_out"]
+
     def constants(self, receiver: str) -> torch.Tensor:
         """Biases every run adds before `receiver` reads the residual stream."""
         total = torch.zeros(self.cfg.d_model, dtype=torch.float64)
-        r = self.rank(receiver)
-        for layer in range(self.L):
-            if layer < r and not (receiver.startswith("a") and layer >= math.floor(r)):
-                total = total + self.w[f"blocks.{layer}.attn.b_O"]
-            if self.mlp and layer + 0.5 < r:
-                total = total + self.w[f"blocks.{layer}.mlp.b_out"]
+        for sender in self.senders(receiver):
+            if sender.startswith("a") and sender.endswith(".0"):  # b_O once per layer
+                total = total + self.w[f"blocks.{sender[1:].split('.')[0]}.attn.b_O"]
+            elif sender.startswith("m"):
+                total = total + self.w[f"blocks.{sender[1:]}.mlp.b_out"]
         return total
 
 
@@ -185,7 +221,7 @@ class Oracle:
         if node == "in":
             path = (("in", None, p, p),) + suffix
             tok = self.xr[p] if self.contains(self.h, path) else self.xc[p]
-            return w["embed.W_E"][tok] + w["pos_embed.W_pos"][p]
+            return w["embed.W_E"][tok] + (0 if m.rotary else w["pos_embed.W_pos"][p])
 
         def reads(channel, i, j):
             step = (node, channel, i, j)
@@ -197,16 +233,19 @@ class Oracle:
         if node.startswith("m"):
             layer = int(node[1:])
             x = m.layernorm(reads("resid", p, p), f"blocks.{layer}.ln2")
-            pre = x @ w[f"blocks.{layer}.mlp.W_in"] + w[f"blocks.{layer}.mlp.b_in"]
-            return torch.nn.functional.gelu(pre) @ w[f"blocks.{layer}.mlp.W_out"]
+            return m.mlp_out(x, layer)
         layer, head = (int(t) for t in node[1:].split("."))
         pre = f"blocks.{layer}"
         ln = f"{pre}.ln1"
         q = m.layernorm(reads("q", p, p), ln) @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
+        q = m.rotate(q, layer, p)
         scores, values = [], []
         for j in range(p + 1):
-            k = m.layernorm(reads("k", p, j), ln) @ w[f"{pre}.attn.W_K"][head] + w[f"{pre}.attn.b_K"][head]
-            v = m.layernorm(reads("v", p, j), ln) @ w[f"{pre}.attn.W_V"][head] + w[f"{pre}.attn.b_V"][head]
+            k = m.layernorm(reads("k", p, j), ln) @ m.kv_weight(layer, "W_K", head) \
+                + m.kv_weight(layer, "b_K", head)
+            v = m.layernorm(reads("v", p, j), ln) @ m.kv_weight(layer, "W_V", head) \
+                + m.kv_weight(layer, "b_V", head)
+            k = m.rotate(k, layer, j)
             scores.append(q @ k / math.sqrt(m.cfg.d_head))
             values.append(v)
         attn = torch.softmax(torch.stack(scores), dim=0)
@@ -269,8 +308,7 @@ def random_hypothesis(rng: random.Random, model: Model, mask_names_1d, mask_name
         specs = []
         for _ in range(rng.randint(1, 6)):
             s = rng.choice(names[:-1])
-            later = [n for n in names if n != "in" and model.rank(n) > model.rank(s)
-                     and not (n.startswith("a") and math.floor(model.rank(n)) <= model.rank(s))]
+            later = [n for n in names if n != "in" and s in model.senders(n)]
             if not later:
                 continue
             r = rng.choice(later)

@@ -133,12 +133,17 @@ def _edge_hook_run(model, edge, xr, xc):
             return x + delta
 
     model.set_use_split_qkv_input(True)
+    grouped = (model.cfg.n_key_value_heads or model.cfg.n_heads) != model.cfg.n_heads
+    if grouped:  # k/v input hooks per query head, not per kv head
+        model.set_ungroup_grouped_query_attention(True)
     if not model.cfg.attn_only:
         model.set_use_hook_mlp_in(True)
     try:
         logits = model.run_with_hooks(xr, fwd_hooks=[(name, hook)])
     finally:
         model.set_use_split_qkv_input(False)
+        if grouped:
+            model.set_ungroup_grouped_query_attention(False)
         if not model.cfg.attn_only:
             model.set_use_hook_mlp_in(False)
     assert fired == [name], f"hook {name} did not fire"

@@ -101,6 +101,34 @@ FEATURES = {
     "large eps": dict(eps=0.5),
     "post-embedding LayerNorm": dict(post_embedding_ln=True),
     "n_key_value_heads = n_heads": dict(n_key_value_heads=2),
+    # rotary embeddings: TransformerLens's own tables, rotated by the model's apply_rotary
+    "rotary, NeoX half-split": dict(positional_embedding_type="rotary", rotary_dim=4),
+    "rotary, partial rotary_dim": dict(positional_embedding_type="rotary", rotary_dim=2),
+    "rotary, GPT-J adjacent pairs": dict(positional_embedding_type="rotary", rotary_dim=4,
+                                         rotary_adjacent_pairs=True),
+    "rotary, other base": dict(positional_embedding_type="rotary", rotary_dim=4, rotary_base=100),
+    "rotary, Llama-3 NTK-by-parts": dict(
+        positional_embedding_type="rotary", rotary_dim=4, use_NTK_by_parts_rope=True,
+        NTK_by_parts_factor=8.0, NTK_by_parts_low_freq_factor=1.0,
+        NTK_by_parts_high_freq_factor=4.0, NTK_original_ctx_len=8),
+    "rotary, linear scaling": dict(positional_embedding_type="rotary", rotary_dim=4,
+                                   rotary_scaling_factor=2.0),
+    "rotary, dynamic NTK past train_seq_length": dict(
+        positional_embedding_type="rotary", rotary_dim=4, use_dynamic_ntk_rope=True,
+        train_seq_length=4),
+    "rotary, YaRN": dict(positional_embedding_type="rotary", rotary_dim=4, use_yarn_rope=True,
+                         yarn_factor=2.0, yarn_attention_factor=1.2, yarn_beta_fast=16.0,
+                         yarn_beta_slow=2.0, yarn_original_max_position_embeddings=8,
+                         yarn_truncate=False),
+    # wiring and grouped-query attention
+    "parallel attention + MLP": dict(parallel_attn_mlp=True),
+    "grouped-query attention": dict(n_heads=4, n_key_value_heads=2),
+    "multi-query attention": dict(n_heads=4, n_key_value_heads=1),
+    "Llama-like (RMS, gated SiLU, rotary, GQA)": dict(
+        normalization_type="RMS", gated_mlp=True, act_fn="silu", positional_embedding_type="rotary",
+        rotary_dim=4, n_heads=4, n_key_value_heads=2, final_rms=True),
+    "GPT-NeoX-like (parallel, partial rotary)": dict(
+        parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),
 }
 EDGES = ("in->a1.0.k", "a0.1->a2.1.q", "in->a2.0.v")
 
@@ -174,9 +202,7 @@ def _cfg(**overrides) -> HookedTransformerConfig:
 
 
 REFUSED_VALUES = {
-    "positional_embedding_type": "rotary",
-    "parallel_attn_mlp": True,
-    "n_key_value_heads": 1,
+    "positional_embedding_type": "alibi",
     "use_local_attn": True,
     "use_normalization_before_and_after": True,
     "use_attention_sinks": True,
@@ -206,8 +232,8 @@ def test_every_refused_field_has_a_refused_value_that_names_it():
         assert FIELDS[name].why in message
 
 
-def test_disabled_soft_caps_and_equal_kv_heads_are_accepted():
-    check_supported(_cfg(attn_scores_soft_cap=0.0, output_logits_soft_cap=-1.0, n_key_value_heads=2))
+def test_disabled_soft_caps_are_accepted():
+    check_supported(_cfg(attn_scores_soft_cap=0.0, output_logits_soft_cap=-1.0))
 
 
 # models the engine computed wrongly before they were refused (issue 12): bypassing the check
@@ -236,12 +262,7 @@ def test_features_the_engine_gets_wrong_are_refused(field, monkeypatch):
 # a value other than the default for every INERT field; None: cannot be changed offline here
 INERT_VALUES = {
     "window_size": 2, "attn_types": ["local", "local", "local"], "ungroup_grouped_query_attention": True,
-    "rotary_dim": 2, "rotary_base": 500, "rotary_base_local": 100, "rotary_scaling_factor": 2.0,
-    "rotary_adjacent_pairs": True, "use_NTK_by_parts_rope": True, "NTK_by_parts_low_freq_factor": 2.0,
-    "NTK_by_parts_high_freq_factor": 8.0, "NTK_by_parts_factor": 4.0, "NTK_original_ctx_len": 4,
-    "use_dynamic_ntk_rope": True, "use_yarn_rope": True, "yarn_factor": 2.0, "yarn_attention_factor": 2.0,
-    "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0, "yarn_original_max_position_embeddings": 8,
-    "yarn_truncate": False, "yarn_global_attn_only": True, "train_seq_length": 4,
+    "rotary_base_local": 100, "yarn_global_attn_only": True,
     "relative_attention_max_distance": 8, "relative_attention_num_buckets": 4, "decoder_start_token_id": 0,
     "tie_word_embeddings": True, "quantization_method": "bitsandbytes", "use_attn_result": True,
     "use_split_qkv_input": True, "use_attn_in": True, "use_hook_mlp_in": True, "use_hook_tokens": True,
