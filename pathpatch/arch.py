@@ -4,11 +4,11 @@ The engine recomputes parts of a forward pass for its mixed copies (a head from 
 inputs to its output, an MLP from its input, the unembedding) and reads the clean and
 counterfactual runs from hooks. Everything it needs from the model goes through `Adapter`:
 which hooks hold what, the q/k/v weights and the norm in front of them, the rotation of q and
-k by position, the attention scale, each head's output matrix, the MLP with its norm, the
-final norm with the unembedding, and the graph's wiring (sequential, or attention and MLP in
-parallel). `stacking.py`, `runs.py` and `folding.py` never read TransformerLens modules or hook
-names themselves, so another architecture, or another backend than TransformerLens's
-`HookedTransformer`, is one adapter.
+k by position, the keys a query may see (causal, or a window), the attention scale, each head's
+output matrix, the MLP with its norm, the final norm with the unembedding, and the graph's
+wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
+`folding.py` never read TransformerLens modules or hook names themselves, so another
+architecture, or another backend than TransformerLens's `HookedTransformer`, is one adapter.
 
 What is computed exactly, and what is refused by name, is `support.py`'s table, which
 `Graph.from_model` applies before any adapter is used.
@@ -126,6 +126,15 @@ class Adapter:
         attn = self.model.blocks[layer].attn
         rotated = attn.apply_rotary(x.permute(1, 2, 0, 3), 0, None)  # [batch, pos, rows, d_head]
         return rotated.permute(2, 0, 1, 3)
+
+    def allowed_keys(self, layer: int, n_pos: int, device) -> torch.Tensor | None:
+        """[dest, src] bool, the keys a query may attend to in `layer`, from the model's own mask
+        (local layers: a window); None where that is plain causal attention."""
+        attn = self.model.blocks[layer].attn
+        if getattr(attn, "attn_type", "global") != "local":
+            return None
+        return attn._make_causal_mask(query_ctx_length=n_pos, key_ctx_length=n_pos,
+                                      past_kv_pos_offset=0, device=device)[0, 0]
 
     def attn_scale(self, layer: int) -> float:
         return float(self.model.blocks[layer].attn.attn_scale)

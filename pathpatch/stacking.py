@@ -506,6 +506,7 @@ class GroupEvaluator:
             proj[qk] = arch.rotate(layer, proj[qk])
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]
+        allowed = arch.allowed_keys(layer, T, proj.device)  # None: plain causal
         zs: dict[int, torch.Tensor] = {}
         if simple:  # all copies reading one version per channel: attention in one batch
             q = proj[[cr.rows[0][0] for cr in simple]]  # [copy, batch, pos, d_head]
@@ -513,10 +514,12 @@ class GroupEvaluator:
             v = proj[[cr.rows[2][0] for cr in simple]]
             # torch's fused causal attention: no [pos, pos] scores written out and masked (7-8%
             # of a small model's sweep item with 128 examples; the same numbers up to rounding)
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / scale)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=allowed is None,
+                                               attn_mask=allowed, scale=1 / scale)
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})
-        if split:  # keys after the query: the fused kernel above masks them itself
-            future = torch.ones(T, T, dtype=torch.bool, device=proj.device).triu(1)
+        if split:  # keys a query may not see (after it, or outside its window)
+            future = (torch.ones(T, T, dtype=torch.bool, device=proj.device).triu(1)
+                      if allowed is None else ~allowed)
         for cr in split:  # versions picked per query position / per (dest, src) pair
             q = _pick(proj[cr.rows[0]], self.positions.version_index(cr.copy.inputs[0]))
             k_index = self.positions.version_index(cr.copy.inputs[1])

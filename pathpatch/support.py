@@ -113,12 +113,16 @@ FIELDS: dict[str, Rule] = {
     "n_key_value_heads": _exact(
         "grouped-query attention: every query head keeps its own k and v channels, computed with "
         "its kv head's weights"),
+    "use_local_attn": _exact(
+        "local (windowed) attention layers: the engine masks with the model's own causal mask "
+        "of each layer, window included (arch.allowed_keys)"),
+    "window_size": _exact("the window of local layers (arch.allowed_keys)"),
+    "attn_types": _exact("which layers are local (arch.allowed_keys)"),
     # values the engine does not reproduce yet
     "positional_embedding_type": _only(
         "'standard' or 'rotary'", lambda value, cfg: value in ("standard", "rotary"),
         "position information inside attention other than rotary (ALiBi, shortformer, relative "
         "biases)"),
-    "use_local_attn": _off("local/windowed attention (GPT-Neo)"),
     "use_normalization_before_and_after": _off(
         "normalization after attention and after the MLP (Gemma-2; the post-attention norm acts "
         "on the sum of the layer's heads)"),
@@ -137,12 +141,10 @@ FIELDS: dict[str, Rule] = {
         "the forward TransformerLens builds for "
         + "; ".join(f"{k} ({v})" for k, v in sorted(_RENAMED_FORWARD.items()))),
     # read by features refused above
-    "window_size": _inert("local attention only (use_local_attn is refused)"),
-    "attn_types": _inert("local attention only (use_local_attn is refused)"),
     "ungroup_grouped_query_attention": _inert("the shape of the k/v hooks (the same values)"),
     "rotary_dim": _exact(_ROTARY),
     "rotary_base": _exact(_ROTARY),
-    "rotary_base_local": _inert("rotary tables of local layers only (use_local_attn is refused)"),
+    "rotary_base_local": _exact(_ROTARY + " (local layers)"),
     "rotary_scaling_factor": _exact(_ROTARY),
     "rotary_adjacent_pairs": _exact(_ROTARY),
     "use_NTK_by_parts_rope": _exact(_ROTARY),
@@ -158,7 +160,7 @@ FIELDS: dict[str, Rule] = {
     "yarn_beta_slow": _exact(_ROTARY),
     "yarn_original_max_position_embeddings": _exact(_ROTARY),
     "yarn_truncate": _exact(_ROTARY),
-    "yarn_global_attn_only": _inert("rotary tables of local layers only (use_local_attn is refused)"),
+    "yarn_global_attn_only": _exact(_ROTARY + " (local layers)"),
     "train_seq_length": _exact("dynamic NTK rotary tables (" + _ROTARY + "); log-n attention is refused"),
     "relative_attention_max_distance": _inert("T5 encoder-decoder models only"),
     "relative_attention_num_buckets": _inert("T5 encoder-decoder models only"),
@@ -195,7 +197,8 @@ _SUPPORTED = (
     "pathpatch computes causal transformers with standard or rotary positional embeddings "
     "exactly: LayerNorm, RMSNorm (with or without weights) or no norm; plain, gated, SoLU or "
     "mixture-of-experts MLPs, or none; sequential or parallel attention and MLP; grouped-query "
-    "attention; any attention scale (docs/MODELS.md classifies every TransformerLens option)"
+    "and local (windowed) attention; any attention scale (docs/MODELS.md classifies every "
+    "TransformerLens option)"
 )
 
 

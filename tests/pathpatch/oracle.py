@@ -66,6 +66,8 @@ class Model:
         assert self.norm in ("LN", "RMS", None), self.norm
         self.parallel = bool(cfg.parallel_attn_mlp)
         self.rotary = cfg.positional_embedding_type == "rotary"
+        self.local = [bool(cfg.use_local_attn) and cfg.attn_types[layer] == "local"
+                      for layer in range(cfg.n_layers)]  # a query sees only window_size keys
         self.group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
         self.act = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[cfg.act_fn] \
             if self.mlp else None
@@ -240,7 +242,8 @@ class Oracle:
         q = m.layernorm(reads("q", p, p), ln) @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
         q = m.rotate(q, layer, p)
         scores, values = [], []
-        for j in range(p + 1):
+        first = max(0, p - m.cfg.window_size + 1) if m.local[layer] else 0
+        for j in range(first, p + 1):
             k = m.layernorm(reads("k", p, j), ln) @ m.kv_weight(layer, "W_K", head) \
                 + m.kv_weight(layer, "b_K", head)
             v = m.layernorm(reads("v", p, j), ln) @ m.kv_weight(layer, "W_V", head) \

@@ -120,6 +120,16 @@ FEATURES = {
                          yarn_factor=2.0, yarn_attention_factor=1.2, yarn_beta_fast=16.0,
                          yarn_beta_slow=2.0, yarn_original_max_position_embeddings=8,
                          yarn_truncate=False),
+    # local attention: the model's own window mask per layer
+    "local attention, window 2 in layers 0 and 2": dict(
+        use_local_attn=True, window_size=2, attn_types=["local", "global", "local"]),
+    "local attention + rotary, its own base": dict(
+        use_local_attn=True, window_size=3, attn_types=["global", "local", "local"],
+        positional_embedding_type="rotary", rotary_dim=4, rotary_base_local=50),
+    "YaRN on global layers only": dict(
+        use_local_attn=True, window_size=3, attn_types=["local", "global", "local"],
+        positional_embedding_type="rotary", rotary_dim=4, use_yarn_rope=True, yarn_factor=2.0,
+        yarn_original_max_position_embeddings=8, yarn_global_attn_only=True),
     # wiring and grouped-query attention
     "parallel attention + MLP": dict(parallel_attn_mlp=True),
     "grouped-query attention": dict(n_heads=4, n_key_value_heads=2),
@@ -203,7 +213,6 @@ def _cfg(**overrides) -> HookedTransformerConfig:
 
 REFUSED_VALUES = {
     "positional_embedding_type": "alibi",
-    "use_local_attn": True,
     "use_normalization_before_and_after": True,
     "use_attention_sinks": True,
     "use_qk_norm": True,
@@ -239,7 +248,6 @@ def test_disabled_soft_caps_are_accepted():
 # models the engine computed wrongly before they were refused (issue 12): bypassing the check
 # shows the refusal is needed, and `Graph.from_model` refuses them by name
 WRONG_BEFORE = {
-    "use_local_attn": dict(use_local_attn=True, window_size=2, attn_types=["local", "global", "local"]),
     "use_normalization_before_and_after": dict(use_normalization_before_and_after=True,
                                                normalization_type="RMS"),
     "original_architecture": dict(original_architecture="Olmo2ForCausalLM", normalization_type="RMS"),
@@ -261,8 +269,7 @@ def test_features_the_engine_gets_wrong_are_refused(field, monkeypatch):
 
 # a value other than the default for every INERT field; None: cannot be changed offline here
 INERT_VALUES = {
-    "window_size": 2, "attn_types": ["local", "local", "local"], "ungroup_grouped_query_attention": True,
-    "rotary_base_local": 100, "yarn_global_attn_only": True,
+    "ungroup_grouped_query_attention": True,
     "relative_attention_max_distance": 8, "relative_attention_num_buckets": 4, "decoder_start_token_id": 0,
     "tie_word_embeddings": True, "quantization_method": "bitsandbytes", "use_attn_result": True,
     "use_split_qkv_input": True, "use_attn_in": True, "use_hook_mlp_in": True, "use_hook_tokens": True,
