@@ -3,8 +3,8 @@
 The engine recomputes parts of a forward pass for its mixed copies (a head from its q/k/v
 inputs to its output, an MLP from its input, the unembedding) and reads the clean and
 counterfactual runs from hooks. Everything it needs from the model goes through `Adapter`:
-which hooks hold what, the q/k/v weights and the norm in front of them, the rotation of q and
-k by position, the keys a query may see (causal, or a window), the attention scale, each head's
+which hooks hold what, the q/k/v weights and the norm in front of them, the norms and rotation
+of q and k, the keys a query may see (causal, or a window), the attention scale, each head's
 output matrix, the MLP with its norm, the final norm with the unembedding, and the graph's
 wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
 `folding.py` never read TransformerLens modules or hook names themselves, so another
@@ -56,6 +56,9 @@ class Adapter:
         self.parallel = bool(cfg.parallel_attn_mlp) and self.has_mlp
         """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
         self.rotary = cfg.positional_embedding_type == "rotary"
+        self.qk_norm = bool(cfg.use_qk_norm)
+        self.transforms_qk = self.rotary or self.qk_norm
+        """q and k rows change after their projection (`finish_qk`)."""
         self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
 
     @classmethod
@@ -117,15 +120,16 @@ class Adapter:
         """The heads' norm as the model's own module (half precision: `folding.py`)."""
         return _call(getattr(self.model.blocks[layer], "ln1", None), x)
 
-    def rotate(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """q or k rows [rows, batch, pos, d_head], each rotated by its own position (identity
-        without rotary embeddings). Rotation is per position, so it commutes with picking
-        versions per destination (q) or per source (k) afterwards."""
-        if not self.rotary:
-            return x
+    def finish_qk(self, layer: int, x: torch.Tensor, channel: str) -> torch.Tensor:
+        """q or k rows [rows, batch, pos, d_head] as attention reads them: the head's q/k norm
+        (Qwen3), then rotation of each row by its own position. Both act per position, so they
+        commute with picking versions per destination (q) or per source (k) afterwards."""
         attn = self.model.blocks[layer].attn
-        rotated = attn.apply_rotary(x.permute(1, 2, 0, 3), 0, None)  # [batch, pos, rows, d_head]
-        return rotated.permute(2, 0, 1, 3)
+        if self.qk_norm:
+            x = (attn.q_norm if channel == "q" else attn.k_norm)(x)
+        if self.rotary:
+            x = attn.apply_rotary(x.permute(1, 2, 0, 3), 0, None).permute(2, 0, 1, 3)
+        return x
 
     def allowed_keys(self, layer: int, n_pos: int, device) -> torch.Tensor | None:
         """[dest, src] bool, the keys a query may attend to in `layer`, from the model's own mask

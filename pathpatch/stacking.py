@@ -501,9 +501,10 @@ class GroupEvaluator:
         scale = arch.attn_scale(layer)
         B, T, d = self.runs.residual_at(stage.kind, layer).shape
         proj = self._project(stage, x, (B, T, d)).view(stage.n_rows, B, T, -1)
-        if arch.rotary:  # q and k rows rotate by their own position, before any version picking
-            qk = [r for cr in stage.copies for rows in cr.rows[:2] for r in rows]
-            proj[qk] = arch.rotate(layer, proj[qk])
+        if arch.transforms_qk:  # q/k norms and rotation by position, before any version picking
+            for channel, name in ((0, "q"), (1, "k")):
+                rows = [r for cr in stage.copies for r in cr.rows[channel]]
+                proj[rows] = arch.finish_qk(layer, proj[rows], name)
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]
         allowed = arch.allowed_keys(layer, T, proj.device)  # None: plain causal

@@ -118,6 +118,8 @@ FIELDS: dict[str, Rule] = {
         "of each layer, window included (arch.allowed_keys)"),
     "window_size": _exact("the window of local layers (arch.allowed_keys)"),
     "attn_types": _exact("which layers are local (arch.allowed_keys)"),
+    "use_qk_norm": _exact("q/k norms inside each head (Qwen3): applied to q and k rows after the "
+                          "projection (arch.finish_qk)"),
     # values the engine does not reproduce yet
     "positional_embedding_type": _only(
         "'standard' or 'rotary'", lambda value, cfg: value in ("standard", "rotary"),
@@ -127,7 +129,6 @@ FIELDS: dict[str, Rule] = {
         "normalization after attention and after the MLP (Gemma-2; the post-attention norm acts "
         "on the sum of the layer's heads)"),
     "use_attention_sinks": _off("attention sinks (a learned extra softmax column)"),
-    "use_qk_norm": _off("q/k norms inside each head"),
     "use_logn_attn": _off("log-n scaling of queries by position"),
     "clip_qkv": _only("None", lambda value, cfg: value is None, "q/k/v clamped after the projection"),
     "attention_dir": _only("'causal'", lambda value, cfg: value == "causal", "bidirectional attention"),

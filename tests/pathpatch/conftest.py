@@ -12,11 +12,11 @@ FAMILIES = {
     "llama": dict(attn_only=False, normalization_type="RMS", d_mlp=12, act_fn="silu",
                   gated_mlp=True, positional_embedding_type="rotary", rotary_dim=4,
                   n_key_value_heads=1),
-    # Mistral / Gemma-2-local style: the llama family with a window of 2 in layer 0
+    # Mistral / Qwen3 style: the llama family with a window of 2 in layer 0 and q/k norms
     "window": dict(attn_only=False, normalization_type="RMS", d_mlp=12, act_fn="silu",
                    gated_mlp=True, positional_embedding_type="rotary", rotary_dim=4,
                    n_key_value_heads=1, use_local_attn=True, window_size=2,
-                   attn_types=["local", "global"]),
+                   attn_types=["local", "global"], use_qk_norm=True),
     # Pythia / GPT-NeoX style: parallel attention + MLP, partial rotary
     "neox": dict(attn_only=False, normalization_type="LN", d_mlp=12, act_fn="gelu",
                  parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),

@@ -125,6 +125,13 @@ class Model:
         sin = self.w[f"blocks.{layer}.attn.rotary_sin"][p]
         return torch.cat([rot * cos + flip * sin, rest])
 
+    def qk_norm(self, x, layer: int, channel: str):
+        """A head's q or k vector through its RMS norm (Qwen3), when the model has one."""
+        if not self.cfg.use_qk_norm:
+            return x
+        w = self.w[f"blocks.{layer}.attn.{channel}_norm.w"]
+        return x / torch.sqrt((x * x).mean() + self.cfg.eps) * w
+
     def kv_weight(self, layer: int, name: str, head: int):
         """W_K / W_V / b_K / b_V of a query head: its kv head's, under grouped-query attention."""
         key = f"blocks.{layer}.attn.{name}"
@@ -240,7 +247,7 @@ class Oracle:
         pre = f"blocks.{layer}"
         ln = f"{pre}.ln1"
         q = m.layernorm(reads("q", p, p), ln) @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
-        q = m.rotate(q, layer, p)
+        q = m.rotate(m.qk_norm(q, layer, "q"), layer, p)
         scores, values = [], []
         first = max(0, p - m.cfg.window_size + 1) if m.local[layer] else 0
         for j in range(first, p + 1):
@@ -248,7 +255,7 @@ class Oracle:
                 + m.kv_weight(layer, "b_K", head)
             v = m.layernorm(reads("v", p, j), ln) @ m.kv_weight(layer, "W_V", head) \
                 + m.kv_weight(layer, "b_V", head)
-            k = m.rotate(k, layer, j)
+            k = m.rotate(m.qk_norm(k, layer, "k"), layer, j)
             scores.append(q @ k / math.sqrt(m.cfg.d_head))
             values.append(v)
         attn = torch.softmax(torch.stack(scores), dim=0)

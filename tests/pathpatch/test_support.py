@@ -130,6 +130,11 @@ FEATURES = {
         use_local_attn=True, window_size=3, attn_types=["local", "global", "local"],
         positional_embedding_type="rotary", rotary_dim=4, use_yarn_rope=True, yarn_factor=2.0,
         yarn_original_max_position_embeddings=8, yarn_global_attn_only=True),
+    # q/k norms inside each head
+    "q/k norms": dict(normalization_type="RMS", use_qk_norm=True),
+    "Qwen3-like (q/k norms, rotary, GQA)": dict(
+        normalization_type="RMS", gated_mlp=True, act_fn="silu", use_qk_norm=True,
+        positional_embedding_type="rotary", rotary_dim=4, n_heads=4, n_key_value_heads=2),
     # wiring and grouped-query attention
     "parallel attention + MLP": dict(parallel_attn_mlp=True),
     "grouped-query attention": dict(n_heads=4, n_key_value_heads=2),
@@ -215,7 +220,6 @@ REFUSED_VALUES = {
     "positional_embedding_type": "alibi",
     "use_normalization_before_and_after": True,
     "use_attention_sinks": True,
-    "use_qk_norm": True,
     "use_logn_attn": True,
     "clip_qkv": 8.0,
     "attention_dir": "bidirectional",
