@@ -4,8 +4,8 @@ A spec is one of
   (a) a bundled name (`bundled_models()`: `attn-only-2l`, `mlp-2l`), read from package data;
   (b) a TransformerLens pretrained name such as `gpt2` (only where the weights are cached or the
       Hugging Face hub is reachable; otherwise a fast error, never a hang);
-  (c) a directory holding a Hugging Face GPT-2-architecture model (`config.json` with
-      `model_type: gpt2`, plus weights), converted with TransformerLens's GPT-2 converter;
+  (c) a directory holding a Hugging Face model (`config.json` plus weights) of a family
+      `pathpatch/hf.py` maps: GPT-2, Llama, Mistral, Qwen2, Qwen3, GPT-NeoX (Pythia);
   (d) a checkpoint file (`.safetensors`, or `.pt`/`.pth` read with `weights_only=True`) next to
       a JSON config of the same stem (`model.safetensors` + `model.json`).
 
@@ -254,60 +254,6 @@ def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype)
     return model
 
 
-def hf_gpt2_arch(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    """HookedTransformerConfig fields for a Hugging Face GPT-2 config (as a dict)."""
-    n_embd, n_head = hf_config["n_embd"], hf_config["n_head"]
-    return {
-        "n_layers": hf_config["n_layer"],
-        "d_model": n_embd,
-        "n_heads": n_head,
-        "d_head": n_embd // n_head,
-        "d_mlp": hf_config.get("n_inner") or 4 * n_embd,
-        "n_ctx": hf_config.get("n_positions", 1024),
-        "d_vocab": hf_config["vocab_size"],
-        "eps": hf_config.get("layer_norm_epsilon", 1e-5),
-        "act_fn": hf_config.get("activation_function", "gelu_new"),
-        "use_attn_scale": hf_config.get("scale_attn_weights", True),
-        "scale_attn_by_inverse_layer_idx": hf_config.get("scale_attn_by_inverse_layer_idx", False),
-        "normalization_type": "LN",
-        "positional_embedding_type": "standard",
-        "original_architecture": "GPT2LMHeadModel",
-    }
-
-
-def _load_hf_gpt2_dir(path: Path, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise PathPatchError(
-            f"{path} is a directory without config.json: expected a Hugging Face GPT-2 model "
-            "directory (save_pretrained output)"
-        )
-    hf_config = json.loads(config_path.read_text())
-    if hf_config.get("model_type") != "gpt2":
-        raise PathPatchError(
-            f"{path}: model_type {hf_config.get('model_type')!r} is not supported; local Hugging "
-            "Face directories must be GPT-2 architecture (model_type 'gpt2'). Other architectures: "
-            "save a state dict in HookedTransformer format as .safetensors + .json"
-        )
-    if hf_config.get("add_cross_attention"):
-        raise PathPatchError(
-            f"{path}: GPT-2 with cross-attention (an encoder-decoder part) is not supported; "
-            "pathpatch loads decoder-only language models"
-        )
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
-    from transformers import GPT2LMHeadModel
-
-    hf_model = GPT2LMHeadModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
-    model = build_model(hf_gpt2_arch(hf_config), device=device, dtype=dtype, init_weights=False)
-    with torch.no_grad():
-        state_dict = convert_gpt2_weights(hf_model, model.cfg)
-    state_dict = {k: v.detach() for k, v in state_dict.items()}
-    # GPT-2 has no unembedding bias; TransformerLens has one, zero.
-    state_dict.setdefault("unembed.b_U", torch.zeros(model.cfg.d_vocab))
-    _load_weights(model, state_dict, str(path))
-    return model
-
-
 def _hub_reachable() -> bool:
     """A TCP connect to the hub (or the proxy in front of it), bounded by a short timeout."""
     from huggingface_hub import constants
@@ -363,7 +309,7 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
         raise PathPatchError(
             f"pretrained model {name!r} ({official}) is not in the Hugging Face cache ({cache}) and "
             f"{why}: download it where there is network (`huggingface-cli download {official}`) "
-            f"and copy the cache, or pass a local GPT-2 directory; bundled models are {bundled_models()}"
+            f"and copy the cache, or pass a local model directory; bundled models are {bundled_models()}"
         )
     try:
         with nullcontext() if online else _hub_offline():
@@ -390,7 +336,7 @@ def _is_pretrained_name(spec: str) -> bool:
 def load_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> HookedTransformer:
-    """Load a model by bundled name, TransformerLens name, HF GPT-2 directory or checkpoint.
+    """Load a model by bundled name, TransformerLens name, HF model directory or checkpoint.
 
     Bundled names win over TransformerLens aliases (TransformerLens also calls
     `NeelNanda/Attn_Only_2L512W_C4_Code` "attn-only-2l"; use that full name to get it).
@@ -406,7 +352,9 @@ def load_model(
         return _load_bundled(spec, device, dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _load_hf_gpt2_dir(path, device, dtype)
+        from pathpatch.hf import load_hf_directory
+
+        return load_hf_directory(path, device, dtype)
     if path.suffix in _CHECKPOINT_SUFFIXES:
         if not path.is_file():
             raise PathPatchError(f"checkpoint file {path} does not exist")
@@ -415,6 +363,6 @@ def load_model(
         return _load_pretrained(spec, device, dtype)
     raise PathPatchError(
         f"unknown model {spec!r}: give a bundled name ({', '.join(bundled_models())}), a "
-        "TransformerLens pretrained name (e.g. gpt2), a Hugging Face GPT-2 directory, or a "
+        "TransformerLens pretrained name (e.g. gpt2), a Hugging Face model directory, or a "
         "checkpoint file (.safetensors/.pt next to a .json config of the same stem)"
     )

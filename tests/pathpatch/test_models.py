@@ -153,9 +153,16 @@ def test_hf_gpt2_directory_with_inner_dim_and_layer_scaling(tmp_path: Path) -> N
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
 
 
-def test_non_gpt2_directory_is_refused(tmp_path: Path) -> None:
+def test_unsupported_or_incomplete_directories_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(PathPatchError, match="model_type 'bert' is not supported.*gpt2, gpt_neox, "
+                                             "llama, mistral, qwen2, qwen3"):
+        load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(PathPatchError, match="model_type 'llama' is not supported"):
+    with pytest.raises(PathPatchError, match="the weights could not be loaded"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(PathPatchError, match="config.json is not valid JSON"):
         load_model(str(tmp_path))
     with pytest.raises(PathPatchError, match="without config.json"):
         load_model(str(tmp_path / ".."))

@@ -1,0 +1,162 @@
+"""Local Hugging Face directories of each family, offline, on tiny random models made here: the
+loaded model's logits equal the HF model's own, and the engine on it equals TransformerLens's
+activation patching and hook runs (node removals, single edges into q, k and v)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tr
+
+from pathpatch.engine import evaluate
+from pathpatch.errors import PathPatchError
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis
+from pathpatch.models import load_model
+from tests.pathpatch.test_engine import _edge_hook_run
+from tests.pathpatch.test_support import _engine, _patched
+
+SEQ = 10  # longer than every window below
+SMALL = dict(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=48, max_position_embeddings=128)
+
+CONFIGS = {
+    # GQA, q/k/v/o biases, Llama-3 rope scaling, head_dim != hidden / heads (TransformerLens's
+    # own mapping ignores all four)
+    "llama": lambda: tr.LlamaConfig(
+        **SMALL, num_key_value_heads=2, head_dim=12, attention_bias=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16}),
+    "llama, linear rope scaling": lambda: tr.LlamaConfig(
+        **SMALL, num_key_value_heads=4,
+        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "mistral, sliding window": lambda: tr.MistralConfig(**SMALL, num_key_value_heads=1,
+                                                        sliding_window=3),
+    "qwen2, window in its upper layer": lambda: tr.Qwen2Config(
+        **SMALL, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1),
+    "qwen3": lambda: tr.Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=8),
+    "gpt-neox (pythia), partial rotary, its rope_theta": lambda: tr.GPTNeoXConfig(
+        **SMALL, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                  "partial_rotary_factor": 0.25}),
+    "gpt-neox, sequential residual": lambda: tr.GPTNeoXConfig(**SMALL, use_parallel_residual=False),
+    "gpt2": lambda: tr.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+}
+
+
+def _random_hf(config) -> tr.PreTrainedModel:
+    """The HF model of `config` with every weight random (norm weights and biases too)."""
+    torch.manual_seed(0)
+    model = tr.AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1 + 0.3 * noise if "norm" in name and name.endswith("weight") else 0.3 * noise)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def saved(request, tmp_path_factory):
+    """(family, HF model, its directory); the path names the family ("llama", "gemma"...), which
+    TransformerLens's own loader would route by name."""
+    hf = _random_hf(CONFIGS[request.param]())
+    folder = tmp_path_factory.mktemp(request.param.split(",")[0].replace(" ", "-") + "-model")
+    hf.save_pretrained(folder)
+    return request.param, hf, folder
+
+
+def _tokens(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 61, (3, SEQ), generator=gen) for _ in range(2)]
+
+
+def test_loaded_model_equals_the_hf_model(saved):
+    family, hf, folder = saved
+    model = load_model(str(folder))
+    xr, _ = _tokens()
+    with torch.no_grad():
+        want = hf(xr).logits
+    torch.testing.assert_close(model(xr), want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{family}: {m}")
+    assert model.tokenizer is None  # no tokenizer: no padding-derived rotary offsets
+
+
+def test_engine_on_the_loaded_model_equals_transformer_lens_patching(saved):
+    """Float64: each head and MLP removed = TransformerLens patching of hook_z / hook_mlp_out;
+    single edges into q, k and v of a late head = a hook on the split input."""
+    family, _, folder = saved
+    model = load_model(str(folder), dtype=torch.float64)
+    graph = Graph.from_model(model)
+    xr, xc = _tokens(1)
+    _, cf_cache = model.run_with_cache(xc)
+    hyps, want = [], []
+    for layer in range(model.cfg.n_layers):
+        for head in (0, model.cfg.n_heads - 1):
+            hyps.append(Hypothesis(f"~a{layer}.{head}", f"~a{layer}.{head}"))
+            want.append(_patched(model, xr, cf_cache, f"blocks.{layer}.attn.hook_z", head))
+        hyps.append(Hypothesis(f"~m{layer}", f"~m{layer}"))
+        want.append(_patched(model, xr, cf_cache, f"blocks.{layer}.hook_mlp_out"))
+    for name in ("in->a1.3.q", "a0.1->a1.2.k", "m0->a1.0.v" if not graph.parallel else "in->a1.0.v"):
+        edge = next(e for e in graph.edges if str(e) == name)
+        hyps.append(Hypothesis(f"remove {name}", f"remove({name})"))
+        want.append(_edge_hook_run(model, edge, xr, xc))
+    outs, cgs = _engine(model, hyps, xr, xc)
+    for h, cg, out, ref in zip(hyps, cgs, outs, want, strict=True):
+        assert cg.n_mixed > 0, h.name
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m, h=h: f"{family}, {h.name}: {m}")
+
+
+def test_equal_inputs_give_the_clean_run_and_bfloat16_runs(saved):
+    from pathpatch.dataset import PairDataset
+
+    family, _, folder = saved
+    model = load_model(str(folder), dtype=torch.float64)
+    xr, _ = _tokens(2)
+    hyps = [Hypothesis("~a1.*", "~a1.*"), Hypothesis("remove", "remove(a0.2->a1.1.k)")]
+    outs, cgs = _engine(model, hyps, xr, xr.clone())
+    for cg, out in zip(cgs, outs, strict=True):
+        assert cg.n_mixed > 0
+        torch.testing.assert_close(out, model(xr), rtol=1e-10, atol=1e-10)
+    data = PairDataset(xr, _tokens(3)[0], torch.ones_like(xr, dtype=torch.bool))
+    low = load_model(str(folder), dtype=torch.bfloat16)
+    rows = evaluate(low, data, hyps, "kl").to_pydict()
+    exact = evaluate(load_model(str(folder)), data, hyps, "kl").to_pydict()
+    assert all(torch.isfinite(torch.tensor(rows["ue"])))
+    assert torch.allclose(torch.tensor(rows["ue"]), torch.tensor(exact["ue"]), rtol=0.2, atol=0.05)
+
+
+def test_graph_follows_the_wiring():
+    """A parallel model's MLPs read their layer's input: no edges from the same layer's heads."""
+    hf = _random_hf(CONFIGS["gpt-neox (pythia), partial rotary, its rope_theta"]())
+    sequential = _random_hf(CONFIGS["gpt-neox, sequential residual"]())
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        hf.save_pretrained(a)
+        sequential.save_pretrained(b)
+        parallel_graph = Graph.from_model(load_model(a))
+        sequential_graph = Graph.from_model(load_model(b))
+    assert parallel_graph.parallel and not sequential_graph.parallel
+    names = {str(e) for e in parallel_graph.edges}
+    assert "a1.0->m1" not in names and "a0.0->m1" in names and "in->m0" in names
+    assert "a1.0->m1" in {str(e) for e in sequential_graph.edges}
+    # 4 heads x 2 layers: the parallel graph lacks the 4 same-layer head -> MLP edges per layer
+    assert len(sequential_graph.edges) - len(parallel_graph.edges) == 2 * 4
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (lambda: tr.LlamaConfig(**SMALL, mlp_bias=True), "mlp_bias=True: biases inside a gated MLP"),
+    (lambda: tr.LlamaConfig(**SMALL, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
+                                                      "factor": 2.0}),
+     "rope_type='yarn': this rotary scaling"),
+    (lambda: tr.Gemma2Config(**SMALL, head_dim=8, num_key_value_heads=2),
+     "model_type 'gemma2' is not supported yet: Gemma-2's norms after attention"),
+])
+def test_what_is_not_computed_exactly_is_refused_by_name(config, message, tmp_path):
+    folder = tmp_path / "gemma-or-llama"
+    folder.mkdir()
+    config().save_pretrained(folder)  # the config alone: refused before any weight is read
+    with pytest.raises(PathPatchError, match=message):
+        load_model(str(folder))
