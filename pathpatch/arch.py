@@ -30,18 +30,28 @@ and cancels; rotary models have none)."""
 
 @dataclass(frozen=True)
 class QKVWeights:
-    """One layer's q/k/v projections per query head and the norm that precedes them.
+    """One layer's q/k/v projections and the norm that precedes them.
 
-    k and v are per query head (a kv head's weights repeated over its group, as TransformerLens
-    computes grouped-query attention), so every head keeps its own k and v channels.
+    k and v are per kv head: under grouped-query attention query head h reads kv head
+    h // group, and the weights are never repeated per query head (for Llama-3-8B in float32
+    that would be ~13 GB).
     """
 
-    W: torch.Tensor  # [head, 3, d_model, d_head]
-    b: torch.Tensor  # [head, 3, d_head]
+    W_Q: torch.Tensor  # [head, d_model, d_head]
+    W_K: torch.Tensor  # [kv_head, d_model, d_head]
+    W_V: torch.Tensor  # [kv_head, d_model, d_head]
+    b_Q: torch.Tensor  # [head, d_head]
+    b_K: torch.Tensor  # [kv_head, d_head]
+    b_V: torch.Tensor  # [kv_head, d_head]
     norm: str | None  # "LN", "LNPre", "RMS", "RMSPre" or None
     norm_w: torch.Tensor | None  # [d_model]
     norm_b: torch.Tensor | None  # [d_model]
     eps: float
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head (1 without grouped-query attention)."""
+        return self.W_Q.shape[0] // self.W_K.shape[0]
 
 
 class Adapter:
@@ -108,9 +118,12 @@ class Adapter:
     def qkv_weights(self, layer: int) -> QKVWeights:
         block = self.model.blocks[layer]
         attn, ln = block.attn, getattr(block, "ln1", None)
+        # TransformerLens's grouped-query attention keeps kv-size weights under `_W_K`/`_W_V` and
+        # repeats them per query head in its `W_K`/`W_V` properties: read the unrepeated ones
+        kv = "_" if self.n_kv_heads != self.n_heads else ""
         return QKVWeights(
-            W=torch.stack([attn.W_Q, attn.W_K, attn.W_V], dim=1),
-            b=torch.stack([attn.b_Q, attn.b_K, attn.b_V], dim=1),
+            W_Q=attn.W_Q, W_K=getattr(attn, f"{kv}W_K"), W_V=getattr(attn, f"{kv}W_V"),
+            b_Q=attn.b_Q, b_K=getattr(attn, f"{kv}b_K"), b_V=getattr(attn, f"{kv}b_V"),
             norm=self.model.cfg.normalization_type if ln is not None else None,
             norm_w=getattr(ln, "w", None), norm_b=getattr(ln, "b", None),
             eps=float(getattr(ln, "eps", 0.0)),

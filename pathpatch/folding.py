@@ -25,15 +25,41 @@ _CENTERING = {"LN": True, "LNPre": True, "RMS": False, "RMSPre": False}
 
 @dataclass(frozen=True)
 class QKVProjection:
-    """One layer's q/k/v projections of every head, keyed `head * 3 + channel` (q=0, k=1, v=2)."""
+    """One layer's q/k/v projections of every head, keyed `head * 3 + channel` (q=0, k=1, v=2).
 
-    rows: torch.Tensor  # [3 * heads, d_model, d_head]: one matrix per (head, channel)
-    joined: torch.Tensor  # [d_model, 3 * heads * d_head]: all of them side by side
-    u: torch.Tensor | None  # [3 * heads, d_head]: column sums of `rows`, when the norm centers
-    c: torch.Tensor  # [3 * heads, d_head]: bias after the projection
+    The matrices are stored once each: under grouped-query attention the k and v of a kv head
+    serve every query head of its group, so `index` maps each key to its stored matrix (None:
+    one stored matrix per key, in key order).
+    """
+
+    rows: torch.Tensor  # [stored, d_model, d_head]: one matrix per stored projection
+    joined: torch.Tensor  # [d_model, stored * d_head]: all of them side by side
+    u: torch.Tensor | None  # [stored, d_head]: column sums of `rows`, when the norm centers
+    c: torch.Tensor  # [stored, d_head]: bias after the projection
     eps: float
     scaled: bool  # the folded norm divides by the row's RMS / std
     normalize_first: bool  # half precision: apply the model's LayerNorm, then the plain product
+    n_keys: int  # 3 * heads
+    index: torch.Tensor | None = None  # [n_keys] stored matrix of each key
+
+    def stored(self, keys):
+        """The stored matrices of `keys` (a slice or an index tensor of keys)."""
+        return keys if self.index is None else self.index[keys]
+
+    def project(self, x: torch.Tensor, keys) -> torch.Tensor:
+        """x [tokens, d_model] through the projections of `keys` (None: every key), unnormalized:
+        [keys, tokens, d_head]. Each stored matrix is applied once, whatever reads it."""
+        tokens, d = x.shape
+        if self.index is None and keys is None:  # the forward's own wide product
+            return (x @ self.joined).view(tokens, self.n_keys, -1).transpose(0, 1)
+        stored = self.stored(slice(None) if keys is None else keys)
+        if self.index is None:
+            weight = self.joined.view(d, self.n_keys, -1)[:, stored].reshape(d, -1)
+            return (x @ weight).view(tokens, -1, self.rows.shape[-1]).transpose(0, 1)
+        distinct, inverse = torch.unique(stored, return_inverse=True)
+        weight = self.joined.view(d, self.rows.shape[0], -1)[:, distinct].reshape(d, -1)
+        p = (x @ weight).view(tokens, len(distinct), -1)
+        return p[:, inverse].transpose(0, 1)
 
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mean, 1 / std) of each row and token of x [..., d_model], each [..., 1]."""
@@ -52,11 +78,12 @@ class QKVProjection:
     def finish(self, proj: torch.Tensor, keys, mean: torch.Tensor | None, inv: torch.Tensor | None
                ) -> torch.Tensor:
         """proj [n, tokens, d_head] = x @ W' of n rows -> the normalized projection, in place."""
+        stored = self.stored(keys)
         if mean is not None:
-            proj.sub_(mean * self.u[keys][:, None, :])
+            proj.sub_(mean * self.u[stored][:, None, :])
         if inv is not None:
             proj.mul_(inv)
-        return proj.add_(self.c[keys][:, None, :])
+        return proj.add_(self.c[stored][:, None, :])
 
 
 class FoldedWeights:
@@ -76,21 +103,33 @@ class FoldedWeights:
 
 
 def _fold(weights: QKVWeights) -> QKVProjection:
-    W, b, norm, eps = weights.W, weights.b, weights.norm, weights.eps
+    H = weights.W_Q.shape[0]
+    if weights.group == 1:  # one matrix per key, interleaved as the keys are
+        W = torch.stack([weights.W_Q, weights.W_K, weights.W_V], dim=1)  # [head, 3, d, d_head]
+        b = torch.stack([weights.b_Q, weights.b_K, weights.b_V], dim=1)
+        index = None
+    else:  # q of every head, then k and v of every kv head
+        W = torch.cat([weights.W_Q, weights.W_K, weights.W_V])  # [stored, d, d_head]
+        b = torch.cat([weights.b_Q, weights.b_K, weights.b_V])
+        kv = torch.arange(H) // weights.group
+        n_kv = weights.W_K.shape[0]
+        index = torch.stack([torch.arange(H), H + kv, H + n_kv + kv], dim=1).reshape(-1)
+    d, dh = W.shape[-2:]
+    W, b = W.reshape(-1, d, dh), b.reshape(-1, dh)  # [stored, d, d_head], [stored, d_head]
+    norm, eps = weights.norm, weights.eps
     half = W.dtype not in (torch.float32, torch.float64)
     if norm is None or half:
         u, c, scaled = None, b, False
     else:
         ln_b, ln_w = weights.norm_b, weights.norm_w
-        c = b if ln_b is None else b + torch.einsum("d,hcde->hce", ln_b, W)
+        c = b if ln_b is None else b + torch.einsum("d,sde->se", ln_b, W)
         if ln_w is not None:
             W = W * ln_w[:, None]
         u = W.sum(dim=-2) if _CENTERING[norm] else None
         scaled = True
-    H, _, d, dh = W.shape
-    rows = W.reshape(3 * H, d, dh).contiguous()
+    rows = W.contiguous()
     return QKVProjection(
-        rows=rows, joined=rows.permute(1, 0, 2).reshape(d, 3 * H * dh).contiguous(),
-        u=None if u is None else u.reshape(3 * H, dh), c=c.reshape(3 * H, dh), eps=eps,
-        scaled=scaled, normalize_first=half and norm is not None,
+        rows=rows, joined=rows.permute(1, 0, 2).reshape(d, -1).contiguous(), u=u, c=c, eps=eps,
+        scaled=scaled, normalize_first=half and norm is not None, n_keys=3 * H,
+        index=None if index is None else index.to(rows.device),
     )

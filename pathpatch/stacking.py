@@ -471,7 +471,6 @@ class GroupEvaluator:
         """[row, batch*pos, d_head]: each row's q, k or v, LayerNorm folded in (`folding.py`)."""
         fold = self.folded.qkv(stage.layer)
         B, T, d = shape
-        n_keys = fold.rows.shape[0]
         proj = fold.rows.new_empty(stage.n_rows, B * T, fold.rows.shape[-1])
         for h, plan in stage.projection.items():
             if plan.singles is None and not plan.shared:
@@ -483,15 +482,12 @@ class GroupEvaluator:
             mean, inv = fold.stats(flat)
             if plan.singles is not None:
                 n, rows, keys = plan.singles
-                p = torch.bmm(flat[:n], fold.rows[keys])
+                p = torch.bmm(flat[:n], fold.rows[fold.stored(keys)])
                 proj[rows] = fold.finish(p, keys, None if mean is None else mean[:n],
                                          None if inv is None else inv[:n])
             for i, rows, keys in plan.shared:
-                if keys is None:  # every head and channel reads it: the forward's own wide product
-                    weight, keys = fold.joined, slice(0, n_keys)
-                else:
-                    weight = fold.joined.view(d, n_keys, -1)[:, keys].reshape(d, -1)
-                p = (flat[i] @ weight).view(B * T, len(rows), -1).transpose(0, 1)
+                p = fold.project(flat[i], keys)  # keys None: every head and channel reads it
+                keys = slice(0, fold.n_keys) if keys is None else keys
                 proj[rows] = fold.finish(p, keys, None if mean is None else mean[i],
                                          None if inv is None else inv[i])
         return proj

@@ -100,3 +100,24 @@ def test_a_removed_edge_recomputes_one_row_per_stage_downstream():
     for stage in heads[1:]:
         assert stage.n_rows == 3 * graph.n_heads and stage.n_inputs == 1
     assert heads[-1].uses_previous  # a2.*, m2 added to m2's input, not a1.1 ... m2 to resid_r
+
+
+def test_grouped_kv_weights_are_stored_once_per_kv_head():
+    """Under grouped-query attention the folded k/v matrices stay at kv size (repeating them
+    per query head costs ~13 GB for Llama-3-8B in float32), and every key still projects as
+    LayerNorm-then-its-head's-matrix."""
+    model = tiny_model("llama", n_heads=4)  # one kv head: multi-query attention
+    fold = FoldedWeights(model).qkv(1)
+    H, n_kv = model.cfg.n_heads, model.cfg.n_key_value_heads
+    assert fold.rows.shape[0] == H + 2 * n_kv < 3 * H
+    x = torch.randn(5, model.cfg.d_model, dtype=torch.float64)
+    attn, ln = model.blocks[1].attn, model.blocks[1].ln1
+    want = torch.stack([ln(x) @ attn.W_Q[h] + attn.b_Q[h] if c == 0 else
+                        ln(x) @ attn.W_K[h] + attn.b_K[h] if c == 1 else
+                        ln(x) @ attn.W_V[h] + attn.b_V[h] for h in range(H) for c in range(3)])
+    mean, inv = fold.stats(x)
+    every = fold.finish(fold.project(x, None), slice(0, 3 * H), mean, inv)
+    torch.testing.assert_close(every, want.to(every.dtype))
+    some = torch.tensor([1, 4, 7, 11])  # k of heads 0, 1, 2 and v of head 3: one kv matrix
+    picked = fold.finish(fold.project(x, some), some, mean, inv)
+    torch.testing.assert_close(picked, want[some].to(picked.dtype))
