@@ -29,16 +29,41 @@ from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
 
+SHAPES: dict[str, dict] = {
+    "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
+                       act_fn="gelu_new", normalization_type="LN"),
+    # Pythia-160M / GPT-NeoX: parallel attention + MLP, rotary on a quarter of each head
+    "pythia-160m": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50304,
+                        act_fn="gelu", normalization_type="LN", parallel_attn_mlp=True,
+                        positional_embedding_type="rotary", rotary_dim=16, rotary_base=10000),
+    # Qwen2.5-0.5B: RMSNorm, gated SiLU MLP, rotary, 2 kv heads for 14 query heads
+    "qwen2.5-0.5b": dict(n_layers=24, d_model=896, n_heads=14, d_head=64, n_key_value_heads=2,
+                         d_mlp=4864, d_vocab=151936, act_fn="silu", normalization_type="RMS",
+                         final_rms=True, gated_mlp=True, positional_embedding_type="rotary",
+                         rotary_dim=64, rotary_base=1000000.0),
+    # Llama-3.2-1B: as Qwen, 8 kv heads for 32, Llama-3 rotary scaling
+    "llama-3.2-1b": dict(n_layers=16, d_model=2048, n_heads=32, d_head=64, n_key_value_heads=8,
+                         d_mlp=8192, d_vocab=128256, act_fn="silu", normalization_type="RMS",
+                         final_rms=True, gated_mlp=True, positional_embedding_type="rotary",
+                         rotary_dim=64, rotary_base=500000.0, use_NTK_by_parts_rope=True,
+                         NTK_by_parts_factor=32.0, NTK_by_parts_low_freq_factor=1.0,
+                         NTK_by_parts_high_freq_factor=4.0, NTK_original_ctx_len=8192),
+}
+"""Random-weight models shaped like the field's models (`bench engine --shape`): nothing is
+downloaded."""
+
+
+def shaped(name: str, seed: int = 0, n_ctx: int = 64):
+    """A randomly initialized model of shape `name` (a key of SHAPES)."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(**SHAPES[name], n_ctx=n_ctx, seed=seed)
+    return HookedTransformer(cfg).eval()
+
 
 def gpt2_small_shaped(seed: int = 0, n_ctx: int = 64):
     """A randomly initialized model with GPT-2 small's shape (no weights are downloaded)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    cfg = HookedTransformerConfig(
-        n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=n_ctx,
-        act_fn="gelu_new", normalization_type="LN", seed=seed,
-    )
-    return HookedTransformer(cfg).eval()
+    return shaped("gpt2-small", seed, n_ctx)
 
 
 def cpu_description() -> dict:
@@ -235,7 +260,10 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
         "induction": random_induction(graph, n_hypotheses, rng),
     }
     result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
-                                    ("n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")},
+                                    ("n_layers", "n_heads", "n_key_value_heads", "d_model",
+                                     "d_mlp", "d_vocab", "positional_embedding_type",
+                                     "parallel_attn_mlp", "gated_mlp")},
+                    "edges": len(graph.edges),
                     "batch": batch, "seq_len": seq_len, "n_hypotheses": n_hypotheses,
                     "torch_threads": torch.get_num_threads(), "mixing_kernel": mixing_kernel(),
                     **cpu_description()}
@@ -256,6 +284,9 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
     _, cf_cache = model.run_with_cache(xc)
     model.set_use_split_qkv_input(True)
+    grouped = (model.cfg.n_key_value_heads or model.cfg.n_heads) != model.cfg.n_heads
+    if grouped:  # k/v input hooks per query head
+        model.set_ungroup_grouped_query_attention(True)
     if graph.has_mlp:
         model.set_use_hook_mlp_in(True)
     try:
@@ -276,6 +307,8 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
         base_s = timer.best(baseline)
     finally:
         model.set_use_split_qkv_input(False)
+        if grouped:
+            model.set_ungroup_grouped_query_attention(False)
         if graph.has_mlp:
             model.set_use_hook_mlp_in(False)
     engine_circuit_s = engine_s["circuits"]

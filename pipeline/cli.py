@@ -151,18 +151,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
-        from pathpatch.benchmark import BENCH_PHASES, run_engine_benchmark
+        from pathpatch.benchmark import BENCH_PHASES, SHAPES, run_engine_benchmark, shaped
         from pipeline.progress import Phases
 
-        model = None
+        if args.shape not in SHAPES:
+            raise PathPatchError(f"--shape {args.shape!r}: the shapes are {', '.join(SHAPES)}")
         if args.model != "gpt2-small-shape":
             from pathpatch.models import load_model
 
             model = load_model(args.model)
+        else:
+            model = shaped(args.shape)
         phases = Phases(BENCH_PHASES, "bench engine")
         try:
             result = run_engine_benchmark(model, n_hypotheses=args.hypotheses,
                                           repeats=args.repeats, progress=phases)
+            result["shape"] = args.shape if args.model == "gpt2-small-shape" else args.model
         finally:
             phases.close()
         result["allocator_keeps_freed_memory"] = keep_freed_memory()  # set by main(), both sides
@@ -309,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", default=None,
                    help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")
     p.add_argument("--model", default="gpt2-small-shape",
-                   help="engine: gpt2-small-shape (random weights) or a model name (attn-only-2l)")
+                   help="engine: a model to load (attn-only-2l, a directory...) instead of --shape")
+    p.add_argument("--shape", default="gpt2-small",
+                   help="engine: a random-weight model shaped like gpt2-small (default), "
+                        "pythia-160m, qwen2.5-0.5b or llama-3.2-1b")
     p.add_argument("--hypotheses", type=int, default=64, help="engine: hypotheses per family")
     p.add_argument("--repeats", type=int, default=2, help="engine: timed runs (the best counts)")
     p.set_defaults(func=_cmd_bench)

@@ -50,3 +50,20 @@ def test_bench_scan_refuses_a_device_it_cannot_use(tmp_path):
         with pytest.raises(ValueError, match="no CUDA device"):
             bench_scan(device="cuda", keep=tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything is built
+
+
+def test_bench_engine_shapes_are_the_ones_its_help_names(capsys):
+    import pytest
+    from transformer_lens import HookedTransformerConfig
+
+    from pathpatch.benchmark import SHAPES
+    from pathpatch.support import check_supported
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in SHAPES)
+    assert main(["bench", "engine", "--shape", "no-such-shape"]) == 2
+    assert "the shapes are gpt2-small, pythia-160m" in capsys.readouterr().err
+    for fields in SHAPES.values():  # each a valid config the engine computes exactly
+        check_supported(HookedTransformerConfig(**fields, n_ctx=8))
