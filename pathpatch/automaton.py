@@ -182,9 +182,12 @@ class EdgeSetLanguage:
                 and (spec.channel is None or e.channel.value == spec.channel)
             }
             if not found:
+                wiring = ("; in this model an MLP reads its layer's input, beside the heads: "
+                          "no a{L}.* -> m{L} edges" if graph.parallel else "")
                 raise PathPatchError(
                     f"{where}: edge {spec} matches no edge of the graph (senders must come before"
-                    " receivers; only heads have .q/.k/.v; `pathpatch graph MODEL` lists edges)"
+                    f" receivers; only heads have .q/.k/.v{wiring}; `pathpatch graph MODEL` lists"
+                    " edges)"
                 )
             chosen |= found
         if not edge_set.keep:

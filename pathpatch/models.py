@@ -291,7 +291,7 @@ def _hub_offline() -> Iterator[None]:
 
 def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
     """A TransformerLens pretrained model: from the cache when the hub is off or unreachable,
-    a fast error when it is in neither.
+    a fast error when it is in neither. Families `pathpatch/hf.py` maps load through it.
 
     Loaded without processing (LayerNorm unfolded, weights uncentred), like every other path.
     """
@@ -313,6 +313,11 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
         )
     try:
         with nullcontext() if online else _hub_offline():
+            folder = _snapshot_of_mapped_family(official)
+            if folder is not None:  # our own field-by-field mapping (pathpatch/hf.py)
+                from pathpatch.hf import load_hf_directory
+
+                return load_hf_directory(folder, device, dtype)
             model = HookedTransformer.from_pretrained_no_processing(official, device=str(device), dtype=dtype)
     except (OSError, ValueError, KeyError, AttributeError) as err:  # missing files, odd configs
         raise PathPatchError(
@@ -321,6 +326,19 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
         ) from err
     model.eval()
     return model
+
+
+def _snapshot_of_mapped_family(official: str) -> Path | None:
+    """The local snapshot of a pretrained model whose family `pathpatch/hf.py` maps (Llama,
+    Mistral, Qwen, Pythia: TransformerLens's own mapping drops options they use), else None."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    from pathpatch.hf import FAMILIES
+
+    config = json.loads(Path(hf_hub_download(official, "config.json")).read_text())
+    if config.get("model_type") not in FAMILIES or config.get("model_type") == "gpt2":
+        return None  # GPT-2 and the rest: TransformerLens's loader, as before
+    return Path(snapshot_download(official, allow_patterns=["*.json", "*.safetensors"]))
 
 
 def _is_pretrained_name(spec: str) -> bool:

@@ -111,15 +111,71 @@ class _Mixing:
                        in_place)
 
 
+@dataclass(frozen=True)
+class _Singles:
+    """The block's first `n` inputs, read by one row each: one batched product."""
+
+    n: int
+    rows: torch.Tensor | slice  # the row each input feeds
+    keys: torch.Tensor | slice  # its (head, channel) key, `head * 3 + channel`
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """One input read by several rows (q, k and v of many heads reading one residual)."""
+
+    input: int  # within the hypothesis's block
+    rows: torch.Tensor
+    keys: torch.Tensor | None  # None: every head and channel, in key order
+
+
 @dataclass
 class _Projection:
     """One hypothesis's rows of a head stage: rows reading one distinct input each go through one
-    batched product; rows sharing an input (q, k and v of many heads reading one residual)
-    through one wide product. Inputs are indexed within the hypothesis's block."""
+    batched product; rows sharing an input through one wide product each."""
 
-    # (n, rows, keys): the block's first n inputs, read by one row each
-    singles: tuple[int, torch.Tensor | slice, torch.Tensor | slice] | None = None
-    shared: list[tuple[int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    singles: _Singles | None = None
+    shared: list[_Shared] = field(default_factory=list)
+
+
+@dataclass
+class _Distinct:
+    """While planning: one hypothesis's distinct inputs of a stage, as coefficient vectors over
+    the clean-run senders (a) and its bank entries (b), with the rows reading each."""
+
+    found: dict = field(default_factory=dict)  # (a bytes, b bytes) -> index
+    a: list = field(default_factory=list)
+    b: list = field(default_factory=list)
+    readers: list = field(default_factory=list)
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> int:
+        """The index of input (a, b), added when new."""
+        key = (a.tobytes(), b.tobytes())
+        if key not in self.found:
+            self.found[key] = len(self.a)
+            self.a.append(a)
+            self.b.append(b)
+            self.readers.append([])
+        return self.found[key]
+
+
+@dataclass(frozen=True)
+class _Vectors:
+    """A hypothesis's final distinct inputs of a stage, which the next stage may take bases from."""
+
+    a: np.ndarray
+    b: np.ndarray
+    start: int  # index of the first in the stage's numbering
+
+
+@dataclass
+class _Span:
+    """A hypothesis's copies `stage.copies[start:stop]`, filling consecutive bank slots."""
+
+    hypothesis: int
+    start: int
+    stop: int
+    slot: int  # the first bank slot they fill
 
 
 @dataclass
@@ -144,13 +200,11 @@ class _Stage:
     mixing: dict[int, _Mixing] = field(default_factory=dict)
     projection: dict[int, _Projection] = field(default_factory=dict)  # by hypothesis
     uses_previous: bool = False
-    # while planning: per hypothesis (index of each vector, a vectors, b vectors, their rows),
-    # then the final (a, b, first input index) the next stage may take bases from
-    distinct: dict[int, tuple[dict, list, list, list]] = field(default_factory=dict)
-    vectors: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)
+    # while planning: per hypothesis its distinct inputs, then their final vectors
+    distinct: dict[int, _Distinct] = field(default_factory=dict)
+    vectors: dict[int, _Vectors] = field(default_factory=dict)
     senders: np.ndarray | None = None
-    # per hypothesis: (h, its first copy in `copies`, last + 1, first bank slot they fill)
-    spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+    spans: list[_Span] = field(default_factory=list)
 
 
 class GroupPlan:
@@ -183,12 +237,12 @@ class GroupPlan:
         for stage in self.stages:  # a hypothesis's copies of a stage fill consecutive bank slots
             for i, cr in enumerate(stage.copies):
                 first = self.slot[cr.hypothesis][cr.copy.id]
-                if stage.spans and stage.spans[-1][0] == cr.hypothesis:
-                    h, start, _, slot = stage.spans[-1]
-                    assert first == slot + i - start
-                    stage.spans[-1] = (h, start, i + 1, slot)
+                span = stage.spans[-1] if stage.spans else None
+                if span is not None and span.hypothesis == cr.hypothesis:
+                    assert first == span.slot + i - span.start
+                    span.stop = i + 1
                 else:
-                    stage.spans.append((cr.hypothesis, i, i + 1, first))
+                    stage.spans.append(_Span(cr.hypothesis, i, i + 1, first))
         mixed_stages = [s for s in self.stages if s.kind is not NodeKind.INPUT]
         for stage in mixed_stages:
             self._distinct_inputs(stage)
@@ -223,7 +277,7 @@ class GroupPlan:
         for cr in stage.copies:
             slot, ref = self.slot[cr.hypothesis], self.reference[cr.hypothesis]
             n_bank = sum(o < stage.order for o in self.bank_order[cr.hypothesis])
-            found, A, Bm, readers = stage.distinct.setdefault(cr.hypothesis, ({}, [], [], []))
+            distinct = stage.distinct.setdefault(cr.hypothesis, _Distinct())
             for ci in cr.copy.inputs:
                 rows = []
                 for version in ci.versions:
@@ -235,13 +289,7 @@ class GroupPlan:
                     if ref == CF:
                         a[senders[mixed]] = 1
                     b[[slot[int(c)] for c in children[mixed]]] = 1
-                    key = (a.tobytes(), b.tobytes())
-                    if key not in found:
-                        found[key] = len(A)
-                        A.append(a)
-                        Bm.append(b)
-                        readers.append([])
-                    readers[found[key]].append(stage.n_rows)
+                    distinct.readers[distinct.add(a, b)].append(stage.n_rows)
                     rows.append(stage.n_rows)
                     stage.n_rows += 1
                 cr.rows.append(rows)
@@ -251,18 +299,15 @@ class GroupPlan:
         """Compute a following MLP/output input's part over the senders before `heads` inside
         the heads' product, which reads those bank entries anyway; the input itself then adds
         only the heads of its own layer (a previous-stage base, see `_plan_mixing`)."""
-        for h, (_, A, Bm, _) in stage.distinct.items():
-            if h not in heads.distinct or len(A) > 4:
+        for h, distinct in stage.distinct.items():
+            into = heads.distinct.get(h)
+            if into is None or len(distinct.a) > 4:
                 continue
-            found, Ah, Bh, readers_h = heads.distinct[h]
-            for a, b in zip(A, Bm):
-                a, b = a[:heads.order].copy(), b[:len(Bh[0]) if Bh else 0].copy()
-                key = (a.tobytes(), b.tobytes())
-                if key not in found and np.count_nonzero(a) + np.count_nonzero(b) >= 4:
-                    found[key] = len(Ah)
-                    Ah.append(a)
-                    Bh.append(b)
-                    readers_h.append([])  # read by no row of this stage
+            width = len(into.b[0]) if into.b else 0
+            for a, b in zip(distinct.a, distinct.b):
+                a, b = a[:heads.order].copy(), b[:width].copy()
+                if np.count_nonzero(a) + np.count_nonzero(b) >= 4:
+                    into.add(a, b)  # read by no row of the heads' stage
 
     def _plan_mixing(self, stage: _Stage, previous: _Stage | None, h: int) -> None:
         """Pick each distinct input's base and build its products.
@@ -270,7 +315,8 @@ class GroupPlan:
         The base is resid_r, resid_c (= resid_r + sum_s c_s) or a previous-stage input plus the
         clean residual between the two stages, whichever leaves the fewest nonzero coefficients.
         """
-        _, A, Bm, readers = stage.distinct[h]
+        distinct = stage.distinct[h]
+        A, Bm, readers = distinct.a, distinct.b, distinct.readers
         senders = stage.senders
         # singles first, in row order (a dense circuit's rows then meet the weights in order),
         # then inputs several rows share, then partial inputs carried for the next stage
@@ -287,7 +333,7 @@ class GroupPlan:
                 stage.row_input[r] = start + i
         stage.n_inputs += len(A)
         stage.input_owner += [(h, i) for i in range(len(A))]
-        stage.vectors[h] = (A, Bm, start)
+        stage.vectors[h] = _Vectors(A, Bm, start)
 
         on_senders = np.zeros(stage.order, dtype=np.float32)
         on_senders[senders] = 1
@@ -300,7 +346,8 @@ class GroupPlan:
         base = np.where(from_cf, 1, 0)  # index into `bases`
         bases: list[str | int] = ["r", "c"]
         if previous is not None and h in previous.vectors:
-            Ap, Bp, prev_start = previous.vectors[h]
+            vectors = previous.vectors[h]
+            Ap, Bp, prev_start = vectors.a, vectors.b, vectors.start
             if len(A) * len(Ap) * (A.shape[1] + Bm.shape[1]) <= _MAX_COMPARISONS:
                 Ap = np.pad(Ap, ((0, 0), (0, A.shape[1] - Ap.shape[1])))
                 Bp = np.pad(Bp, ((0, 0), (0, Bm.shape[1] - Bp.shape[1])))
@@ -337,15 +384,16 @@ class GroupPlan:
             singles = [i for i in range(mixing.start, mixing.stop) if len(readers[i]) == 1]
             if singles:
                 rows = np.array([readers[i][0] for i in singles])
-                projection.singles = (len(singles), _span(rows), _span(np.array([key[r] for r in rows])))
+                projection.singles = _Singles(len(singles), _span(rows),
+                                              _span(np.array([key[r] for r in rows])))
             for i in range(mixing.start + len(singles), mixing.stop):
                 if not readers[i]:
                     continue  # a partial input carried for the next stage
                 rows = sorted(readers[i], key=lambda r: key[r])
                 keys = [key[r] for r in rows]
                 every = keys == list(range(keys[-1] + 1)) and keys[-1] + 1 == 3 * self.graph.n_heads
-                projection.shared.append(
-                    (i - mixing.start, torch.tensor(rows), None if every else torch.tensor(keys)))
+                projection.shared.append(_Shared(i - mixing.start, torch.tensor(rows),
+                                                 None if every else torch.tensor(keys)))
 
     @property
     def n_passes(self) -> int:
@@ -481,11 +529,12 @@ class GroupEvaluator:
             flat = block.view(-1, B * T, d)
             mean, inv = fold.stats(flat)
             if plan.singles is not None:
-                n, rows, keys = plan.singles
+                n, rows, keys = plan.singles.n, plan.singles.rows, plan.singles.keys
                 p = torch.bmm(flat[:n], fold.rows[fold.stored(keys)])
                 proj[rows] = fold.finish(p, keys, None if mean is None else mean[:n],
                                          None if inv is None else inv[:n])
-            for i, rows, keys in plan.shared:
+            for shared in plan.shared:
+                i, rows, keys = shared.input, shared.rows, shared.keys
                 p = fold.project(flat[i], keys)  # keys None: every head and channel reads it
                 keys = slice(0, fold.n_keys) if keys is None else keys
                 proj[rows] = fold.finish(p, keys, None if mean is None else mean[i],
@@ -529,20 +578,22 @@ class GroupEvaluator:
             else:
                 zs[id(cr)] = sum((pattern * (v_index == i)) @ val for i, val in enumerate(values))
         z = torch.stack([zs[id(cr)] for cr in stage.copies])  # [copy, batch, pos, d_head]
-        for h, start, stop, slot in stage.spans:  # bank entry: W_O (z - z_ref), written in place
+        for span in stage.spans:  # bank entry: W_O (z - z_ref), written in place
+            start, stop, n = span.start, span.stop, span.stop - span.start
             heads = [cr.copy.node.head for cr in stage.copies[start:stop]]
-            z_ref = self.runs.z(layer, self._reference_run(h))[:, :, heads].permute(2, 0, 1, 3)
-            n = stop - start
+            ref = self.runs.z(layer, self._reference_run(span.hypothesis))
+            z_ref = ref[:, :, heads].permute(2, 0, 1, 3)
             torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads],
-                      out=banks[h][slot:slot + n].view(n, B * T, d))
+                      out=banks[span.hypothesis][span.slot:span.slot + n].view(n, B * T, d))
 
     def _mlp_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
         out = self.arch.mlp(stage.layer, xs.view(n * B, T, d)).view(n, B, T, d)
-        for h, start, stop, slot in stage.spans:
-            ref = self.runs.mlp_out(stage.layer, self._reference_run(h))
-            torch.sub(out[start:stop], ref, out=banks[h][slot:slot + stop - start])
+        for span in stage.spans:
+            ref = self.runs.mlp_out(stage.layer, self._reference_run(span.hypothesis))
+            torch.sub(out[span.start:span.stop], ref,
+                      out=banks[span.hypothesis][span.slot:span.slot + span.stop - span.start])
 
     def _output_stage(self, stage: _Stage, x: _Inputs) -> list[torch.Tensor]:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])

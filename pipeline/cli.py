@@ -164,8 +164,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             model = shaped(args.shape)
         phases = Phases(BENCH_PHASES, "bench engine")
         try:
+            budget = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
             result = run_engine_benchmark(model, n_hypotheses=args.hypotheses,
-                                          repeats=args.repeats, progress=phases)
+                                          repeats=args.repeats, progress=phases, **budget)
             result["shape"] = args.shape if args.model == "gpt2-small-shape" else args.model
         finally:
             phases.close()
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="scan: cpu (in this process, one thread) or cuda (one Ray actor, one GPU)")
     p.add_argument("--memory-budget", type=int, default=None,
-                   help="scan: bytes per engine call (default: the engine's 2 GiB)")
+                   help="engine, scan: bytes per engine call (default: the engine's 2 GiB)")
     p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
     p.add_argument("--keep", default=None,
                    help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")

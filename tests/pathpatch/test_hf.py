@@ -160,3 +160,12 @@ def test_what_is_not_computed_exactly_is_refused_by_name(config, message, tmp_pa
     config().save_pretrained(folder)  # the config alone: refused before any weight is read
     with pytest.raises(PathPatchError, match=message):
         load_model(str(folder))
+
+
+def test_an_edge_the_parallel_wiring_lacks_is_an_error_that_says_why():
+    from tests.pathpatch.conftest import tiny_model
+
+    graph = Graph.from_model(tiny_model("neox"))
+    with pytest.raises(PathPatchError, match=r"a1\.0->m1 matches no edge.*an MLP reads its "
+                                             r"layer's input, beside the heads"):
+        Hypothesis("x", "remove(a1.0->m1)").compile(graph)

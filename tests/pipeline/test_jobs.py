@@ -1,4 +1,5 @@
-"""The ready sweeps in jobs/: each validates and plans; the GPT-2 one fails fast where GPT-2 is absent."""
+"""The ready sweeps in jobs/: each validates and plans; those on pretrained models (GPT-2, Pythia,
+Llama) fail fast and clearly where the weights are not cached."""
 
 import time
 from pathlib import Path
@@ -8,7 +9,10 @@ import pytest
 from pipeline.cli import main
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-LOCAL = sorted(p.name for p in JOBS.glob("*.toml") if p.name != "gpt2_numbers.toml")
+PRETRAINED = {"gpt2_numbers.toml": ("gpt2", "gpt2"),
+              "pythia_induction.toml": ("pythia-160m", "EleutherAI/pythia-160m"),
+              "llama_induction.toml": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B")}
+LOCAL = sorted(p.name for p in JOBS.glob("*.toml") if p.name not in PRETRAINED)
 
 
 @pytest.mark.parametrize("name", LOCAL)
@@ -20,16 +24,19 @@ def test_ready_sweeps_plan(name, capsys, tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_gpt2_numbers_fails_fast_and_clearly_without_gpt2(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", list(PRETRAINED))
+def test_pretrained_sweeps_fail_fast_and_clearly_without_their_weights(name, capsys, tmp_path,
+                                                                      monkeypatch):
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
-        pytest.skip("gpt2 is in the local cache here: the sweep would run")
+    model, repo = PRETRAINED[name]
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        pytest.skip(f"{repo} is in the local cache here: the sweep would run")
     monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
-    assert main(["run", str(JOBS / "gpt2_numbers.toml"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", str(JOBS / name), "--out", str(tmp_path / "out")]) == 2
     assert time.monotonic() - t0 < 30
     err = capsys.readouterr().err
-    assert "model = 'gpt2'" in err and "not in the Hugging Face cache" in err
+    assert f"model = {model!r}" in err and "not in the Hugging Face cache" in err
     assert "huggingface-cli download" in err
     assert not (tmp_path / "out").exists()
