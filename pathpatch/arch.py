@@ -4,7 +4,8 @@ The engine recomputes parts of a forward pass for its mixed copies (a head from 
 inputs to its output, an MLP from its input, the unembedding) and reads the clean and
 counterfactual runs from hooks. Everything it needs from the model goes through `Adapter`:
 which hooks hold what, the q/k/v weights and the norm in front of them, the norms and rotation
-of q and k, the keys a query may see (causal, or a window), the attention scale, each head's
+of q and k, the keys a query may see (causal, or a window), the attention scale and soft cap,
+each head's
 output matrix, the MLP with its norm, the final norm with the unembedding, and the graph's
 wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
 `folding.py` never read TransformerLens modules or hook names themselves, so another
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformer_lens.utilities.activation_functions import apply_softcap, softcap_enabled
 
 _TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}  # exactly torch's tanh approximation
 EMBED_HOOK = "hook_embed"
@@ -69,6 +71,8 @@ class Adapter:
         self.qk_norm = bool(cfg.use_qk_norm)
         self.transforms_qk = self.rotary or self.qk_norm
         """q and k rows change after their projection (`finish_qk`)."""
+        self.caps_scores = softcap_enabled(cfg.attn_scores_soft_cap)
+        """Attention scores go through cap * tanh(x / cap) before the mask (Gemma-2)."""
         self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
 
     @classmethod
@@ -153,6 +157,10 @@ class Adapter:
         return attn._make_causal_mask(query_ctx_length=n_pos, key_ctx_length=n_pos,
                                       past_kv_pos_offset=0, device=device)[0, 0]
 
+    def cap_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Attention scores (already divided by the scale) through the model's soft cap."""
+        return apply_softcap(scores, self.model.cfg.attn_scores_soft_cap)
+
     def attn_scale(self, layer: int) -> float:
         return float(self.model.blocks[layer].attn.attn_scale)
 
@@ -176,10 +184,12 @@ class Adapter:
         return mlp(normed)
 
     def unembed(self, rows: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, vocab] of residual rows [rows, d_model] (final norm included)."""
+        """Logits [rows, vocab] of residual rows [rows, d_model] (final norm and soft cap
+        included)."""
         normed = _call(getattr(self.model, "ln_final", None), rows)
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
-        return torch.addmm(unembed.b_U, normed, unembed.W_U)
+        logits = torch.addmm(unembed.b_U, normed, unembed.W_U)
+        return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
 
 
 _ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

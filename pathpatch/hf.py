@@ -283,7 +283,7 @@ FAMILIES: dict[str, Family] = {
 }
 REFUSED_FAMILIES = {
     "gemma2": "Gemma-2's norms after attention and after the MLP (the post-attention norm acts on "
-              "the sum of a layer's heads) and its attention and logit soft caps are not computed "
-              "exactly yet",
+              "the sum of a layer's heads, so their contributions are not additive) are not "
+              "computed exactly yet (its soft caps, windows and rotary are)",
     "gemma3": "Gemma-3's norms after attention and after the MLP are not computed exactly yet",
 }

@@ -558,20 +558,26 @@ class GroupEvaluator:
             q = proj[[cr.rows[0][0] for cr in simple]]  # [copy, batch, pos, d_head]
             k = proj[[cr.rows[1][0] for cr in simple]]
             v = proj[[cr.rows[2][0] for cr in simple]]
-            # torch's fused causal attention: no [pos, pos] scores written out and masked (7-8%
-            # of a small model's sweep item with 128 examples; the same numbers up to rounding)
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=allowed is None,
-                                               attn_mask=allowed, scale=1 / scale)
+            if arch.caps_scores:  # the cap acts on the scores: they are written out
+                scores = arch.cap_scores(q @ k.transpose(-1, -2) / scale)
+                pattern = torch.softmax(scores.masked_fill(self._hidden(allowed, T, proj.device),
+                                                           float("-inf")), dim=-1)
+                z = pattern @ v
+            else:
+                # torch's fused causal attention: no [pos, pos] scores written out and masked
+                # (7-8% of a small model's sweep item with 128 examples; the same numbers up
+                # to rounding)
+                z = F.scaled_dot_product_attention(q, k, v, is_causal=allowed is None,
+                                                   attn_mask=allowed, scale=1 / scale)
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})
         if split:  # keys a query may not see (after it, or outside its window)
-            future = (torch.ones(T, T, dtype=torch.bool, device=proj.device).triu(1)
-                      if allowed is None else ~allowed)
+            future = self._hidden(allowed, T, proj.device)
         for cr in split:  # versions picked per query position / per (dest, src) pair
             q = _pick(proj[cr.rows[0]], self.positions.version_index(cr.copy.inputs[0]))
             k_index = self.positions.version_index(cr.copy.inputs[1])
             v_index = self.positions.version_index(cr.copy.inputs[2])
             keys, values = proj[cr.rows[1]], proj[cr.rows[2]]
-            scores = _pick(q @ keys.transpose(-1, -2) / scale, k_index)
+            scores = arch.cap_scores(_pick(q @ keys.transpose(-1, -2) / scale, k_index))
             pattern = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
             if v_index is None:
                 zs[id(cr)] = pattern @ values[0]
@@ -585,6 +591,13 @@ class GroupEvaluator:
             z_ref = ref[:, :, heads].permute(2, 0, 1, 3)
             torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads],
                       out=banks[span.hypothesis][span.slot:span.slot + n].view(n, B * T, d))
+
+    @staticmethod
+    def _hidden(allowed: torch.Tensor | None, T: int, device) -> torch.Tensor:
+        """[dest, src] the keys a query may not see: after it, or outside its window."""
+        if allowed is None:
+            return torch.ones(T, T, dtype=torch.bool, device=device).triu(1)
+        return ~allowed
 
     def _mlp_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]

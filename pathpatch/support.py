@@ -61,10 +61,6 @@ def _off(why: str) -> Rule:
     return _only("False", lambda value, cfg: not value, why)
 
 
-def _softcap_off(value, cfg) -> bool:
-    return value is None or value <= 0  # TransformerLens's softcap_enabled: only > 0 caps
-
-
 _ROTARY = ("the rotary tables TransformerLens computes: the engine rotates q and k rows with the "
            "model's own apply_rotary, each by its position")
 # Architectures whose forward TransformerLens changes by name (components/, utilities/architectures.py);
@@ -120,6 +116,9 @@ FIELDS: dict[str, Rule] = {
     "attn_types": _exact("which layers are local (arch.allowed_keys)"),
     "use_qk_norm": _exact("q/k norms inside each head (Qwen3): applied to q and k rows after the "
                           "projection (arch.finish_qk)"),
+    "attn_scores_soft_cap": _exact("cap * tanh(scores / cap) before the mask (Gemma-2), "
+                                   "TransformerLens's own function (arch.cap_scores)"),
+    "output_logits_soft_cap": _exact("cap * tanh(logits / cap) after the unembedding (Gemma-2)"),
     # values the engine does not reproduce yet
     "positional_embedding_type": _only(
         "'standard' or 'rotary'", lambda value, cfg: value in ("standard", "rotary"),
@@ -132,8 +131,6 @@ FIELDS: dict[str, Rule] = {
     "use_logn_attn": _off("log-n scaling of queries by position"),
     "clip_qkv": _only("None", lambda value, cfg: value is None, "q/k/v clamped after the projection"),
     "attention_dir": _only("'causal'", lambda value, cfg: value == "causal", "bidirectional attention"),
-    "attn_scores_soft_cap": _only("-1.0 (off)", _softcap_off, "a soft cap on attention scores"),
-    "output_logits_soft_cap": _only("-1.0 (off)", _softcap_off, "a soft cap on the logits"),
     "load_in_4bit": _off("4-bit quantized weights"),
     "n_devices": _only("1", lambda value, cfg: value == 1, "a model split over several devices"),
     "original_architecture": _only(

@@ -130,6 +130,13 @@ FEATURES = {
         use_local_attn=True, window_size=3, attn_types=["local", "global", "local"],
         positional_embedding_type="rotary", rotary_dim=4, use_yarn_rope=True, yarn_factor=2.0,
         yarn_original_max_position_embeddings=8, yarn_global_attn_only=True),
+    # Gemma-2's soft caps (small caps, so that they bite on these random weights)
+    "attention soft cap": dict(attn_scores_soft_cap=1.5),
+    "output logit soft cap": dict(output_logits_soft_cap=2.0),
+    "both soft caps, local attention, rotary": dict(
+        attn_scores_soft_cap=1.5, output_logits_soft_cap=2.0, use_local_attn=True, window_size=2,
+        attn_types=["local", "global", "local"], positional_embedding_type="rotary",
+        rotary_dim=4),
     # q/k norms inside each head
     "q/k norms": dict(normalization_type="RMS", use_qk_norm=True),
     "Qwen3-like (q/k norms, rotary, GQA)": dict(
@@ -223,8 +230,6 @@ REFUSED_VALUES = {
     "use_logn_attn": True,
     "clip_qkv": 8.0,
     "attention_dir": "bidirectional",
-    "attn_scores_soft_cap": 50.0,
-    "output_logits_soft_cap": 30.0,
     "load_in_4bit": True,
     "n_devices": 2,
     "original_architecture": "Olmo2ForCausalLM",
