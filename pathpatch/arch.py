@@ -102,6 +102,19 @@ class Adapter:
     def output_input_hook(self) -> str:
         return f"blocks.{self.n_layers - 1}.hook_resid_post"
 
+    def pattern_hook(self, layer: int) -> str:
+        """Attention patterns [batch, head, dest, src] (evidence, not the engine)."""
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    def split_input_hook(self, layer: int, channel: str) -> str:
+        """A head channel's own input [batch, pos, head, d_model], "q", "k" or "v" (hook runs
+        with split inputs, which TransformerLens builds only when asked)."""
+        return f"blocks.{layer}.hook_{channel}_input"
+
+    def mlp_split_input_hook(self, layer: int) -> str:
+        """The MLP's input before its norm (hook runs with `use_hook_mlp_in`)."""
+        return f"blocks.{layer}.hook_mlp_in"
+
     def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, the `run_hooks` activations) of one plain forward."""
         names = self.run_hooks()

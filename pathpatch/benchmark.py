@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
@@ -137,7 +138,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     """One hooked run of the circuit `kept`, written carefully: per-head outputs from z, split
     q/k/v inputs, and per layer one matrix product that subtracts, for every removed edge,
     (patched - counterfactual) sender output from the receiver's input."""
-    cfg = model.cfg
+    cfg, arch = model.cfg, Adapter.of(model)
     outputs: list[torch.Tensor] = []  # patched-run sender outputs, in node order
     cf_outputs: list[torch.Tensor] = []
     removed: dict[tuple[int, str], torch.Tensor] = {}  # (layer, channel) -> [head, sender] 0/1
@@ -167,11 +168,11 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
 
     def on_embed(x, hook):
         outputs.append(x)
-        cf_outputs.append(cf_cache["hook_embed"])
+        cf_outputs.append(cf_cache[EMBED_HOOK])
         return x
 
     def on_z(z, hook, layer):
-        W_O = model.blocks[layer].attn.W_O
+        W_O = arch.W_O(layer)
         outputs.extend(torch.einsum("bphe,hed->hbpd", z, W_O).unbind(0))
         cf_outputs.extend(torch.einsum("bphe,hed->hbpd", cf_cache[hook.name], W_O).unbind(0))
         return z
@@ -191,16 +192,17 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     def on_final(x, hook):
         return fix((cfg.n_layers, "out"), [graph.output], "resid", x[:, :, None])[:, :, 0]
 
-    hooks = [("hook_embed", on_embed)]
+    hooks = [(EMBED_HOOK, on_embed)]
     for layer in range(cfg.n_layers):
         for ch in ("q", "k", "v"):
-            hooks.append((f"blocks.{layer}.hook_{ch}_input",
+            hooks.append((arch.split_input_hook(layer, ch),
                           lambda x, hook, l=layer, c=ch: on_qkv(x, hook, l, c)))
-        hooks.append((f"blocks.{layer}.attn.hook_z", lambda z, hook, l=layer: on_z(z, hook, l)))
+        hooks.append((arch.z_hook(layer), lambda z, hook, l=layer: on_z(z, hook, l)))
         if graph.has_mlp:
-            hooks.append((f"blocks.{layer}.hook_mlp_in", lambda x, hook, l=layer: on_mlp_in(x, hook, l)))
-            hooks.append((f"blocks.{layer}.hook_mlp_out", lambda x, hook, l=layer: on_mlp_out(x, hook, l)))
-    hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", on_final))
+            hooks.append((arch.mlp_split_input_hook(layer),
+                          lambda x, hook, l=layer: on_mlp_in(x, hook, l)))
+            hooks.append((arch.mlp_out_hook(layer), lambda x, hook, l=layer: on_mlp_out(x, hook, l)))
+    hooks.append((arch.output_input_hook(), on_final))
     return model.run_with_hooks(xr, fwd_hooks=hooks)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
 from pathpatch import tasks
+from pathpatch.arch import Adapter
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.models import load_model
@@ -58,7 +59,7 @@ class InductionEvidence:
     repeat_loss_without_prev_token_heads: float | None  # all of them zeroed at once
 
 
-def _zero_heads(heads: Iterable[str]) -> list[Hook]:
+def _zero_heads(model: HookedTransformer, heads: Iterable[str]) -> list[Hook]:
     """Hooks that zero the named heads' `z` (so their output, bias aside, is zero)."""
     by_layer: dict[int, list[int]] = {}
     for name in heads:
@@ -71,7 +72,7 @@ def _zero_heads(heads: Iterable[str]) -> list[Hook]:
             z[:, :, idx] = 0.0  # z: (batch, pos, head, d_head)
             return z
 
-        hooks.append((f"blocks.{layer}.attn.hook_z", zero))
+        hooks.append((Adapter.of(model).z_hook(layer), zero))
     return hooks
 
 
@@ -93,9 +94,10 @@ def _repeat_loss(
 
 def _patterns(model: HookedTransformer, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Attention patterns per layer, each [batch, head, dest, src]."""
-    names = {f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)}
+    arch = Adapter.of(model)
+    names = [arch.pattern_hook(layer) for layer in range(arch.n_layers)]
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
-    return [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(model.cfg.n_layers)]
+    return [cache[name] for name in names]
 
 
 def _induction_scores(patterns: list[torch.Tensor], data: PairDataset) -> list[torch.Tensor]:
@@ -133,7 +135,7 @@ def induction_evidence(model: HookedTransformer, n: int = 256, seed: int = 1234)
             induction_held = _induction_scores(_patterns(model, held.reference), held)
         else:
             induction_held = [torch.full_like(s, float("nan")) for s in induction]
-        zeroed = {name: _repeat_loss(model, trained, _zero_heads([name]))[0] for name in names}
+        zeroed = {name: _repeat_loss(model, trained, _zero_heads(model, [name]))[0] for name in names}
 
     heads: list[HeadScore] = []
     for layer, pattern in enumerate(patterns):
@@ -154,7 +156,7 @@ def induction_evidence(model: HookedTransformer, n: int = 256, seed: int = 1234)
     without_prev = None
     if prev_heads:
         with torch.no_grad():
-            without_prev = _repeat_loss(model, trained, _zero_heads(prev_heads))[0]
+            without_prev = _repeat_loss(model, trained, _zero_heads(model, prev_heads))[0]
     return InductionEvidence(
         losses=tuple(losses),
         heads=tuple(heads),
@@ -179,7 +181,7 @@ def modular_sum_evidence(model: HookedTransformer, n: int = 2048, seed: int = 12
         return torch.zeros_like(out)
 
     def accuracy(layers: Iterable[int]) -> float:
-        hooks = [(f"blocks.{layer}.hook_mlp_out", zero) for layer in layers]
+        hooks = [(Adapter.of(model).mlp_out_hook(layer), zero) for layer in layers]
         with torch.no_grad():
             logits = model.run_with_hooks(data.reference, fwd_hooks=hooks)[:, -1]  # (batch, vocab)
         return round((logits.argmax(-1) == data.answer).float().mean().item(), 4)
