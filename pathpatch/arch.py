@@ -83,6 +83,27 @@ class Adapter:
             adapter = _ADAPTERS[model] = cls(model)
         return adapter
 
+    def describe(self) -> str:
+        """One line on how the model computes (what `pathpatch graph` prints under the graph)."""
+        cfg = self.model.cfg
+        parts = [f"norm {cfg.normalization_type or 'none'}"]
+        if self.rotary:
+            parts.append(f"rotary on {cfg.rotary_dim} of {cfg.d_head} head dims")
+        if self.n_kv_heads != self.n_heads:
+            parts.append(f"grouped-query attention ({self.n_kv_heads} kv heads for {self.n_heads})")
+        local = [layer for layer in range(self.n_layers)
+                 if getattr(self.model.blocks[layer].attn, "attn_type", "global") == "local"]
+        if local:
+            parts.append(f"a window of {cfg.window_size} keys in layers {', '.join(map(str, local))}")
+        if self.qk_norm:
+            parts.append("q/k norms")
+        if self.caps_scores or softcap_enabled(cfg.output_logits_soft_cap):
+            parts.append("soft caps")
+        if self.has_mlp:
+            parts.append(("gated " if cfg.gated_mlp else "") + f"{cfg.act_fn} MLPs"
+                         + (" in parallel with attention" if self.parallel else ""))
+        return "architecture: " + "; ".join(parts)
+
     # --- the cached runs -----------------------------------------------------------------------
 
     def z_hook(self, layer: int) -> str:

@@ -196,10 +196,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
+    from pathpatch.arch import Adapter
     from pathpatch.graph import Graph, describe
     from pathpatch.models import load_model
 
-    print(describe(Graph.from_model(load_model(args.model)), edges=args.edges))
+    model = load_model(args.model)
+    print(describe(Graph.from_model(model), edges=args.edges))
+    print(Adapter.of(model).describe())
     return 0
 
 

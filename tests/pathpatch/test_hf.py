@@ -80,6 +80,12 @@ def test_loaded_model_equals_the_hf_model(saved):
         want = hf(xr).logits
     torch.testing.assert_close(model(xr), want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{family}: {m}")
     assert model.tokenizer is None  # no tokenizer: no padding-derived rotary offsets
+    from pathpatch.arch import Adapter
+
+    summary = Adapter.of(model).describe()
+    assert ("rotary" in summary) == (family != "gpt2")
+    assert ("window" in summary) == ("window" in family)
+    assert ("in parallel with attention" in summary) == family.startswith("gpt-neox (pythia)")
 
 
 def test_engine_on_the_loaded_model_equals_transformer_lens_patching(saved):

@@ -71,7 +71,7 @@ def test_graph_and_explain_commands(capsys):
     assert main(["graph", "attn-only-2l"]) == 0
     out = capsys.readouterr().out
     assert "layer 1: a1.0 a1.1 a1.2 a1.3" in out and "edges: 81" in out
-    assert "paths (positions ignored): 169" in out
+    assert "paths (positions ignored): 169" in out and "architecture: norm LN" in out
     assert main(["explain", "attn-only-2l", "in -> a1.0[v] -> out", "--seq-len", "3"]) == 0
     out = capsys.readouterr().out
     assert "paths in P: 6 of" in out and "mixed copies: 2" in out
