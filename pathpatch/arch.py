@@ -17,7 +17,6 @@ What is computed exactly, and what is refused by name, is `support.py`'s table, 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -77,11 +76,9 @@ class Adapter:
 
     @classmethod
     def of(cls, model) -> Adapter:
-        """The adapter of `model`, made once per model object."""
-        adapter = _ADAPTERS.get(model)
-        if adapter is None:
-            adapter = _ADAPTERS[model] = cls(model)
-        return adapter
+        """The adapter of `model`. Cheap (it reads the config), so not cached: a cache keyed by
+        the model would keep every model alive through the adapter's reference to it."""
+        return cls(model)
 
     def describe(self) -> str:
         """One line on how the model computes (what `pathpatch graph` prints under the graph)."""
@@ -224,9 +221,6 @@ class Adapter:
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
         logits = torch.addmm(unembed.b_U, normed, unembed.W_U)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
-
-
-_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _call(norm, x: torch.Tensor) -> torch.Tensor:

@@ -171,3 +171,22 @@ def test_circuit_has_one_mixed_copy_per_node():
     cg = Hypothesis("half", "circuit(" + ", ".join(map(str, kept)) + ")").compile(graph)
     nodes = [c.node.name for c in cg.copies]
     assert len(nodes) == len(set(nodes)) and len(nodes) >= 3
+
+
+def test_evaluate_keeps_no_reference_to_the_model():
+    """Nothing the engine keeps (adapters, folded weights) outlives the call: a sweep process
+    that loads model after model must not hold them all."""
+    import gc
+    import weakref
+
+    from pathpatch.dataset import PairDataset
+    from pathpatch.engine import evaluate
+
+    model = tiny_model("llama")
+    x = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))
+    evaluate(model, PairDataset(x, x.flip(0), torch.ones(2, 5, dtype=torch.bool)),
+             [Hypothesis("h", "~a1.0")])
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
