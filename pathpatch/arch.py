@@ -5,9 +5,8 @@ inputs to its output, an MLP from its input, the unembedding) and reads the clea
 counterfactual runs from hooks. Everything it needs from the model goes through `Adapter`:
 which hooks hold what, the q/k/v weights and the norm in front of them, the norms and rotation
 of q and k, the keys a query may see (causal, or a window), the attention scale and soft cap,
-each head's
-output matrix, the MLP with its norm, the final norm with the unembedding, and the graph's
-wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
+each head's output matrix, the MLP with its norm, the final norm with the unembedding, and the
+graph's wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
 `folding.py` never read TransformerLens modules or hook names themselves, so another
 architecture, or another backend than TransformerLens's `HookedTransformer`, is one adapter.
 
