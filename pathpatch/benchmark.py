@@ -286,7 +286,8 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
     _, cf_cache = model.run_with_cache(xc)
     model.set_use_split_qkv_input(True)
-    grouped = (model.cfg.n_key_value_heads or model.cfg.n_heads) != model.cfg.n_heads
+    arch = Adapter.of(model)
+    grouped = arch.n_kv_heads != arch.n_heads
     if grouped:  # k/v input hooks per query head
         model.set_ungroup_grouped_query_attention(True)
     if graph.has_mlp:

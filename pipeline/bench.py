@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from pathpatch.benchmark import SHAPES
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec
 from pipeline.sweep import SweepOutcome, run_sweep
@@ -156,8 +157,7 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
 
 # --- bench scan ----------------------------------------------------------------------------------
 
-SCAN_ARCH = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
-                 n_ctx=64, act_fn="gelu_new", normalization_type="LN")
+SCAN_ARCH = dict(SHAPES["gpt2-small"], n_ctx=64)
 """GPT-2 small's shape (random weights: nothing is downloaded)."""
 SCAN_PHASES = 4
 
