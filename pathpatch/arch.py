@@ -72,6 +72,10 @@ class Adapter:
         self.caps_scores = softcap_enabled(cfg.attn_scores_soft_cap)
         """Attention scores go through cap * tanh(x / cap) before the mask (Gemma-2)."""
         self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+        self.heads_normed = bool(cfg.use_normalization_before_and_after)
+        """A norm acts on the sum of each layer's heads, and another on each MLP's output, before
+        the residual stream (Gemma-2): the MLP's is part of its node (`mlp`), the heads' is
+        computed once per combination of head copies a receiver reads (`norm_heads_sum`)."""
 
     @classmethod
     def of(cls, model) -> Adapter:
@@ -93,6 +97,8 @@ class Adapter:
             parts.append(f"a window of {cfg.window_size} keys in layers {', '.join(map(str, local))}")
         if self.qk_norm:
             parts.append("q/k norms")
+        if self.heads_normed:
+            parts.append("norms after attention and after the MLP")
         if self.caps_scores or softcap_enabled(cfg.output_logits_soft_cap):
             parts.append("soft caps")
         if self.has_mlp:
@@ -107,6 +113,10 @@ class Adapter:
 
     def mlp_out_hook(self, layer: int) -> str:
         return f"blocks.{layer}.hook_mlp_out"
+
+    def attn_out_hook(self, layer: int) -> str:
+        """What a layer's attention adds to the residual stream (after its norm, if any)."""
+        return f"blocks.{layer}.hook_attn_out"
 
     def head_input_hook(self, layer: int) -> str:
         """The residual stream the heads of `layer` read."""
@@ -143,6 +153,8 @@ class Adapter:
         names = {EMBED_HOOK, self.output_input_hook()}
         for layer in range(self.n_layers):
             names |= {self.head_input_hook(layer), self.z_hook(layer)}
+            if self.heads_normed:
+                names.add(self.attn_out_hook(layer))
             if self.has_mlp:
                 names |= {self.mlp_input_hook(layer), self.mlp_out_hook(layer)}
         return names
@@ -198,6 +210,16 @@ class Adapter:
         """[head, d_head, d_model]"""
         return self.model.blocks[layer].attn.W_O
 
+    def heads_sum(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """[batch, pos, d_model] the layer's heads summed, b_O included, from z [batch, pos, head,
+        d_head]: what its post-attention norm reads."""
+        attn = self.model.blocks[layer].attn
+        return torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
+
+    def norm_heads_sum(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The post-attention norm (Gemma-2's `post_attention_layernorm`) of heads' sums x."""
+        return self.model.blocks[layer].ln1_post(x)
+
     # --- MLPs and the output -------------------------------------------------------------------
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -210,8 +232,10 @@ class Adapter:
             d = normed.shape[-1]
             hidden = F.gelu(torch.addmm(mlp.b_in, normed.reshape(-1, d), mlp.W_in),
                             approximate="tanh")
-            return torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
-        return mlp(normed)
+            out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
+        else:
+            out = mlp(normed)
+        return block.ln2_post(out) if self.heads_normed else out
 
     def unembed(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] of residual rows [rows, d_model] (final norm and soft cap

@@ -182,3 +182,70 @@ def estimate_cost(copy_graph: CopyGraph, cfg) -> float:
         else:
             cost += d
     return cost / forward
+
+
+def for_evaluation(copy_graph: CopyGraph) -> CopyGraph:
+    """The copy graph on `graph.evaluation`: itself, or, where a norm acts on the sum of a
+    layer's heads (Gemma-2), with one HEADS_SUM copy per distinct combination of that layer's
+    head copies that some receiver's input version reads.
+
+    A receiver's input then depends on the heads of a layer only through the normalized sum of
+    the copies it reads, exactly as in the treeified model; a combination of clean (counterfactual)
+    heads only is the clean (counterfactual) run's sum. Hash-consed per hypothesis: equal
+    combinations are computed once.
+    """
+    graph = copy_graph.graph
+    target = graph.evaluation
+    if target is graph:
+        return copy_graph
+    nodes = target.by_name
+    new_id: dict[int, int] = {CLEAN: CLEAN, CF: CF}
+    sums: dict[tuple[int, tuple[int, ...]], int] = {}
+    copies: list[Copy] = []
+
+    def sum_of(layer: int, heads: tuple[int, ...]) -> int:
+        if all(c == CLEAN for c in heads):
+            return CLEAN
+        if all(c == CF for c in heads):
+            return CF
+        key = (layer, heads)
+        if key not in sums:
+            sums[key] = len(copies)
+            node = nodes[f"a{layer}"]
+            copies.append(Copy(len(copies), node, (ChannelInput(Channel.RESID, ((),), (heads,), (0,)),)))
+        return sums[key]
+
+    # where each evaluation-graph sender's value comes from, per receiver node kind and layer
+    layouts: dict[int, list[tuple[int | None, list[int]]]] = {}
+
+    def layout(node: Node) -> list[tuple[int | None, list[int]]]:
+        """Per evaluation sender: (sum layer or None, positions in the path graph's senders)."""
+        if node.order not in layouts:
+            path_senders = graph.senders(node)
+            at = {s.name: i for i, s in enumerate(path_senders)}
+            out = []
+            for s in target.senders(nodes[node.name]):
+                if s.kind is NodeKind.HEADS_SUM:
+                    out.append((s.layer, [at[f"a{s.layer}.{h}"] for h in range(graph.n_heads)]))
+                else:
+                    out.append((None, [at[s.name]]))
+            layouts[node.order] = out
+        return layouts[node.order]
+
+    for copy in copy_graph.copies:  # senders before receivers
+        inputs = []
+        for ci in copy.inputs:
+            if copy.node.kind is NodeKind.INPUT:
+                inputs.append(ci)
+                continue
+            versions = []
+            for version in ci.versions:
+                mapped = [new_id[c] for c in version]
+                versions.append(tuple(
+                    sum_of(layer, tuple(mapped[i] for i in where)) if layer is not None
+                    else mapped[where[0]]
+                    for layer, where in layout(copy.node)))
+            inputs.append(ChannelInput(ci.channel, ci.atoms, tuple(versions), ci.atom_version))
+        new_id[copy.id] = len(copies)
+        copies.append(Copy(len(copies), nodes[copy.node.name], tuple(inputs)))
+    return CopyGraph(target, new_id[copy_graph.root], tuple(copies))

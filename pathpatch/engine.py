@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pathpatch.copies import CopyGraph
+from pathpatch.copies import CopyGraph, for_evaluation
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
@@ -170,6 +170,7 @@ def evaluate(
     _check_restrictions(hypotheses, dataset)
     dataset.validate(model.cfg.d_vocab)
     metric.check_dataset(dataset)
+    copy_graphs = [for_evaluation(cg) for cg in copy_graphs]  # with any heads' sums to compute
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
     batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size,
                                          whole=runs_cache is not None)
@@ -235,6 +236,9 @@ class MemoryBudget:
         per_run = T * (cfg.n_layers * (3 * cfg.d_model + cfg.n_heads * cfg.d_head) + 2 * cfg.d_model
                        + cfg.d_vocab)
         n_nodes = 2 + cfg.n_layers * (cfg.n_heads + (0 if cfg.attn_only else 1))
+        if cfg.use_normalization_before_and_after:  # per run hook_attn_out and the heads' sum; banked
+            per_run += 2 * T * cfg.n_layers * cfg.d_model
+            n_nodes += cfg.n_layers
         bank = n_nodes * T * cfg.d_model
         # transient: a forward's widest activations; the metric's float64 rows (KL keeps the
         # clean probabilities for the batch, one row per scored position, and works on two more

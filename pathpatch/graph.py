@@ -7,6 +7,7 @@ Where a node's output lives in a model's runs is the adapter's business (`arch.p
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,10 @@ class NodeKind(enum.Enum):
     """One MLP layer (`m{layer}`); reads the residual stream through one channel."""
     OUTPUT = "output"
     """The unembedding input (`out`), after the final LayerNorm's input."""
+    HEADS_SUM = "heads_sum"
+    """A layer's heads summed and normalized (`a{layer}`, Gemma-2's post-attention norm). Not a
+    node of paths or hypotheses: only the evaluation graph (`Graph.evaluation`) has it, so
+    that a receiver reads one normalized sum per combination of head copies."""
 
 
 class Channel(enum.Enum):
@@ -90,6 +95,11 @@ class Graph:
     has_mlp: bool
     parallel: bool = False
     """Each MLP reads its layer's input beside the heads (GPT-J, GPT-NeoX), not after them."""
+    heads_normed: bool = False
+    """A norm acts on the sum of each layer's heads before the residual stream (Gemma-2)."""
+    sums: bool = False
+    """The evaluation graph of a `heads_normed` model: each layer's heads feed one HEADS_SUM
+    node, which every later receiver reads instead of the heads."""
 
     @classmethod
     def from_model(cls, model) -> Graph:
@@ -100,7 +110,15 @@ class Graph:
         check_model(model)  # every time: hooks may have been attached since the adapter was made
         arch = Adapter.of(model)
         return cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
-                   parallel=arch.parallel)
+                   parallel=arch.parallel, heads_normed=arch.heads_normed)
+
+    @cached_property
+    def evaluation(self) -> Graph:
+        """The graph mixed copies are computed on: this one, or with HEADS_SUM nodes where a
+        norm acts on the sum of a layer's heads (paths and edge names stay those of `self`)."""
+        if self.heads_normed and not self.sums:
+            return dataclasses.replace(self, sums=True)
+        return self
 
     @cached_property
     def nodes(self) -> tuple[Node, ...]:
@@ -108,6 +126,8 @@ class Graph:
         for layer in range(self.n_layers):
             for head in range(self.n_heads):
                 nodes.append(Node(len(nodes), f"a{layer}.{head}", NodeKind.HEAD, layer, head))
+            if self.sums:
+                nodes.append(Node(len(nodes), f"a{layer}", NodeKind.HEADS_SUM, layer))
             if self.has_mlp:
                 nodes.append(Node(len(nodes), f"m{layer}", NodeKind.MLP, layer))
         nodes.append(Node(len(nodes), "out", NodeKind.OUTPUT, self.n_layers))
@@ -146,13 +166,17 @@ class Graph:
     @cached_property
     def _senders(self) -> tuple[tuple[Node, ...], ...]:
         out = []
+        # in the evaluation graph of a `heads_normed` model the heads write only to their sum
+        writers = [n for n in self.nodes if not (self.sums and n.kind is NodeKind.HEAD)]
         for r in self.nodes:
             if r.kind is NodeKind.INPUT:
                 out.append(())
+            elif r.kind is NodeKind.HEADS_SUM:
+                out.append(tuple(n for n in self.nodes if n.kind is NodeKind.HEAD and n.layer == r.layer))
             elif r.kind is NodeKind.HEAD or (r.kind is NodeKind.MLP and self.parallel):
-                out.append(tuple(n for n in self.nodes if n.order < r.order and n.layer < r.layer))
+                out.append(tuple(n for n in writers if n.order < r.order and n.layer < r.layer))
             else:  # MLP reads after its own layer's heads; out reads everything
-                out.append(tuple(n for n in self.nodes if n.order < r.order))
+                out.append(tuple(n for n in writers if n.order < r.order))
         return tuple(out)
 
     @cached_property

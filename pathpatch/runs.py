@@ -25,6 +25,7 @@ class Runs:
         for run, tokens in (("r", reference), ("c", counterfactual)):
             self.logits[run], self.cache[run] = self.arch.run(tokens)
         self._cf_bank: torch.Tensor | None = None
+        self._heads_sums: dict[tuple[int, str], torch.Tensor] = {}
 
     def z(self, layer: int, run: str = "r") -> torch.Tensor:
         """[batch, pos, head, d_head]"""
@@ -34,9 +35,18 @@ class Runs:
         """[batch, pos, d_model]"""
         return self.cache[run][self.arch.mlp_out_hook(layer)]
 
+    def attn_out(self, layer: int, run: str = "r") -> torch.Tensor:
+        """[batch, pos, d_model] what the layer's attention adds to the residual stream."""
+        return self.cache[run][self.arch.attn_out_hook(layer)]
+
     def residual_at(self, kind: NodeKind, layer: int, run: str = "r") -> torch.Tensor:
-        """[batch, pos, d_model] the residual stream as a receiver of this kind reads it."""
+        """[batch, pos, d_model] the residual stream as a receiver of this kind reads it; for a
+        HEADS_SUM, the sum of the layer's heads before their norm."""
         c, arch = self.cache[run], self.arch
+        if kind is NodeKind.HEADS_SUM:
+            if (layer, run) not in self._heads_sums:
+                self._heads_sums[layer, run] = arch.heads_sum(layer, self.z(layer, run))
+            return self._heads_sums[layer, run]
         if kind is NodeKind.HEAD:
             return c[arch.head_input_hook(layer)]
         if kind is NodeKind.MLP:
@@ -44,7 +54,8 @@ class Runs:
         return c[arch.output_input_hook()]
 
     def cf_bank(self) -> torch.Tensor:
-        """[node, batch, pos, d_model] G(x_c) minus G(x_r) output of every node, by node order.
+        """[node, batch, pos, d_model] G(x_c) minus G(x_r) output of every node of the
+        evaluation graph, by node order (a head's before any norm of its layer's sum).
 
         Biases cancel; positional embeddings are equal in both runs (rotary models have none),
         so `in` is the token embedding difference. Computed once per batch, shared by every hypothesis.
@@ -52,12 +63,17 @@ class Runs:
         if self._cf_bank is None:
             r, c = self.cache["r"], self.cache["c"]
             parts = [c[EMBED_HOOK] - r[EMBED_HOOK]]
-            for layer in range(self.arch.n_layers):
-                dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
-                W_O = self.arch.W_O(layer)  # [head, d_head, d_model]
-                parts.extend(torch.einsum("bphe,hed->hbpd", dz, W_O).unbind(0))
-                if self.graph.has_mlp:
+            for node in self.graph.evaluation.nodes[1:]:
+                layer = node.layer
+                if node.kind is NodeKind.HEAD and node.head == 0:
+                    dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
+                    W_O = self.arch.W_O(layer)  # [head, d_head, d_model]
+                    parts.extend(torch.einsum("bphe,hed->hbpd", dz, W_O).unbind(0))
+                elif node.kind is NodeKind.HEADS_SUM:
+                    parts.append(self.attn_out(layer, "c") - self.attn_out(layer, "r"))
+                elif node.kind is NodeKind.MLP:
                     parts.append(self.mlp_out(layer, "c") - self.mlp_out(layer, "r"))
-            parts.append(torch.zeros_like(parts[0]))  # `out` sends nothing
+                elif node.kind is NodeKind.OUTPUT:
+                    parts.append(torch.zeros_like(parts[0]))  # `out` sends nothing
             self._cf_bank = torch.stack(parts)
         return self._cf_bank

@@ -25,14 +25,16 @@ import torch
 import torch.nn.functional as F
 
 from pathpatch.arch import Adapter
-from pathpatch.copies import CF, CLEAN, Copy, CopyGraph
+from pathpatch.copies import CF, CLEAN, Copy, CopyGraph, for_evaluation
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
 from pathpatch.kernels import mix, mix_add_
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 
-_RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.MLP: 2, NodeKind.OUTPUT: 3}
+_RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.HEADS_SUM: 2, NodeKind.MLP: 3, NodeKind.OUTPUT: 4}
+_RESIDUAL = (NodeKind.HEAD, NodeKind.MLP, NodeKind.OUTPUT)
+"""Stages whose inputs are residual streams (a HEADS_SUM's input is a sum of heads)."""
 _MAX_COMPARISONS = 4_000_000  # previous-stage bases are searched only up to this much work
 
 
@@ -211,8 +213,8 @@ class GroupPlan:
     """The data-independent schedule of a group of compiled hypotheses."""
 
     def __init__(self, graph: Graph, copy_graphs: list[CopyGraph]):
-        self.graph = graph
-        self.copy_graphs = copy_graphs
+        self.graph = graph = graph.evaluation
+        self.copy_graphs = copy_graphs = [for_evaluation(cg) for cg in copy_graphs]
         # bank slot of each mixed copy: copies sorted by node order, so prefixes hold senders
         self.slot: list[dict[int, int]] = []
         self.bank_order: list[list[int]] = []  # node order of each slot
@@ -247,12 +249,14 @@ class GroupPlan:
         for stage in mixed_stages:
             self._distinct_inputs(stage)
         for previous, stage in zip(mixed_stages, mixed_stages[1:]):
-            if previous.kind is NodeKind.HEAD and stage.kind is not NodeKind.HEAD:
+            if previous.kind is NodeKind.HEAD and stage.kind in (NodeKind.MLP, NodeKind.OUTPUT):
                 self._carry_partial_inputs(previous, stage)
         previous = None
         for stage in mixed_stages:
+            # a previous stage's inputs are bases only when both are residual streams
+            residual = previous is not None and {previous.kind, stage.kind} <= set(_RESIDUAL)
             for h in stage.distinct:
-                self._plan_mixing(stage, previous, h)
+                self._plan_mixing(stage, previous if residual else None, h)
             if stage.kind is NodeKind.HEAD:
                 self._plan_projection(stage)
             previous = stage
@@ -456,6 +460,8 @@ class GroupEvaluator:
                 self._head_stage(stage, x, banks)
             elif stage.kind is NodeKind.MLP:
                 self._mlp_stage(stage, x, banks)
+            elif stage.kind is NodeKind.HEADS_SUM:
+                self._heads_sum_stage(stage, x, banks)
             else:
                 logits = self._output_stage(stage, x)
                 for cr, lg in zip(stage.copies, logits, strict=True):
@@ -605,6 +611,15 @@ class GroupEvaluator:
         out = self.arch.mlp(stage.layer, xs.view(n * B, T, d)).view(n, B, T, d)
         for span in stage.spans:
             ref = self.runs.mlp_out(stage.layer, self._reference_run(span.hypothesis))
+            torch.sub(out[span.start:span.stop], ref,
+                      out=banks[span.hypothesis][span.slot:span.slot + span.stop - span.start])
+
+    def _heads_sum_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
+        """Each combination of head copies, summed, through the layer's post-attention norm."""
+        xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
+        out = self.arch.norm_heads_sum(stage.layer, xs)  # [copy, batch, pos, d_model]
+        for span in stage.spans:
+            ref = self.runs.attn_out(stage.layer, self._reference_run(span.hypothesis))
             torch.sub(out[span.start:span.stop], ref,
                       out=banks[span.hypothesis][span.slot:span.slot + span.stop - span.start])
 

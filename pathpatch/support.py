@@ -119,14 +119,15 @@ FIELDS: dict[str, Rule] = {
     "attn_scores_soft_cap": _exact("cap * tanh(scores / cap) before the mask (Gemma-2), "
                                    "TransformerLens's own function (arch.cap_scores)"),
     "output_logits_soft_cap": _exact("cap * tanh(logits / cap) after the unembedding (Gemma-2)"),
+    "use_normalization_before_and_after": _exact(
+        "norms after attention and after the MLP (Gemma-2): the MLP's is part of its node; the "
+        "attention's acts on the sum of the layer's heads, so each receiver reads one normalized "
+        "sum per combination of head copies (copies.for_evaluation, arch.norm_heads_sum)"),
     # values the engine does not reproduce yet
     "positional_embedding_type": _only(
         "'standard' or 'rotary'", lambda value, cfg: value in ("standard", "rotary"),
         "position information inside attention other than rotary (ALiBi, shortformer, relative "
         "biases)"),
-    "use_normalization_before_and_after": _off(
-        "normalization after attention and after the MLP (Gemma-2; the post-attention norm acts "
-        "on the sum of the layer's heads)"),
     "use_attention_sinks": _off("attention sinks (a learned extra softmax column)"),
     "use_logn_attn": _off("log-n scaling of queries by position"),
     "clip_qkv": _only("None", lambda value, cfg: value is None, "q/k/v clamped after the projection"),

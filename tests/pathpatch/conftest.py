@@ -17,6 +17,15 @@ FAMILIES = {
                    gated_mlp=True, positional_embedding_type="rotary", rotary_dim=4,
                    n_key_value_heads=1, use_local_attn=True, window_size=2,
                    attn_types=["local", "global"], use_qk_norm=True),
+    # Gemma-2 style: norms after attention and after the MLP, gated tanh-GELU MLP, rotary, one kv
+    # head for two, a window in layer 0, an attention scale of its own, both soft caps (small, so
+    # that they bite on these weights)
+    "gemma": dict(attn_only=False, normalization_type="RMS", d_mlp=12, act_fn="gelu_pytorch_tanh",
+                  gated_mlp=True, positional_embedding_type="rotary", rotary_dim=4,
+                  n_key_value_heads=1, use_local_attn=True, window_size=2,
+                  attn_types=["local", "global"], use_normalization_before_and_after=True,
+                  attn_scale=3.0, attn_scores_soft_cap=1.5, output_logits_soft_cap=2.0,
+                  final_rms=True),
     # Pythia / GPT-NeoX style: parallel attention + MLP, partial rotary
     "neox": dict(attn_only=False, normalization_type="LN", d_mlp=12, act_fn="gelu",
                  parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),

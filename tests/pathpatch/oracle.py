@@ -69,8 +69,11 @@ class Model:
         self.local = [bool(cfg.use_local_attn) and cfg.attn_types[layer] == "local"
                       for layer in range(cfg.n_layers)]  # a query sees only window_size keys
         self.group = cfg.n_heads // (cfg.n_key_value_heads or cfg.n_heads)  # query heads per kv head
-        self.act = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[cfg.act_fn] \
-            if self.mlp else None
+        self.act = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
+                    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+                    }[cfg.act_fn] if self.mlp else None
+        self.post = bool(cfg.use_normalization_before_and_after)  # norms after attention and MLP
+        self.scale = cfg.attn_scale if cfg.use_attn_scale else 1.0
 
     # graph, independently: which (sender, layer-rank) feeds what
     def rank(self, name: str) -> float:
@@ -147,9 +150,17 @@ class Model:
             hidden = self.act(x @ w[f"{pre}.W_in"] + w[f"{pre}.b_in"])
         return hidden @ w[f"{pre}.W_out"]
 
+    @staticmethod
+    def cap(x, cap):
+        """Gemma-2's soft cap, where the model has one."""
+        return cap * torch.tanh(x / cap) if cap is not None and cap > 0 else x
+
     def constants(self, receiver: str) -> torch.Tensor:
-        """Biases every run adds before `receiver` reads the residual stream."""
+        """Biases every run adds before `receiver` reads the residual stream (with norms after
+        the sublayers, the biases sit inside those norms: `Oracle.gather`)."""
         total = torch.zeros(self.cfg.d_model, dtype=torch.float64)
+        if self.post:
+            return total
         for sender in self.senders(receiver):
             if sender.startswith("a") and sender.endswith(".0"):  # b_O once per layer
                 total = total + self.w[f"blocks.{sender[1:].split('.')[0]}.attn.b_O"]
@@ -233,15 +244,14 @@ class Oracle:
             return w["embed.W_E"][tok] + (0 if m.rotary else w["pos_embed.W_pos"][p])
 
         def reads(channel, i, j):
-            step = (node, channel, i, j)
-            total = m.constants(node)
-            for s in m.senders(node):
-                total = total + self.value(s, (step,) + suffix, j)
-            return total
+            return self.gather(node, (node, channel, i, j), suffix, j)
 
         if node.startswith("m"):
             layer = int(node[1:])
             x = m.layernorm(reads("resid", p, p), f"blocks.{layer}.ln2")
+            if m.post:  # the MLP's own norm after it, its bias inside
+                return m.layernorm(m.mlp_out(x, layer) + w[f"blocks.{layer}.mlp.b_out"],
+                                   f"blocks.{layer}.ln2_post")
             return m.mlp_out(x, layer)
         layer, head = (int(t) for t in node[1:].split("."))
         pre = f"blocks.{layer}"
@@ -256,7 +266,7 @@ class Oracle:
             v = m.layernorm(reads("v", p, j), ln) @ m.kv_weight(layer, "W_V", head) \
                 + m.kv_weight(layer, "b_V", head)
             k = m.rotate(m.qk_norm(k, layer, "k"), layer, j)
-            scores.append(q @ k / math.sqrt(m.cfg.d_head))
+            scores.append(m.cap(q @ k / m.scale, m.cfg.attn_scores_soft_cap))
             values.append(v)
         attn = torch.softmax(torch.stack(scores), dim=0)
         z = sum(a * v for a, v in zip(attn, values))
@@ -267,11 +277,28 @@ class Oracle:
         m, w = self.m, self.m.w
         rows = []
         for i in range(self.T):
-            step = ("out", "resid", i, i)
-            x = m.constants("out") + sum(self.value(s, (step,), i) for s in m.senders("out"))
+            x = self.gather("out", ("out", "resid", i, i), (), i)
             x = m.layernorm(x, "ln_final")
-            rows.append(x @ w["unembed.W_U"] + w["unembed.b_U"])
+            rows.append(m.cap(x @ w["unembed.W_U"] + w["unembed.b_U"], m.cfg.output_logits_soft_cap))
         return torch.stack(rows)
+
+    def gather(self, node: str, step: tuple, suffix: tuple, j: int) -> torch.Tensor:
+        """What `node` reads through `step` at source position j: its senders' private copies on
+        this path, each layer's heads summed and normalized together where the model has a norm
+        after attention (Gemma-2), biases added."""
+        m, w = self.m, self.m.w
+        total = m.constants(node)
+        by_layer: dict[int, torch.Tensor] = {}
+        for s in m.senders(node):
+            value = self.value(s, (step,) + suffix, j)
+            if m.post and s.startswith("a"):
+                layer = int(s[1:].split(".")[0])
+                by_layer[layer] = by_layer.get(layer, w[f"blocks.{layer}.attn.b_O"]) + value
+            else:
+                total = total + value
+        for layer, heads in by_layer.items():
+            total = total + m.layernorm(heads, f"blocks.{layer}.ln1_post")
+        return total
 
     # ------------------------------------------------------------ |P| by enumeration
     def all_paths(self):

@@ -108,7 +108,22 @@ def _edge_hook_run(model, edge, xr, xc):
             return cache[f"blocks.{s.layer}.hook_mlp_out"]
         return cache[f"blocks.{s.layer}.attn.hook_z"][:, :, s.head] @ model.blocks[s.layer].attn.W_O[s.head]
 
-    delta = out_of(cc) - out_of(rc)  # [batch, pos, d_model]
+    if s.kind.value == "head" and model.cfg.use_normalization_before_and_after:
+        # the head's term is its layer's normalized sum with only this head from x_c, minus the
+        # clean one: TransformerLens's own hook_attn_out with hook_z patched for that head
+        def patch(z, hook):
+            z = z.clone()
+            z[:, :, s.head] = cc[hook.name][:, :, s.head]
+            return z
+
+        out_name = f"blocks.{s.layer}.hook_attn_out"
+        patched = {}
+        model.run_with_hooks(xr, fwd_hooks=[
+            (f"blocks.{s.layer}.attn.hook_z", patch),
+            (out_name, lambda x, hook: patched.setdefault("out", x.clone()))])
+        delta = patched["out"] - rc[out_name]
+    else:
+        delta = out_of(cc) - out_of(rc)  # [batch, pos, d_model]
     r = edge.receiver
     fired = []
     if r.kind.value == "head":

@@ -30,8 +30,8 @@ def _peak_tensor_bytes(fn) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mlp", "llama", "neox", "window"])  # GPT-2, Llama, Pythia,
-def test_peak_memory_stays_under_the_budget_where_it_binds(family):  # Mistral/Qwen3 styles
+@pytest.mark.parametrize("family", ["mlp", "llama", "neox", "window", "gemma"])  # GPT-2, Llama,
+def test_peak_memory_stays_under_the_budget_where_it_binds(family):  # Pythia, Mistral, Gemma-2
     model = tiny_model(family, d_model=32, d_vocab=4000, dtype=torch.float32)
     graph = Graph.from_model(model)
     gen = torch.Generator().manual_seed(0)

@@ -44,7 +44,7 @@ def test_oracle_forward_matches_transformer_lens(family):
 
 # The oracle is exponential: the families with gated MLPs and rotary cost ~2.5x a GPT-2-style one
 # per case, so they run fewer cases (the suite stays well under 15 minutes)
-CASES = {"llama": 40, "neox": 40, "window": 40}
+CASES = {"llama": 40, "neox": 40, "window": 40, "gemma": 40}
 
 
 @pytest.mark.slow

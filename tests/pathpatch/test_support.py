@@ -1,6 +1,6 @@
 """Every HookedTransformerConfig field classified, and each class checked: EXACT features against
 TransformerLens's own activation patching, INERT fields by changing them, REFUSED values by their
-errors (and, for the two the engine got wrong before, by how wrong it was)."""
+errors (and, for the one the engine got wrong before, by how wrong it was)."""
 
 import dataclasses
 import re
@@ -151,6 +151,18 @@ FEATURES = {
         rotary_dim=4, n_heads=4, n_key_value_heads=2, final_rms=True),
     "GPT-NeoX-like (parallel, partial rotary)": dict(
         parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),
+    # norms after the sublayers: the attention's acts on the sum of the layer's heads
+    # (TransformerLens builds them for RMS norms only: "LN" fails in its block)
+    "norms after attention and MLP, RMSPre before": dict(use_normalization_before_and_after=True,
+                                                         normalization_type="RMSPre"),
+    "norms after attention and MLP, parallel": dict(use_normalization_before_and_after=True,
+                                                    normalization_type="RMS", parallel_attn_mlp=True),
+    "Gemma-2-like (post-norms, gated tanh-GELU, rotary, GQA, windows, caps)": dict(
+        normalization_type="RMS", use_normalization_before_and_after=True, gated_mlp=True,
+        act_fn="gelu_pytorch_tanh", positional_embedding_type="rotary", rotary_dim=4, n_heads=4,
+        n_key_value_heads=2, use_local_attn=True, window_size=2,
+        attn_types=["local", "global", "local"], attn_scale=3.0, attn_scores_soft_cap=1.5,
+        output_logits_soft_cap=2.0, final_rms=True),
 }
 EDGES = ("in->a1.0.k", "a0.1->a2.1.q", "in->a2.0.v")
 
@@ -225,7 +237,6 @@ def _cfg(**overrides) -> HookedTransformerConfig:
 
 REFUSED_VALUES = {
     "positional_embedding_type": "alibi",
-    "use_normalization_before_and_after": True,
     "use_attention_sinks": True,
     "use_logn_attn": True,
     "clip_qkv": 8.0,
@@ -257,8 +268,6 @@ def test_disabled_soft_caps_are_accepted():
 # models the engine computed wrongly before they were refused (issue 12): bypassing the check
 # shows the refusal is needed, and `Graph.from_model` refuses them by name
 WRONG_BEFORE = {
-    "use_normalization_before_and_after": dict(use_normalization_before_and_after=True,
-                                               normalization_type="RMS"),
     "original_architecture": dict(original_architecture="Olmo2ForCausalLM", normalization_type="RMS"),
 }
 
