@@ -1,5 +1,5 @@
-"""Local Hugging Face model directories, loaded offline: GPT-2, Llama, Mistral, Qwen2, Qwen3 and
-GPT-NeoX (Pythia).
+"""Local Hugging Face model directories, loaded offline: GPT-2, Llama, Mistral, Qwen2, Qwen3,
+GPT-NeoX (Pythia) and Gemma-2.
 
 Each family's `config.json` is mapped to HookedTransformerConfig fields here, field by field,
 rather than through TransformerLens's `convert_hf_model_config`, which routes by the *name* of
@@ -93,7 +93,8 @@ def _refuse(where: str, field: str, value: Any, why: str) -> PathPatchError:
 
 
 def _activation(c, where: str) -> str:
-    act = getattr(c, "hidden_act", None) or getattr(c, "activation_function", None)
+    act = (getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", None)
+           or getattr(c, "activation_function", None))
     if act not in _ACTIVATIONS:
         raise _refuse(where, "hidden_act", act, "this activation")
     return _ACTIVATIONS[act]
@@ -158,6 +159,18 @@ def _llama_arch(c, where: str) -> dict[str, Any]:
         "original_architecture": (c.architectures or [type(c).__name__])[0],
         **_rope(c, d_head, where), **_windows(c, c.num_hidden_layers),
     }
+
+
+def _gemma2_arch(c, where: str) -> dict[str, Any]:
+    """Gemma-2: the Llama layout plus norms after attention and after the MLP, embeddings scaled
+    by sqrt(d_model), its own attention scale, attention and logit soft caps, windows in
+    alternate layers."""
+    arch = _llama_arch(c, where)
+    arch["use_qk_norm"] = False
+    scale = getattr(c, "query_pre_attn_scalar", None) or arch["d_head"]
+    return {**arch, "use_normalization_before_and_after": True, "attn_scale": float(scale) ** 0.5,
+            "attn_scores_soft_cap": float(getattr(c, "attn_logit_softcapping", None) or -1.0),
+            "output_logits_soft_cap": float(getattr(c, "final_logit_softcapping", None) or -1.0)}
 
 
 def _neox_arch(c, where: str) -> dict[str, Any]:
@@ -241,6 +254,24 @@ def _llama_weights(hf, cfg) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _gemma2_weights(hf, cfg) -> dict[str, torch.Tensor]:
+    """Gemma-2's weights on the Llama layout: its RMS norms scale by (1 + weight), the embedding
+    is multiplied by sqrt(d_model) (the unembedding, tied to it, is not), and its norms around
+    the MLP have their own names."""
+    sd = _llama_weights(hf, cfg)
+    net = hf.model
+    sd["embed.W_E"] = net.embed_tokens.weight * torch.tensor(cfg.d_model ** 0.5,
+                                                             dtype=net.embed_tokens.weight.dtype)
+    sd["ln_final.w"] = net.norm.weight + 1
+    for i, layer in enumerate(net.layers):
+        p = f"blocks.{i}"
+        sd[f"{p}.ln1.w"] = layer.input_layernorm.weight + 1
+        sd[f"{p}.ln1_post.w"] = layer.post_attention_layernorm.weight + 1
+        sd[f"{p}.ln2.w"] = layer.pre_feedforward_layernorm.weight + 1
+        sd[f"{p}.ln2_post.w"] = layer.post_feedforward_layernorm.weight + 1
+    return sd
+
+
 def _neox_weights(hf, cfg) -> dict[str, torch.Tensor]:
     net, H, dh = hf.gpt_neox, cfg.n_heads, cfg.d_head
     head = hf.lm_head if hasattr(hf, "lm_head") else hf.embed_out
@@ -280,10 +311,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family(_llama_arch, _llama_weights),
     "qwen3": Family(_llama_arch, _llama_weights),
     "gpt_neox": Family(_neox_arch, _neox_weights),
+    "gemma2": Family(_gemma2_arch, _gemma2_weights),
 }
-REFUSED_FAMILIES = {
-    "gemma2": "Gemma-2's norms after attention and after the MLP (the post-attention norm acts on "
-              "the sum of a layer's heads, so their contributions are not additive) are not "
-              "computed exactly yet (its soft caps, windows and rotary are)",
-    "gemma3": "Gemma-3's norms after attention and after the MLP are not computed exactly yet",
-}
+_GEMMA3 = ("Gemma-3's configs (a rotary base of their own for local layers, q/k norms scaled by "
+           "1 + weight, multimodal checkpoints) are not mapped from Hugging Face directories yet")
+REFUSED_FAMILIES = {"gemma3": _GEMMA3, "gemma3_text": _GEMMA3}

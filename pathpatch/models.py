@@ -330,7 +330,8 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
 
 def _snapshot_of_mapped_family(official: str) -> Path | None:
     """The local snapshot of a pretrained model whose family `pathpatch/hf.py` maps (Llama,
-    Mistral, Qwen, Pythia: TransformerLens's own mapping drops options they use), else None."""
+    Mistral, Qwen, Pythia, Gemma-2: TransformerLens's own mapping drops options they use), else
+    None."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
     from pathpatch.hf import FAMILIES

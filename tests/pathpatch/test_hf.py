@@ -41,6 +41,12 @@ CONFIGS = {
         **SMALL, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
                                   "partial_rotary_factor": 0.25}),
     "gpt-neox, sequential residual": lambda: tr.GPTNeoXConfig(**SMALL, use_parallel_residual=False),
+    # norms after attention and the MLP, (1 + weight) norms, a scaled embedding, its own attention
+    # scale, windows in alternate layers, both soft caps (small, so that they bite); the eager
+    # attention is the one that applies the attention cap
+    "gemma2, window in layer 0, soft caps": lambda: tr.Gemma2Config(
+        **SMALL, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager"),
     "gpt2": lambda: tr.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64),
 }
 
@@ -157,8 +163,8 @@ def test_graph_follows_the_wiring():
     (lambda: tr.LlamaConfig(**SMALL, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
                                                       "factor": 2.0}),
      "rope_type='yarn': this rotary scaling"),
-    (lambda: tr.Gemma2Config(**SMALL, head_dim=8, num_key_value_heads=2),
-     "model_type 'gemma2' is not supported yet: Gemma-2's norms after attention"),
+    (lambda: tr.Gemma3TextConfig(**SMALL, head_dim=8, num_key_value_heads=2),
+     "model_type 'gemma3_text' is not supported yet: Gemma-3's configs"),
 ])
 def test_what_is_not_computed_exactly_is_refused_by_name(config, message, tmp_path):
     folder = tmp_path / "gemma-or-llama"
