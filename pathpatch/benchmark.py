@@ -22,6 +22,7 @@ import torch
 
 from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
+from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
@@ -137,8 +138,12 @@ def random_induction(graph: Graph, n: int, rng: random.Random) -> list[Hypothesi
 def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Tensor:
     """One hooked run of the circuit `kept`, written carefully: per-head outputs from z, split
     q/k/v inputs, and per layer one matrix product that subtracts, for every removed edge,
-    (patched - counterfactual) sender output from the receiver's input."""
+    (patched - counterfactual) sender output from the receiver's input. Linear in the heads'
+    outputs, so refused where a norm acts on each layer's heads' sum (Gemma-2)."""
     cfg, arch = model.cfg, Adapter.of(model)
+    if arch.heads_normed:
+        raise PathPatchError("the hook baseline adds head outputs linearly; this model normalizes "
+                             "each layer's heads' sum (Gemma-2), so it has no hook baseline")
     outputs: list[torch.Tensor] = []  # patched-run sender outputs, in node order
     cf_outputs: list[torch.Tensor] = []
     removed: dict[tuple[int, str], torch.Tensor] = {}  # (layer, channel) -> [head, sender] 0/1
@@ -281,6 +286,16 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     result["forward_s"] = round(forward_s, 4)
     for name, seconds in engine_s.items():
         result[f"engine_over_forward_{name}"] = round(seconds / forward_s, 3)
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["memory_budget_mib"] = round(memory_budget / 2**20, 1)
+    if device.type == "cuda":
+        result["device"] = torch.cuda.get_device_name(device)
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if Adapter.of(model).heads_normed:
+        # the baseline adds each removed head's deviation to its receivers linearly, which a norm
+        # on the sum of a layer's heads does not allow
+        result["hook_baseline"] = "not run: the model normalizes each layer's heads' sum (Gemma-2)"
+        return result
     # careful hook baseline on the same circuits (a subset if asked, cost is per hypothesis)
     step("hook baseline")
     circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
@@ -320,7 +335,5 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     result["baseline_max_abs_diff"] = err
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
-        result["device"] = torch.cuda.get_device_name(device)
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    result["memory_budget_mib"] = round(memory_budget / 2**20, 1)
     return result
