@@ -35,13 +35,12 @@ column             Arrow type              required  meaning
   ``load_parquet(path, vocab_size=V)`` also checks that every token and answer is in
   ``[0, V)``.
 
-Digests and shards
-------------------
+Digests
+-------
 `PairDataset.digest` is a sha256 over the content (tokens, scored positions, masks by name,
 answers, example ids) in a fixed little-endian encoding, so it is the same across runs,
-processes and machines, and unchanged by a Parquet round trip. `shard_dataset` cuts the
-dataset into contiguous ranges of examples; each `Shard` carries its range, the digest of its
-slice, and an id ``shard-00003-<first 12 hex of that digest>``.
+processes and machines, and unchanged by a Parquet round trip. The planner cuts datasets into
+shards named by the digests of their slices (`pipeline.plan.shard_dataset`).
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pathpatch.atomic import atomic_write
 from pathpatch.errors import PathPatchError
 
 MASK_PREFIX = "mask."
@@ -201,10 +201,6 @@ class PairDataset:
         _hash_tensor(h, "wrong_answer", self.wrong_answer)
         _hash_tensor(h, "example_ids", self.example_ids)
         return h.hexdigest()
-
-    def shard(self, shard: Shard) -> PairDataset:
-        """The examples of `shard` (checked against its digest); see `Shard.take`."""
-        return shard.take(self)
 
     def _example(self, row: int) -> str:
         return f"example_id {int(self.example_ids[row])}"
@@ -408,8 +404,8 @@ def _hash_tensor(h: hashlib._Hash, name: str, tensor: torch.Tensor | None) -> No
 def save_parquet(dataset: PairDataset, path: str | os.PathLike[str]) -> None:
     """Write `dataset` in the Parquet format described in this module's docstring.
 
-    The file is written under a temporary name and renamed, so a reader never sees half a
-    file. `load_parquet` reads it back bit-exactly (same `digest`).
+    The file appears whole or not at all (`pathpatch.atomic`). `load_parquet` reads it back
+    bit-exactly (same `digest`).
     """
     path = Path(path)
     batch, pos = dataset.reference.shape
@@ -431,14 +427,7 @@ def save_parquet(dataset: PairDataset, path: str | os.PathLike[str]) -> None:
         mask = _numpy(dataset.masks[name])
         columns[MASK_PREFIX + name] = _list_array(mask, list(mask.shape[1:]))
     table = pa.table(columns).replace_schema_metadata({FORMAT_KEY: FORMAT_VERSION})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def load_parquet(path: str | os.PathLike[str], vocab_size: int | None = None) -> PairDataset:
@@ -685,86 +674,3 @@ def _read_scalars(table: pa.Table, name: str, where: str) -> np.ndarray:
             "(drop the column if no row has a value)"
         )
     return column.to_numpy(zero_copy_only=False)
-
-
-# --- shards ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shard:
-    """A contiguous range of examples [start, stop) of a dataset, identified by its content.
-
-    Attributes:
-        index: position of the shard in the dataset's shard list (0, 1, ...).
-        start: first example (row) of the shard.
-        stop: one past the last example.
-        digest: `PairDataset.digest` of the shard's examples.
-        id: ``shard-<index:05d>-<first 12 hex of digest>``, stable across runs and machines.
-    """
-
-    index: int
-    start: int
-    stop: int
-    digest: str
-    id: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.start < self.stop or self.index < 0:
-            raise PathPatchError(
-                f"shard {self.index}: range [{self.start}, {self.stop}) is empty or invalid; a "
-                "shard holds at least one example"
-            )
-        if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
-            raise PathPatchError(f"shard {self.index}: digest {self.digest!r} is not sha256 hex")
-        object.__setattr__(self, "id", f"shard-{self.index:05d}-{self.digest[:12]}")
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def take(self, dataset: PairDataset, *, verify: bool = True) -> PairDataset:
-        """The shard's examples of `dataset`.
-
-        Args:
-            dataset: the dataset this shard was cut from.
-            verify: check that the slice has this shard's digest (catches a changed dataset).
-
-        Raises:
-            PathPatchError: the range does not fit `dataset` or its content differs.
-        """
-        if self.stop > len(dataset):
-            raise PathPatchError(
-                f"{self.id}: covers examples [{self.start}, {self.stop}) but the dataset has "
-                f"{len(dataset)}; it was cut from another dataset: shard this one again"
-            )
-        part = dataset.select(slice(self.start, self.stop))
-        if verify and part.digest() != self.digest:
-            raise PathPatchError(
-                f"{self.id}: examples [{self.start}, {self.stop}) of this dataset have digest "
-                f"{part.digest()[:12]}, not {self.digest[:12]}; the dataset changed since it "
-                "was sharded: shard it again"
-            )
-        return part
-
-
-def shard_dataset(dataset: PairDataset, shard_size: int) -> list[Shard]:
-    """Cut `dataset` into contiguous shards of `shard_size` examples (the last may be smaller).
-
-    Deterministic: the same dataset and size give the same ranges, digests and ids on any
-    run or machine; the shards cover every example exactly once, in order.
-
-    Raises:
-        PathPatchError: `shard_size` is not a positive int, or a shard would be empty.
-    """
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
-        raise PathPatchError(
-            f"shard_size must be a positive number of examples, got {shard_size!r}"
-        )
-    n = len(dataset)
-    if n == 0:
-        raise PathPatchError("cannot shard an empty dataset: every shard needs an example")
-    shards = []
-    for index, start in enumerate(range(0, n, shard_size)):
-        stop = min(start + shard_size, n)
-        digest = dataset.select(slice(start, stop)).digest()
-        shards.append(Shard(index=index, start=start, stop=stop, digest=digest))
-    return shards

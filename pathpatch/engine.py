@@ -13,12 +13,14 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 
 from pathpatch.copies import CopyGraph, for_evaluation
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
+from pathpatch.metrics import DEFAULT_METRIC, get_metric
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
@@ -126,7 +128,7 @@ def evaluate(
     model,
     dataset,
     hypotheses: Sequence,
-    metric="kl",
+    metric=DEFAULT_METRIC,
     *,
     batch_size: int | None = None,
     memory_budget: int | None = None,
@@ -154,10 +156,6 @@ def evaluate(
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
         (delta(G(x_r), G_H)), `te` (delta(G(x_r), G(x_c))), ordered by hypothesis then example.
     """
-    import pyarrow as pa
-
-    from pathpatch.metrics import get_metric
-
     metric = get_metric(metric)
     graph = Graph.from_model(model)
     names = [h.name for h in hypotheses]

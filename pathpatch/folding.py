@@ -65,9 +65,9 @@ class QKVProjection:
         """(mean, 1 / std) of each row and token of x [..., d_model], each [..., 1]."""
         if not self.scaled:
             return None, None
-        # E[x^2] - mean^2: two fast reductions (var_mean is ~30x slower on CPU). Residual streams
-        # have |mean| << std, so the cancellation is harmless in fp32 (the benchmark's check
-        # against TransformerLens's own LayerNorm: 2e-6 on GPT-2-shaped logits)
+        # E[x^2] - mean^2: two fast reductions, where var_mean is much slower on CPU. Residual
+        # streams have |mean| << std, so the cancellation is harmless in fp32 (`bench engine`
+        # checks the result against TransformerLens's own LayerNorm)
         var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
         mean = None
         if self.u is not None:

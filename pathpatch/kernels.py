@@ -1,19 +1,17 @@
 """The mixing product, routed to the kernel that runs its thin shape well.
 
-Building a stage's inputs is coef [inputs, sources] @ sources [sources, batch*pos*d_model]: about
-36 rows, ~80 sources, ~200k columns on GPT-2 small. MKL, which `torch.mm` uses on CPU, runs that
-shape at 80-100 GFLOP/s on the AMD CPU we measured, half its speed on a forward's products;
-oneDNN (bundled with torch's CPU builds) runs it at 180-260. The mixing has no counterpart in a
-forward, so this changes no like-for-like comparison: the products a forward also does (MLPs,
-q/k/v, unembedding) stay on the same `torch.mm`/`addmm` calls as the forward.
+Building a stage's inputs is coef [inputs, sources] @ sources [sources, batch*pos*d_model]: a
+few dozen rows, some dozens of sources, ~200k columns on GPT-2 small. MKL, which `torch.mm` uses
+on CPU, runs that thin shape well below its speed on a forward's products; oneDNN (bundled with
+torch's CPU builds) runs it faster (figures: docs/MEASUREMENTS.md). The mixing has no
+counterpart in a forward, so this changes no like-for-like comparison: the products a forward
+also does (MLPs, q/k/v, unembedding) stay on the same `torch.mm`/`addmm` calls as the forward.
 
 oneDNN is used for float32 CPU products of at least `ONEDNN_MIN_MACS` multiply-adds when torch has
-it. Smaller ones (every product of a small model, most of a single-edge removal's) take `torch.mm`:
-oneDNN's fixed cost per call (~30 us here) outweighs its speed below ~2^23 multiply-adds (measured
-per shape inside the engine: blas/oneDNN 0.3-0.8 below 2^23, 1.1 at 2^24, 1.4-1.8 above 2^26). So
-do bfloat16 (`torch.mm` is faster than this op there: 3.4 against 5.0 ms on the shape above), CUDA,
-float64 and builds without oneDNN. Set PATHPATCH_MIXING_KERNEL=blas to force `torch.mm` everywhere
-(to compare the two).
+it. Smaller ones (every product of a small model, most of a single-edge removal's) take `torch.mm`,
+because oneDNN's fixed cost per call outweighs its speed there. So do bfloat16 (where `torch.mm`
+is the faster of the two), CUDA, float64 and builds without oneDNN. Set
+PATHPATCH_MIXING_KERNEL=blas to force `torch.mm` everywhere (to compare the two).
 """
 
 from __future__ import annotations

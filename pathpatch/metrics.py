@@ -36,6 +36,8 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor, PairDataset], torch.Tensor]
 """fn(clean_logits [batch, pos, vocab], other_logits [batch, pos, vocab], batch) -> [batch]."""
 
 DEFAULT_METRIC = "kl"
+MIN_ATE = 1e-6
+"""|ATE| below this makes proportion explained 1 - AUE/ATE undefined (NaN or SQL NULL)."""
 
 # Positions are processed in chunks of about this many float64 logits, so memory stays bounded
 # when a large vocabulary meets many scored positions.
@@ -251,7 +253,8 @@ class _ScoredRows:
     """The logits at a batch's scored positions, chunk by chunk, as float64 rows.
 
     Rows are copied run by run (scored positions are mostly consecutive: the second half of
-    every example, say); a fancy-index gather of the same rows costs ~3x more here.
+    every example, say): cheaper than a fancy-index gather of the same rows
+    (docs/MEASUREMENTS.md).
     """
 
     def __init__(self, batch: PairDataset, like: torch.Tensor):
@@ -288,13 +291,13 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tensor], torch.Tensor]:
-    """KL(p || q) = sum p log p - sum p log q per scored position. The clean side (p and
-    sum p log p) is computed once per batch, so an other output costs a float64 copy of its
-    scored rows, one log_softmax and one dot product per position: 2.4-2.6x less than two
-    log_softmaxes and four elementwise passes per output (GPT-2's vocabulary, four outputs per
-    clean side). Identical logits give exactly 0: both sums are the same operations on the same
-    numbers. Memory: p, float64 [scored positions, vocab], is kept for the batch, within the
-    budget's metric share (`engine.MemoryBudget`); the rest is one chunk at a time."""
+    """KL(p || q) = sum p log p - sum p log q per scored position. The clean side (p and sum p log p)
+    is computed once per batch, so an other output costs a float64 copy of its scored rows, one
+    log_softmax and one dot product per position, instead of two log_softmaxes and four
+    elementwise passes per output (docs/MEASUREMENTS.md). Identical logits give exactly 0: both
+    sums are the same operations on the same numbers. Memory: p, float64 [scored positions,
+    vocab], is kept for the batch, within the budget's metric share (`engine.MemoryBudget`); the
+    rest is one chunk at a time."""
     scored = _ScoredRows(batch, clean)
     kept = []
     for part, runs in scored.chunks:
@@ -429,7 +432,7 @@ def summarize(
     seed: int = 0,
     n_boot: int = 1000,
     confidence: float = 0.95,
-    min_ate: float = 1e-6,
+    min_ate: float = MIN_ATE,
 ) -> pa.Table:
     """Scores per hypothesis from per-example rows, with paired bootstrap intervals.
 

@@ -95,8 +95,8 @@ class _Mixing:
         if len(used):
             lo, hi = int(used[0]), int(used[-1]) + 1
             # reading in place costs (hi - lo) entry reads plus the zeros' FLOPs; gathering costs
-            # a copy (read, write, read again) of the used entries (a row's FLOPs per entry
-            # ~ 0.12 of an entry read, measured on CPU)
+            # a copy (read, write, read again) of the used entries; a row's FLOPs per entry
+            # weigh as a fraction of an entry read (docs/MEASUREMENTS.md)
             flops = 0.12 * len(base_coef)
             read_in_place = (hi - lo) * (1 + flops) <= len(used) * (3 + flops)
             if read_in_place and 8 * lo <= hi:
@@ -571,8 +571,7 @@ class GroupEvaluator:
                 z = pattern @ v
             else:
                 # torch's fused causal attention: no [pos, pos] scores written out and masked
-                # (7-8% of a small model's sweep item with 128 examples; the same numbers up
-                # to rounding)
+                # (the same numbers up to rounding)
                 z = F.scaled_dot_product_attention(q, k, v, is_causal=allowed is None,
                                                    attn_mask=allowed, scale=1 / scale)
             zs.update({id(cr): z[i] for i, cr in enumerate(simple)})

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
-from pipeline.allocator import keep_freed_memory
+from pipeline.allocator import fit_to_model, keep_freed_memory
 
 
 def _cmd_evidence(args: argparse.Namespace) -> int:
@@ -162,6 +162,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             model = load_model(args.model)
         else:
             model = shaped(args.shape)
+        keeps_freed_memory = fit_to_model(model)
         phases = Phases(BENCH_PHASES, "bench engine")
         try:
             budget = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
@@ -170,7 +171,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             result["shape"] = args.shape if args.model == "gpt2-small-shape" else args.model
         finally:
             phases.close()
-        result["allocator_keeps_freed_memory"] = keep_freed_memory()  # set by main(), both sides
+        result["allocator_keeps_freed_memory"] = keeps_freed_memory
     elif args.what == "scan":
         from pipeline.bench import SCAN_PHASES, bench_scan
         from pipeline.progress import Phases

@@ -29,6 +29,7 @@ import ray.exceptions
 
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
+from pipeline.spec import Execution, Resources
 from pipeline.worker import Task, TaskInfo, Worker, WorkerConfig
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
@@ -40,28 +41,19 @@ GET_TIMEOUT_S = 120.0
 
 @dataclass(frozen=True)
 class ExecutorOptions:
-    """How the driver uses the cluster (never part of an item's identity).
+    """How the driver uses the cluster (never part of an item's identity): the spec's own
+    `[resources]` and `[execution]` sections, plus what only the driver's loop needs.
 
     Attributes:
-        workers: actors to run; None = what the cluster fits (capped by the item count).
-        gpus_per_worker: None = 1 where the cluster has GPUs, else 0.
-        threads_per_worker: torch threads and Ray CPUs per actor.
-        in_flight_per_worker: calls queued per actor.
-        max_attempts: tries per item before it is reported failed.
-        item_timeout_s: seconds one call may run before its actor is replaced.
-        start_timeout_s: seconds an actor may take to start.
+        resources: workers, GPUs and threads per worker (`pipeline.spec.Resources`).
+        execution: attempts, timeouts and in-flight depth (`pipeline.spec.Execution`).
         poll_s: `ray.wait` timeout of the scheduling loop.
         warm_start: start every actor before submitting work, and time the run from then
             (benchmarks: excludes worker start-up).
     """
 
-    workers: int | None = None
-    gpus_per_worker: float | None = None
-    threads_per_worker: int = 1
-    in_flight_per_worker: int = 2
-    max_attempts: int = 3
-    item_timeout_s: float = 900.0
-    start_timeout_s: float = 300.0
+    resources: Resources = field(default_factory=Resources)
+    execution: Execution = field(default_factory=Execution)
     poll_s: float = 0.5
     warm_start: bool = False
 
@@ -174,14 +166,14 @@ def size_pool(options: ExecutorOptions, resources: dict[str, float], n_items: in
     """(workers, gpus_per_worker) for this cluster; auto values follow its resources."""
     gpus = float(resources.get("GPU", 0.0))
     cpus = float(resources.get("CPU", 1.0))
-    gpw = options.gpus_per_worker if options.gpus_per_worker is not None else (
+    gpw = options.resources.gpus_per_worker if options.resources.gpus_per_worker is not None else (
         1.0 if gpus >= 1 else 0.0)
-    if options.workers is not None:
-        workers = options.workers
+    if options.resources.workers is not None:
+        workers = options.resources.workers
     elif gpw > 0:
         workers = max(1, int(gpus // gpw))
     else:
-        workers = max(1, int(cpus // options.threads_per_worker))
+        workers = max(1, int(cpus // options.resources.threads_per_worker))
     return max(1, min(workers, n_items)), gpw
 
 
@@ -232,7 +224,7 @@ class RayExecutor:
 
         workers, self._gpus = size_pool(self.options, ray.cluster_resources(), len(tasks))
         self.on_event("pool", workers=workers, gpus_per_worker=self._gpus,
-                      threads_per_worker=self.options.threads_per_worker)
+                      threads_per_worker=self.options.resources.threads_per_worker)
         for i in range(workers):
             self._slots.append(self._start_actor(i))
         try:
@@ -260,7 +252,7 @@ class RayExecutor:
 
     def _start_actor(self, index: int) -> _Slot:
         handle = _RemoteActor.options(
-            num_cpus=self.options.threads_per_worker, num_gpus=self._gpus,
+            num_cpus=self.options.resources.threads_per_worker, num_gpus=self._gpus,
             scheduling_strategy="SPREAD",
         ).remote(self.config, self.worker_factory)
         slot = _Slot(index=index, handle=handle, ready_ref=handle.ready.remote(),
@@ -273,13 +265,13 @@ class RayExecutor:
         with contextlib.suppress(Exception):
             ray.kill(slot.handle, no_restart=True)
         self._slots.remove(slot)
-        if self._start_failures >= self.options.max_attempts:
+        if self._start_failures >= self.options.execution.max_attempts:
             return  # actors keep failing to start: stop replacing; run() reports it
         self._slots.append(self._start_actor(slot.index))
         self.on_event("worker_replaced", worker=slot.index, node=slot.node)
 
     def _no_workers_message(self) -> str:
-        need = f"{self.options.threads_per_worker} CPU" + (
+        need = f"{self.options.resources.threads_per_worker} CPU" + (
             f" + {self._gpus:g} GPU" if self._gpus else "")
         return (
             f"no worker could be started ({self._start_failures} failed starts; each needs "
@@ -307,9 +299,9 @@ class RayExecutor:
 
     def _fill(self) -> None:
         # queue ahead only while there is plenty left: near the end a call queued behind a busy
-        # actor would wait while another actor idles (24 items on 2 workers: 1.57x -> 1.8x)
+        # actor would wait while another actor idles
         pending = sum(len(q) for q in self._pending.values())
-        depth = self.options.in_flight_per_worker if pending > 2 * len(self._slots) else 1
+        depth = self.options.execution.in_flight_per_worker if pending > 2 * len(self._slots) else 1
         for slot in list(self._slots):
             while slot.ready and len(slot.inflight) < depth:
                 item_id = self._pick(slot)
@@ -363,10 +355,10 @@ class RayExecutor:
 
     def _on_result(self, slot: _Slot, item_id: str, ref: Any) -> None:
         took = time.monotonic() - slot.head_since
-        if took > self.options.item_timeout_s:  # done, but after its deadline: a timeout too
+        if took > self.options.execution.item_timeout_s:  # done, but after its deadline: a timeout too
             self._forget(slot, ref)
             self._retry_or_fail(item_id, f"took {took:.3g} s, over item_timeout_s = "
-                                         f"{self.options.item_timeout_s:g} s", slot)
+                                         f"{self.options.execution.item_timeout_s:g} s", slot)
             return
         try:
             table, info = ray.get(ref, timeout=GET_TIMEOUT_S)
@@ -401,7 +393,7 @@ class RayExecutor:
         if not charge:
             self._attempts[item_id] -= 1
         attempts = self._attempts[item_id]
-        if attempts >= self.options.max_attempts:
+        if attempts >= self.options.execution.max_attempts:
             self.stats.failed += 1
             self._on_failed(self._tasks[item_id], error, attempts)
             self._finished(item_id)
@@ -429,16 +421,16 @@ class RayExecutor:
     def _check_deadlines(self) -> None:
         now = time.monotonic()
         for slot in list(self._slots):
-            if not slot.ready and now - slot.created > self.options.start_timeout_s:
+            if not slot.ready and now - slot.created > self.options.execution.start_timeout_s:
                 self._refs.pop(slot.ready_ref, None)
                 self._start_failures += 1
                 self._last_start_error = (f"worker {slot.index} did not start within "
-                                          f"{self.options.start_timeout_s:g} s")
+                                          f"{self.options.execution.start_timeout_s:g} s")
                 self.on_event("worker_start_failed", worker=slot.index,
                               error=self._last_start_error)
                 self._replace(slot)
-            elif slot.inflight and now - slot.head_since > self.options.item_timeout_s:
-                self._actor_lost(slot, f"timed out after {self.options.item_timeout_s:g} s "
+            elif slot.inflight and now - slot.head_since > self.options.execution.item_timeout_s:
+                self._actor_lost(slot, f"timed out after {self.options.execution.item_timeout_s:g} s "
                                        f"on worker {slot.index}")
 
 

@@ -1,7 +1,7 @@
 """The plan: a sweep cut into work items, each named by a hash of what determines its rows.
 
-Pure and deterministic (no Ray, no files, no model): the same inputs give the same items, in
-the same order, with the same identities, on any machine. A work item is one fixed group of
+Pure and deterministic (no Ray, no files, no model): the same inputs give the same shards and
+items, in the same order, with the same identities, on any machine. A work item is one fixed group of
 hypotheses on one dataset shard; its identity hashes the model weights digest, the shard
 digest (which covers the examples and their ids), the group's (name, canonical pattern) pairs,
 the metric and the dtype. Resources, the cluster address and the item's position in the plan
@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+from pathpatch.dataset import PairDataset
+from pathpatch.errors import PathPatchError
 
 IDENTITY_VERSION = "pathpatch-item/1"
 """Bump when the meaning of a result row changes, so old files are not mistaken for new."""
@@ -36,18 +40,87 @@ class HypothesisInfo:
 
 
 @dataclass(frozen=True)
-class ShardInfo:
-    """A contiguous range of examples [start, stop) named by its content digest."""
+class Shard:
+    """A contiguous range of examples [start, stop) of a dataset, identified by its content.
+
+    Attributes:
+        index: position of the shard in the dataset's shard list (0, 1, ...).
+        start: first example (row) of the shard.
+        stop: one past the last example.
+        digest: `PairDataset.digest` of the shard's examples.
+        id: ``shard-<index:05d>-<first 12 hex of digest>``, stable across runs and machines.
+    """
 
     index: int
     start: int
     stop: int
     digest: str
-    id: str
+    id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop or self.index < 0:
+            raise PathPatchError(
+                f"shard {self.index}: range [{self.start}, {self.stop}) is empty or invalid; a "
+                "shard holds at least one example"
+            )
+        if not re.fullmatch(r"[0-9a-f]{64}", self.digest):
+            raise PathPatchError(f"shard {self.index}: digest {self.digest!r} is not sha256 hex")
+        object.__setattr__(self, "id", f"shard-{self.index:05d}-{self.digest[:12]}")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
     @property
     def n_examples(self) -> int:
         return self.stop - self.start
+
+    def take(self, dataset: PairDataset, *, verify: bool = True) -> PairDataset:
+        """The shard's examples of `dataset`.
+
+        Args:
+            dataset: the dataset this shard was cut from.
+            verify: check that the slice has this shard's digest (catches a changed dataset).
+
+        Raises:
+            PathPatchError: the range does not fit `dataset` or its content differs.
+        """
+        if self.stop > len(dataset):
+            raise PathPatchError(
+                f"{self.id}: covers examples [{self.start}, {self.stop}) but the dataset has "
+                f"{len(dataset)}; it was cut from another dataset: shard this one again"
+            )
+        part = dataset.select(slice(self.start, self.stop))
+        if verify and part.digest() != self.digest:
+            raise PathPatchError(
+                f"{self.id}: examples [{self.start}, {self.stop}) of this dataset have digest "
+                f"{part.digest()[:12]}, not {self.digest[:12]}; the dataset changed since it "
+                "was sharded: shard it again"
+            )
+        return part
+
+
+def shard_dataset(dataset: PairDataset, shard_size: int) -> list[Shard]:
+    """Cut `dataset` into contiguous shards of `shard_size` examples (the last may be smaller).
+
+    Deterministic: the same dataset and size give the same ranges, digests and ids on any
+    run or machine; the shards cover every example exactly once, in order.
+
+    Raises:
+        PathPatchError: `shard_size` is not a positive int, or a shard would be empty.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise PathPatchError(
+            f"shard_size must be a positive number of examples, got {shard_size!r}"
+        )
+    n = len(dataset)
+    if n == 0:
+        raise PathPatchError("cannot shard an empty dataset: every shard needs an example")
+    shards = []
+    for index, start in enumerate(range(0, n, shard_size)):
+        stop = min(start + shard_size, n)
+        digest = dataset.select(slice(start, stop)).digest()
+        shards.append(Shard(index=index, start=start, stop=stop, digest=digest))
+    return shards
 
 
 @dataclass(frozen=True)
@@ -63,7 +136,7 @@ class WorkItem:
 
     id: str
     group: int
-    shard: ShardInfo
+    shard: Shard
     hypotheses: tuple[HypothesisInfo, ...]
 
     @property
@@ -89,7 +162,7 @@ class Plan:
     dtype: str
     hypotheses: tuple[HypothesisInfo, ...]
     groups: tuple[tuple[HypothesisInfo, ...], ...]
-    shards: tuple[ShardInfo, ...]
+    shards: tuple[Shard, ...]
     items: tuple[WorkItem, ...]
 
     @property
@@ -119,7 +192,7 @@ def group_hypotheses(hypotheses: tuple[HypothesisInfo, ...],
     return tuple(hypotheses[i:i + group_size] for i in range(0, len(hypotheses), group_size))
 
 
-def make_plan(*, model_digest: str, shards: tuple[ShardInfo, ...],
+def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
               hypotheses: tuple[HypothesisInfo, ...], group_size: int, metric: str,
               dtype: str) -> Plan:
     """Cut a sweep into work items (shard-major), each with its identity."""

@@ -31,10 +31,9 @@ import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
 from pathpatch.errors import PathPatchError
+from pathpatch.metrics import MIN_ATE
 from pipeline.store import SweepFolder, item_status
 
-MIN_ATE = 1e-6
-"""|ATE| below this makes proportion explained undefined (as in `pathpatch.metrics`)."""
 Z95 = 1.959963984540054
 FORMATS = ("table", "csv", "json")
 ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")

@@ -12,11 +12,11 @@ import io
 import json
 from pathlib import Path
 
+from pathpatch.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
 from pathpatch.figures import least_explained, report_figure
 from pathpatch.metrics import summarize
 from pipeline.query import open_sweeps
-from pipeline.store import atomic_write_bytes
 
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
@@ -28,7 +28,7 @@ TABLE_ROWS = 50
 def _per_example_ratios(con, names: list[str], limit: int = 5000) -> dict[str, list[float]]:
     """hypothesis -> each pair's 1 - UE/TE (pairs with |TE| < MIN_ATE left out), a seeded
     sample of at most `limit` pairs per hypothesis (a plot needs no more), for `names` only."""
-    from pipeline.query import MIN_ATE
+    from pathpatch.metrics import MIN_ATE
 
     out: dict[str, list[float]] = {}
     table = con.sql(f"""

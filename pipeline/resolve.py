@@ -15,18 +15,18 @@ from typing import Any
 import torch
 
 from pathpatch import engine
-from pathpatch.dataset import PairDataset, Shard, load_parquet, shard_dataset
+from pathpatch.dataset import PairDataset, load_parquet
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import load_hypotheses
 from pathpatch.metrics import get_metric
 from pathpatch.models import load_model, model_digest
 from pathpatch.tasks import make_dataset
-from pipeline.plan import HypothesisInfo, Plan, ShardInfo, make_plan
-from pipeline.spec import SweepSpec
+from pipeline.plan import HypothesisInfo, Plan, Shard, make_plan, shard_dataset
+from pipeline.spec import DTYPES, SweepSpec
 
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64,
-                "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+"""The spec's precision names as torch dtypes (the names are torch's own)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,7 +37,7 @@ class Resolved:
         spec: the spec.
         model: the model as loaded on the driver (CPU).
         dataset: all pairs.
-        shards: `pathpatch.dataset.Shard`s, in order.
+        shards: `pipeline.plan.Shard`s, in order.
         hypotheses: `pathpatch.hypotheses.Hypothesis` objects, in spec order (opaque here).
         plan: the work items.
         warnings: what is valid but likely not meant (a pattern that matches no path).
@@ -121,8 +121,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     step("plan work items")
     plan = make_plan(
         model_digest=model_digest(model),
-        shards=tuple(ShardInfo(index=s.index, start=s.start, stop=s.stop, digest=s.digest,
-                               id=s.id) for s in shards),
+        shards=shards,
         hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
     )
     warnings = tuple(

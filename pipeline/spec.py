@@ -15,24 +15,18 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pathpatch.engine import DEFAULT_MAX_MIXED_COPIES
 from pathpatch.errors import PathPatchError
+from pathpatch.metrics import DEFAULT_METRIC
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 """Precisions a sweep may evaluate in (torch dtype names)."""
 
-TOP_KEYS = (
-    "name", "model", "dataset", "shard_size", "group_size", "metric", "hypotheses", "seed",
-    "dtype", "max_mixed_copies", "resources", "execution",
-)
 DATASET_KEYS_PATH = ("path",)
-RESOURCE_KEYS = ("workers", "gpus_per_worker", "threads_per_worker", "memory_budget",
-                 "batch_size")
-EXECUTION_KEYS = ("max_attempts", "item_timeout_s", "start_timeout_s", "in_flight_per_worker",
-                  "shard_cache")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -116,13 +110,13 @@ class SweepSpec:
     name: str
     model: str
     dataset: DatasetSpec
-    shard_size: int
-    group_size: int
-    metric: str
     hypotheses: tuple[tuple[tuple[str, Any], ...], ...]
+    shard_size: int = 64
+    group_size: int = 8
+    metric: str = DEFAULT_METRIC
     seed: int = 0
     dtype: str = "float32"
-    max_mixed_copies: int = 256
+    max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES
     resources: Resources = field(default_factory=Resources)
     execution: Execution = field(default_factory=Execution)
     source: str = field(default="", compare=False, repr=False)
@@ -149,6 +143,22 @@ class SweepSpec:
     def with_resources(self, **changes: Any) -> SweepSpec:
         """A copy with some `Resources` fields replaced (e.g. `workers=2` from the CLI)."""
         return replace(self, resources=replace(self.resources, **changes))
+
+
+def _keys(cls) -> tuple[str, ...]:
+    """A section's TOML keys: its dataclass's fields (the spec's own bookkeeping excluded)."""
+    return tuple(f.name for f in fields(cls) if f.name not in ("source", "base_dir"))
+
+
+def _default(cls, key: str) -> Any:
+    """The default of field `key` of dataclass `cls`: the one place each default is written."""
+    f = next(f for f in fields(cls) if f.name == key)
+    return f.default if f.default_factory is MISSING else f.default_factory()
+
+
+TOP_KEYS = _keys(SweepSpec)
+RESOURCE_KEYS = _keys(Resources)
+EXECUTION_KEYS = _keys(Execution)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -190,18 +200,21 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
             raise PathPatchError(f"{where}: missing required key '{key}'; see docs/PIPELINE.md "
                                  "or jobs/default.toml for an example")
 
+    def get(key: str) -> Any:
+        return raw.get(key, _default(SweepSpec, key))
+
     name = _sweep_name(raw.get("name", default_name), where)
     model = _model(raw["model"], base, where)
     dataset = _dataset(raw["dataset"], base, where)
-    shard_size = _int(raw.get("shard_size", 64), "shard_size", where, low=1)
-    group_size = _int(raw.get("group_size", 8), "group_size", where, low=1)
-    metric = _string(raw.get("metric", "kl"), "metric", where)
-    seed = _int(raw.get("seed", 0), "seed", where, low=0)
-    dtype = _string(raw.get("dtype", "float32"), "dtype", where)
+    shard_size = _int(get("shard_size"), "shard_size", where, low=1)
+    group_size = _int(get("group_size"), "group_size", where, low=1)
+    metric = _string(get("metric"), "metric", where)
+    seed = _int(get("seed"), "seed", where, low=0)
+    dtype = _string(get("dtype"), "dtype", where)
     if dtype not in DTYPES:
         raise PathPatchError(f"{where}: dtype = {dtype!r} is not supported: allowed are "
                              f"{', '.join(DTYPES)}")
-    max_copies = _int(raw.get("max_mixed_copies", 256), "max_mixed_copies", where, low=1)
+    max_copies = _int(get("max_mixed_copies"), "max_mixed_copies", where, low=1)
     hypotheses = _hypotheses(raw["hypotheses"], where)
     return SweepSpec(
         name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
@@ -276,7 +289,7 @@ def _resources(value: Any, where: str) -> Resources:
     return Resources(
         workers=None if workers == "auto" else workers,
         gpus_per_worker=None if gpus == "auto" else gpus,
-        threads_per_worker=_int(value.get("threads_per_worker", 1),
+        threads_per_worker=_int(value.get("threads_per_worker", _default(Resources, "threads_per_worker")),
                                 "resources.threads_per_worker", where, low=1),
         memory_budget=None if budget is None else _bytes(budget, "resources.memory_budget",
                                                          where),

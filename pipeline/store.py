@@ -11,7 +11,7 @@ Layout (see docs/PIPELINE.md)::
       events.jsonl           what happened: runs, requeues, replaced workers, failures
       .lock                  flock'ed by the one driver allowed at a time
 
-A result file is written to a temp name, fsynced, renamed, the folder fsynced, and counts as
+A result file is written whole or not at all (`pathpatch.atomic`), and counts as
 done only if it reads back whole (row count and identity from its own metadata). Only the
 driver holding the lock writes; readers (status, sql) need no lock.
 """
@@ -35,12 +35,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pathpatch.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
 from pathpatch.errors import PathPatchError
 from pipeline.plan import Plan, WorkItem
 
 MANIFEST_FORMAT = "pathpatch-sweep/1"
 META_KEY = b"pathpatch.provenance"
-TEMP_MARK = ".tmp-"
 LIBRARIES = ("pathpatch", "torch", "transformer-lens", "pyarrow", "numpy", "ray", "duckdb")
 
 
@@ -73,25 +73,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same folder, fsync and rename."""
-    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class SweepFolder:
@@ -275,7 +256,7 @@ class SweepFolder:
         if out or back:
             for folder in (self.items_dir, aside):
                 if folder.is_dir():
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
         return out, back
 
     def is_whole(self, item_id: str, expected_rows: int, *, full: bool = True) -> bool:
@@ -316,13 +297,7 @@ class SweepFolder:
         table = table.replace_schema_metadata(meta)
         self.items_dir.mkdir(parents=True, exist_ok=True)
         path = self.item_path(item.id)
-        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(self.items_dir)
+        atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
         # The footer, not the rows: just written, the rows would come back from the page cache,
         # so comparing them checks pyarrow against itself (and doubled the driver's cost per item).
         if not self.is_whole(item.id, table.num_rows, full=False):

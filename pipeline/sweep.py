@@ -234,7 +234,7 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
         if backend == "inprocess":
             start_bar()
             _run_in_process(resolved, tasks, shard_data, on_done, on_failed, event,
-                            options.max_attempts, outcome)
+                            options.execution.max_attempts, outcome)
         else:
             from pipeline.executor import RayExecutor, ray_session
 
@@ -252,13 +252,7 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
 def _executor_options(spec: SweepSpec):
     from pipeline.executor import ExecutorOptions
 
-    return ExecutorOptions(
-        workers=spec.resources.workers, gpus_per_worker=spec.resources.gpus_per_worker,
-        threads_per_worker=spec.resources.threads_per_worker,
-        in_flight_per_worker=spec.execution.in_flight_per_worker,
-        max_attempts=spec.execution.max_attempts, item_timeout_s=spec.execution.item_timeout_s,
-        start_timeout_s=spec.execution.start_timeout_s,
-    )
+    return ExecutorOptions(resources=spec.resources, execution=spec.execution)
 
 
 def _run_in_process(resolved: Resolved, tasks: list[Task], shard_data, on_done, on_failed,

@@ -21,7 +21,7 @@ from pathpatch import engine
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.models import load_model, model_digest
-from pipeline.allocator import keep_freed_memory
+from pipeline.allocator import fit_to_model
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
     import pyarrow as pa
@@ -29,7 +29,8 @@ if TYPE_CHECKING:  # annotations only: result tables are built by the engine
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """What every worker of a sweep is built from (picklable to actors).
+    """What every worker of a sweep is built from (picklable to actors). Built from a spec by
+    `pipeline.sweep` only, so no default is restated here.
 
     Attributes:
         model: model spec for `load_model`.
@@ -47,12 +48,12 @@ class WorkerConfig:
     model_digest: str
     dtype: str
     metric: str
-    threads: int = 1
-    device: str = "auto"
-    batch_size: int | None = None
-    memory_budget: int | None = None
-    shard_cache: int = 8
-    max_mixed_copies: int = 256
+    threads: int
+    device: str
+    batch_size: int | None
+    memory_budget: int | None
+    shard_cache: int
+    max_mixed_copies: int
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,6 @@ class Worker:
         from pipeline.resolve import TORCH_DTYPES
 
         torch.set_num_threads(config.threads)
-        keep_freed_memory()
         device = config.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -91,6 +91,7 @@ class Worker:
         if model is None:
             model = load_model(config.model, device=device, dtype=TORCH_DTYPES[config.dtype])
         self.model = model
+        fit_to_model(model)  # kept freed memory, unless the model is large
         digest = model_digest(self.model)
         if digest != config.model_digest:
             raise PathPatchError(

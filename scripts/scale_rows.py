@@ -23,7 +23,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pathpatch.graph import Graph  # noqa: E402
-from pipeline.plan import HypothesisInfo, ShardInfo, make_plan  # noqa: E402
+from pipeline.plan import HypothesisInfo, Shard, make_plan  # noqa: E402
 from pipeline.store import SweepFolder, build_manifest  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def generate(folder: Path, n_hypotheses: int, n_examples: int, group_size: int,
     names = [f"remove {e}" for e in graph.edges][:n_hypotheses]
     names += [f"h{i}" for i in range(len(names), n_hypotheses)]
     hypotheses = tuple(HypothesisInfo(n, f"remove({n[7:]})", 40, 0.5) for n in names)
-    shards = tuple(ShardInfo(i, s, min(s + shard_size, n_examples), f"digest{i}", f"shard{i}")
+    shards = tuple(Shard(i, s, min(s + shard_size, n_examples), f"{i:064x}")
                    for i, s in enumerate(range(0, n_examples, shard_size)))
     plan = make_plan(model_digest="generated", shards=shards, hypotheses=hypotheses,
                      group_size=group_size, metric="kl", dtype="float32")

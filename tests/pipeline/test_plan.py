@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pipeline.plan import HypothesisInfo, ShardInfo, describe, item_identity, make_plan
+from pipeline.plan import HypothesisInfo, Shard, describe, item_identity, make_plan
 
-SHARDS = tuple(ShardInfo(index=i, start=4 * i, stop=4 * i + 4, digest=f"{i:064x}",
-                         id=f"shard-{i:05d}") for i in range(3))
+SHARDS = tuple(Shard(index=i, start=4 * i, stop=4 * i + 4, digest=f"{i:064x}") for i in range(3))
 HYPS = tuple(HypothesisInfo(name=f"h{i}", canonical=f"a0.{i}", mixed_copies=i, est_cost=0.5)
              for i in range(5))
 
@@ -45,7 +44,7 @@ def test_appending_a_hypothesis_keeps_full_groups_and_shards():
     after = plan(hypotheses=HYPS[:4] + (HypothesisInfo("h9", "a1.0"),))
     new = [i for i in after.items if i.id not in before]
     assert len(new) == len(SHARDS) and all(i.hypotheses[0].name == "h9" for i in new)
-    more_data = plan(shards=SHARDS + (ShardInfo(3, 12, 14, "f" * 64, "shard-00003"),))
+    more_data = plan(shards=SHARDS + (Shard(3, 12, 14, "f" * 64),))
     assert {i.id for i in plan().items} <= {i.id for i in more_data.items}
 
 

@@ -13,13 +13,13 @@ import pyarrow as pa
 import pytest
 
 from pipeline.cli import main
-from pipeline.plan import HypothesisInfo, ShardInfo, make_plan
+from pipeline.plan import HypothesisInfo, Shard, make_plan
 from pipeline.store import SweepFolder, SweepLocked, item_status, summarize_status
 from tests.pipeline.conftest import ROOT, env, rows, write_spec
 
 
 def _item():
-    shard = ShardInfo(index=0, start=0, stop=2, digest="0" * 64, id="shard-00000")
+    shard = Shard(index=0, start=0, stop=2, digest="0" * 64)
     p = make_plan(model_digest="m", shards=(shard,), hypotheses=(HypothesisInfo("h", "all"),),
                   group_size=1, metric="kl", dtype="float32")
     return p.items[0]
