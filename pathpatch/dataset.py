@@ -45,6 +45,7 @@ shards named by the digests of their slices (`pipeline.plan.shard_dataset`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -112,10 +113,17 @@ class PairDataset:
             object.__setattr__(self, name, value)
 
     def _fields(self) -> dict:
-        """Every field, by name: what structure checks and copies read."""
-        return {"reference": self.reference, "counterfactual": self.counterfactual,
-                "scored": self.scored, "masks": self.masks, "answer": self.answer,
-                "wrong_answer": self.wrong_answer, "example_ids": self.example_ids}
+        """Every field, by name, in declaration order: what structure checks, copies and the
+        digest read (the dataclass's fields are the one list of them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def _from_checked(cls, normalized: dict) -> PairDataset:
+        """A dataset of fields `_check_structure` has just normalized, without checking twice."""
+        self = object.__new__(cls)
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+        return self
 
     def __len__(self) -> int:
         return int(self.reference.shape[0])
@@ -139,28 +147,22 @@ class PairDataset:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[index].clone()
 
-        return PairDataset(
-            reference=pick(self.reference),
-            counterfactual=pick(self.counterfactual),
-            scored=pick(self.scored),
-            masks={k: pick(v) for k, v in self.masks.items()},
-            answer=pick(self.answer),
-            wrong_answer=pick(self.wrong_answer),
-            example_ids=pick(self.example_ids),
-        )
+        return PairDataset(**{
+            name: {k: pick(v) for k, v in value.items()} if name == "masks" else pick(value)
+            for name, value in self._fields().items()})
 
     def validate(self, vocab_size: int | None = None, where: str = "dataset") -> None:
-        """Check the structure again and, given `vocab_size`, that every token fits the model.
+        """Check that every token fits the model (the structure was checked, once, when the
+        dataset was made: it is frozen).
 
         Args:
             vocab_size: the model's vocabulary size; tokens and answers must lie in
-                [0, vocab_size). None checks the structure only.
+                [0, vocab_size). None checks nothing more.
             where: how messages name this dataset ("dataset", "file 'pairs.parquet'", ...).
 
         Raises:
             PathPatchError: naming the field, the example (row) and the offending value.
         """
-        _check_structure(**self._fields(), where=where)
         if vocab_size is None:
             return
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
@@ -192,14 +194,12 @@ class PairDataset:
         by name); independent of the tensors' device and of the original integer dtype.
         """
         h = hashlib.sha256(_DIGEST_VERSION)
-        _hash_tensor(h, "reference", self.reference)
-        _hash_tensor(h, "counterfactual", self.counterfactual)
-        _hash_tensor(h, "scored", self.scored)
-        for name in sorted(self.masks):
-            _hash_tensor(h, MASK_PREFIX + name, self.masks[name])
-        _hash_tensor(h, "answer", self.answer)
-        _hash_tensor(h, "wrong_answer", self.wrong_answer)
-        _hash_tensor(h, "example_ids", self.example_ids)
+        for name, value in self._fields().items():  # declaration order: part of the format
+            if name == "masks":
+                for mask in sorted(value):
+                    _hash_tensor(h, MASK_PREFIX + mask, value[mask])
+            else:
+                _hash_tensor(h, name, value)
         return h.hexdigest()
 
     def _example(self, row: int) -> str:
@@ -520,9 +520,8 @@ def load_parquet(path: str | os.PathLike[str], vocab_size: int | None = None) ->
         "wrong_answer": _tensor_or_none(scalars.get("wrong_answer")),
         "example_ids": _tensor_or_none(scalars.get("example_id", np.arange(batch))),
     }
-    # Check here first so messages name the file rather than "dataset".
-    fields = _check_structure(**fields, where=where)
-    dataset = PairDataset(**fields)
+    # Checked once, here, so that messages name the file rather than "dataset".
+    dataset = PairDataset._from_checked(_check_structure(**fields, where=where))
     if vocab_size is not None:
         dataset.validate(vocab_size, where=where)
     return dataset

@@ -50,27 +50,33 @@ Against = Callable[[torch.Tensor, PairDataset], Callable[[torch.Tensor], torch.T
 
 @dataclass(frozen=True)
 class Metric:
-    """A named per-example dissimilarity.
+    """A named per-example dissimilarity, in one form for built-ins and user callables alike.
 
     Attributes:
         name: ``kl``, ``loss``, ``logit_diff`` or the ``module:function`` spec of a callable;
             part of a work item's identity.
-        fn: the computation, fn(clean_logits, other_logits, batch) -> [batch].
+        against_clean: (clean_logits, batch) -> (other_logits -> [batch]): the clean logits'
+            share (KL's clean probabilities, loss's clean log-probabilities) is computed once
+            per batch instead of once per hypothesis. A plain fn(clean, other, batch) becomes
+            this form through `Metric.from_fn`.
         check: optional dataset requirement (raises PathPatchError), run by
             `check_dataset` before any model work and again by `against`.
-        against_clean: optional `fn` split in two (built-ins): the clean logits' share (KL's
-            clean probabilities, loss's clean log-probabilities) is computed once per batch
-            instead of once per hypothesis. Same values as `fn`.
         scored_only: the metric reads logits at the batch's scored positions only (built-ins),
             so the engine unembeds those positions only and leaves the others NaN. A user
             callable may read any position: its logits are complete.
     """
 
     name: str
-    fn: MetricFn
+    against_clean: Against
     check: Callable[[PairDataset], None] | None = None
-    against_clean: Against | None = None
     scored_only: bool = False
+
+    @classmethod
+    def from_fn(cls, name: str, fn: MetricFn,
+                check: Callable[[PairDataset], None] | None = None) -> Metric:
+        """A metric from fn(clean_logits, other_logits, batch) -> [batch] (a user's callable):
+        the clean side is not split out, so fn sees both logits on every call."""
+        return cls(name, lambda clean, batch: lambda other: fn(clean, other, batch), check)
 
     def check_dataset(self, dataset: PairDataset) -> None:
         """Raise PathPatchError if this metric cannot be read on `dataset` (e.g. no answers)."""
@@ -102,11 +108,7 @@ class Metric:
         """
         self._check_logits("clean_logits", clean_logits, batch)
         self.check_dataset(batch)
-        if self.against_clean is not None:
-            raw = self.against_clean(clean_logits, batch)
-        else:
-            def raw(other: torch.Tensor) -> torch.Tensor:
-                return self.fn(clean_logits, other, batch)
+        raw = self.against_clean(clean_logits, batch)
 
         def delta(other_logits: torch.Tensor) -> torch.Tensor:
             self._check_logits("other_logits", other_logits, batch)
@@ -177,7 +179,7 @@ def get_metric(spec: str | Metric = DEFAULT_METRIC) -> Metric:
     if spec in BUILTIN_METRICS:
         return BUILTIN_METRICS[spec]
     if ":" in spec:
-        return Metric(name=spec, fn=_import_callable(spec))
+        return Metric.from_fn(spec, _import_callable(spec))
     raise PathPatchError(
         f"unknown metric {spec!r}; allowed: {', '.join(repr(n) for n in BUILTIN_METRICS)}, or "
         "'module:function' for your own fn(clean_logits, other_logits, batch) -> [batch]"
@@ -322,10 +324,6 @@ def _kl_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tens
     return kl
 
 
-def _kl(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) -> torch.Tensor:
-    return _kl_against(clean, batch)(other)
-
-
 def _check_loss(batch: PairDataset) -> None:
     last = batch.scored[:, -1]
     if bool(last.any()):
@@ -359,10 +357,6 @@ def _loss_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Te
     return loss
 
 
-def _loss(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) -> torch.Tensor:
-    return _loss_against(clean, batch)(other)
-
-
 def _check_logit_diff(batch: PairDataset) -> None:
     missing = [n for n in ("answer", "wrong_answer") if getattr(batch, n) is None]
     if missing:
@@ -373,7 +367,8 @@ def _check_logit_diff(batch: PairDataset) -> None:
         )
 
 
-def _logit_diff(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) -> torch.Tensor:
+def _logit_diff_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The clean logit difference once per batch; an other output costs its own."""
     device = clean.device
     vocab = clean.shape[-1]
     answer = batch.answer.to(device)
@@ -394,13 +389,14 @@ def _logit_diff(clean: torch.Tensor, other: torch.Tensor, batch: PairDataset) ->
         at = logits[rows, last].to(torch.float64)  # (batch, vocab)
         return at[rows, answer] - at[rows, wrong]
 
-    return (diff(clean) - diff(other)).abs()
+    clean_diff = diff(clean)
+    return lambda other: (clean_diff - diff(other)).abs()
 
 
 BUILTIN_METRICS: dict[str, Metric] = {
-    "kl": Metric("kl", _kl, against_clean=_kl_against, scored_only=True),
-    "loss": Metric("loss", _loss, _check_loss, against_clean=_loss_against, scored_only=True),
-    "logit_diff": Metric("logit_diff", _logit_diff, _check_logit_diff, scored_only=True),
+    "kl": Metric("kl", _kl_against, scored_only=True),
+    "loss": Metric("loss", _loss_against, _check_loss, scored_only=True),
+    "logit_diff": Metric("logit_diff", _logit_diff_against, _check_logit_diff, scored_only=True),
 }
 """Built-in metrics by name; ``kl`` is the default."""
 
@@ -464,40 +460,8 @@ def summarize(
         PathPatchError: missing columns, nulls, non-finite values, or duplicate
             (hypothesis, example) rows.
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise PathPatchError(f"n_boot must be a positive int, got {n_boot!r}")
-    if not 0.0 < confidence < 1.0:
-        raise PathPatchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
-    if not min_ate >= 0.0:
-        raise PathPatchError(f"min_ate must be >= 0, got {min_ate!r}")
-    missing = [c for c in ("hypothesis", "example", "ue", "te") if c not in rows.column_names]
-    if missing:
-        raise PathPatchError(
-            f"summarize: rows lack column(s) {missing}; expected hypothesis, example, ue, te"
-        )
-    table = rows.select(["hypothesis", "example", "ue", "te"])
-    for name in table.column_names:
-        if table.column(name).null_count:
-            raise PathPatchError(f"summarize: column '{name}' has nulls")
-    try:
-        table = pa.table(
-            {
-                "hypothesis": table.column("hypothesis").cast(pa.string()),
-                "example": table.column("example").cast(pa.int64()),
-                "ue": table.column("ue").cast(pa.float64()),
-                "te": table.column("te").cast(pa.float64()),
-            }
-        )
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise PathPatchError(f"summarize: column types do not fit: {e}") from e
-    table = table.sort_by([("hypothesis", "ascending"), ("example", "ascending")])
-
-    hypotheses = np.asarray(table.column("hypothesis").to_pylist(), dtype=object)
-    examples = table.column("example").to_numpy()
-    ue = table.column("ue").to_numpy()
-    te = table.column("te").to_numpy()
-    if not (np.isfinite(ue).all() and np.isfinite(te).all()):
-        raise PathPatchError("summarize: ue/te contain NaN or inf; the per-example rows are bad")
+    _check_summary_options(n_boot, confidence, min_ate)
+    hypotheses, examples, ue, te = _rows_by_hypothesis(rows)
 
     n_rows = len(hypotheses)
     starts = [0, *(np.flatnonzero(hypotheses[1:] != hypotheses[:-1]) + 1).tolist()]
@@ -537,6 +501,49 @@ def summarize(
             out[key].append(value)
     return pa.table(out, schema=SUMMARY_SCHEMA)
 
+
+
+def _check_summary_options(n_boot: int, confidence: float, min_ate: float) -> None:
+    """`summarize`'s options, or a PathPatchError naming the bad one."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+        raise PathPatchError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not 0.0 < confidence < 1.0:
+        raise PathPatchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}")
+    if not min_ate >= 0.0:
+        raise PathPatchError(f"min_ate must be >= 0, got {min_ate!r}")
+
+
+def _rows_by_hypothesis(rows: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(hypothesis, example, ue, te) columns of checked rows, sorted by (hypothesis, example)."""
+    missing = [c for c in ("hypothesis", "example", "ue", "te") if c not in rows.column_names]
+    if missing:
+        raise PathPatchError(
+            f"summarize: rows lack column(s) {missing}; expected hypothesis, example, ue, te"
+        )
+    table = rows.select(["hypothesis", "example", "ue", "te"])
+    for name in table.column_names:
+        if table.column(name).null_count:
+            raise PathPatchError(f"summarize: column '{name}' has nulls")
+    try:
+        table = pa.table(
+            {
+                "hypothesis": table.column("hypothesis").cast(pa.string()),
+                "example": table.column("example").cast(pa.int64()),
+                "ue": table.column("ue").cast(pa.float64()),
+                "te": table.column("te").cast(pa.float64()),
+            }
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise PathPatchError(f"summarize: column types do not fit: {e}") from e
+    table = table.sort_by([("hypothesis", "ascending"), ("example", "ascending")])
+
+    hypotheses = np.asarray(table.column("hypothesis").to_pylist(), dtype=object)
+    examples = table.column("example").to_numpy()
+    ue = table.column("ue").to_numpy()
+    te = table.column("te").to_numpy()
+    if not (np.isfinite(ue).all() and np.isfinite(te).all()):
+        raise PathPatchError("summarize: ue/te contain NaN or inf; the per-example rows are bad")
+    return hypotheses, examples, ue, te
 
 def _seed_for(seed: int, hypothesis: str) -> np.random.SeedSequence:
     """A seed from (seed, hypothesis name), independent of row order and other hypotheses."""

@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING, Any
 import ray
 import ray.exceptions
 
-from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
-from pipeline.spec import Execution, Resources
+from pipeline.execution import ExecutionStats, ExecutorOptions, OnDone, OnFailed, Schedule, ShardData
 from pipeline.worker import Task, TaskInfo, Worker, WorkerConfig
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
@@ -37,37 +36,6 @@ if TYPE_CHECKING:  # annotations only: result tables are built by the engine
 
 GET_TIMEOUT_S = 120.0
 """Longest wait to fetch a result that Ray already reported ready."""
-
-
-@dataclass(frozen=True)
-class ExecutorOptions:
-    """How the driver uses the cluster (never part of an item's identity): the spec's own
-    `[resources]` and `[execution]` sections, plus what only the driver's loop needs.
-
-    Attributes:
-        resources: workers, GPUs and threads per worker (`pipeline.spec.Resources`).
-        execution: attempts, timeouts and in-flight depth (`pipeline.spec.Execution`).
-        poll_s: `ray.wait` timeout of the scheduling loop.
-        warm_start: start every actor before submitting work, and time the run from then
-            (benchmarks: excludes worker start-up).
-    """
-
-    resources: Resources = field(default_factory=Resources)
-    execution: Execution = field(default_factory=Execution)
-    poll_s: float = 0.5
-    warm_start: bool = False
-
-
-@dataclass
-class ExecutionStats:
-    """What one run did: calls completed, retries, failures, and where work ran."""
-
-    evaluations: int = 0
-    requeues: int = 0
-    failed: int = 0
-    worker_starts: int = 0
-    nodes: set[str] = field(default_factory=set)
-    seconds: float = 0.0
 
 
 class _Actor:
@@ -188,12 +156,23 @@ class RayExecutor:
         self.worker_factory = worker_factory
         self.on_event = on_event or (lambda event, **fields: None)
         self.stats = ExecutionStats()
+        # the state of one `run`, all of it (set afresh by `run`)
+        self._schedule = Schedule([], max_attempts=options.execution.max_attempts,
+                                  in_flight_per_worker=options.execution.in_flight_per_worker)
+        self._shard_data: ShardData | None = None
+        self._shard_refs: dict[str, Any] = {}  # shard id -> its object in the store
+        self._on_done: OnDone | None = None
+        self._on_failed: OnFailed | None = None
+        self._refs: dict[Any, tuple[_Slot, str | None]] = {}  # call -> (actor, item; None: start)
+        self._slots: list[_Slot] = []
+        self._gpus = 0.0  # per actor
+        self._start_failures = 0  # in a row
+        self._last_start_error = ""
 
     # --- public -----------------------------------------------------------------------------
 
-    def run(self, tasks: list[Task], shard_data: Callable[[str], PairDataset],
-            on_done: Callable[[Task, pa.Table, TaskInfo], None],
-            on_failed: Callable[[Task, str, int], None]) -> ExecutionStats:
+    def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
+            on_failed: OnFailed) -> ExecutionStats:
         """Evaluate every task once (retrying faults); return what happened.
 
         Args:
@@ -208,17 +187,13 @@ class RayExecutor:
                 last error and what to change.
         """
         start = time.perf_counter()
-        self._tasks = {t.item_id: t for t in tasks}
-        self._attempts: dict[str, int] = dict.fromkeys(self._tasks, 0)
-        self._pending: OrderedDict[str, deque[str]] = OrderedDict()
-        for t in tasks:
-            self._pending.setdefault(t.shard_id, deque()).append(t.item_id)
-        self._remaining = {sid: len(q) for sid, q in self._pending.items()}
+        self._schedule = Schedule(tasks, max_attempts=self.options.execution.max_attempts,
+                                  in_flight_per_worker=self.options.execution.in_flight_per_worker)
         self._shard_data = shard_data
-        self._shard_refs: dict[str, Any] = {}
+        self._shard_refs = {}
         self._on_done, self._on_failed = on_done, on_failed
-        self._refs: dict[Any, tuple[_Slot, str | None]] = {}
-        self._slots: list[_Slot] = []
+        self._refs = {}
+        self._slots = []
         self._start_failures = 0
         self._last_start_error = ""
 
@@ -283,34 +258,20 @@ class RayExecutor:
     # --- scheduling -------------------------------------------------------------------------
 
     def _open_items(self) -> bool:
-        return any(self._pending.values()) or any(s.inflight for s in self._slots)
-
-    def _pick(self, slot: _Slot) -> str | None:
-        for shard_id in reversed(slot.held):
-            queue = self._pending.get(shard_id)
-            if queue:
-                return queue.popleft()
-        held_elsewhere = {sid for s in self._slots if s is not slot for sid in s.held}
-        candidates = [sid for sid, q in self._pending.items() if q]
-        if not candidates:
-            return None
-        fresh = [sid for sid in candidates if sid not in held_elsewhere]
-        return self._pending[(fresh or candidates)[0]].popleft()
+        return self._schedule.has_pending() or any(s.inflight for s in self._slots)
 
     def _fill(self) -> None:
-        # queue ahead only while there is plenty left: near the end a call queued behind a busy
-        # actor would wait while another actor idles
-        pending = sum(len(q) for q in self._pending.values())
-        depth = self.options.execution.in_flight_per_worker if pending > 2 * len(self._slots) else 1
+        depth = self._schedule.depth(len(self._slots))
         for slot in list(self._slots):
             while slot.ready and len(slot.inflight) < depth:
-                item_id = self._pick(slot)
+                held_elsewhere = {sid for s in self._slots if s is not slot for sid in s.held}
+                item_id = self._schedule.pick(list(slot.held), held_elsewhere)
                 if item_id is None:
                     return
                 self._submit(slot, item_id)
 
     def _submit(self, slot: _Slot, item_id: str) -> None:
-        task = self._tasks[item_id]
+        task = self._schedule.tasks[item_id]
         if task.shard_id not in self._shard_refs:
             self._shard_refs[task.shard_id] = ray.put(self._shard_data(task.shard_id))
         ref = slot.handle.evaluate.remote(task, [self._shard_refs[task.shard_id]])
@@ -320,9 +281,8 @@ class RayExecutor:
         slot.held[task.shard_id] = True
         slot.held.move_to_end(task.shard_id)
         self._refs[ref] = (slot, item_id)
-        self._attempts[item_id] += 1
         self.on_event("submitted", item=item_id, worker=slot.index, node=slot.node,
-                      pid=slot.pid, attempt=self._attempts[item_id])
+                      pid=slot.pid, attempt=self._schedule.attempt(item_id))
 
     def _wait_once(self) -> None:
         refs = list(self._refs)
@@ -371,7 +331,7 @@ class RayExecutor:
             return
         self._forget(slot, ref)
         try:
-            self._on_done(self._tasks[item_id], table, info)
+            self._on_done(self._schedule.tasks[item_id], table, info)
         except Exception as err:  # noqa: BLE001 -- a write or row-count problem: retry the item
             self._retry_or_fail(item_id, f"{type(err).__name__}: {err}", slot)
             return
@@ -383,26 +343,19 @@ class RayExecutor:
         slot.head_since = time.monotonic()
 
     def _finished(self, item_id: str) -> None:
-        shard_id = self._tasks[item_id].shard_id
-        self._remaining[shard_id] -= 1
-        if self._remaining[shard_id] == 0:
-            self._shard_refs.pop(shard_id, None)  # let the object store free it
+        if self._schedule.finished(item_id):  # the shard's last item: let the store free it
+            self._shard_refs.pop(self._schedule.tasks[item_id].shard_id, None)
 
     def _retry_or_fail(self, item_id: str, error: str, slot: _Slot | None,
-                       charge: bool = True) -> None:
-        if not charge:
-            self._attempts[item_id] -= 1
-        attempts = self._attempts[item_id]
-        if attempts >= self.options.execution.max_attempts:
+                       charged: bool = True) -> None:
+        verdict = self._schedule.failed(item_id, charged=charged)
+        if not verdict.requeue:
             self.stats.failed += 1
-            self._on_failed(self._tasks[item_id], error, attempts)
+            self._on_failed(self._schedule.tasks[item_id], error, verdict.attempts)
             self._finished(item_id)
             return
         self.stats.requeues += 1
-        shard_id = self._tasks[item_id].shard_id
-        self._pending.setdefault(shard_id, deque()).appendleft(item_id)
-        self._pending.move_to_end(shard_id, last=False)
-        self.on_event("requeued", item=item_id, attempts=attempts, error=error,
+        self.on_event("requeued", item=item_id, attempts=verdict.attempts, error=error,
                       worker=None if slot is None else slot.index,
                       node=None if slot is None else slot.node)
 
@@ -415,7 +368,8 @@ class RayExecutor:
         self.on_event("worker_lost", worker=slot.index, node=slot.node, pid=slot.pid,
                       error=error, items=[i for _, i in inflight])
         for k, (_, item_id) in enumerate(inflight):
-            self._retry_or_fail(item_id, error, slot, charge=(k == 0))
+            # the running item is charged; those queued behind it only waited
+            self._retry_or_fail(item_id, error, slot, charged=(k == 0))
         self._replace(slot)
 
     def _check_deadlines(self) -> None:

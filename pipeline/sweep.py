@@ -8,13 +8,14 @@ process) and write each result as it completes. Running it again is resuming.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.execution import Executor, ExecutorOptions, InProcessExecutor
 from pipeline.plan import WorkItem
 from pipeline.progress import Progress
 from pipeline.resolve import Resolved, resolve
@@ -229,51 +230,30 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
         nonlocal bar
         bar = Progress(len(pending), skipped=outcome.skipped, enabled=progress)
 
-    options = replace(_executor_options(resolved.spec), **executor_options)
+    options = ExecutorOptions(resources=resolved.spec.resources,
+                              execution=resolved.spec.execution, **executor_options)
     try:
-        if backend == "inprocess":
+        with _executor(backend, resolved, options, event, address, ray_init) as executor:
             start_bar()
-            _run_in_process(resolved, tasks, shard_data, on_done, on_failed, event,
-                            options.execution.max_attempts, outcome)
-        else:
-            from pipeline.executor import RayExecutor, ray_session
-
-            with ray_session(address, **ray_init):
-                start_bar()
-                executor = RayExecutor(worker_config(resolved), options, on_event=event)
-                stats = executor.run(tasks, shard_data, on_done, on_failed)
-            outcome.evaluations = stats.evaluations
-            outcome.seconds = stats.seconds
+            stats = executor.run(tasks, shard_data, on_done, on_failed)
+        outcome.evaluations = stats.evaluations
+        outcome.seconds = stats.seconds
     finally:
         if bar is not None:
             bar.close()
 
 
-def _executor_options(spec: SweepSpec):
-    from pipeline.executor import ExecutorOptions
+@contextlib.contextmanager
+def _executor(backend: str, resolved: Resolved, options: ExecutorOptions,
+              event: Callable[..., None], address: str | None,
+              ray_init: dict[str, Any]) -> Iterator[Executor]:
+    """The backend's executor: this process, or Ray actors inside a cluster session."""
+    if backend == "inprocess":
+        worker = Worker(worker_config(resolved, device="cpu"), node="inprocess",
+                        model=resolved.model)
+        yield InProcessExecutor(worker, options, on_event=event)
+        return
+    from pipeline.executor import RayExecutor, ray_session
 
-    return ExecutorOptions(resources=spec.resources, execution=spec.execution)
-
-
-def _run_in_process(resolved: Resolved, tasks: list[Task], shard_data, on_done, on_failed,
-                    event, max_attempts: int, outcome: SweepOutcome) -> None:
-    """The same work, one item after another in this process (benchmarks, debugging)."""
-    start = time.perf_counter()
-    worker = Worker(worker_config(resolved, device="cpu"), node="inprocess",
-                    model=resolved.model)
-    for task in tasks:
-        for attempt in range(1, max_attempts + 1):
-            try:
-                data = None if worker.holds(task.shard_id) else shard_data(task.shard_id)
-                table, info = worker.evaluate(task, data)
-                on_done(task, table, info)
-            except Exception as err:  # noqa: BLE001 -- recorded per item, the sweep goes on
-                error = f"{type(err).__name__}: {err}"
-                if attempt == max_attempts:
-                    on_failed(task, error, attempt)
-                else:
-                    event("requeued", item=task.item_id, attempts=attempt, error=error)
-                continue
-            outcome.evaluations += 1
-            break
-    outcome.seconds = time.perf_counter() - start
+    with ray_session(address, **ray_init):
+        yield RayExecutor(worker_config(resolved), options, on_event=event)

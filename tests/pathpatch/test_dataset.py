@@ -181,10 +181,17 @@ def test_validate_where_and_bad_vocab_size():
 
 # --- digest -----------------------------------------------------------------------------------
 
+# The golden digest of `tiny()` under one digest format: a change of what or how the digest hashes
+# must bump `_DIGEST_VERSION` (every stored shard digest and item identity changes with it), and
+# then this pair of lines together.
+DIGEST_FORMAT = b"pathpatch.PairDataset/1\0"
 TINY_DIGEST = "424cb19f6718432b7271aad2b916443206e35cb747c64929d14456652a600673"
 
 
-def test_digest_is_a_literal_constant():
+def test_digest_is_a_literal_constant_of_its_format_version():
+    from pathpatch.dataset import _DIGEST_VERSION
+
+    assert _DIGEST_VERSION == DIGEST_FORMAT
     assert tiny().digest() == TINY_DIGEST
 
 

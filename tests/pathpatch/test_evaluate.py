@@ -65,10 +65,10 @@ def test_the_metric_reads_the_clean_run_once_per_batch():
         return kl.against_clean(clean, batch)
 
     hyps = [Hypothesis("all", "all"), Hypothesis("heads", "a0.* | a1.*"), Hypothesis("m", "m0 | m1")]
-    rows = evaluate(model, data, hyps, Metric("kl", kl.fn, against_clean=counting), batch_size=4)
+    rows = evaluate(model, data, hyps, Metric("kl", counting), batch_size=4)
     assert calls == [4, 4, 2]
     assert rows.equals(evaluate(model, data, hyps, "kl", batch_size=4))
-    per_call = Metric("kl", kl.fn)  # no split: fn(clean, other, batch) for every output
+    per_call = Metric.from_fn("kl", kl.per_example)  # no split: both logits on every call
     assert evaluate(model, data, hyps, per_call, batch_size=4).equals(rows)
 
 

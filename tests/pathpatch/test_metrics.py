@@ -325,7 +325,7 @@ def test_user_callable_bad_results(user_module, fn, message):
 
 
 def test_a_metric_can_be_built_directly():
-    metric = Metric("zero", lambda c, o, b: torch.zeros(len(b)))
+    metric = Metric.from_fn("zero", lambda c, o, b: torch.zeros(len(b)))
     out = metric.per_example(torch.zeros(1, 1, 2), torch.ones(1, 1, 2), pairs([[True]]))
     assert out.dtype == torch.float64 and out.tolist() == [0.0]
 

@@ -7,7 +7,7 @@ import time
 
 from pathpatch.metrics import get_metric
 
-_KL = get_metric("kl").fn
+_KL = get_metric("kl").per_example
 
 
 def slow_kl(clean, other, batch):

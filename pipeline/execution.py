@@ -1,0 +1,180 @@
+"""How work items are executed, as a contract: the `Executor` protocol, its options and stats,
+the scheduling policy every executor shares (`Schedule`: pure, no Ray and no clock, so it is
+tested on its own), and the in-process executor. The Ray executor is
+`pipeline.executor.RayExecutor`, the only Ray code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from pathpatch.dataset import PairDataset
+from pipeline.spec import Execution, Resources
+from pipeline.worker import Task, TaskInfo, Worker
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+OnDone = Callable[[Task, "pa.Table", TaskInfo], None]
+"""Called on the driver with each result, in completion order; raising fails the attempt."""
+OnFailed = Callable[[Task, str, int], None]
+"""Called once per item that failed every attempt: (task, last error, attempts)."""
+ShardData = Callable[[str], PairDataset]
+"""A shard's examples by shard id."""
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """How the driver uses the cluster (never part of an item's identity): the spec's own
+    `[resources]` and `[execution]` sections, plus what only the driver's loop needs.
+
+    Attributes:
+        resources: workers, GPUs and threads per worker (`pipeline.spec.Resources`).
+        execution: attempts, timeouts and in-flight depth (`pipeline.spec.Execution`).
+        poll_s: `ray.wait` timeout of the scheduling loop.
+        warm_start: start every actor before submitting work, and time the run from then
+            (benchmarks: excludes worker start-up).
+    """
+
+    resources: Resources = field(default_factory=Resources)
+    execution: Execution = field(default_factory=Execution)
+    poll_s: float = 0.5
+    warm_start: bool = False
+
+
+@dataclass
+class ExecutionStats:
+    """What one run did: calls completed, retries, failures, and where work ran."""
+
+    evaluations: int = 0
+    requeues: int = 0
+    failed: int = 0
+    worker_starts: int = 0
+    nodes: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+class Executor(Protocol):
+    """Runs every task once, retrying faults, and reports each outcome through callbacks."""
+
+    def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
+            on_failed: OnFailed) -> ExecutionStats: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a failed attempt leads to: another try (`requeue`) or a final failure."""
+
+    requeue: bool
+    attempts: int
+    """Attempts the item has been charged so far."""
+
+
+class Schedule:
+    """Which item a worker runs next, how deep its queue is, and what a failure costs.
+
+    Items wait in per-shard queues, in the tasks' order. A worker first takes more items of a
+    shard it already holds (its cached runs and data are reused), then a shard no other worker
+    holds, then any. Near the end only one call is queued per worker, so that no item waits
+    behind a busy worker while another idles. A failure is charged an attempt unless the item
+    only waited behind another that failed (`charged=False`); a requeued item goes first.
+    """
+
+    def __init__(self, tasks: Sequence[Task], *, max_attempts: int, in_flight_per_worker: int):
+        self.tasks = {t.item_id: t for t in tasks}
+        self.max_attempts = max_attempts
+        self.in_flight_per_worker = in_flight_per_worker
+        self.charged: dict[str, int] = dict.fromkeys(self.tasks, 0)
+        self.pending: OrderedDict[str, deque[str]] = OrderedDict()
+        for t in tasks:
+            self.pending.setdefault(t.shard_id, deque()).append(t.item_id)
+        self._left = {shard_id: len(queue) for shard_id, queue in self.pending.items()}
+
+    def has_pending(self) -> bool:
+        return any(self.pending.values())
+
+    def depth(self, n_workers: int) -> int:
+        """Calls to keep queued on each worker."""
+        waiting = sum(len(q) for q in self.pending.values())
+        return self.in_flight_per_worker if waiting > 2 * n_workers else 1
+
+    def pick(self, held: Sequence[str], held_elsewhere: set[str]) -> str | None:
+        """The next item for a worker holding shards `held` (most recent last); None if none."""
+        for shard_id in reversed(held):
+            queue = self.pending.get(shard_id)
+            if queue:
+                return queue.popleft()
+        candidates = [shard_id for shard_id, queue in self.pending.items() if queue]
+        if not candidates:
+            return None
+        fresh = [shard_id for shard_id in candidates if shard_id not in held_elsewhere]
+        return self.pending[(fresh or candidates)[0]].popleft()
+
+    def attempt(self, item_id: str) -> int:
+        """The number of the attempt about to start (1 for the first)."""
+        return self.charged[item_id] + 1
+
+    def failed(self, item_id: str, *, charged: bool = True) -> Verdict:
+        """Record a failed attempt: requeue the item first in line, or give it up (the caller
+        then reports it and calls `finished`)."""
+        if charged:
+            self.charged[item_id] += 1
+        attempts = self.charged[item_id]
+        if attempts >= self.max_attempts:
+            return Verdict(False, attempts)
+        shard_id = self.tasks[item_id].shard_id
+        self.pending.setdefault(shard_id, deque()).appendleft(item_id)
+        self.pending.move_to_end(shard_id, last=False)
+        return Verdict(True, attempts)
+
+    def finished(self, item_id: str) -> bool:
+        """Record that an item is done (or given up); True when its shard has nothing left."""
+        shard_id = self.tasks[item_id].shard_id
+        self._left[shard_id] -= 1
+        return self._left[shard_id] == 0
+
+
+class InProcessExecutor:
+    """The same work, one item after another in this process (benchmarks, debugging)."""
+
+    def __init__(self, worker: Worker, options: ExecutorOptions, *,
+                 on_event: Callable[..., None] | None = None):
+        self.worker = worker
+        self.options = options
+        self.on_event = on_event or (lambda event, **fields: None)
+        self.stats = ExecutionStats(worker_starts=1, nodes={worker.node})
+
+    def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
+            on_failed: OnFailed) -> ExecutionStats:
+        start = time.perf_counter()
+        schedule = Schedule(tasks, max_attempts=self.options.execution.max_attempts,
+                            in_flight_per_worker=1)
+        held: list[str] = []
+        while (item_id := schedule.pick(held, set())) is not None:
+            task = schedule.tasks[item_id]
+            try:
+                data = None if self.worker.holds(task.shard_id) else shard_data(task.shard_id)
+                table, info = self.worker.evaluate(task, data)
+                held = [task.shard_id]
+                on_done(task, table, info)
+            except Exception as err:  # noqa: BLE001 -- recorded per item, the sweep goes on
+                self._failed(schedule, task, f"{type(err).__name__}: {err}", on_failed)
+                continue
+            self.stats.evaluations += 1
+            schedule.finished(item_id)
+        self.stats.seconds = time.perf_counter() - start
+        return self.stats
+
+    def _failed(self, schedule: Schedule, task: Task, error: str, on_failed: OnFailed) -> None:
+        verdict = schedule.failed(task.item_id)
+        if verdict.requeue:
+            self.stats.requeues += 1
+            self.on_event("requeued", item=task.item_id, attempts=verdict.attempts, error=error)
+        else:
+            self.stats.failed += 1
+            on_failed(task, error, verdict.attempts)
+            schedule.finished(task.item_id)
