@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: setup
 	$(VENV)/bin/pathpatch demo
 
+# every test: the slow ones too (a plain `pytest` runs the fast part only, pyproject.toml)
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
