@@ -157,7 +157,29 @@ def single_copy_graph(graph: Graph, *, cut: dict[tuple[int, Channel], frozenset[
         else:
             value[node.order] = len(copies)
             copies.append(Copy(len(copies), node, tuple(inputs)))
-    return CopyGraph(graph, value[graph.output.order], tuple(copies))
+    return _read_from(CopyGraph(graph, value[graph.output.order], tuple(copies)))
+
+
+def _read_from(copy_graph: CopyGraph) -> CopyGraph:
+    """Only the copies the output reads, directly or not (a circuit's edges that reach no output
+    leave copies nobody reads), renumbered in order; what the automaton walk from `out` finds."""
+    live = {copy_graph.root}
+    for copy in reversed(copy_graph.copies):  # receivers before senders
+        if copy.id in live:
+            live.update(c for ci in copy.inputs for v in ci.versions for c in v if c >= 0)
+    if all(c.id in live for c in copy_graph.copies):
+        return copy_graph
+    new_id = {CLEAN: CLEAN, CF: CF}
+    copies: list[Copy] = []
+    for copy in copy_graph.copies:
+        if copy.id not in live:
+            continue
+        new_id[copy.id] = len(copies)
+        inputs = tuple(ChannelInput(ci.channel, ci.atoms,
+                                    tuple(tuple(new_id[c] for c in v) for v in ci.versions),
+                                    ci.atom_version) for ci in copy.inputs)
+        copies.append(Copy(len(copies), copy.node, inputs))
+    return CopyGraph(copy_graph.graph, new_id[copy_graph.root], tuple(copies))
 
 
 def estimate_cost(copy_graph: CopyGraph, cfg) -> float:

@@ -76,8 +76,10 @@ class StructuralHypothesis(Hypothesis):
     """
 
     kind: str = ""
-    """"remove_edge" (target: an edge name), "remove_node" or "through_node" (a node name)."""
+    """"remove_edge" (target: an edge name), "remove_node" or "through_node" (a node name), or
+    "circuit" (`edges`: the names of the edges kept)."""
     target: str = ""
+    edges: frozenset[str] = frozenset()
 
     @property
     def canonical(self) -> str:
@@ -102,6 +104,12 @@ class StructuralHypothesis(Hypothesis):
             edge = graph.edges_by_name[(sender, receiver, channel)]
             cut = {(edge.receiver.order, edge.channel): frozenset([edge.sender.order])}
             return single_copy_graph(graph, cut=cut)
+        if self.kind == "circuit":  # every edge outside the circuit reads the counterfactual run
+            cut: dict = {}
+            for edge in graph.edges:
+                if str(edge) not in self.edges:
+                    cut.setdefault((edge.receiver.order, edge.channel), set()).add(edge.sender.order)
+            return single_copy_graph(graph, cut={k: frozenset(v) for k, v in cut.items()})
         node = graph.node(self.target)
         if self.kind == "remove_node":
             return single_copy_graph(graph, forced={node.order: CF})
@@ -206,12 +214,25 @@ def induction_refined(
     ]
 
 
+def circuit_curve(graph: Graph, ranking: str, fractions: Sequence[float] | None = None,
+                  orders: Sequence[str] = ("signed", "absolute")) -> list[Hypothesis]:
+    """Circuits of the top k% of a ranking's edges, pruned, plus the empty circuit and the full
+    model (`pathpatch.circuits`). `ranking`: a Parquet/CSV (edge, score) table or an EAP-IG
+    graph file; a relative path is read from the spec's folder."""
+    from pathpatch.circuits import MIB_FRACTIONS, Ranking
+    from pathpatch.circuits import circuit_curve as curve
+
+    return curve(graph, Ranking.load(graph, ranking), tuple(fractions or MIB_FRACTIONS),
+                 tuple(orders))
+
+
 FAMILIES = {
     "node_removal": node_removal,
     "edge_removal": edge_removal,
     "through_node": through_node,
     "induction_initial": induction_initial,
     "induction_refined": induction_refined,
+    "circuit_curve": circuit_curve,
 }
 
 

@@ -215,7 +215,7 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
         raise PathPatchError(f"{where}: dtype = {dtype!r} is not supported: allowed are "
                              f"{', '.join(DTYPES)}")
     max_copies = _int(get("max_mixed_copies"), "max_mixed_copies", where, low=1)
-    hypotheses = _hypotheses(raw["hypotheses"], where)
+    hypotheses = _hypotheses(raw["hypotheses"], base, where)
     return SweepSpec(
         name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
         metric=metric, hypotheses=hypotheses, seed=seed, dtype=dtype,
@@ -262,14 +262,30 @@ def _dataset(value: Any, base: Path, where: str) -> DatasetSpec:
     return DatasetSpec(kind=kind, params=params)
 
 
-def _hypotheses(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+FILE_PARAMETERS = ("ranking",)
+"""Family parameters that name a file: read relative to the spec's folder, checked to exist."""
+
+
+def _hypotheses(value: Any, base: Path, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise PathPatchError(f"{where}: hypotheses must be an array of tables ([[hypotheses]] "
                              "with name/pattern or family = ...)")
     if not value:
         raise PathPatchError(f"{where}: hypotheses is empty: add at least one [[hypotheses]] "
                              "entry")
-    return tuple(tuple(sorted((k, _freeze(v)) for k, v in entry.items())) for entry in value)
+    entries = []
+    for i, entry in enumerate(value):
+        entry = dict(entry)
+        for key in FILE_PARAMETERS:
+            if "family" in entry and key in entry:
+                raw = _string(entry[key], f"hypotheses[{i}].{key}", where)
+                path = (base / raw).expanduser().resolve()
+                if not path.is_file():
+                    raise PathPatchError(f"{where}: hypotheses[{i}].{key} = {raw!r}: no such file "
+                                         f"({path}); the path is read relative to the spec's folder")
+                entry[key] = str(path)
+        entries.append(tuple(sorted((k, _freeze(v)) for k, v in entry.items())))
+    return tuple(entries)
 
 
 def _resources(value: Any, where: str) -> Resources:

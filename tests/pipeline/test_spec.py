@@ -146,3 +146,16 @@ def test_unreachable_cluster_is_a_clear_error(tmp_path: Path, checkpoint: Path, 
     code, err = _run(["run", str(spec), "--out", str(out), "--address", "127.0.0.2:1"], capsys)
     assert code == 2 and "no Ray cluster answers at '127.0.0.2:1'" in err, err
     assert not out.exists()
+
+
+def test_a_family_s_ranking_file_is_read_from_the_spec_s_folder(tmp_path: Path):
+    from pathpatch.errors import PathPatchError
+
+    (tmp_path / "scores.csv").write_text("edge,score\n")
+    body = ('model = "attn-only-2l"\n[dataset]\nkind = "induction"\n'
+            '[[hypotheses]]\nfamily = "circuit_curve"\nranking = "{}"\n')
+    spec = parse_spec(body.format("scores.csv"), base_dir=tmp_path)
+    (entry,) = spec.hypothesis_entries()
+    assert entry["ranking"] == str((tmp_path / "scores.csv").resolve())
+    with pytest.raises(PathPatchError, match=r"hypotheses\[0\]\.ranking = 'nope.csv': no such file"):
+        parse_spec(body.format("nope.csv"), base_dir=tmp_path)

@@ -1,0 +1,216 @@
+"""Circuits the way the field reports them: edge names both ways, pruning, ranked circuits of many
+sizes, and the EAP-IG / MIB graph format (JSON and .pt), each checked independently."""
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pathpatch.circuits import (
+    MIB_FRACTIONS,
+    Ranking,
+    circuit_curve,
+    circuit_hypothesis,
+    eap_name,
+    edge_of,
+    prune,
+    read_eap_graph,
+    write_eap_json,
+)
+from pathpatch.errors import PathPatchError
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis, StructuralHypothesis, load_hypotheses
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import evaluate_logits
+from tests.pathpatch.conftest import tiny_model
+from tests.pathpatch.test_stacking import _circuit_hook_run
+from tests.pathpatch.test_structural import _shape
+
+GRAPH = Graph(n_layers=2, n_heads=2, has_mlp=True)
+
+
+def test_edge_names_map_both_ways():
+    names = {str(e): eap_name(e) for e in GRAPH.edges}
+    assert names["in->a0.1.q"] == "input->a0.h1<q>"
+    assert names["a0.1->a1.0.k"] == "a0.h1->a1.h0<k>"
+    assert names["m0->a1.1.v"] == "m0->a1.h1<v>"
+    assert names["a1.1->m1"] == "a1.h1->m1"
+    assert names["m1->out"] == "m1->logits"
+    for edge in GRAPH.edges:
+        assert edge_of(GRAPH, str(edge)) is edge and edge_of(GRAPH, eap_name(edge)) is edge
+    with pytest.raises(PathPatchError, match=r"edge 'a1.h0->a0.h1<q>' is not an edge of this model"):
+        edge_of(GRAPH, "a1.h0->a0.h1<q>")
+
+
+def _on_some_path(graph, edges) -> set:
+    """Edges of the set used by some input -> output path: every path enumerated, naively."""
+    out_of: dict = {}
+    for e in edges:
+        out_of.setdefault(e.sender, []).append(e)
+    used = set()
+
+    def walk(node, trail):
+        if node is graph.output:
+            used.update(trail)
+            return
+        for e in out_of.get(node, []):
+            walk(e.receiver, trail + [e])
+
+    walk(graph.input, [])
+    return used
+
+
+def test_pruning_keeps_exactly_the_edges_on_input_to_output_paths():
+    rng = random.Random(0)
+    for density in (0.05, 0.1, 0.3):
+        for _ in range(20):
+            chosen = [e for e in GRAPH.edges if rng.random() < density]
+            assert set(prune(GRAPH, chosen)) == _on_some_path(GRAPH, chosen)
+    # a head reached only through its q channel still feeds what it writes to
+    chain = [edge_of(GRAPH, "in->a0.0.q"), edge_of(GRAPH, "a0.0->out"), edge_of(GRAPH, "a1.1->out")]
+    assert [str(e) for e in prune(GRAPH, chain)] == ["in->a0.0.q", "a0.0->out"]
+
+
+def test_a_circuit_built_from_the_graph_equals_its_parsed_pattern():
+    graph = Graph.from_model(tiny_model("mlp", n_layers=3))
+    rng = random.Random(1)
+    for density in (0.02, 0.2, 0.6):
+        kept = [e for e in graph.edges if rng.random() < density]
+        h = circuit_hypothesis(graph, "c", kept)
+        assert isinstance(h, StructuralHypothesis)
+        parsed = Hypothesis("c", h.pattern)
+        assert h.canonical == parsed.canonical
+        assert _shape(h.compile(graph)) == _shape(parsed.compile(graph))
+    assert circuit_hypothesis(graph, "e", []).pattern == "none"
+    assert circuit_hypothesis(graph, "f", graph.edges).pattern == "all"
+
+
+def _ranking(graph, seed=0) -> Ranking:
+    rng = random.Random(seed)
+    return Ranking.from_pairs(graph, "random", [(str(e), rng.gauss(0, 1)) for e in graph.edges])
+
+
+def test_a_curve_has_every_fraction_both_orders_and_the_two_ends():
+    ranking = _ranking(GRAPH)
+    members = circuit_curve(GRAPH, ranking, fractions=(0.01, 0.1, 0.5, 1.0))
+    assert len(members) == 2 * 4 + 2
+    total = len(GRAPH.edges)
+    by_name = {h.name: h for h in members}
+    for order in ("signed", "absolute"):
+        top = ranking.top(total // 10, absolute=order == "absolute")
+        kept = prune(GRAPH, top)
+        name = f"curve random {order} k=0.1 n={total // 10} pruned={len(kept)}"
+        assert by_name[name].pattern == circuit_hypothesis(GRAPH, name, kept).pattern
+    assert by_name["curve random empty"].pattern == "none"
+    assert by_name["curve random full"].pattern == "all"
+    assert [h for h in members if "k=1 " in h.name][0].pattern == "all"  # every edge, nothing pruned
+    signed = ranking.top(20, absolute=False)
+    assert signed == sorted(signed, key=lambda e: -ranking.scores[e])
+    assert ranking.top(20, absolute=True) != signed  # the orders differ on signed scores
+    assert MIB_FRACTIONS[0] == 0.001 and MIB_FRACTIONS[-1] == 1.0
+    with pytest.raises(PathPatchError, match="fraction 0 must be in"):
+        circuit_curve(GRAPH, ranking, fractions=(0,))
+
+
+def test_curve_circuits_equal_the_patching_rule_on_the_model():
+    """MIB's rule, by TransformerLens hooks: edges outside C carry the counterfactual value."""
+    model = tiny_model("mlp", n_layers=3, n_heads=4)
+    graph = Graph.from_model(model)
+    members = [h for h in circuit_curve(graph, _ranking(graph, 2), fractions=(0.05, 0.2, 0.5))
+               if h.pattern not in ("none", "all")]
+    gen = torch.Generator().manual_seed(4)
+    xr, xc = (torch.randint(0, model.cfg.d_vocab, (2, 5), generator=gen) for _ in range(2))
+    got = evaluate_logits(model, graph, [h.compile(graph) for h in members], Runs(model, xr, xc),
+                          PositionContext({}, 2, 5, xr.device))
+    for h, logits in zip(members, got, strict=True):
+        kept = set(h.edges)
+        torch.testing.assert_close(logits, _circuit_hook_run(model, kept, xr, xc),
+                                   rtol=1e-10, atol=1e-10, msg=lambda m, h=h: f"{h.name}: {m}")
+
+
+def test_rankings_load_from_parquet_csv_and_eap_graphs(tmp_path):
+    ranking = _ranking(GRAPH, 3)
+    names = [eap_name(e) if i % 2 else str(e) for i, e in enumerate(ranking.scores)]  # both namings
+    table = pa.table({"edge": names, "score": list(ranking.scores.values())})
+    pq.write_table(table, tmp_path / "r.parquet")
+    (tmp_path / "r.csv").write_text("edge,score\n" + "".join(
+        f"{n},{s!r}\n" for n, s in zip(names, ranking.scores.values(), strict=True)))
+    kept = prune(GRAPH, ranking.top(12, absolute=True))
+    write_eap_json(GRAPH, tmp_path / "r.json", ranking.scores, kept, d_model=8)
+    for name in ("r.parquet", "r.csv", "r.json"):
+        assert Ranking.load(GRAPH, tmp_path / name).scores == pytest.approx(ranking.scores), name
+    scores, in_graph = read_eap_graph(GRAPH, tmp_path / "r.json")
+    assert in_graph == set(kept)
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["cfg"]["n_layers"] == 2 and d["nodes"]["logits"]["in_graph"]
+    assert set(d["nodes"]) == {"input", "a0.h0", "a0.h1", "m0", "a1.h0", "a1.h1", "m1", "logits"}
+    assert d["edges"]["a0.h1->a1.h0<k>"]["score"] == ranking.scores[edge_of(GRAPH, "a0.1->a1.0.k")]
+
+
+def _eap_pt(graph, scores, in_graph) -> dict:
+    """A graph in EAP-IG's .pt layout: [source node, destination] matrices (`Graph.to_pt`)."""
+    src = ["input"] + [n for layer in range(graph.n_layers)
+                       for n in [f"a{layer}.h{h}" for h in range(graph.n_heads)] + [f"m{layer}"]]
+    dst = [n for layer in range(graph.n_layers)
+           for n in [f"a{layer}.h{h}<{c}>" for c in "qkv" for h in range(graph.n_heads)] + [f"m{layer}"]]
+    dst.append("logits")
+    by_name = {eap_name(e): e for e in graph.edges}
+    s, g = torch.zeros(len(src), len(dst)), torch.zeros(len(src), len(dst), dtype=torch.bool)
+    for i, a in enumerate(src):
+        for j, b in enumerate(dst):
+            child, _, ch = b.partition("<")
+            edge = by_name.get(f"{a}->{child}" + (f"<{ch}" if ch else ""))
+            if edge is not None:
+                s[i, j], g[i, j] = scores[edge], edge in in_graph
+    return {"cfg": {"n_layers": graph.n_layers, "n_heads": graph.n_heads,
+                    "parallel_attn_mlp": graph.parallel, "d_model": 8},
+            "src_nodes": src, "dst_nodes": dst, "edges_scores": s, "edges_in_graph": g,
+            "nodes_in_graph": torch.ones(len(src), dtype=torch.bool)}
+
+
+class Payload:
+    """An arbitrary object in a .pt file: `weights_only` refuses to build it."""
+
+
+def test_the_pt_form_reads_without_unpickling_objects(tmp_path):
+    ranking = _ranking(GRAPH, 5)
+    kept = set(prune(GRAPH, ranking.top(10, absolute=False)))
+    torch.save(_eap_pt(GRAPH, ranking.scores, kept), tmp_path / "g.pt")
+    scores, in_graph = read_eap_graph(GRAPH, tmp_path / "g.pt")
+    assert in_graph == kept
+    assert scores == pytest.approx({e: float(torch.tensor(v)) for e, v in ranking.scores.items()})
+
+    torch.save({"cfg": {}, "obj": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(PathPatchError, match="not a plain .pt graph"):
+        read_eap_graph(GRAPH, tmp_path / "evil.pt")
+
+
+def test_bad_rankings_are_refused_by_name(tmp_path):
+    edges = [str(e) for e in GRAPH.edges]
+    with pytest.raises(PathPatchError, match="edges have no score, e.g."):
+        Ranking.from_pairs(GRAPH, "r", [(edges[0], 1.0)])
+    with pytest.raises(PathPatchError, match="is scored twice"):
+        Ranking.from_pairs(GRAPH, "r", [(edges[0], 1.0), (eap_name(GRAPH.edges[0]), 2.0)])
+    with pytest.raises(PathPatchError, match="score nan"):
+        Ranking.from_pairs(GRAPH, "r", [(edges[0], float("nan"))])
+    wrong = Graph(n_layers=3, n_heads=2, has_mlp=True)
+    write_eap_json(wrong, tmp_path / "w.json", {}, [], d_model=8)
+    with pytest.raises(PathPatchError, match="cfg n_layers = 3, but the model has 2"):
+        read_eap_graph(GRAPH, tmp_path / "w.json")
+    with pytest.raises(PathPatchError, match="always have MLP nodes"):
+        read_eap_graph(Graph(n_layers=2, n_heads=2, has_mlp=False), tmp_path / "w.json")
+
+
+def test_the_family_reads_its_ranking_file(tmp_path):
+    ranking = _ranking(GRAPH, 6)
+    path = tmp_path / "scores.parquet"
+    pq.write_table(pa.table({"edge": [str(e) for e in ranking.scores],
+                             "score": list(ranking.scores.values())}), path)
+    members = load_hypotheses([{"family": "circuit_curve", "ranking": str(path),
+                                "fractions": [0.1, 0.5], "orders": ["absolute"]}], GRAPH)
+    assert [h.name.split(" k=")[-1].split(" ")[0] for h in members[:2]] == ["0.1", "0.5"]
+    assert [h.name for h in members[2:]] == ["curve scores empty", "curve scores full"]
