@@ -142,15 +142,16 @@ def prune(graph: Graph, edges: Iterable[Edge]) -> list[Edge]:
     """The edges of a set that lie on some input -> output path through the set, in the graph's
     edge order (a head's channels are one node: an edge into its q reaches what it feeds)."""
     chosen = set(edges)
+    ordered = [e for e in graph.edges if e in chosen]  # by receiver: senders come first
     from_input = {graph.input}
-    for e in sorted(chosen, key=lambda e: e.receiver.order):  # senders before receivers
+    for e in ordered:
         if e.sender in from_input:
             from_input.add(e.receiver)
     to_output = {graph.output}
-    for e in sorted(chosen, key=lambda e: -e.sender.order):
+    for e in sorted(ordered, key=lambda e: -e.sender.order):
         if e.receiver in to_output:
             to_output.add(e.sender)
-    return [e for e in graph.edges if e in chosen and e.sender in from_input and e.receiver in to_output]
+    return [e for e in ordered if e.sender in from_input and e.receiver in to_output]
 
 
 def circuit_hypothesis(graph: Graph, name: str, edges: Sequence[Edge]) -> Hypothesis:
@@ -179,9 +180,10 @@ def circuit_curve(graph: Graph, ranking: Ranking, fractions: Sequence[float] = M
     total = len(graph.edges)
     out: list[Hypothesis] = []
     for order in orders:
+        ranked = ranking.top(total, absolute=order == "absolute")  # sorted once per order
         for k in fractions:
             n = math.floor(k * total)
-            kept = prune(graph, ranking.top(n, absolute=order == "absolute"))
+            kept = prune(graph, ranked[:n])
             name = f"curve {ranking.name} {order} k={k:g} n={n} pruned={len(kept)}"
             out.append(circuit_hypothesis(graph, name, kept))
     out.append(Hypothesis(f"curve {ranking.name} empty", "none"))

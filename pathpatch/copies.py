@@ -157,12 +157,13 @@ def single_copy_graph(graph: Graph, *, cut: dict[tuple[int, Channel], frozenset[
         else:
             value[node.order] = len(copies)
             copies.append(Copy(len(copies), node, tuple(inputs)))
-    return _read_from(CopyGraph(graph, value[graph.output.order], tuple(copies)))
+    return CopyGraph(graph, value[graph.output.order], tuple(copies))
 
 
-def _read_from(copy_graph: CopyGraph) -> CopyGraph:
-    """Only the copies the output reads, directly or not (a circuit's edges that reach no output
-    leave copies nobody reads), renumbered in order; what the automaton walk from `out` finds."""
+def read_by_output(copy_graph: CopyGraph) -> CopyGraph:
+    """Only the copies the output reads, directly or not, renumbered in order: what the automaton
+    walk from `out` finds. A circuit's edges that reach no output leave copies nobody reads;
+    removals and through-node members never do, so only circuits pay for this pass."""
     live = {copy_graph.root}
     for copy in reversed(copy_graph.copies):  # receivers before senders
         if copy.id in live:

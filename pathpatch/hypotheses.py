@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.automaton import compile_pattern
-from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, single_copy_graph
+from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, read_by_output, single_copy_graph
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Channel, Graph, NodeKind
 from pathpatch.patterns import (
@@ -109,7 +109,7 @@ class StructuralHypothesis(Hypothesis):
             for edge in graph.edges:
                 if str(edge) not in self.edges:
                     cut.setdefault((edge.receiver.order, edge.channel), set()).add(edge.sender.order)
-            return single_copy_graph(graph, cut={k: frozenset(v) for k, v in cut.items()})
+            return read_by_output(single_copy_graph(graph, cut={k: frozenset(v) for k, v in cut.items()}))
         node = graph.node(self.target)
         if self.kind == "remove_node":
             return single_copy_graph(graph, forced={node.order: CF})
