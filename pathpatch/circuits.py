@@ -14,6 +14,7 @@ Edge names map both ways: pathpatch's `in->a0.3.q`, `a0.3->a1.5.k`, `m11->out` a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,13 +62,10 @@ def edge_of(graph: Graph, name: str, where: str = "ranking") -> Edge:
     return found
 
 
+@functools.lru_cache(maxsize=8)
 def _names(graph: Graph) -> dict[str, Edge]:
-    cache = graph.__dict__.setdefault("_circuit_names", {})
-    if not cache:
-        for e in graph.edges:
-            cache[str(e)] = e
-            cache[eap_name(e)] = e
-    return cache
+    """Both names of every edge (built once per graph shape)."""
+    return {name: e for e in graph.edges for name in (str(e), eap_name(e))}
 
 
 # --- rankings --------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Many hypotheses evaluated together: one pass per layer stage over all their mixed copies.
 
-A group's copies are sorted into stages (heads of layer L, MLP of layer L, output). Each stage
-is one pass: every input *row* (a version of a channel of a copy) is a residual stream made of
-cached runs and sender deviations; rows that come out equal are built once (a single-edge
+A group's copies are sorted into stages (heads of layer L, the normalized sums of those heads
+where the model has a norm after attention, MLP of layer L, output). Each stage is one pass:
+every input *row* (a version of a channel of a copy) is a residual stream (for a heads' sum, a
+sum of heads) made of cached runs and sender deviations; rows that come out equal are built once (a single-edge
 removal's downstream heads all read one row per layer, as in a forward). Each distinct input is
 built from whichever base needs the fewest terms: the clean residual, the counterfactual one, or
 one of the previous stage's inputs (a residual stream carried forward); the terms are one matrix
