@@ -3,14 +3,14 @@
 A group's copies are sorted into stages (heads of layer L, the normalized sums of those heads
 where the model has a norm after attention, MLP of layer L, output). Each stage is one pass:
 every input *row* (a version of a channel of a copy) is a residual stream (for a heads' sum, a
-sum of heads) made of cached runs and sender deviations; rows that come out equal are built once (a single-edge
-removal's downstream heads all read one row per layer, as in a forward). Each distinct input is
-built from whichever base needs the fewest terms: the clean residual, the counterfactual one, or
-one of the previous stage's inputs (a residual stream carried forward); the terms are one matrix
-product per hypothesis over a slice of its deviation bank. Then all rows of all hypotheses go
-through LayerNorm (folded into the projections, `folding.py`), attention, MLPs and unembedding
-together, stacked along a leading dimension. Stages with no mixed copy are never run: they are
-read from the caches.
+sum of heads) made of cached runs and sender deviations; rows that come out equal are built once
+(a single-edge removal's downstream heads all read one row per layer, as in a forward). Each
+distinct input is built from whichever base needs the fewest terms: the clean residual, the
+counterfactual one, or one of the previous stage's inputs (a residual stream carried forward);
+the terms are one matrix product per hypothesis over a slice of its deviation bank. Then all
+rows of all hypotheses go through LayerNorm (folded into the projections, `folding.py`),
+attention, MLPs and unembedding together, stacked along a leading dimension. Stages with no
+mixed copy are never run: they are read from the caches.
 
 The plan (inputs, coefficient matrices) depends only on the hypotheses, so it is built once and
 reused for every batch.
