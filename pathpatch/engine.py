@@ -154,7 +154,9 @@ def evaluate(
 
     Returns:
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
-        (delta(G(x_r), G_H)), `te` (delta(G(x_r), G(x_c))), ordered by hypothesis then example.
+        (delta(G(x_r), G_H)), `te` (delta(G(x_r), G(x_c))), ordered by hypothesis then example;
+        for a metric with a `value` (logit_diff) also `m`, `m_clean`, `m_cf`: that statistic of
+        G_H, G(x_r) and G(x_c).
     """
     metric = get_metric(metric)
     graph = Graph.from_model(model)
@@ -178,6 +180,9 @@ def evaluate(
     folded = FoldedWeights(model)
     ue = torch.zeros(len(hypotheses), n, dtype=torch.float64)
     te = torch.zeros(n, dtype=torch.float64)
+    values = metric.value is not None  # the metric's own statistic too: m, m_clean, m_cf
+    m = torch.zeros(len(hypotheses), n, dtype=torch.float64) if values else None
+    m_runs = torch.zeros(2, n, dtype=torch.float64) if values else None
     for start in range(0, n, batch_size):
         batch = dataset.select(slice(start, start + batch_size))
         stop = start + len(batch)
@@ -194,22 +199,30 @@ def evaluate(
         )
         delta = metric.against(runs.logits["r"], batch)  # the clean side once per batch
         te[start:stop] = delta(runs.logits["c"]).cpu()
+        if values:
+            for row, run in enumerate(("r", "c")):
+                m_runs[row, start:stop] = metric.value(runs.logits[run], batch).cpu()
         read = batch.scored.to(device) if metric.scored_only else None
         for group, plan in zip(groups, plans, strict=True):
             outputs = GroupEvaluator(model, plan, runs, positions, folded, read).logits()
             for i, logits in zip(group, outputs, strict=True):
                 ue[i, start:stop] = delta(logits).cpu()
+                if values:
+                    m[i, start:stop] = metric.value(logits, batch).cpu()
         if progress is not None:
             progress(len(batch))
     examples = dataset.example_ids.to(torch.int64)
-    return pa.table(
-        {
-            "hypothesis": pa.array([n_ for n_ in names for _ in range(n)], pa.string()),
-            "example": pa.array(examples.repeat(len(hypotheses)).numpy(), pa.int64()),
-            "ue": pa.array(ue.reshape(-1).numpy(), pa.float64()),
-            "te": pa.array(te.repeat(len(hypotheses)).numpy(), pa.float64()),
-        }
-    )
+    columns = {
+        "hypothesis": pa.array([n_ for n_ in names for _ in range(n)], pa.string()),
+        "example": pa.array(examples.repeat(len(hypotheses)).numpy(), pa.int64()),
+        "ue": pa.array(ue.reshape(-1).numpy(), pa.float64()),
+        "te": pa.array(te.repeat(len(hypotheses)).numpy(), pa.float64()),
+    }
+    if values:
+        columns["m"] = pa.array(m.reshape(-1).numpy(), pa.float64())
+        columns["m_clean"] = pa.array(m_runs[0].repeat(len(hypotheses)).numpy(), pa.float64())
+        columns["m_cf"] = pa.array(m_runs[1].repeat(len(hypotheses)).numpy(), pa.float64())
+    return pa.table(columns)
 
 
 @dataclass(frozen=True)

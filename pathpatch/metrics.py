@@ -61,6 +61,11 @@ class Metric:
             this form through `Metric.from_fn`.
         check: optional dataset requirement (raises PathPatchError), run by
             `check_dataset` before any model work and again by `against`.
+        value: optional statistic of one output per example, signed (``logit_diff``: the
+            answer's logit minus the wrong answer's at the last scored position, MIB's m).
+            Where there is one, `engine.evaluate` stores it beside the deltas: columns `m`
+            (the hypothesis), `m_clean` and `m_cf` (the two runs), which MIB's faithfulness
+            f(C) = (m(C) - m(cf)) / (m(clean) - m(cf)) is computed from.
         scored_only: the metric reads logits at the batch's scored positions only (built-ins),
             so the engine unembeds those positions only and leaves the others NaN. A user
             callable may read any position: its logits are complete.
@@ -70,6 +75,7 @@ class Metric:
     against_clean: Against
     check: Callable[[PairDataset], None] | None = None
     scored_only: bool = False
+    value: Callable[[torch.Tensor, PairDataset], torch.Tensor] | None = None
 
     @classmethod
     def from_fn(cls, name: str, fn: MetricFn,
@@ -367,8 +373,20 @@ def _check_logit_diff(batch: PairDataset) -> None:
         )
 
 
+def _logit_diff_value(logits: torch.Tensor, batch: PairDataset) -> torch.Tensor:
+    """[batch] float64: the answer's logit minus the wrong answer's at the last scored position."""
+    return _logit_diff_of(logits, batch)(logits)
+
+
 def _logit_diff_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tensor], torch.Tensor]:
     """The clean logit difference once per batch; an other output costs its own."""
+    diff = _logit_diff_of(clean, batch)
+    clean_diff = diff(clean)
+    return lambda other: (clean_diff - diff(other)).abs()
+
+
+def _logit_diff_of(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits -> [batch] logit differences at the batch's last scored positions (checked once)."""
     device = clean.device
     vocab = clean.shape[-1]
     answer = batch.answer.to(device)
@@ -389,14 +407,14 @@ def _logit_diff_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[to
         at = logits[rows, last].to(torch.float64)  # (batch, vocab)
         return at[rows, answer] - at[rows, wrong]
 
-    clean_diff = diff(clean)
-    return lambda other: (clean_diff - diff(other)).abs()
+    return diff
 
 
 BUILTIN_METRICS: dict[str, Metric] = {
     "kl": Metric("kl", _kl_against, scored_only=True),
     "loss": Metric("loss", _loss_against, _check_loss, scored_only=True),
-    "logit_diff": Metric("logit_diff", _logit_diff_against, _check_logit_diff, scored_only=True),
+    "logit_diff": Metric("logit_diff", _logit_diff_against, _check_logit_diff, scored_only=True,
+                         value=_logit_diff_value),
 }
 """Built-in metrics by name; ``kl`` is the default."""
 

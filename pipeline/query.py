@@ -9,12 +9,17 @@ INSTALL/LOAD and SET fail. `run_query` (the CLI) also refuses any statement but 
 with a message that says so.
 
 Views:
-    results  sweep, item, shard, hypothesis, example, ue, te, ... (every per-example row)
+    results  sweep, item, shard, hypothesis, example, ue, te, m, m_clean, m_cf (every
+             per-example row; m* NULL for a metric without its own statistic)
     scores   sweep, hypothesis, n, aue, ate, proportion_explained, pe_low, pe_high,
              aue_low, aue_high (delta-method normal 95% interval; PE null when |ATE| < 1e-6),
              partial (true while some of the hypothesis's work items are not done)
     items    sweep, item, group_index, shard, shard_id, n_examples, rows, hypotheses, status,
              attempts, error, path
+    faithfulness  sweep, ranking, ordering, k, n_edges, n_pruned, n, faithfulness (MIB's f from
+             the metric's m: logit_diff), its paired-bootstrap 95% interval, and the sweep
+             metric's proportion explained with its interval, per member of a circuit_curve
+    curve_scores  sweep, ranking, cpr, cmd (MIB's, with intervals), cpr_metric, cmd_metric
 """
 
 from __future__ import annotations
@@ -41,7 +46,78 @@ ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")
 _EMPTY_RESULTS = pa.schema([
     ("hypothesis", pa.string()), ("example", pa.int64()), ("ue", pa.float64()),
     ("te", pa.float64()), ("item", pa.string()), ("shard", pa.int32()),
+    ("m", pa.float64()), ("m_clean", pa.float64()), ("m_cf", pa.float64()),
 ])
+"""Every column `results` always has: the metric's own statistic (`m`, `m_clean`, `m_cf`) is
+NULL in sweeps whose metric has none (`pathpatch.metrics.Metric.value`)."""
+
+BOOTSTRAP_REPLICATES = 1000
+"""Replicates of the paired bootstrap behind `faithfulness` and `curve_scores`."""
+
+_CURVE_NAME = r"^curve (.+) (signed|absolute) k=([0-9.e+-]+) n=([0-9]+) pruned=([0-9]+)$"
+
+_CURVE_SQL = f"""
+CREATE TEMP VIEW _curve_replicates AS
+WITH rows AS (  -- the members of circuit_curve families, their name taken apart
+    SELECT sweep, example, ue, te, m, m_clean, m_cf, c.ranking, c.ordering,
+           c.k::DOUBLE AS k, c.n_edges::BIGINT AS n_edges, c.n_pruned::BIGINT AS n_pruned
+    FROM (SELECT *, regexp_extract(hypothesis, '{_CURVE_NAME}',
+                                   ['ranking', 'ordering', 'k', 'n_edges', 'n_pruned']) AS c
+          FROM results WHERE regexp_full_match(hypothesis, '{_CURVE_NAME}'))
+), examples AS (  -- each sweep's examples, numbered from 0
+    SELECT sweep, example, row_number() OVER (PARTITION BY sweep ORDER BY example) - 1 AS j,
+           count(*) OVER (PARTITION BY sweep) AS n
+    FROM (SELECT DISTINCT sweep, example FROM rows)
+), draws AS (  -- replicate -1: the sample itself; 0..B-1: n examples drawn with replacement
+    SELECT sweep, -1 AS r, j FROM examples
+    UNION ALL
+    SELECT sweep, r, hash(r, d, 'pathpatch') % n AS j
+    FROM (SELECT DISTINCT sweep, n, unnest(range(n)) AS d FROM examples),
+         (SELECT range AS r FROM range({BOOTSTRAP_REPLICATES}))
+)
+-- every member of a curve on the same draws of examples: the bootstrap is paired across k
+SELECT sweep, ranking, ordering, k, n_edges, n_pruned, r, count(*) AS n,
+       CASE WHEN abs(avg(m_clean) - avg(m_cf)) >= {MIN_ATE}
+            THEN (avg(m) - avg(m_cf)) / (avg(m_clean) - avg(m_cf)) END AS f,
+       CASE WHEN abs(avg(te)) >= {MIN_ATE} THEN 1 - avg(ue) / avg(te) END AS f_metric
+FROM draws JOIN examples USING (sweep, j) JOIN rows USING (sweep, example)
+GROUP BY sweep, ranking, ordering, k, n_edges, n_pruned, r;
+
+CREATE TEMP VIEW faithfulness AS
+SELECT sweep, ranking, ordering, k, n_edges, n_pruned,
+       max(n) FILTER (WHERE r = -1) AS n,
+       max(f) FILTER (WHERE r = -1) AS faithfulness,
+       quantile_cont(f, 0.025) FILTER (WHERE r >= 0) AS faithfulness_low,
+       quantile_cont(f, 0.975) FILTER (WHERE r >= 0) AS faithfulness_high,
+       max(f_metric) FILTER (WHERE r = -1) AS proportion_explained,
+       quantile_cont(f_metric, 0.025) FILTER (WHERE r >= 0) AS pe_low,
+       quantile_cont(f_metric, 0.975) FILTER (WHERE r >= 0) AS pe_high
+FROM _curve_replicates GROUP BY sweep, ranking, ordering, k, n_edges, n_pruned;
+
+CREATE TEMP VIEW curve_scores AS
+WITH steps AS (  -- trapezoids between consecutive k, per replicate
+    SELECT *, lag(k) OVER w AS k0, lag(f) OVER w AS f0, lag(f_metric) OVER w AS g0
+    FROM _curve_replicates WINDOW w AS (PARTITION BY sweep, ranking, ordering, r ORDER BY k)
+), areas AS (  -- CPR: area under f (signed ranking); CMD: area of |1 - f| (absolute ranking)
+    SELECT sweep, ranking, ordering, r,
+           CASE WHEN count(*) = count((f + f0)) THEN sum((k - k0) * CASE ordering
+               WHEN 'signed' THEN (f + f0) / 2 ELSE (abs(1 - f) + abs(1 - f0)) / 2 END) END AS area,
+           CASE WHEN count(*) = count((f_metric + g0)) THEN sum((k - k0) * CASE ordering
+               WHEN 'signed' THEN (f_metric + g0) / 2
+               ELSE (abs(1 - f_metric) + abs(1 - g0)) / 2 END) END AS area_metric
+    FROM steps WHERE k0 IS NOT NULL GROUP BY sweep, ranking, ordering, r
+)
+SELECT sweep, ranking,
+       max(area) FILTER (WHERE ordering = 'signed' AND r = -1) AS cpr,
+       quantile_cont(area, 0.025) FILTER (WHERE ordering = 'signed' AND r >= 0) AS cpr_low,
+       quantile_cont(area, 0.975) FILTER (WHERE ordering = 'signed' AND r >= 0) AS cpr_high,
+       max(area) FILTER (WHERE ordering = 'absolute' AND r = -1) AS cmd,
+       quantile_cont(area, 0.025) FILTER (WHERE ordering = 'absolute' AND r >= 0) AS cmd_low,
+       quantile_cont(area, 0.975) FILTER (WHERE ordering = 'absolute' AND r >= 0) AS cmd_high,
+       max(area_metric) FILTER (WHERE ordering = 'signed' AND r = -1) AS cpr_metric,
+       max(area_metric) FILTER (WHERE ordering = 'absolute' AND r = -1) AS cmd_metric
+FROM areas GROUP BY sweep, ranking
+"""
 
 _SCORES_SQL = f"""
 CREATE TEMP VIEW scores AS
@@ -121,10 +197,13 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
              "error": r["error"], "path": r["path"]}
             for r in records
         ], schema=_ITEMS_SCHEMA))
+    con.register("_results_columns", _EMPTY_RESULTS.empty_table())
+    result_parts.append("SELECT NULL::VARCHAR AS sweep, * FROM _results_columns")
     con.register("_items", pa.concat_tables(item_tables))
     con.execute("CREATE TEMP VIEW results AS " + " UNION ALL BY NAME ".join(result_parts))
     con.execute("CREATE TEMP VIEW items AS SELECT * FROM _items")
     con.execute(_SCORES_SQL)
+    con.execute(_CURVE_SQL)
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

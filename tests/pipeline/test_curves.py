@@ -1,0 +1,109 @@
+"""Faithfulness curves through the pipeline: a circuit_curve sweep with MIB's logit difference,
+and the `faithfulness` and `curve_scores` views checked against the rows, recomputed here."""
+
+import random
+
+import numpy as np
+import pytest
+
+from pathpatch.graph import Graph
+from pathpatch.models import load_model
+from pipeline.cli import main
+from pipeline.query import open_sweeps
+
+SPEC = """
+model = "attn-only-2l"
+metric = "logit_diff"
+shard_size = 16
+group_size = 11
+[dataset]
+kind = "induction"
+n = 32
+[[hypotheses]]
+family = "circuit_curve"
+ranking = "scores.csv"
+fractions = [0.01, 0.1, 0.3, 1.0]
+"""
+
+
+@pytest.fixture(scope="module")
+def curve_sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("curve")
+    graph = Graph.from_model(load_model("attn-only-2l"))
+    rng = random.Random(0)
+    (root / "scores.csv").write_text("edge,score\n" + "".join(
+        f"{e},{rng.gauss(0, 1)!r}\n" for e in graph.edges))
+    (root / "curve.toml").write_text(SPEC)
+    folder = root / "curve"
+    assert main(["run", str(root / "curve.toml"), "--out", str(folder), "--backend", "inprocess",
+                 "--quiet", "--no-progress"]) == 0
+    return folder
+
+
+def _rows(con, name: str):
+    return con.sql("SELECT example, ue, te, m, m_clean, m_cf FROM results "
+                   f"WHERE hypothesis = '{name}' ORDER BY example").fetchnumpy()
+
+
+def test_the_ends_of_a_curve_are_the_two_runs(curve_sweep):
+    con = open_sweeps(curve_sweep)
+    empty, full = _rows(con, "curve scores empty"), _rows(con, "curve scores full")
+    assert len(empty["m"]) == 32
+    np.testing.assert_array_equal(empty["m"], empty["m_cf"])  # no edge: the counterfactual run
+    np.testing.assert_array_equal(full["m"], full["m_clean"])  # every edge: the clean run
+    assert not np.allclose(empty["m_clean"], empty["m_cf"])  # and the task has an effect
+
+
+def test_faithfulness_and_curve_scores_equal_their_definitions(curve_sweep):
+    con = open_sweeps(curve_sweep)
+    view = con.sql("SELECT ordering, k, n_edges, n_pruned, n, faithfulness, faithfulness_low, "
+                   "faithfulness_high, proportion_explained FROM faithfulness "
+                   "ORDER BY ordering, k").fetchall()
+    assert [(o, k) for o, k, *_ in view] == [(o, k) for o in ("absolute", "signed")
+                                             for k in (0.01, 0.1, 0.3, 1.0)]
+    names = {r[0]: r[0] for r in con.sql("SELECT DISTINCT hypothesis FROM results").fetchall()}
+    f = {}
+    for ordering, k, n_edges, n_pruned, n, faith, low, high, pe in view:
+        name = f"curve scores {ordering} k={k:g} n={n_edges} pruned={n_pruned}"
+        assert name in names and n == 32
+        rows = _rows(con, name)
+        want = (rows["m"].mean() - rows["m_cf"].mean()) / (rows["m_clean"].mean() - rows["m_cf"].mean())
+        assert faith == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert pe == pytest.approx(1 - rows["ue"].mean() / rows["te"].mean(), rel=1e-9)
+        assert low <= high and (low <= faith <= high or abs(high - low) < 1e-9)
+        f[ordering, k] = want
+    assert f["signed", 1.0] == pytest.approx(1.0) and f["absolute", 1.0] == pytest.approx(1.0)
+    ks = [0.01, 0.1, 0.3, 1.0]
+    cpr = sum((b - a) * (f["signed", a] + f["signed", b]) / 2 for a, b in zip(ks, ks[1:]))
+    cmd = sum((b - a) * (abs(1 - f["absolute", a]) + abs(1 - f["absolute", b])) / 2
+              for a, b in zip(ks, ks[1:]))
+    (row,) = con.sql("SELECT ranking, cpr, cpr_low, cpr_high, cmd, cmd_low, cmd_high "
+                     "FROM curve_scores").fetchall()
+    assert row[0] == "scores"
+    assert row[1] == pytest.approx(cpr, rel=1e-9) and row[4] == pytest.approx(cmd, rel=1e-9, abs=1e-12)
+    assert row[2] <= row[3] and row[5] <= row[6]
+
+
+def test_a_sweep_without_curves_has_empty_curve_views(tmp_path):
+    spec = tmp_path / "plain.toml"
+    spec.write_text('model = "attn-only-2l"\n[dataset]\nkind = "induction"\nn = 8\n'
+                    '[[hypotheses]]\nname = "all"\npattern = "all"\n')
+    assert main(["run", str(spec), "--out", str(tmp_path / "plain"), "--backend", "inprocess",
+                 "--quiet", "--no-progress"]) == 0
+    con = open_sweeps(tmp_path / "plain")
+    assert con.sql("SELECT * FROM faithfulness").fetchall() == []
+    assert con.sql("SELECT * FROM curve_scores").fetchall() == []
+    assert con.sql("SELECT count(*) FROM results WHERE m IS NULL").fetchall() == [(8,)]  # kl: no m
+
+
+def test_the_documented_curve_queries_run(curve_sweep):
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PIPELINE.md").read_text()
+    block = doc.split("Faithfulness curves (", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    body = "\n".join(line for line in block.splitlines() if not line.strip().startswith("--"))
+    queries = [q.strip() for q in body.split(";") if q.strip()]
+    assert len(queries) == 2
+    con = open_sweeps(curve_sweep)
+    assert len(con.sql(queries[0]).fetchall()) == 8
+    assert [r[0] for r in con.sql(queries[1]).fetchall()] == ["scores"]
