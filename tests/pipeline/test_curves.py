@@ -107,3 +107,26 @@ def test_the_documented_curve_queries_run(curve_sweep):
     con = open_sweeps(curve_sweep)
     assert len(con.sql(queries[0]).fetchall()) == 8
     assert [r[0] for r in con.sql(queries[1]).fetchall()] == ["scores"]
+
+
+def test_a_ranking_from_an_edge_removal_sweep_feeds_a_curve(tmp_path, capsys):
+    """The documented route: exact single-edge effects -> CSV ranking -> circuit_curve -> CPR."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PIPELINE.md").read_text()
+    line = next(ln for ln in doc.splitlines() if ln.startswith("pathpatch sql sweeps/edges"))
+    query = line.split('"')[1]
+    spec = tmp_path / "edges.toml"
+    spec.write_text('model = "attn-only-2l"\nmetric = "logit_diff"\ngroup_size = 27\n'
+                    '[dataset]\nkind = "induction"\nn = 16\n[[hypotheses]]\nfamily = "edge_removal"\n')
+    assert main(["run", str(spec), "--out", str(tmp_path / "edges"), "--backend", "inprocess",
+                 "--quiet", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["sql", str(tmp_path / "edges"), query, "--format", "csv"]) == 0
+    (tmp_path / "scores.csv").write_text(capsys.readouterr().out)
+    curve = tmp_path / "curve.toml"
+    curve.write_text(SPEC.replace("n = 32", "n = 16"))
+    assert main(["run", str(curve), "--out", str(tmp_path / "curve"), "--backend", "inprocess",
+                 "--quiet", "--no-progress"]) == 0
+    (row,) = open_sweeps(tmp_path / "curve").sql("SELECT ranking, cpr, cmd FROM curve_scores").fetchall()
+    assert row[0] == "scores" and row[1] is not None and row[2] is not None
