@@ -222,6 +222,28 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_circuit(args: argparse.Namespace) -> int:
+    """A ranking's top-k circuit as an EAP-IG / MIB graph JSON (for MIB submissions)."""
+    import math
+
+    from pathpatch.circuits import Ranking, prune, write_eap_json
+    from pathpatch.graph import Graph
+    from pathpatch.models import load_model
+
+    if not 0 < args.fraction <= 1:
+        raise PathPatchError(f"--fraction {args.fraction!r}: give a fraction of edges in (0, 1]")
+    model = load_model(args.model)
+    graph = Graph.from_model(model)
+    ranking = Ranking.load(graph, args.ranking)
+    n = math.floor(args.fraction * len(graph.edges))
+    kept = prune(graph, ranking.top(n, absolute=args.absolute))
+    write_eap_json(graph, args.out, ranking.scores, kept, d_model=model.cfg.d_model)
+    print(f"{args.out}: {len(kept):,} edges in the circuit ({n:,} ranked by "
+          f"{'absolute' if args.absolute else 'signed'} score, then pruned), "
+          f"{len(graph.edges):,} scored")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
@@ -338,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=8, help="positions to count paths over")
     p.add_argument("--dataset", help="task whose first example supplies @mask= masks (induction)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("circuit", help="a ranking's top edges as an EAP-IG / MIB graph JSON")
+    p.add_argument("ranking", help="Parquet/CSV (edge, score) table or EAP-IG graph (.json/.pt)")
+    p.add_argument("--model", required=True, help="the model the ranking scores")
+    p.add_argument("--fraction", type=float, default=0.1, help="share of edges kept before pruning")
+    p.add_argument("--absolute", action="store_true", help="rank by |score| (MIB's CMD ranking)")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.set_defaults(func=_cmd_circuit)
 
     p = sub.add_parser("report", help="write report.png and report.html into a sweep folder")
     p.add_argument("folder", help="the sweep folder (e.g. sweeps/default)")

@@ -214,3 +214,20 @@ def test_the_family_reads_its_ranking_file(tmp_path):
                                 "fractions": [0.1, 0.5], "orders": ["absolute"]}], GRAPH)
     assert [h.name.split(" k=")[-1].split(" ")[0] for h in members[:2]] == ["0.1", "0.5"]
     assert [h.name for h in members[2:]] == ["curve scores empty", "curve scores full"]
+
+
+def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys):
+    from pathpatch.models import load_model
+    from pipeline.cli import main
+
+    graph = Graph.from_model(load_model("mlp-2l"))
+    ranking = _ranking(graph, 7)
+    (tmp_path / "r.csv").write_text("edge,score\n" + "".join(
+        f"{eap_name(e)},{s!r}\n" for e, s in ranking.scores.items()))
+    out = tmp_path / "circuit.json"
+    assert main(["circuit", str(tmp_path / "r.csv"), "--model", "mlp-2l", "--fraction", "0.2",
+                 "--out", str(out)]) == 0
+    scores, in_graph = read_eap_graph(graph, out)
+    assert in_graph == set(prune(graph, ranking.top(len(graph.edges) // 5, absolute=False)))
+    assert scores == pytest.approx(ranking.scores)
+    assert "edges in the circuit" in capsys.readouterr().out

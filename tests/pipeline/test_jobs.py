@@ -11,7 +11,8 @@ JOBS = Path(__file__).resolve().parents[2] / "jobs"
 PRETRAINED = {"gpt2_numbers.toml": ("gpt2", "gpt2"),
               "pythia_induction.toml": ("pythia-160m", "EleutherAI/pythia-160m"),
               "llama_induction.toml": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B")}
-LOCAL = sorted(p.name for p in JOBS.glob("*.toml") if p.name not in PRETRAINED)
+TWO_STEP = {"curve.toml": "edge_effects.csv"}  # reads a ranking an earlier job's SQL writes
+LOCAL = sorted(p.name for p in JOBS.glob("*.toml") if p.name not in PRETRAINED | TWO_STEP)
 
 
 @pytest.mark.parametrize("name", LOCAL)
@@ -49,3 +50,25 @@ def test_pretrained_sweeps_fail_fast_and_clearly_without_their_weights(name, cap
     assert f"model = {model!r}" in err and "not in the Hugging Face cache" in err
     assert "huggingface-cli download" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", list(TWO_STEP))
+def test_a_curve_job_plans_once_its_ranking_exists_and_says_what_is_missing_before(
+        name, capsys, tmp_path):
+    """Run from a copy of jobs/ beside a sweeps/ folder, as in a checkout."""
+    import shutil
+
+    from pathpatch.graph import Graph
+    from pathpatch.models import load_model
+
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(JOBS / name, tmp_path / "jobs" / name)
+    assert main(["run", str(tmp_path / "jobs" / name), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"ranking = '../sweeps/{TWO_STEP[name]}': no such file" in err
+    (tmp_path / "sweeps").mkdir()
+    graph = Graph.from_model(load_model("attn-only-2l"))
+    (tmp_path / "sweeps" / TWO_STEP[name]).write_text(
+        "edge,score\n" + "".join(f"{e},{i}\n" for i, e in enumerate(graph.edges)))
+    assert main(["run", str(tmp_path / "jobs" / name), "--dry-run"]) == 0
+    assert "dry run: nothing was written" in capsys.readouterr().out
