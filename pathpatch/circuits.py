@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,24 @@ def eap_name(edge: Edge) -> str:
     if edge.channel is Channel.RESID:
         return f"{sender}->{receiver}"
     return f"{sender}->{receiver}<{edge.channel.value}>"
+
+
+def pathpatch_name(name: str) -> str:
+    """An edge name in pathpatch's naming, from either naming, by its text alone (no graph:
+    whether the edge exists is `edge_of`'s check): `a0.h3->a1.h5<k>` -> `a0.3->a1.5.k`."""
+    name = name.strip()
+    channel = ""
+    if name.endswith(">") and "<" in name:
+        name, channel = name[:-1].split("<", 1)
+        channel = "." + channel
+    sender, _, receiver = name.partition("->")
+    nodes = {"input": "in", "logits": "out"}
+
+    def node(n: str) -> str:
+        n = nodes.get(n, n)
+        return re.sub(r"^a(\d+)\.h(\d+)$", r"a\1.\2", n)
+
+    return f"{node(sender)}->{node(receiver)}{channel}"
 
 
 def edge_of(graph: Graph, name: str, where: str = "ranking") -> Edge:

@@ -1,5 +1,5 @@
 """Figures of localization scores: intervals per hypothesis, their spread over examples, node
-heatmaps, strongest edges, and edges by layer.
+heatmaps, strongest edges, edges by layer, faithfulness curves and a circuit's drawing.
 
 Input is a scores table (hypothesis, proportion_explained, pe_boot_low/high or pe_low/high, ...);
 the node and edge figures read the names the removal families give (`remove a1.2`,
@@ -145,6 +145,31 @@ def _node_xy(name: str, n_layers: int) -> tuple[float, float]:
     return float(layer), int(head) - 1.5
 
 
+_CHANNEL_COLORS = {"q": "tab:green", "k": "tab:orange", "v": "tab:purple", None: "tab:blue"}
+
+
+def _draw_edges(ax, edges: list[tuple[float, str, str, str | None]]) -> None:
+    """(weight, sender, receiver, channel) arrows on the model's layout (nodes by layer), width
+    by |weight|, colour by the receiver's channel."""
+    names = {n for _, s, t, _ in edges for n in (s, t)}
+    n_layers = 1 + max((int(n[1:].split(".")[0]) for n in names if n[0] in "am"), default=0)
+    top = max((abs(e[0]) for e in edges), default=1.0) or 1.0
+    for weight, s, t, ch in reversed(edges):
+        (x0, y0), (x1, y1) = _node_xy(s, n_layers), _node_xy(t, n_layers)
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(
+            arrowstyle="-|>", lw=0.5 + 4 * abs(weight) / top, color=_CHANNEL_COLORS[ch],
+            alpha=0.8, connectionstyle="arc3,rad=0.15"))
+    for n in names:
+        x, y = _node_xy(n, n_layers)
+        ax.scatter([x], [y], s=520, color="white", edgecolor="black", zorder=3)
+        ax.text(x, y, n, ha="center", va="center", fontsize=8, zorder=4)
+    for ch, c in _CHANNEL_COLORS.items():
+        ax.plot([], [], color=c, label=f".{ch}" if ch else "resid")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_xlabel("layer")
+    ax.set_yticks([])
+
+
 def edges_axes(ax, scores, top_k: int = 20) -> bool:
     """The edges whose removal leaves the most effect unexplained, drawn on the model's layout."""
     edges = []
@@ -156,26 +181,43 @@ def edges_axes(ax, scores, top_k: int = 20) -> bool:
         return False
     edges.sort(reverse=True)
     strongest = edges[:top_k]
-    names = {n for _, s, t, _ in edges for n in (s, t)}
-    n_layers = 1 + max((int(n[1:].split(".")[0]) for n in names if n[0] in "am"), default=0)
-    top = max(abs(e[0]) for e in strongest) or 1.0
-    colors = {"q": "tab:green", "k": "tab:orange", "v": "tab:purple", None: "tab:blue"}
-    for effect, s, t, ch in reversed(strongest):
-        (x0, y0), (x1, y1) = _node_xy(s, n_layers), _node_xy(t, n_layers)
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(
-            arrowstyle="-|>", lw=0.5 + 4 * abs(effect) / top, color=colors[ch], alpha=0.8,
-            connectionstyle="arc3,rad=0.15"))
-    for n in names:
-        x, y = _node_xy(n, n_layers)
-        ax.scatter([x], [y], s=520, color="white", edgecolor="black", zorder=3)
-        ax.text(x, y, n, ha="center", va="center", fontsize=8, zorder=4)
-    for ch, c in colors.items():
-        ax.plot([], [], color=c, label=f".{ch}" if ch else "resid")
-    ax.legend(fontsize=7, loc="upper left")
-    ax.set_xlabel("layer")
-    ax.set_yticks([])
+    _draw_edges(ax, strongest)
     ax.set_title(f"strongest {len(strongest)} edges (width: AUE/ATE when removed)")
     return True
+
+
+def circuit_axes(ax, edges: list[tuple[float, str, str, str | None]], title: str) -> None:
+    """A circuit's edges (weight, sender, receiver, channel) on the model's layout, width by the
+    ranking's |score| (all equal where the ranking is not at hand)."""
+    _draw_edges(ax, sorted(edges, key=lambda e: -abs(e[0])))
+    ax.set_title(title, fontsize=9)
+
+
+def curve_axes(ax, points: list[dict], areas: list[dict]) -> None:
+    """Faithfulness against the fraction k of edges kept, one line per (ranking, ordering), with
+    its paired-bootstrap band; CPR (signed) and CMD (absolute) in the legend."""
+    area = {(a["ranking"], "signed"): f"CPR {a['cpr']:.3f}" if a["cpr"] is not None else "CPR -"
+            for a in areas}
+    area |= {(a["ranking"], "absolute"): f"CMD {a['cmd']:.3f}" if a["cmd"] is not None else "CMD -"
+             for a in areas}
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for p in points:
+        if p["faithfulness"] is not None:
+            lines.setdefault((p["ranking"], p["ordering"]), []).append(p)
+    for (ranking, ordering), pts in sorted(lines.items()):
+        pts.sort(key=lambda p: p["k"])
+        ks = [p["k"] for p in pts]
+        line, = ax.plot(ks, [p["faithfulness"] for p in pts], marker="o", ms=3,
+                        label=f"{ranking}, {ordering} ({area.get((ranking, ordering), '')})")
+        ax.fill_between(ks, [p["faithfulness_low"] for p in pts],
+                        [p["faithfulness_high"] for p in pts], color=line.get_color(), alpha=0.2)
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of edges kept (k)")
+    ax.set_ylabel("faithfulness f(C), 95% bootstrap band")
+    ax.legend(fontsize=7)
+    ax.set_title("faithfulness curves (MIB)")
 
 
 def _layer_of(name: str) -> int | None:
@@ -216,14 +258,21 @@ def edge_layers_axes(ax, scores) -> bool:
     return True
 
 
-def report_figure(scores, title: str = "", per_example: dict[str, list[float]] | None = None
+def report_figure(scores, title: str = "", per_example: dict[str, list[float]] | None = None,
+                  curve: tuple[list[dict], list[dict]] | None = None,
+                  circuit: tuple[list[tuple[float, str, str, str | None]], str] | None = None
                   ) -> Figure:
     """All panels that apply to these scores, in one figure (`per_example`: hypothesis ->
-    each pair's 1 - UE/TE, for the spread panel)."""
+    each pair's 1 - UE/TE, for the spread panel; `curve`: the `faithfulness` and
+    `curve_scores` rows; `circuit`: one circuit's weighted edges and its title)."""
     rows = _rows(scores)
     panels = [intervals_axes]
     if per_example:
         panels.append(lambda ax, rows: spread_axes(ax, rows, per_example))
+    if curve is not None and curve[0]:
+        panels.append(lambda ax, rows: curve_axes(ax, *curve))
+    if circuit is not None and circuit[0]:
+        panels.append(lambda ax, rows: circuit_axes(ax, *circuit))
     if node_matrix(rows) is not None:
         panels.append(heatmap_axes)
     if any(_EDGE.match(r["hypothesis"]) for r in rows):

@@ -100,7 +100,7 @@ class StructuralHypothesis(Hypothesis):
 
     def compile(self, graph: Graph, max_states: int = 200_000) -> CopyGraph:
         if self.kind == "remove_edge":
-            sender, receiver, channel = _edge_parts(self.target)
+            sender, receiver, channel = edge_parts(self.target)
             edge = graph.edges_by_name[(sender, receiver, channel)]
             cut = {(edge.receiver.order, edge.channel): frozenset([edge.sender.order])}
             return single_copy_graph(graph, cut=cut)
@@ -118,7 +118,7 @@ class StructuralHypothesis(Hypothesis):
         raise ValueError(f"unknown structural hypothesis kind {self.kind!r}")
 
 
-def _edge_parts(name: str) -> tuple[str, str, str]:
+def edge_parts(name: str) -> tuple[str, str, str]:
     """'a0.3->a1.5.k' -> ('a0.3', 'a1.5', 'k'); 'a0.3->m1' -> ('a0.3', 'm1', 'resid')."""
     sender, receiver = name.split("->")
     if receiver.count(".") == 2:  # a head: a{L}.{H}.{channel}

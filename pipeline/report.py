@@ -42,6 +42,73 @@ def _per_example_ratios(con, names: list[str], limit: int = 5000) -> dict[str, l
     return out
 
 
+CHOSEN_FAITHFULNESS = 0.8
+"""The circuit drawn is the smallest of the signed curve's circuits at least this faithful."""
+
+
+def _curve(con, folder: Path, manifest: dict):
+    """(faithfulness rows, curve_scores rows, (the chosen circuit's weighted edges, title)), or
+    None when the sweep has no circuit_curve members."""
+    points = con.sql("SELECT ranking, ordering, k, n_edges, n_pruned, faithfulness, faithfulness_low, "
+                     "faithfulness_high, proportion_explained FROM faithfulness "
+                     "ORDER BY ranking, ordering, k").to_arrow_table().to_pylist()
+    if not points:
+        return None
+    areas = con.sql("SELECT * FROM curve_scores ORDER BY ranking").to_arrow_table().to_pylist()
+    patterns = {h["name"]: h["canonical"] for h in manifest.get("hypotheses", [])}
+    candidates = [p for p in points if p["ordering"] == "signed" and p["k"] < 1
+                  and p["faithfulness"] is not None
+                  and patterns.get(_member(p), "").startswith("circuit(")]
+    good = [p for p in candidates if p["faithfulness"] >= CHOSEN_FAITHFULNESS]
+    chosen = min(good, key=lambda p: p["k"]) if good else max(candidates, key=lambda p: p["k"],
+                                                                 default=None)
+    circuit = None
+    if chosen is not None:
+        from pathpatch.hypotheses import edge_parts
+
+        names = patterns[_member(chosen)][len("circuit("):-1].split(", ")
+        scores = _ranking_scores(folder, chosen["ranking"])
+        edges = []
+        for name in names:
+            sender, receiver, channel = edge_parts(name)
+            edges.append((scores.get(name, 1.0), sender, receiver,
+                          None if channel == "resid" else channel))
+        circuit = (edges, f"circuit: {chosen['ranking']}, top k={chosen['k']:g} signed, "
+                          f"{chosen['n_pruned']} edges, f = {chosen['faithfulness']:.3f}")
+    return points, areas, circuit
+
+
+def _member(point: dict) -> str:
+    """The curve member's hypothesis name (`pathpatch.circuits.circuit_curve`)."""
+    return (f"curve {point['ranking']} {point['ordering']} k={point['k']:g} "
+            f"n={point['n_edges']} pruned={point['n_pruned']}")
+
+
+def _ranking_scores(folder: Path, ranking: str) -> dict[str, float]:
+    """The scores of a curve's ranking by pathpatch edge name, where the spec names a table of
+    them that still exists; else none (the drawing then weighs every edge alike)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pathpatch.circuits import pathpatch_name
+    from pipeline.sweep import load_sweep_spec
+
+    try:
+        entries = load_sweep_spec(folder).hypothesis_entries()
+    except PathPatchError:
+        return {}
+    for entry in entries:
+        path = Path(str(entry.get("ranking", "")))
+        if entry.get("family") == "circuit_curve" and path.stem == ranking and path.is_file():
+            if path.suffix.lower() not in (".csv", ".parquet"):
+                return {}
+            table = pq.read_table(path) if path.suffix.lower() == ".parquet" else pacsv.read_csv(path)
+            return {pathpatch_name(str(e)): float(v) for e, v in
+                    zip(table.column("edge").to_pylist(), table.column("score").to_pylist(),
+                        strict=True)}
+    return {}
+
+
 def _pe_key(row: dict) -> float:
     pe = row["proportion_explained"]
     return float("-inf") if pe is None else pe
@@ -76,9 +143,12 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     title = (f"{partial}{manifest.get('name', folder.name)}: {manifest.get('model')} / "
              f"{manifest.get('metric')}")
     per_example = _per_example_ratios(con, figure)
+    curve = _curve(con, folder, manifest)
 
     png = folder / "report.png"
-    fig = report_figure(scores, title=title, per_example=per_example)
+    fig = report_figure(scores, title=title, per_example=per_example,
+                        curve=None if curve is None else curve[:2],
+                        circuit=None if curve is None else curve[2])
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(png, buffer.getvalue())
@@ -115,6 +185,7 @@ Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval o
 (seed {seed}); "undefined" where ATE is near zero. The spread panel shows each pair's own
 1 - UE/TE (pairs with TE near zero left out): a mean can hide a split between pairs.</p>
 <img src="report.png" alt="scores" style="max-width:100%">
+{_curve_html(curve)}
 {cut}
 <table><tr>{''.join(f'<th>{c}</th>' for c in _COLUMNS)}</tr>
 {''.join(table_rows)}
@@ -123,3 +194,31 @@ Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval o
     page_path = folder / "report.html"
     atomic_write_bytes(page_path, page.encode())
     return png, page_path
+
+
+def _curve_html(curve) -> str:
+    """CPR and CMD per ranking, and every curve member's faithfulness, as HTML tables."""
+    if curve is None:
+        return ""
+    points, areas, _ = curve
+
+    def cell(v) -> str:
+        return "undefined" if v is None else f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    def interval(row, name) -> str:
+        return f"{cell(row[name])} [{cell(row[name + '_low'])}, {cell(row[name + '_high'])}]"
+
+    scores = "".join(f"<tr><td>{html.escape(a['ranking'])}</td><td>{interval(a, 'cpr')}</td>"
+                     f"<td>{interval(a, 'cmd')}</td></tr>" for a in areas)
+    rows = "".join(f"<tr><td>{html.escape(p['ranking'])}</td><td>{p['ordering']}</td>"
+                   f"<td>{cell(p['k'])}</td><td>{p['n_pruned']}</td>"
+                   f"<td>{interval(p, 'faithfulness')}</td><td>{cell(p['proportion_explained'])}</td></tr>"
+                   for p in points)
+    return f"""<h2>Faithfulness curves</h2>
+<p>MIB's faithfulness f(C) = (m(C) - m(empty)) / (m(full) - m(empty)) of the logit difference,
+with paired-bootstrap 95% intervals; CPR = area under f by signed score (higher is better), CMD
+= area of |1 - f| by absolute score (lower is better).</p>
+<table><tr><th>ranking</th><th>CPR</th><th>CMD</th></tr>{scores}</table>
+<table><tr><th>ranking</th><th>ordering</th><th>k</th><th>edges</th><th>faithfulness</th>
+<th>proportion explained (sweep metric)</th></tr>{rows}</table>"""
+

@@ -130,3 +130,25 @@ def test_a_ranking_from_an_edge_removal_sweep_feeds_a_curve(tmp_path, capsys):
                  "--quiet", "--no-progress"]) == 0
     (row,) = open_sweeps(tmp_path / "curve").sql("SELECT ranking, cpr, cmd FROM curve_scores").fetchall()
     assert row[0] == "scores" and row[1] is not None and row[2] is not None
+
+
+def test_the_report_draws_the_curves_and_a_circuit(curve_sweep, monkeypatch):
+    from pipeline import report
+
+    drawn = {}
+    real = report.report_figure
+
+    def spy(scores, **kwargs):
+        drawn.update(kwargs)
+        return real(scores, **kwargs)
+
+    monkeypatch.setattr(report, "report_figure", spy)
+    png, page = report.write_report(curve_sweep)
+    text = page.read_text()
+    assert png.stat().st_size > 0 and "Faithfulness curves" in text and "CPR" in text
+    points, areas = drawn["curve"]
+    assert len(points) == 8 and [a["ranking"] for a in areas] == ["scores"]
+    edges, title = drawn["circuit"]
+    assert edges and title.startswith("circuit: scores, top k=")
+    assert len({e[0] for e in edges}) > 1  # weighted by the ranking's scores, not all alike
+    assert all(ch in (None, "q", "k", "v") for *_, ch in edges)
