@@ -222,6 +222,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_curve(args: argparse.Namespace) -> int:
+    """A finished edge scan's exact ranking -> its circuit_curve spec -> run it."""
+    from pipeline.curve import write_curve_spec
+
+    spec = write_curve_spec(args.scan, fractions=args.fractions)
+    print(f"ranking {spec.with_name(Path(args.scan).name + '.csv')}, spec {spec}")
+    return _cmd_run(argparse.Namespace(**{**vars(args), "spec": str(spec)}))
+
+
 def _cmd_circuit(args: argparse.Namespace) -> int:
     """A ranking's top-k circuit as an EAP-IG / MIB graph JSON (for MIB submissions)."""
     import math
@@ -360,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=8, help="positions to count paths over")
     p.add_argument("--dataset", help="task whose first example supplies @mask= masks (induction)")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("curve", help="a finished edge scan's faithfulness curve: writes the "
+                       "ranking and the curve's spec beside the scan, then runs it")
+    p.add_argument("scan", help="sweep folder of an edge_removal scan (e.g. sweeps/edge_effects)")
+    p.add_argument("--fractions", type=float, nargs="+", help="fractions of edges (default MIB's)")
+    p.add_argument("--out", help="the curve's sweep folder (default sweeps/<scan>-curve)")
+    p.add_argument("--dry-run", action="store_true", help="write the spec, validate and plan only")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_curve)
 
     p = sub.add_parser("circuit", help="a ranking's top edges as an EAP-IG / MIB graph JSON")
     p.add_argument("ranking", help="Parquet/CSV (edge, score) table or EAP-IG graph (.json/.pt)")

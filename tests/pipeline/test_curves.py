@@ -152,3 +152,26 @@ def test_the_report_draws_the_curves_and_a_circuit(curve_sweep, monkeypatch):
     assert edges and title.startswith("circuit: scores, top k=")
     assert len({e[0] for e in edges}) > 1  # weighted by the ranking's scores, not all alike
     assert all(ch in (None, "q", "k", "v") for *_, ch in edges)
+
+
+def test_one_command_goes_from_a_finished_scan_to_its_curve(tmp_path, capsys):
+    spec = tmp_path / "scan.toml"
+    spec.write_text('name = "scan"\nmodel = "attn-only-2l"\nmetric = "logit_diff"\ngroup_size = 27\n'
+                    '[dataset]\nkind = "induction"\nn = 16\n[[hypotheses]]\nfamily = "edge_removal"\n')
+    scan = tmp_path / "sweeps" / "scan"
+    assert main(["curve", str(scan)]) == 2  # not a sweep folder yet
+    assert "scan" in capsys.readouterr().err
+    assert main(["run", str(spec), "--out", str(scan), "--backend", "inprocess", "--quiet",
+                 "--no-progress"]) == 0
+    out = tmp_path / "sweeps" / "scan-curve"
+    assert main(["curve", str(scan), "--fractions", "0.1", "0.5", "1", "--out", str(out),
+                 "--backend", "inprocess", "--quiet", "--no-progress"]) == 0
+    assert (tmp_path / "sweeps" / "scan.csv").read_text().startswith("edge,score\n")
+    assert (tmp_path / "sweeps" / "scan-curve.toml").is_file()
+    con = open_sweeps(out)
+    assert len(con.sql("SELECT * FROM faithfulness").fetchall()) == 6
+    (row,) = con.sql("SELECT ranking, cpr, cmd FROM curve_scores").fetchall()
+    assert row[0] == "scan" and row[1] is not None
+    again = main(["curve", str(scan), "--fractions", "0.1", "0.5", "1", "--out", str(out),
+                  "--backend", "inprocess", "--no-progress"])
+    assert again == 0 and "0 computed" in capsys.readouterr().out  # the same curve: resumed, nothing new
