@@ -8,11 +8,13 @@ import pytest
 from pipeline.cli import main
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
-PRETRAINED = {"gpt2_numbers.toml": ("gpt2", "gpt2"),
+PRETRAINED = {"gpt2_numbers.toml": ("gpt2", "gpt2"), "gpt2_edge_effects.toml": ("gpt2", "gpt2"),
               "pythia_induction.toml": ("pythia-160m", "EleutherAI/pythia-160m"),
               "llama_induction.toml": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B")}
 TWO_STEP = {"curve.toml": "edge_effects.csv"}  # reads a ranking an earlier job's SQL writes
-LOCAL = sorted(p.name for p in JOBS.glob("*.toml") if p.name not in PRETRAINED | TWO_STEP)
+PRETRAINED_TWO_STEP = {"gpt2_curve.toml": "gpt2_edge_effects.csv"}
+LOCAL = sorted(p.name for p in JOBS.glob("*.toml")
+               if p.name not in PRETRAINED | TWO_STEP | PRETRAINED_TWO_STEP)
 
 
 @pytest.mark.parametrize("name", LOCAL)
@@ -72,3 +74,30 @@ def test_a_curve_job_plans_once_its_ranking_exists_and_says_what_is_missing_befo
         "edge,score\n" + "".join(f"{e},{i}\n" for i, e in enumerate(graph.edges)))
     assert main(["run", str(tmp_path / "jobs" / name), "--dry-run"]) == 0
     assert "dry run: nothing was written" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", list(PRETRAINED_TWO_STEP))
+def test_a_gpt2_curve_job_reads_its_ranking_then_fails_fast_without_gpt2(name, capsys, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from pathpatch import models
+    from pathpatch.graph import Graph
+
+    if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
+        pytest.skip("gpt2 is in the local cache here: the sweep would run")
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(JOBS / name, tmp_path / "jobs" / name)
+    assert main(["run", str(tmp_path / "jobs" / name), "--dry-run"]) == 2
+    assert f"../sweeps/{PRETRAINED_TWO_STEP[name]}': no such file" in capsys.readouterr().err
+    (tmp_path / "sweeps").mkdir()
+    gpt2 = Graph(n_layers=12, n_heads=12, has_mlp=True)  # GPT-2 small's edge names, no weights
+    (tmp_path / "sweeps" / PRETRAINED_TWO_STEP[name]).write_text(
+        "edge,score\n" + "".join(f"{e},{i}\n" for i, e in enumerate(gpt2.edges)))
+    assert main(["run", str(tmp_path / "jobs" / name), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model = 'gpt2'" in err and "not in the Hugging Face cache" in err
+    assert not (tmp_path / "out").exists()
