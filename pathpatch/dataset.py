@@ -65,8 +65,26 @@ from pathpatch.errors import PathPatchError
 MASK_PREFIX = "mask."
 """Parquet columns starting with this prefix are named masks (``mask.induction``)."""
 
-REQUIRED_COLUMNS = ("reference", "counterfactual", "scored")
-OPTIONAL_COLUMNS = ("example_id", "answer", "wrong_answer")
+@dataclass(frozen=True)
+class _Column:
+    """How one field of `PairDataset` is stored in the Parquet format."""
+
+    name: str  # the column's name (for masks: the prefix of one column per mask)
+    kind: str  # "tokens" [batch, pos] int, "flags" [batch, pos] bool, "ids" [batch] int, "masks"
+    required: bool = False
+
+
+_COLUMNS = {  # in the file's column order
+    "example_ids": _Column("example_id", "ids"),
+    "reference": _Column("reference", "tokens", True),
+    "counterfactual": _Column("counterfactual", "tokens", True),
+    "scored": _Column("scored", "flags", True),
+    "answer": _Column("answer", "ids"),
+    "wrong_answer": _Column("wrong_answer", "ids"),
+    "masks": _Column(MASK_PREFIX, "masks"),
+}
+REQUIRED_COLUMNS = tuple(c.name for c in _COLUMNS.values() if c.required)
+OPTIONAL_COLUMNS = tuple(c.name for c in _COLUMNS.values() if c.kind == "ids")
 FORMAT_KEY = b"pathpatch.format"
 FORMAT_VERSION = b"pairs/1"
 
@@ -408,24 +426,24 @@ def save_parquet(dataset: PairDataset, path: str | os.PathLike[str]) -> None:
     bit-exactly (same `digest`).
     """
     path = Path(path)
-    batch, pos = dataset.reference.shape
-    if int(dataset.reference.max()) > np.iinfo(np.int32).max:
-        raise PathPatchError("save_parquet: token ids above 2**31 - 1 do not fit list<int32>")
-    if int(dataset.counterfactual.max()) > np.iinfo(np.int32).max:
-        raise PathPatchError("save_parquet: token ids above 2**31 - 1 do not fit list<int32>")
-    columns: dict[str, pa.Array] = {
-        "example_id": pa.array(_numpy(dataset.example_ids), pa.int64()),
-        "reference": _list_array(_numpy(dataset.reference).astype(np.int32), [pos]),
-        "counterfactual": _list_array(_numpy(dataset.counterfactual).astype(np.int32), [pos]),
-        "scored": _list_array(_numpy(dataset.scored), [pos]),
-    }
-    for name in ("answer", "wrong_answer"):
-        value = getattr(dataset, name)
-        if value is not None:
-            columns[name] = pa.array(_numpy(value), pa.int64())
-    for name in sorted(dataset.masks):
-        mask = _numpy(dataset.masks[name])
-        columns[MASK_PREFIX + name] = _list_array(mask, list(mask.shape[1:]))
+    pos = dataset.seq_len
+    columns: dict[str, pa.Array] = {}
+    for field_name, column in _COLUMNS.items():
+        value = getattr(dataset, field_name)
+        if column.kind == "masks":
+            for name in sorted(value):
+                mask = _numpy(value[name])
+                columns[MASK_PREFIX + name] = _list_array(mask, list(mask.shape[1:]))
+        elif value is None:
+            continue
+        elif column.kind == "tokens":
+            if int(value.max()) > np.iinfo(np.int32).max:
+                raise PathPatchError("save_parquet: token ids above 2**31 - 1 do not fit list<int32>")
+            columns[column.name] = _list_array(_numpy(value).astype(np.int32), [pos])
+        elif column.kind == "flags":
+            columns[column.name] = _list_array(_numpy(value), [pos])
+        else:
+            columns[column.name] = pa.array(_numpy(value), pa.int64())
     table = pa.table(columns).replace_schema_metadata({FORMAT_KEY: FORMAT_VERSION})
     atomic_write(path, lambda f: pq.write_table(table, f))
 
@@ -477,49 +495,46 @@ def load_parquet(path: str | os.PathLike[str], vocab_size: int | None = None) ->
             "pair"
         )
 
-    reference, lengths = _read_rows(table, "reference", where, boolean=False)
-    pos = int(lengths[0])
-    ragged = np.flatnonzero(lengths != pos)
-    if ragged.size:
-        row = int(ragged[0])
-        raise PathPatchError(
-            f"{where}: column 'reference' row {row} has {int(lengths[row])} tokens but row 0 "
-            f"has {pos} ({ragged.size} rows differ); all sequences must have the same length: "
-            "pad at the end and leave the padding unscored"
-        )
-    row_lengths = {"reference": lengths}
-    columns: dict[str, np.ndarray] = {"reference": reference.reshape(batch, pos)}
-    for name, boolean in (("counterfactual", False), ("scored", True)):
-        values, lengths = _read_rows(table, name, where, boolean=boolean)
-        _same_lengths(lengths, row_lengths["reference"], name, "reference", where)
-        columns[name] = values.reshape(batch, pos)
-
-    masks: dict[str, np.ndarray] = {}
-    for column in names:
-        if not column.startswith(MASK_PREFIX):
-            continue
-        name = column[len(MASK_PREFIX) :]
-        if not _MASK_NAME.fullmatch(name):
-            raise PathPatchError(
-                f"{where}: column '{column}': mask name {name!r} is not an identifier "
-                "(letters, digits, underscores; e.g. 'mask.induction')"
-            )
-        masks[name] = _read_mask(table, column, batch, pos, where)
-
-    scalars: dict[str, np.ndarray] = {}
-    for name in OPTIONAL_COLUMNS:
-        if name in names:
-            scalars[name] = _read_scalars(table, name, where)
-
-    fields = {
-        "reference": torch.from_numpy(columns["reference"].astype(np.int64)),
-        "counterfactual": torch.from_numpy(columns["counterfactual"].astype(np.int64)),
-        "scored": torch.from_numpy(columns["scored"]),
-        "masks": {k: torch.from_numpy(v) for k, v in masks.items()},
-        "answer": _tensor_or_none(scalars.get("answer")),
-        "wrong_answer": _tensor_or_none(scalars.get("wrong_answer")),
-        "example_ids": _tensor_or_none(scalars.get("example_id", np.arange(batch))),
-    }
+    fields: dict[str, object] = {}
+    pos, first = None, None  # the first per-position column sets the length the others match
+    for field_name, column in _COLUMNS.items():
+        if column.kind in ("tokens", "flags"):
+            values, lengths = _read_rows(table, column.name, where, boolean=column.kind == "flags")
+            if first is None:
+                pos, first = int(lengths[0]), (column.name, lengths)
+                ragged = np.flatnonzero(lengths != pos)
+                if ragged.size:
+                    row = int(ragged[0])
+                    raise PathPatchError(
+                        f"{where}: column '{column.name}' row {row} has {int(lengths[row])} "
+                        f"tokens but row 0 has {pos} ({ragged.size} rows differ); all sequences "
+                        "must have the same length: pad at the end and leave the padding unscored"
+                    )
+            else:
+                _same_lengths(lengths, first[1], column.name, first[0], where)
+            values = values.reshape(batch, pos)
+            fields[field_name] = torch.from_numpy(values.astype(np.int64) if column.kind == "tokens"
+                                                  else values)
+    for field_name, column in _COLUMNS.items():
+        if column.kind == "ids":
+            present = column.name in names
+            ids = _read_scalars(table, column.name, where) if present else None
+            if ids is None and field_name == "example_ids":
+                ids = np.arange(batch)  # a file without ids numbers its rows
+            fields[field_name] = _tensor_or_none(ids)
+        elif column.kind == "masks":
+            masks: dict[str, torch.Tensor] = {}
+            for name in names:
+                if not name.startswith(MASK_PREFIX):
+                    continue
+                mask = name[len(MASK_PREFIX):]
+                if not _MASK_NAME.fullmatch(mask):
+                    raise PathPatchError(
+                        f"{where}: column '{name}': mask name {mask!r} is not an identifier "
+                        "(letters, digits, underscores; e.g. 'mask.induction')"
+                    )
+                masks[mask] = torch.from_numpy(_read_mask(table, name, batch, pos, where))
+            fields[field_name] = masks
     # Checked once, here, so that messages name the file rather than "dataset".
     dataset = PairDataset._from_checked(_check_structure(**fields, where=where))
     if vocab_size is not None:

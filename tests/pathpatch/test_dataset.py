@@ -376,3 +376,13 @@ def test_a_shard_pickles_its_own_rows_not_the_whole_dataset():
                                  *part.masks.values()))
     assert len(pickle.dumps(part)) < 2 * own + 4096
     assert_same(pickle.loads(pickle.dumps(part)), part)
+
+
+def test_every_field_has_its_parquet_column():
+    """The Parquet format is driven by one table of the dataclass's fields: a new field without
+    a column would be dropped by save_parquet silently."""
+    import dataclasses
+
+    from pathpatch.dataset import _COLUMNS
+
+    assert list(_COLUMNS) != [] and set(_COLUMNS) == {f.name for f in dataclasses.fields(PairDataset)}
