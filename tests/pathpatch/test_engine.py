@@ -95,8 +95,9 @@ def test_node_removal_matches_transformer_lens_patching(family):
     assert sum(cg.n_mixed for cg in cgs) > 0
 
 
-def _edge_hook_run(model, edge, xr, xc):
-    """Clean run where only `edge.sender`'s term in the receiver channel's input comes from x_c."""
+def _edge_hook_run(model, edge, xr, xc, scale: float = 1.0):
+    """Clean run where only `edge.sender`'s term in the receiver channel's input comes from x_c
+    (`scale` times that change: 1 is the removal, small values its first-order change)."""
     _, rc = model.run_with_cache(xr)
     _, cc = model.run_with_cache(xc)
     s = edge.sender
@@ -124,6 +125,7 @@ def _edge_hook_run(model, edge, xr, xc):
         delta = patched["out"] - rc[out_name]
     else:
         delta = out_of(cc) - out_of(rc)  # [batch, pos, d_model]
+    delta = scale * delta
     r = edge.receiver
     fired = []
     if r.kind.value == "head":

@@ -1,0 +1,97 @@
+"""EAP and EAP-IG edge scores against what they approximate: the first-order change by finite
+differences per edge, and the exact single-edge effect where the model is linear."""
+
+import pytest
+import torch
+
+from pathpatch.attribution import edge_attributions
+from pathpatch.dataset import PairDataset
+from pathpatch.errors import PathPatchError
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis
+from pathpatch.metrics import get_metric
+from pathpatch.positions import PositionContext
+from pathpatch.runs import Runs
+from pathpatch.stacking import evaluate_logits
+from tests.pathpatch.conftest import tiny_model
+from tests.pathpatch.test_engine import _edge_hook_run
+
+B, T = 3, 5
+
+
+def _batch(model, seed=0) -> PairDataset:
+    gen = torch.Generator().manual_seed(seed)
+    xr, xc = (torch.randint(0, model.cfg.d_vocab, (B, T), generator=gen) for _ in range(2))
+    answer = torch.randint(0, model.cfg.d_vocab, (B,), generator=gen)
+    wrong = (answer + 1) % model.cfg.d_vocab
+    scored = torch.zeros(B, T, dtype=torch.bool)
+    scored[:, -1] = True
+    return PairDataset(xr, xc, scored, answer=answer, wrong_answer=wrong)
+
+
+def _m(model, logits, batch):
+    return get_metric("logit_diff").value(logits, batch)
+
+
+@pytest.mark.parametrize("family", ["mlp", "llama", "neox"])
+def test_eap_is_the_first_order_change_of_each_edge(family):
+    """d/dε m(receiver's input + ε (a_u(x_c) - a_u(x_r))) at 0, by central differences."""
+    model = tiny_model(family, n_layers=2)
+    batch = _batch(model)
+    edges, scores = edge_attributions(model, batch)
+    by_name = {str(e): i for i, e in enumerate(edges)}
+    checked = 0
+    for name in ("in->a0.1.q", "in->a1.0.k", "a0.0->a1.1.v", "a0.1->m1" if family != "neox" else "in->m1",
+                 "m0->out", "a1.0->out"):
+        edge = edges[by_name[name]]
+        eps = 1e-5
+        xr, xc = batch.reference, batch.counterfactual
+        plus = _edge_hook_run(model, edge, xr, xc, scale=eps)
+        minus = _edge_hook_run(model, edge, xr, xc, scale=-eps)
+        want = (_m(model, plus, batch) - _m(model, minus, batch)) / (2 * eps)
+        torch.testing.assert_close(scores[:, by_name[name]], want, rtol=1e-6, atol=1e-8,
+                                   msg=lambda m, name=name: f"{family} {name}: {m}")
+        checked += bool(want.abs().max() > 1e-6)
+    assert checked >= 4  # real gradients, not zeros
+
+
+def test_eap_is_exact_where_the_metric_is_linear_in_the_receiver_s_input():
+    """Without a final norm the logits are linear in `out`'s input: every edge into `out` scores
+    exactly its single-edge effect m(remove edge) - m(x_r), and EAP-IG equals EAP there."""
+    model = tiny_model("attn-only-noln", n_layers=2)
+    batch = _batch(model, 1)
+    graph = Graph.from_model(model)
+    edges, eap = edge_attributions(model, batch)
+    _, ig = edge_attributions(model, batch, steps=4)
+    into_out = [i for i, e in enumerate(edges) if e.receiver.name == "out"]
+    assert len(into_out) == 1 + 2 * 2  # in and the four heads
+    hyps = [Hypothesis(str(edges[i]), f"remove({edges[i]})") for i in into_out]
+    runs = Runs(model, batch.reference, batch.counterfactual)
+    got = evaluate_logits(model, graph, [h.compile(graph) for h in hyps], runs,
+                          PositionContext({}, B, T, batch.reference.device))
+    clean = _m(model, runs.logits["r"], batch)
+    for i, logits in zip(into_out, got, strict=True):
+        exact = _m(model, logits, batch) - clean
+        torch.testing.assert_close(eap[:, i], exact, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(ig[:, i], exact, rtol=1e-9, atol=1e-10)
+    assert any(float(eap[:, i].abs().max()) > 1e-3 for i in into_out)
+
+
+def test_eap_ig_converges_as_its_steps_grow():
+    model = tiny_model("mlp", n_layers=2)
+    batch = _batch(model, 2)
+    runs = [edge_attributions(model, batch, steps=s)[1] for s in (1, 2, 32, 64)]
+    coarse = (runs[0] - runs[1]).abs().max()
+    fine = (runs[2] - runs[3]).abs().max()
+    assert fine < coarse / 10  # a Riemann sum settling on its integral
+
+
+def test_what_attribution_cannot_do_is_refused_by_name():
+    model = tiny_model("mlp")
+    batch = _batch(model)
+    with pytest.raises(PathPatchError, match="metric 'kl' has none"):
+        edge_attributions(model, batch, "kl")
+    with pytest.raises(PathPatchError, match="steps = -1"):
+        edge_attributions(model, batch, steps=-1)
+    with pytest.raises(PathPatchError, match="Gemma-2"):
+        edge_attributions(tiny_model("gemma"), _batch(tiny_model("gemma")))
