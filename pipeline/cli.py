@@ -222,6 +222,36 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    """EAP / EAP-IG scores of every edge, averaged over a spec's dataset, as a ranking table."""
+    from tqdm import tqdm
+
+    from pathpatch.atomic import atomic_write_bytes
+    from pathpatch.attribution import edge_attributions
+    from pathpatch.models import load_model
+    from pipeline.resolve import TORCH_DTYPES, load_spec_dataset
+    from pipeline.spec import load_spec
+
+    spec = load_spec(args.spec)
+    model = load_model(spec.model, dtype=TORCH_DTYPES[spec.dtype])
+    dataset = load_spec_dataset(spec, model.cfg.d_vocab, model.cfg.n_ctx)
+    total, edges = None, ()
+    with tqdm(total=len(dataset), desc="attribution", unit="pair", disable=args.no_progress) as bar:
+        for start in range(0, len(dataset), args.batch_size):
+            batch = dataset.select(slice(start, start + args.batch_size))
+            edges, scores = edge_attributions(model, batch, spec.metric, steps=args.steps)
+            part = scores.sum(0)
+            total = part if total is None else total + part
+            bar.update(len(batch))
+    mean = (total / len(dataset)).tolist()
+    lines = ["edge,score"] + [f"{e},{v!r}" for e, v in zip(edges, mean, strict=True)]
+    atomic_write_bytes(Path(args.out), ("\n".join(lines) + "\n").encode())
+    method = "EAP" if args.steps == 0 else f"EAP-IG ({args.steps} steps)"
+    print(f"{args.out}: {method} scores of {len(edges):,} edges, mean over {len(dataset):,} pairs "
+          f"(metric {spec.metric}); a circuit_curve ranking")
+    return 0
+
+
 def _cmd_curve(args: argparse.Namespace) -> int:
     """A finished edge scan's exact ranking -> its circuit_curve spec -> run it."""
     from pipeline.curve import write_curve_spec
@@ -378,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="write the spec, validate and plan only")
     _add_run_options(p)
     p.set_defaults(func=_cmd_curve)
+
+    p = sub.add_parser("attribute", help="approximate edge scores (EAP, EAP-IG) over a spec's "
+                       "model and dataset, as a ranking table for circuit_curve")
+    p.add_argument("spec", help="a sweep spec: its model, dataset and metric (logit_diff)")
+    p.add_argument("--steps", type=int, default=0, help="0: EAP; m > 0: EAP-IG with m points")
+    p.add_argument("--batch-size", type=int, default=16, help="pairs per backward pass")
+    p.add_argument("--out", required=True, help="the CSV (edge, score) to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_attribute)
 
     p = sub.add_parser("circuit", help="a ranking's top edges as an EAP-IG / MIB graph JSON")
     p.add_argument("ranking", help="Parquet/CSV (edge, score) table or EAP-IG graph (.json/.pt)")

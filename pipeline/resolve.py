@@ -87,7 +87,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
                              "name or path") from None
     vocab = int(model.cfg.d_vocab)
     step("dataset")
-    dataset = _load_dataset(spec, vocab, n_ctx=int(model.cfg.n_ctx))
+    dataset = load_spec_dataset(spec, vocab, n_ctx=int(model.cfg.n_ctx))
     if metric.check is not None:
         try:
             metric.check(dataset)
@@ -183,7 +183,9 @@ def _available_memory() -> int | None:
     return None
 
 
-def _load_dataset(spec: SweepSpec, vocab: int, n_ctx: int) -> PairDataset:
+def load_spec_dataset(spec: SweepSpec, vocab: int, n_ctx: int) -> PairDataset:
+    """The spec's pairs, checked against the model's vocabulary and context; errors name the
+    spec key."""
     if spec.dataset.path is not None:
         try:
             dataset = load_parquet(spec.dataset.path, vocab_size=vocab)

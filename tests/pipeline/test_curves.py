@@ -175,3 +175,31 @@ def test_one_command_goes_from_a_finished_scan_to_its_curve(tmp_path, capsys):
     again = main(["curve", str(scan), "--fractions", "0.1", "0.5", "1", "--out", str(out),
                   "--backend", "inprocess", "--no-progress"])
     assert again == 0 and "0 computed" in capsys.readouterr().out  # the same curve: resumed, nothing new
+
+
+def test_attribution_scores_become_a_ranking_that_feeds_a_curve(tmp_path, capsys):
+    """`pathpatch attribute`: EAP-IG over a spec's dataset, mean per edge, as the CSV a
+    circuit_curve reads; equal to the library's scores over the same pairs."""
+    import pyarrow.csv as pacsv
+    import torch
+
+    from pathpatch.attribution import edge_attributions
+    from pathpatch.tasks import make_dataset
+
+    body = SPEC.replace("n = 32", "n = 12").replace('ranking = "scores.csv"', 'ranking = "eap.csv"')
+    (tmp_path / "eap.csv").write_text("edge,score\n")  # the spec names it; attribute overwrites it
+    spec = tmp_path / "curve.toml"
+    spec.write_text(body)
+    assert main(["attribute", str(spec), "--steps", "3", "--batch-size", "5", "--out",
+                 str(tmp_path / "eap.csv"), "--no-progress"]) == 0
+    assert "EAP-IG (3 steps) scores of 81 edges, mean over 12 pairs" in capsys.readouterr().out
+    table = pacsv.read_csv(tmp_path / "eap.csv")
+    model = load_model("attn-only-2l")
+    edges, scores = edge_attributions(model, make_dataset("induction", n=12, seed=0), steps=3)
+    assert table.column("edge").to_pylist() == [str(e) for e in edges]
+    torch.testing.assert_close(torch.tensor(table.column("score").to_pylist(), dtype=torch.float64),
+                               scores.mean(0), rtol=1e-5, atol=1e-6)
+    assert main(["run", str(spec), "--out", str(tmp_path / "curve"), "--backend", "inprocess",
+                 "--quiet", "--no-progress"]) == 0
+    (row,) = open_sweeps(tmp_path / "curve").sql("SELECT ranking, cpr FROM curve_scores").fetchall()
+    assert row[0] == "eap" and row[1] is not None
