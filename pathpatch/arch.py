@@ -16,6 +16,8 @@ What is computed exactly, and what is refused by name, is `support.py`'s table, 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +143,27 @@ class Adapter:
     def mlp_split_input_hook(self, layer: int) -> str:
         """The MLP's input before its norm (hook runs with `use_hook_mlp_in`)."""
         return f"blocks.{layer}.hook_mlp_in"
+
+    @contextlib.contextmanager
+    def split_inputs(self) -> Iterator[None]:
+        """Within: hook runs see each query head's own q, k and v input (k/v per query head under
+        grouped-query attention, as the graph's channels are) and the MLP's input, at
+        `split_input_hook` and `mlp_split_input_hook`; the model is as before afterwards."""
+        model = self.model
+        grouped = self.n_kv_heads != self.n_heads
+        model.set_use_split_qkv_input(True)
+        if grouped:
+            model.set_ungroup_grouped_query_attention(True)
+        if self.has_mlp:
+            model.set_use_hook_mlp_in(True)
+        try:
+            yield
+        finally:
+            model.set_use_split_qkv_input(False)
+            if grouped:
+                model.set_ungroup_grouped_query_attention(False)
+            if self.has_mlp:
+                model.set_use_hook_mlp_in(False)
 
     def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, the `run_hooks` activations) of one plain forward."""

@@ -84,22 +84,11 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, metric, embe
         if graph.has_mlp:
             hooks.append((arch.mlp_split_input_hook(layer), keep((layer, "mlp"))))
     hooks.append((arch.output_input_hook(), keep(("out", "resid"))))
-    model.set_use_split_qkv_input(True)
-    grouped = arch.n_kv_heads != arch.n_heads
-    if grouped:  # k/v inputs per query head, as the graph's channels are
-        model.set_ungroup_grouped_query_attention(True)
-    if graph.has_mlp:
-        model.set_use_hook_mlp_in(True)
     try:
-        with torch.enable_grad():
+        with arch.split_inputs(), torch.enable_grad():
             logits = model.run_with_hooks(xr, fwd_hooks=hooks)
             metric.value(logits, batch).sum().backward()  # examples do not interact
     finally:
-        model.set_use_split_qkv_input(False)
-        if grouped:
-            model.set_ungroup_grouped_query_attention(False)
-        if graph.has_mlp:
-            model.set_use_hook_mlp_in(False)
         model.zero_grad(set_to_none=True)
     out: dict[tuple[int, str], torch.Tensor] = {}
     for layer in range(graph.n_layers):

@@ -300,14 +300,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     step("hook baseline")
     circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
     _, cf_cache = model.run_with_cache(xc)
-    model.set_use_split_qkv_input(True)
-    arch = Adapter.of(model)
-    grouped = arch.n_kv_heads != arch.n_heads
-    if grouped:  # k/v input hooks per query head
-        model.set_ungroup_grouped_query_attention(True)
-    if graph.has_mlp:
-        model.set_use_hook_mlp_in(True)
-    try:
+    with Adapter.of(model).split_inputs():
         kept_sets = [set(h.pattern[len("circuit("):-1].split(", ")) for h in circuits]
         check_plan = GroupPlan(graph, compile_all(graph, circuits[:1], max_mixed_copies=10**6))
         want = GroupEvaluator(model, check_plan, Runs(model, xr, xc),
@@ -323,12 +316,6 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
                 hook_baseline(model, graph, kept, xr, cache)
 
         base_s = timer.best(baseline)
-    finally:
-        model.set_use_split_qkv_input(False)
-        if grouped:
-            model.set_ungroup_grouped_query_attention(False)
-        if graph.has_mlp:
-            model.set_use_hook_mlp_in(False)
     engine_circuit_s = engine_s["circuits"]
     result["hook_baseline_over_forward"] = round(base_s / len(circuits) / forward_s, 3)
     result["hook_baseline_over_engine"] = round(base_s / len(circuits) / engine_circuit_s, 3)
