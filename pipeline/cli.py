@@ -256,8 +256,8 @@ def _cmd_curve(args: argparse.Namespace) -> int:
     """A finished edge scan's exact ranking -> its circuit_curve spec -> run it."""
     from pipeline.curve import write_curve_spec
 
-    spec = write_curve_spec(args.scan, fractions=args.fractions)
-    print(f"ranking {spec.with_name(Path(args.scan).name + '.csv')}, spec {spec}")
+    spec, ranking = write_curve_spec(args.scan, fractions=args.fractions)
+    print(f"ranking {ranking}, spec {spec}")
     return _cmd_run(argparse.Namespace(**{**vars(args), "spec": str(spec)}))
 
 

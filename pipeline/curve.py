@@ -26,9 +26,10 @@ FROM scores WHERE regexp_full_match(hypothesis, '^remove .+->.+$') ORDER BY hypo
 """Each removed edge's mean unexplained effect: the exact single-edge ranking."""
 
 
-def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None) -> Path:
+def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None
+                     ) -> tuple[Path, Path]:
     """Write `<scan's name>.csv` (edge, score) and `<scan's name>-curve.toml` beside the scan's
-    folder; return the spec's path.
+    folder (the name is the scan's spec's); return (the spec's path, the ranking's).
 
     Raises:
         PathPatchError: the folder holds no edge removals, or some of them are not finished.
@@ -62,7 +63,7 @@ def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None)
             *(f"{k} = {_toml(v)}" for k, v in curve.items())]
     path = scan.parent / f"{name}.toml"
     atomic_write_bytes(path, ("\n".join(text) + "\n").encode())
-    return path
+    return path, ranking
 
 
 def _toml(value: Any) -> str:

@@ -158,15 +158,16 @@ def test_one_command_goes_from_a_finished_scan_to_its_curve(tmp_path, capsys):
     spec = tmp_path / "scan.toml"
     spec.write_text('name = "scan"\nmodel = "attn-only-2l"\nmetric = "logit_diff"\ngroup_size = 27\n'
                     '[dataset]\nkind = "induction"\nn = 16\n[[hypotheses]]\nfamily = "edge_removal"\n')
-    scan = tmp_path / "sweeps" / "scan"
+    scan = tmp_path / "sweeps" / "edges"  # named apart from its spec ("scan"), which names the files
     assert main(["curve", str(scan)]) == 2  # not a sweep folder yet
-    assert "scan" in capsys.readouterr().err
+    assert "is not a sweep folder" in capsys.readouterr().err
     assert main(["run", str(spec), "--out", str(scan), "--backend", "inprocess", "--quiet",
                  "--no-progress"]) == 0
     out = tmp_path / "sweeps" / "scan-curve"
     assert main(["curve", str(scan), "--fractions", "0.1", "0.5", "1", "--out", str(out),
                  "--backend", "inprocess", "--quiet", "--no-progress"]) == 0
     assert (tmp_path / "sweeps" / "scan.csv").read_text().startswith("edge,score\n")
+    assert f"ranking {tmp_path / 'sweeps' / 'scan.csv'}, spec" in capsys.readouterr().out
     assert (tmp_path / "sweeps" / "scan-curve.toml").is_file()
     con = open_sweeps(out)
     assert len(con.sql("SELECT * FROM faithfulness").fetchall()) == 6
