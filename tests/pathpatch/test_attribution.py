@@ -67,7 +67,9 @@ def test_eap_is_exact_where_the_metric_is_linear_in_the_receiver_s_input():
     assert len(into_out) == 1 + 2 * 2  # in and the four heads
     hyps = [Hypothesis(str(edges[i]), f"remove({edges[i]})") for i in into_out]
     runs = Runs(model, batch.reference, batch.counterfactual)
-    got = evaluate_logits(model, graph, [h.compile(graph) for h in hyps], runs,
+    copy_graphs = [h.compile(graph) for h in hyps]
+    assert all(cg.n_mixed > 0 for cg in copy_graphs)  # the exact side is a real recomputation
+    got = evaluate_logits(model, graph, copy_graphs, runs,
                           PositionContext({}, B, T, batch.reference.device))
     clean = _m(model, runs.logits["r"], batch)
     for i, logits in zip(into_out, got, strict=True):

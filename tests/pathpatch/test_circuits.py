@@ -124,7 +124,9 @@ def test_curve_circuits_equal_the_patching_rule_on_the_model():
                if h.pattern not in ("none", "all")]
     gen = torch.Generator().manual_seed(4)
     xr, xc = (torch.randint(0, model.cfg.d_vocab, (2, 5), generator=gen) for _ in range(2))
-    got = evaluate_logits(model, graph, [h.compile(graph) for h in members], Runs(model, xr, xc),
+    copy_graphs = [h.compile(graph) for h in members]
+    assert members and all(cg.n_mixed > 0 for cg in copy_graphs)  # real recomputations
+    got = evaluate_logits(model, graph, copy_graphs, Runs(model, xr, xc),
                           PositionContext({}, 2, 5, xr.device))
     for h, logits in zip(members, got, strict=True):
         kept = set(h.edges)
