@@ -1,27 +1,155 @@
 """Attribution scores per edge: the fast, approximate way to rank edges (EAP and EAP-IG).
 
 EAP (Syed et al.): score(u -> v.c) = (a_u(x_c) - a_u(x_r)) . dm/d(input of v.c) at x_r, summed
-over positions, per example: the first-order change of the metric's statistic m when the edge
-carries the counterfactual value. EAP-IG averages that gradient over `steps` points whose input
+over positions, per example: the first-order change of the statistic m when the edge carries
+the counterfactual value. EAP-IG averages that gradient over `steps` points whose input
 embeddings are interpolated between x_c's and x_r's (Hanna et al.). Same graph and edge names
 as the engine (q, k and v channels separately); unlike the engine these are approximations, and
 they are named as such (SPEC section 6). The exact single-edge effect is an `edge_removal`
 sweep.
 
-m is the metric's own signed statistic (`Metric.value`: the logit difference); metrics without
-one (KL, whose gradient vanishes at x_r, and loss) are refused by name.
+m, by the sweep's metric: `logit_diff`, its signed logit difference (`Metric.value`); `loss`,
+the signed next-token loss (`metrics.loss_value`); `kl`, KL(G(x_r) || G(point)) itself, which
+EAP-IG's interpolated points can differentiate but EAP cannot (its gradient vanishes at x_r,
+where KL has its minimum), so EAP with KL is refused by name, as are user metrics (no signed
+statistic to differentiate).
+
+Cost per batch: both cached runs (2 forwards) plus one forward and one backward per point (EAP:
+1 point; EAP-IG: `steps`), `pathpatch bench attribution` measures it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
 import torch
 
 from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Edge, Graph, NodeKind
-from pathpatch.metrics import get_metric
+from pathpatch.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
 from pathpatch.runs import Runs
+
+METHODS = ("eap", "eap-ig")
+"""Attribution methods: `eap` (gradient at x_r) and `eap-ig` (integrated over `steps` points)."""
+
+DEFAULT_BATCH = 16
+"""Examples per backward pass when the sweep sets no `resources.batch_size`."""
+
+ROW_SCHEMA = pa.schema([("method", pa.string()), ("example", pa.int64()),
+                        ("edge", pa.string()), ("score", pa.float64())])
+"""One row per (example, edge) of an attribution: the edge in pathpatch's naming."""
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One attribution method as a sweep computes it: a work item per shard, rows per
+    (example, edge). Named `eap` or `eap-ig-<steps>` unless the spec names it."""
+
+    method: str = "eap"
+    steps: int = 0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise PathPatchError(f"attribution method {self.method!r}: allowed are "
+                                 f"{', '.join(METHODS)}")
+        steps = self.steps
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise PathPatchError(f"attribution {self.method}: steps = {steps!r} is not an integer")
+        if self.method == "eap" and steps != 0:
+            raise PathPatchError(f"attribution eap takes no steps (got {steps}); use method "
+                                 "'eap-ig' with steps >= 1 for integrated gradients")
+        if self.method == "eap-ig" and steps < 1:
+            raise PathPatchError(f"attribution eap-ig: steps = {steps}: give the number of "
+                                 "interpolation points, >= 1 (Hanna et al. use 5)")
+        if not self.name:
+            object.__setattr__(self, "name", "eap" if steps == 0 else f"eap-ig-{steps}")
+
+    @property
+    def canonical(self) -> str:
+        """What determines the rows (part of a work item's identity), beside model and metric."""
+        return f"attribution {self.method} steps={self.steps}"
+
+    @property
+    def est_cost(self) -> float:
+        """Forward passes per batch: the two cached runs plus forward and backward (~2
+        forwards) per point."""
+        return 2.0 + 3.0 * max(self.steps, 1)
+
+    def check(self, model, metric: str | Metric) -> None:
+        """Refuse, before any work, what this method cannot compute on `model` with `metric`."""
+        _statistic(get_metric(metric), self.steps)
+        if Adapter.of(model).heads_normed:
+            raise PathPatchError(
+                f"attribution {self.name}: scores add head outputs linearly, but this model "
+                "normalizes each layer's heads' sum (Gemma-2): rank its edges by exact edge "
+                "removals (family 'edge_removal')")
+
+    def rows(self, model, dataset: PairDataset, metric: str | Metric, *,
+             batch_size: int | None = None) -> pa.Table:
+        """`ROW_SCHEMA` rows, example-major (every edge of example 0, then example 1, ...)."""
+        self.check(model, metric)
+        graph = Graph.from_model(model)
+        names = [str(e) for e in graph.edges]
+        size = batch_size or DEFAULT_BATCH
+        parts = []
+        for start in range(0, len(dataset), size):
+            batch = dataset.select(slice(start, min(start + size, len(dataset))))
+            _, scores = edge_attributions(model, batch, metric, steps=self.steps)
+            parts.append(scores.cpu().numpy().reshape(-1))
+        n = len(dataset)
+        examples = dataset.example_ids.to(torch.int64).numpy().repeat(len(names))
+        edge_index = np.tile(np.arange(len(names), dtype=np.int32), n)
+        return pa.table({
+            "method": pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n * len(names), dtype=np.int32)), pa.array([self.name])),
+            "example": pa.array(examples, pa.int64()),
+            "edge": pa.DictionaryArray.from_arrays(pa.array(edge_index), pa.array(names)),
+            "score": pa.array(np.concatenate(parts), pa.float64()),
+        })
+
+
+def importance_sign(metric: str) -> float:
+    """+1 or -1: the score's sign that means "the edge matters to the clean behaviour". A
+    statistic the clean run keeps high (logit difference) drops when an important edge is
+    corrupted (-1); a loss or a distance from the clean run rises (+1). Rankings and MIB's
+    signed curves order edges by sign * score, highest first."""
+    builtin = BUILTIN_METRICS.get(metric)  # a user metric is never imported here
+    return -1.0 if builtin is not None and builtin.value is not None else 1.0
+
+
+Statistic = Callable[[torch.Tensor, PairDataset, torch.Tensor], torch.Tensor]
+"""(logits, batch, clean logits) -> [batch]: what attribution differentiates."""
+
+
+def _statistic(metric: Metric, steps: int) -> Statistic:
+    if metric.value is not None:
+        value = metric.value
+        return lambda logits, batch, clean: value(logits, batch)
+    if metric.name == "loss":
+        return lambda logits, batch, clean: loss_value(logits, batch)
+    if metric.name == "kl":
+        if steps == 0:
+            raise PathPatchError(
+                "attribution eap with metric 'kl': KL(G(x_r) || .) has its minimum at x_r, so its "
+                "gradient there is 0 and every score would be 0; use method 'eap-ig' (its points "
+                "lie between x_c and x_r) or metric 'logit_diff' / 'loss'")
+        if steps == 1:
+            raise PathPatchError(
+                "attribution eap-ig with metric 'kl' and steps = 1: the one point k / steps = 1 "
+                "is x_r itself, so the gradient is taken only at x_r, where KL's vanishes; give "
+                "steps >= 2")
+        against = metric.against_clean
+        return lambda logits, batch, clean: against(clean, batch)(logits)
+    raise PathPatchError(
+        f"attribution with metric {metric.name!r}: a user metric gives a distance, not a signed "
+        "statistic whose gradient could be taken; use metric 'logit_diff', 'loss' or (eap-ig) "
+        "'kl'")
 
 
 def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: int = 0
@@ -29,12 +157,9 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     """(the graph's edges, [batch, edge] float64 scores): EAP when `steps` is 0, else EAP-IG
     with `steps` interpolation points (k / steps for k = 1..steps, x_c's embedding at 0)."""
     metric = get_metric(metric)
-    if metric.value is None:
-        raise PathPatchError(
-            f"attribution needs a signed statistic to differentiate; metric {metric.name!r} has "
-            "none (KL's gradient vanishes at x_r): use metric 'logit_diff'")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise PathPatchError(f"steps = {steps!r}: give 0 (EAP) or a number of IG points >= 1")
+    statistic = _statistic(metric, steps)
     graph = Graph.from_model(model)
     arch = Adapter.of(model)
     if arch.heads_normed:
@@ -47,10 +172,12 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
         runs = Runs(model, xr, xc)
         delta = runs.cf_bank()  # [node, batch, pos, d_model]: a_u(x_c) - a_u(x_r)
         embeds = (runs.cache["r"][EMBED_HOOK], runs.cache["c"][EMBED_HOOK])
+        clean = runs.logits["r"]
     points = [None] if steps == 0 else [k / steps for k in range(1, steps + 1)]
     grads: dict[tuple[int, str], torch.Tensor] = {}
     for alpha in points:
-        for key, g in _input_gradients(model, arch, graph, xr, batch, metric, embeds, alpha).items():
+        for key, g in _input_gradients(model, arch, graph, xr, batch, statistic, clean, embeds,
+                                       alpha).items():
             grads[key] = grads[key] + g if key in grads else g
     scores = []
     for receiver in graph.nodes[1:]:
@@ -61,7 +188,8 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     return graph.edges, torch.cat(scores, dim=1)
 
 
-def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, metric, embeds, alpha):
+def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: Statistic,
+                     clean: torch.Tensor, embeds, alpha):
     """dm/d(input) of every receiver channel, at x_r or at embedding point `alpha`."""
     kept: dict[tuple[int, str], torch.Tensor] = {}
     heads = {layer: [n for n in graph.nodes if n.kind is NodeKind.HEAD and n.layer == layer]
@@ -87,7 +215,7 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, metric, embe
     try:
         with arch.split_inputs(), torch.enable_grad():
             logits = model.run_with_hooks(xr, fwd_hooks=hooks)
-            metric.value(logits, batch).sum().backward()  # examples do not interact
+            statistic(logits, batch, clean).sum().backward()  # examples do not interact
     finally:
         model.zero_grad(set_to_none=True)
     out: dict[tuple[int, str], torch.Tensor] = {}

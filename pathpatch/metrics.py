@@ -342,11 +342,12 @@ def _check_loss(batch: PairDataset) -> None:
         )
 
 
-def _loss_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The clean log-probabilities of the targets once per batch; an other output costs one
-    log_softmax of its scored rows."""
-    scored = _ScoredRows(batch, clean)
-    targets = batch.reference.to(clean.device)[scored.rows, scored.positions + 1]  # (n,)
+def _target_log_probs(batch: PairDataset, like: torch.Tensor
+                      ) -> tuple[_ScoredRows, Callable[[torch.Tensor], torch.Tensor]]:
+    """logits -> [n_scored] float64 log-probabilities of the next reference token at each
+    scored position (differentiable: attribution takes its gradient)."""
+    scored = _ScoredRows(batch, like)
+    targets = batch.reference.to(like.device)[scored.rows, scored.positions + 1]  # (n,)
 
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
         out = torch.empty(len(scored.rows), dtype=torch.float64, device=logits.device)
@@ -354,6 +355,13 @@ def _loss_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Te
             out[part] = scored.log_softmax(logits, runs).gather(-1, targets[part, None])[:, 0]
         return out
 
+    return scored, log_probs
+
+
+def _loss_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The clean log-probabilities of the targets once per batch; an other output costs one
+    log_softmax of its scored rows."""
+    scored, log_probs = _target_log_probs(batch, clean)
     clean_log_p = log_probs(clean)
 
     def loss(other: torch.Tensor) -> torch.Tensor:
@@ -361,6 +369,14 @@ def _loss_against(clean: torch.Tensor, batch: PairDataset) -> Callable[[torch.Te
         return _mean_over_scored(values, scored.rows, scored.positions, batch)
 
     return loss
+
+
+def loss_value(logits: torch.Tensor, batch: PairDataset) -> torch.Tensor:
+    """[batch] float64: the next-token loss (-log p of the next reference token), averaged over
+    each example's scored positions; the signed statistic behind metric 'loss'."""
+    _check_loss(batch)
+    scored, log_probs = _target_log_probs(batch, logits)
+    return _mean_over_scored(-log_probs(logits), scored.rows, scored.positions, batch)
 
 
 def _check_logit_diff(batch: PairDataset) -> None:

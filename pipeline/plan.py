@@ -31,12 +31,17 @@ class HypothesisInfo:
         canonical: normalized pattern text (equal patterns, equal text).
         mixed_copies: node copies the engine must compute for it.
         est_cost: estimated compute, in plain forward passes per batch.
+        kind: "evaluation" (a hypothesis: rows of `results`) or "attribution" (a method's
+            approximate edge scores: rows of `attributions`, one per edge).
+        rows_per_example: result rows per example (an attribution: the model's edge count).
     """
 
     name: str
     canonical: str
     mixed_copies: int = 0
     est_cost: float = 0.0
+    kind: str = "evaluation"
+    rows_per_example: int = 1
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,13 @@ class WorkItem:
 
     @property
     def expected_rows(self) -> int:
-        """One row per (hypothesis, example)."""
-        return len(self.hypotheses) * self.shard.n_examples
+        """One row per (hypothesis, example); an attribution's, one per (example, edge)."""
+        return sum(h.rows_per_example for h in self.hypotheses) * self.shard.n_examples
+
+    @property
+    def kind(self) -> str:
+        """"evaluation" or "attribution" (a group is one or the other)."""
+        return self.hypotheses[0].kind
 
     @property
     def est_cost(self) -> float:
@@ -194,11 +204,14 @@ def group_hypotheses(hypotheses: tuple[HypothesisInfo, ...],
 
 def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
               hypotheses: tuple[HypothesisInfo, ...], group_size: int, metric: str,
-              dtype: str) -> Plan:
-    """Cut a sweep into work items (shard-major), each with its identity."""
-    names = [h.name for h in hypotheses]
+              dtype: str, attributions: tuple[HypothesisInfo, ...] = ()) -> Plan:
+    """Cut a sweep into work items (shard-major), each with its identity: hypotheses in groups
+    of `group_size`, then each attribution method on its own."""
+    names = [h.name for h in (*hypotheses, *attributions)]
     assert len(set(names)) == len(names), "hypothesis names must be unique"
-    groups = group_hypotheses(tuple(hypotheses), group_size)
+    assert all(a.kind == "attribution" for a in attributions)
+    groups = (group_hypotheses(tuple(hypotheses), group_size)
+              + tuple((a,) for a in attributions))
     items = tuple(
         WorkItem(
             id=item_identity(model_digest=model_digest, shard_digest=shard.digest,
@@ -210,7 +223,7 @@ def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
     )
     assert len({item.id for item in items}) == len(items), "duplicate work item identity"
     return Plan(model_digest=model_digest, metric=metric, dtype=dtype,
-                hypotheses=tuple(hypotheses), groups=groups, shards=tuple(shards), items=items)
+                hypotheses=(*hypotheses, *attributions), groups=groups, shards=tuple(shards), items=items)
 
 
 def describe(plan: Plan, *, max_rows: int = 50) -> str:

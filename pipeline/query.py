@@ -1,4 +1,4 @@
-"""SQL over sweep folders: read-only DuckDB views `results`, `scores` and `items`.
+"""SQL over sweep folders: read-only DuckDB views of results, scores, items, curves and edges.
 
 The only module that imports DuckDB. `open_sweeps(dir, ...)` returns a connection whose views
 cover the *current* plan of each folder (files of items the spec no longer names are not
@@ -20,6 +20,15 @@ Views:
              the metric's m: logit_diff), its paired-bootstrap 95% interval, and the sweep
              metric's proportion explained with its interval, per member of a circuit_curve
     curve_scores  sweep, ranking, cpr, cmd (MIB's, with intervals), cpr_metric, cmd_metric
+    attributions  sweep, item, shard, method, example, edge, score (every per-example row of an
+             [[attributions]] method: the first-order change of the statistic m)
+    edge_scores  sweep, method, edge, n, score (mean over examples), score_low, score_high,
+             importance (oriented: higher = the edge matters more to the clean behaviour),
+             rank (1 = most important), partial; method 'exact' holds the sweep's single-edge
+             removals: score m(remove e) - m(clean), the change EAP approximates, where the
+             metric has a statistic m (logit_diff), else the mean unexplained effect
+    ranking_agreement  sweep, method_a, method_b, n_edges, spearman (rank correlation of the
+             two methods' importances, ties at their mean rank), spearman_abs (of |importance|)
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
+from pathpatch.attribution import importance_sign
 from pathpatch.errors import PathPatchError
 from pathpatch.metrics import MIN_ATE
 from pipeline.store import SweepFolder, item_status
@@ -50,6 +60,12 @@ _EMPTY_RESULTS = pa.schema([
 ])
 """Every column `results` always has: the metric's own statistic (`m`, `m_clean`, `m_cf`) is
 NULL in sweeps whose metric has none (`pathpatch.metrics.Metric.value`)."""
+
+_EMPTY_ATTRIBUTIONS = pa.schema([
+    ("method", pa.string()), ("example", pa.int64()), ("edge", pa.string()),
+    ("score", pa.float64()), ("item", pa.string()), ("shard", pa.int32()),
+])
+"""Every column `attributions` always has (`pathpatch.attribution.ROW_SCHEMA` plus the store's)."""
 
 BOOTSTRAP_REPLICATES = 1000
 """Replicates of the paired bootstrap behind `faithfulness` and `curve_scores`."""
@@ -148,6 +164,52 @@ FROM d LEFT JOIN c USING (sweep, hypothesis)
 """
 
 
+_EDGE_SCORES_SQL = f"""
+CREATE TEMP VIEW edge_scores AS
+WITH attributed AS (
+    SELECT a.sweep, method, edge, count(*) AS n, avg(score) AS score,
+           {Z95} * sqrt(var_samp(score) / count(*)) AS half, any_value(o.sign) AS sign
+    FROM attributions a JOIN _orientation o USING (sweep) GROUP BY a.sweep, method, edge
+), pending AS (  -- attribution methods some of whose work items are not done
+    SELECT DISTINCT sweep, hypotheses[1] AS method FROM items
+    WHERE kind = 'attribution' AND status <> 'done'
+), exact AS (  -- single-edge removals: m(remove) - m(clean) where the metric has m, else UE
+    SELECT r.sweep, hypothesis, regexp_extract(hypothesis, '^remove (.+)$', 1) AS edge,
+           count(*) AS n, coalesce(avg(m - m_clean), avg(ue)) AS score,
+           {Z95} * sqrt(coalesce(var_samp(m - m_clean), var_samp(ue)) / count(*)) AS half,
+           CASE WHEN count(m) > 0 THEN any_value(o.sign) ELSE 1 END AS sign
+    FROM results r JOIN _orientation o USING (sweep)
+    WHERE regexp_full_match(hypothesis, '^remove .+->.+$') GROUP BY r.sweep, hypothesis
+), everything AS (
+    SELECT sweep, method, edge, n, score, score - half AS score_low, score + half AS score_high,
+           sign * score AS importance, p.method IS NOT NULL AS partial
+    FROM attributed LEFT JOIN pending p USING (sweep, method)
+    UNION ALL BY NAME
+    SELECT sweep, 'exact' AS method, e.edge, e.n, e.score, e.score - e.half AS score_low,
+           e.score + e.half AS score_high, e.sign * e.score AS importance, s.partial
+    FROM exact e JOIN scores s USING (sweep, hypothesis)
+)
+SELECT sweep, method, edge, n, score, score_low, score_high, importance,
+       row_number() OVER (PARTITION BY sweep, method ORDER BY importance DESC, edge) AS rank,
+       partial
+FROM everything;
+
+CREATE TEMP VIEW ranking_agreement AS
+WITH ranked AS (  -- ranks with ties at their mean, of importance and of |importance|
+    SELECT sweep, method, edge,
+           rank() OVER (PARTITION BY sweep, method ORDER BY importance)
+             + (count(*) OVER (PARTITION BY sweep, method, importance) - 1) / 2 AS r,
+           rank() OVER (PARTITION BY sweep, method ORDER BY abs(importance))
+             + (count(*) OVER (PARTITION BY sweep, method, abs(importance)) - 1) / 2 AS r_abs
+    FROM edge_scores
+)
+SELECT a.sweep, a.method AS method_a, b.method AS method_b, count(*) AS n_edges,
+       corr(a.r, b.r) AS spearman, corr(a.r_abs, b.r_abs) AS spearman_abs
+FROM ranked a JOIN ranked b ON a.sweep = b.sweep AND a.edge = b.edge AND a.method < b.method
+GROUP BY a.sweep, a.method, b.method
+"""
+
+
 def _sweep_label(folder: Path, taken: set[str]) -> str:
     label = folder.resolve().name
     if label in taken:
@@ -183,27 +245,37 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
         raise PathPatchError(f"threads = {threads!r}: give an integer >= 1")
     con = _read_only_connection()
     con.execute(f"SET threads = {threads}")
-    result_parts, item_tables = [], []
+    parts: dict[str, list[str]] = {"results": [], "attributions": []}
+    item_tables, orientation = [], []
     for i, (label, sweep, manifest) in enumerate(sweeps):
         records = item_status(sweep, manifest)
-        files = [r["path"] for r in records if r["status"] == "done"]
-        data = pads.dataset(files, format="parquet") if files else _EMPTY_RESULTS.empty_table()
-        con.register(f"_results_{i}", data)
-        result_parts.append(f"SELECT '{_quote(label)}' AS sweep, * FROM _results_{i}")
+        for view, empty in (("results", _EMPTY_RESULTS), ("attributions", _EMPTY_ATTRIBUTIONS)):
+            kind = "attribution" if view == "attributions" else "evaluation"
+            files = [r["path"] for r in records
+                     if r["status"] == "done" and r.get("kind", "evaluation") == kind]
+            data = pads.dataset(files, format="parquet") if files else empty.empty_table()
+            con.register(f"_{view}_{i}", data)
+            parts[view].append(f"SELECT '{_quote(label)}' AS sweep, * FROM _{view}_{i}")
         item_tables.append(pa.Table.from_pylist([
             {"sweep": label, "item": r["id"], "group_index": r["group"], "shard": r["shard"],
              "shard_id": r["shard_id"], "n_examples": r["n_examples"], "rows": r["rows"],
-             "hypotheses": r["hypotheses"], "status": r["status"], "attempts": r["attempts"],
-             "error": r["error"], "path": r["path"]}
+             "hypotheses": r["hypotheses"], "kind": r.get("kind", "evaluation"),
+             "status": r["status"], "attempts": r["attempts"], "error": r["error"],
+             "path": r["path"]}
             for r in records
         ], schema=_ITEMS_SCHEMA))
-    con.register("_results_columns", _EMPTY_RESULTS.empty_table())
-    result_parts.append("SELECT NULL::VARCHAR AS sweep, * FROM _results_columns")
+        orientation.append({"sweep": label, "sign": importance_sign(manifest["metric"])})
+    for view, empty in (("results", _EMPTY_RESULTS), ("attributions", _EMPTY_ATTRIBUTIONS)):
+        con.register(f"_{view}_columns", empty.empty_table())
+        parts[view].append(f"SELECT NULL::VARCHAR AS sweep, * FROM _{view}_columns")
+        con.execute(f"CREATE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(parts[view]))
     con.register("_items", pa.concat_tables(item_tables))
-    con.execute("CREATE TEMP VIEW results AS " + " UNION ALL BY NAME ".join(result_parts))
+    con.register("_orientation", pa.Table.from_pylist(
+        orientation, schema=pa.schema([("sweep", pa.string()), ("sign", pa.float64())])))
     con.execute("CREATE TEMP VIEW items AS SELECT * FROM _items")
     con.execute(_SCORES_SQL)
     con.execute(_CURVE_SQL)
+    con.execute(_EDGE_SCORES_SQL)
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
@@ -212,7 +284,8 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
 _ITEMS_SCHEMA = pa.schema([
     ("sweep", pa.string()), ("item", pa.string()), ("group_index", pa.int64()),
     ("shard", pa.int64()), ("shard_id", pa.string()), ("n_examples", pa.int64()),
-    ("rows", pa.int64()), ("hypotheses", pa.list_(pa.string())), ("status", pa.string()),
+    ("rows", pa.int64()), ("hypotheses", pa.list_(pa.string())), ("kind", pa.string()),
+    ("status", pa.string()),
     ("attempts", pa.int64()), ("error", pa.string()), ("path", pa.string()),
 ])
 

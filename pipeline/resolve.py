@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pathpatch import engine
+from pathpatch.attribution import Attribution
 from pathpatch.dataset import PairDataset, load_parquet
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph
@@ -39,6 +40,7 @@ class Resolved:
         dataset: all pairs.
         shards: `pipeline.plan.Shard`s, in order.
         hypotheses: `pathpatch.hypotheses.Hypothesis` objects, in spec order (opaque here).
+        attributions: `pathpatch.attribution.Attribution` methods, in spec order.
         plan: the work items.
         warnings: what is valid but likely not meant (a pattern that matches no path).
     """
@@ -50,9 +52,11 @@ class Resolved:
     hypotheses: tuple[Any, ...]
     plan: Plan
     warnings: tuple[str, ...] = ()
+    attributions: tuple[Any, ...] = ()
 
     def hypotheses_of(self, names: tuple[str, ...]) -> list[Any]:
-        by_name = {h.name: h for h in self.hypotheses}
+        """What a work item computes, by name: hypotheses, or one attribution method."""
+        by_name = {h.name: h for h in (*self.hypotheses, *self.attributions)}
         return [by_name[n] for n in names]
 
 
@@ -104,13 +108,23 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
         hypotheses = tuple(load_hypotheses(spec.hypothesis_entries(), graph))
     except PathPatchError as err:
         raise PathPatchError(f"hypotheses: {err}") from None
-    if not hypotheses:
+    attributions = tuple(Attribution(**entry) for entry in spec.attribution_entries())
+    if not hypotheses and not attributions:
         raise PathPatchError("hypotheses: the entries generate no hypothesis; add a named "
                              "pattern or a family that yields at least one")
+    for i, method in enumerate(attributions):
+        try:
+            method.check(model, metric)
+        except PathPatchError as err:
+            raise PathPatchError(f"attributions[{i}] ({method.name}): {err}") from None
+    taken = {h.name for h in hypotheses} & {a.name for a in attributions}
+    if taken:
+        raise PathPatchError(f"attributions: {sorted(taken)[0]!r} is also a hypothesis's name; "
+                             "give the attribution another name")
     step(f"validate {len(hypotheses):,} hypotheses")
     try:
-        costs = engine.check(model, list(hypotheses), max_mixed_copies=spec.max_mixed_copies,
-                             dataset=dataset)
+        costs = (engine.check(model, list(hypotheses), max_mixed_copies=spec.max_mixed_copies,
+                              dataset=dataset) if hypotheses else [])
     except PathPatchError as err:
         raise PathPatchError(f"hypotheses: {err}") from None
     infos = tuple(
@@ -123,6 +137,10 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
         model_digest=model_digest(model),
         shards=shards,
         hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
+        attributions=tuple(
+            HypothesisInfo(name=a.name, canonical=a.canonical, est_cost=a.est_cost,
+                           kind="attribution", rows_per_example=len(graph.edges))
+            for a in attributions),
     )
     warnings = tuple(
         f"hypothesis {h.name!r} ({h.pattern}) matches no path: it equals `none` (G_H is the "
@@ -130,7 +148,8 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
         for h, c in zip(hypotheses, costs, strict=True) if c.matches == "none" and h.canonical != "none"
     )
     return Resolved(spec=spec, model=model, dataset=dataset, shards=shards,
-                    hypotheses=hypotheses, plan=plan, warnings=warnings)
+                    hypotheses=hypotheses, plan=plan, warnings=warnings,
+                    attributions=attributions)
 
 
 def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:

@@ -100,6 +100,8 @@ class SweepSpec:
         group_size: hypotheses evaluated together in one work item.
         metric: metric spec ("kl", "loss", "logit_diff" or "module:function").
         hypotheses: the [[hypotheses]] entries, each as sorted (key, value) pairs.
+        attributions: the [[attributions]] entries (method, steps, name), each as sorted
+            (key, value) pairs: approximate edge scores per example (`pathpatch.attribution`).
         seed: seed of the dataset generator (unless it sets its own) and of the bootstrap.
         dtype: evaluation precision.
         max_mixed_copies: reject a hypothesis needing more mixed node copies than this.
@@ -111,6 +113,7 @@ class SweepSpec:
     model: str
     dataset: DatasetSpec
     hypotheses: tuple[tuple[tuple[str, Any], ...], ...]
+    attributions: tuple[tuple[tuple[str, Any], ...], ...] = ()
     shard_size: int = 64
     group_size: int = 8
     metric: str = DEFAULT_METRIC
@@ -125,6 +128,10 @@ class SweepSpec:
     def hypothesis_entries(self) -> list[dict[str, Any]]:
         """The [[hypotheses]] entries as plain dicts (lists back as lists)."""
         return [{k: _thaw(v) for k, v in entry} for entry in self.hypotheses]
+
+    def attribution_entries(self) -> list[dict[str, Any]]:
+        """The [[attributions]] entries as plain dicts."""
+        return [dict(entry) for entry in self.attributions]
 
     def dataset_params(self) -> dict[str, Any]:
         """Generator parameters as plain dicts/lists, with the sweep seed unless set."""
@@ -196,6 +203,8 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
     base = Path(base_dir)
     _no_unknown(raw, TOP_KEYS, "", where)
     for key in ("model", "dataset", "hypotheses"):
+        if key == "hypotheses" and "attributions" in raw:
+            continue  # a sweep of attribution scores only
         if key not in raw:
             raise PathPatchError(f"{where}: missing required key '{key}'; see docs/PIPELINE.md "
                                  "or jobs/default.toml for an example")
@@ -215,10 +224,11 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
         raise PathPatchError(f"{where}: dtype = {dtype!r} is not supported: allowed are "
                              f"{', '.join(DTYPES)}")
     max_copies = _int(get("max_mixed_copies"), "max_mixed_copies", where, low=1)
-    hypotheses = _hypotheses(raw["hypotheses"], base, where)
+    hypotheses = _hypotheses(raw["hypotheses"], base, where) if "hypotheses" in raw else ()
+    attributions = _attributions(raw.get("attributions", []), where)
     return SweepSpec(
         name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
-        metric=metric, hypotheses=hypotheses, seed=seed, dtype=dtype,
+        metric=metric, hypotheses=hypotheses, attributions=attributions, seed=seed, dtype=dtype,
         max_mixed_copies=max_copies, resources=_resources(raw.get("resources", {}), where),
         execution=_execution(raw.get("execution", {}), where), source=text,
         base_dir=str(base.resolve()),
@@ -285,6 +295,38 @@ def _hypotheses(value: Any, base: Path, where: str) -> tuple[tuple[tuple[str, An
                                          f"({path}); the path is read relative to the spec's folder")
                 entry[key] = str(path)
         entries.append(tuple(sorted((k, _freeze(v)) for k, v in entry.items())))
+    return tuple(entries)
+
+
+ATTRIBUTION_KEYS = ("method", "steps", "name")
+
+
+def _attributions(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
+    from pathpatch.attribution import Attribution
+
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise PathPatchError(f"{where}: attributions must be an array of tables "
+                             "([[attributions]] with method = \"eap\" or \"eap-ig\")")
+    entries, names = [], set()
+    for i, entry in enumerate(value):
+        key = f"attributions[{i}]"
+        _no_unknown(entry, ATTRIBUTION_KEYS, key + ".", where)
+        if "method" not in entry:
+            raise PathPatchError(f"{where}: {key} needs method = \"eap\" or \"eap-ig\"")
+        if "name" in entry:
+            _string(entry["name"], f"{key}.name", where)
+        try:
+            made = Attribution(**entry)
+        except PathPatchError as err:
+            raise PathPatchError(f"{where}: {key}: {err}") from None
+        except TypeError as err:
+            raise PathPatchError(f"{where}: {key}: {err}") from None
+        if made.name in names:
+            raise PathPatchError(f"{where}: {key}: a second attribution named {made.name!r}; "
+                                 "give each a distinct name")
+        names.add(made.name)
+        entries.append(tuple(sorted({"method": made.method, "steps": made.steps,
+                                     "name": made.name}.items())))
     return tuple(entries)
 
 

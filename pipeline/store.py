@@ -351,7 +351,8 @@ def build_manifest(plan: Plan, *, spec_name: str, spec_hash: str, spec_file: str
         "items": [
             {"id": item.id, "group": item.group, "shard": item.shard.index,
              "shard_id": item.shard.id, "n_examples": item.n_examples,
-             "rows": item.expected_rows, "hypotheses": [h.name for h in item.hypotheses]}
+             "rows": item.expected_rows, "hypotheses": [h.name for h in item.hypotheses],
+             "kind": item.kind}
             for item in plan.items
         ],
     }

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pathpatch import engine
+from pathpatch.attribution import Attribution
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.models import load_model, model_digest
@@ -58,7 +59,8 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class Task:
-    """One work item as shipped to a worker: the item id, its hypotheses and its shard id."""
+    """One work item as shipped to a worker: the item id, its hypotheses (or one
+    `pathpatch.attribution.Attribution`) and its shard id."""
 
     item_id: str
     shard_id: str
@@ -125,11 +127,15 @@ class Worker:
         self._shards.move_to_end(task.shard_id)
         shard = self._shards[task.shard_id]
         start = time.perf_counter()
-        table = engine.evaluate(
-            self.model, shard, list(task.hypotheses), self.config.metric,
-            batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
-            max_mixed_copies=self.config.max_mixed_copies, runs_cache=self._runs,
-        )
+        if isinstance(task.hypotheses[0], Attribution):  # an item is one method on its own
+            table = task.hypotheses[0].rows(self.model, shard, self.config.metric,
+                                            batch_size=self.config.batch_size)
+        else:
+            table = engine.evaluate(
+                self.model, shard, list(task.hypotheses), self.config.metric,
+                batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
+                max_mixed_copies=self.config.max_mixed_copies, runs_cache=self._runs,
+            )
         info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,
                         examples=len(shard))
         return table, info

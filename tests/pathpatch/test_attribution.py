@@ -4,12 +4,12 @@ differences per edge, and the exact single-edge effect where the model is linear
 import pytest
 import torch
 
-from pathpatch.attribution import edge_attributions
+from pathpatch.attribution import Attribution, edge_attributions
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
-from pathpatch.metrics import get_metric
+from pathpatch.metrics import get_metric, loss_value
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits
@@ -55,6 +55,45 @@ def test_eap_is_the_first_order_change_of_each_edge(family):
     assert checked >= 4  # real gradients, not zeros
 
 
+@pytest.mark.parametrize(("metric", "steps"), [("loss", 0), ("loss", 2), ("kl", 3),
+                                              ("logit_diff", 2)])
+def test_every_statistic_s_scores_are_the_mean_first_order_change_over_the_points(metric, steps):
+    """Each point's score is d/dε m(point with the receiver's input + ε (a_u(x_c) - a_u(x_r)))
+    at 0 (central differences), m the metric's statistic: the signed loss, KL against the
+    clean run, the logit difference; EAP-IG averages the points k / steps."""
+    model = tiny_model("mlp", n_layers=2)
+    batch = _batch(model, 2)
+    scored = torch.zeros(B, T, dtype=torch.bool)
+    scored[:, 1:-1] = True  # loss predicts the next token: the last position has none
+    batch = PairDataset(batch.reference, batch.counterfactual, scored, answer=batch.answer,
+                        wrong_answer=batch.wrong_answer)
+    m = get_metric(metric)
+    clean_logits = model(batch.reference)
+
+    def stat(logits):
+        if metric == "loss":
+            return loss_value(logits, batch)
+        if metric == "kl":
+            return m.against_clean(clean_logits, batch)(logits)
+        return m.value(logits, batch)
+
+    edges, scores = edge_attributions(model, batch, metric, steps=steps)
+    by_name = {str(e): i for i, e in enumerate(edges)}
+    points = [None] if steps == 0 else [k / steps for k in range(1, steps + 1)]
+    checked = 0
+    for name in ("in->a0.1.q", "a0.0->a1.1.k", "a0.1->m1", "m0->out"):
+        edge, eps = edges[by_name[name]], 1e-5
+        want = 0
+        for alpha in points:
+            runs = [_edge_hook_run(model, edge, batch.reference, batch.counterfactual,
+                                   scale=s, embed_alpha=alpha) for s in (eps, -eps)]
+            want = want + (stat(runs[0]) - stat(runs[1])) / (2 * eps) / len(points)
+        torch.testing.assert_close(scores[:, by_name[name]], want, rtol=1e-5, atol=1e-8,
+                                   msg=lambda msg, name=name: f"{metric} {name}: {msg}")
+        checked += bool(want.abs().max() > 1e-6)
+    assert checked >= 3
+
+
 def test_eap_is_exact_where_the_metric_is_linear_in_the_receiver_s_input():
     """Without a final norm the logits are linear in `out`'s input: every edge into `out` scores
     exactly its single-edge effect m(remove edge) - m(x_r), and EAP-IG equals EAP there."""
@@ -91,8 +130,18 @@ def test_eap_ig_converges_as_its_steps_grow():
 def test_what_attribution_cannot_do_is_refused_by_name():
     model = tiny_model("mlp")
     batch = _batch(model)
-    with pytest.raises(PathPatchError, match="metric 'kl' has none"):
+    with pytest.raises(PathPatchError, match="gradient there is 0"):
         edge_attributions(model, batch, "kl")
+    with pytest.raises(PathPatchError, match="steps = 1 .* only at x_r"):
+        edge_attributions(model, batch, "kl", steps=1)
+    with pytest.raises(PathPatchError, match="user metric"):
+        edge_attributions(model, batch, "tests.pipeline.slow_metric:slow_kl")
+    with pytest.raises(PathPatchError, match="eap takes no steps"):
+        Attribution("eap", 3)
+    with pytest.raises(PathPatchError, match="steps = 0"):
+        Attribution("eap-ig", 0)
+    with pytest.raises(PathPatchError, match="allowed are eap, eap-ig"):
+        Attribution("acdc")
     with pytest.raises(PathPatchError, match="steps = -1"):
         edge_attributions(model, batch, steps=-1)
     with pytest.raises(PathPatchError, match="Gemma-2"):

@@ -95,9 +95,11 @@ def test_node_removal_matches_transformer_lens_patching(family):
     assert sum(cg.n_mixed for cg in cgs) > 0
 
 
-def _edge_hook_run(model, edge, xr, xc, scale: float = 1.0):
+def _edge_hook_run(model, edge, xr, xc, scale: float = 1.0, embed_alpha: float | None = None):
     """Clean run where only `edge.sender`'s term in the receiver channel's input comes from x_c
-    (`scale` times that change: 1 is the removal, small values its first-order change)."""
+    (`scale` times that change: 1 is the removal, small values its first-order change).
+    `embed_alpha`: the run's token embedding is x_c's + alpha (x_r's - x_c's) instead (EAP-IG's
+    points), the change added still the one between the two real runs."""
     _, rc = model.run_with_cache(xr)
     _, cc = model.run_with_cache(xc)
     s = edge.sender
@@ -155,8 +157,12 @@ def _edge_hook_run(model, edge, xr, xc, scale: float = 1.0):
         model.set_ungroup_grouped_query_attention(True)
     if not model.cfg.attn_only:
         model.set_use_hook_mlp_in(True)
+    hooks = [(name, hook)]
+    if embed_alpha is not None:
+        emb_r, emb_c = rc["hook_embed"], cc["hook_embed"]
+        hooks.insert(0, ("hook_embed", lambda x, hook: emb_c + embed_alpha * (emb_r - emb_c)))
     try:
-        logits = model.run_with_hooks(xr, fwd_hooks=[(name, hook)])
+        logits = model.run_with_hooks(xr, fwd_hooks=hooks)
     finally:
         model.set_use_split_qkv_input(False)
         if grouped:
