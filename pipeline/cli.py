@@ -58,6 +58,30 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
     return EXIT_OK
 
 
+def _describe_search(resolved) -> str:
+    from pathpatch.graph import Graph
+
+    search = resolved.spec.search
+    graph = Graph.from_model(resolved.model)
+    return (f"search: ACDC's greedy rule over {len(graph.edges):,} edges, tau = {search.tau:g}, "
+            f"metric {resolved.plan.metric}, {search.window} candidates per round, on "
+            f"{resolved.plan.n_examples} examples in {len(resolved.shards)} shards: at most one "
+            "evaluation per edge, each one work item per shard")
+
+
+def _finish_search(outcome, folder: Path, quiet: bool) -> int:
+    from pipeline.query import run_query
+
+    print(outcome.summary())
+    if not quiet:
+        print(run_query([folder], "SELECT edge, before, after, after - before AS rise FROM "
+                                  "search_steps WHERE NOT removed ORDER BY index"))
+        print("the circuit's edges, each with the mean metric before and after leaving it out "
+              f"(kept: rise >= tau); every decision: pathpatch sql {folder} "
+              "\"SELECT * FROM search_steps ORDER BY index\"")
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.spec import load_spec
     from pipeline.store import SweepFolder
@@ -80,9 +104,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for warning in resolved.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
-        print(describe(resolved.plan))
+        print(describe(resolved.plan) if spec.search is None else _describe_search(resolved))
         print("dry run: nothing was written and no cluster was started")
         return 0
+    if spec.search is not None:
+        from pipeline.search import run_search
+
+        outcome = run_search(spec, out, backend=args.backend, address=args.address,
+                             progress=not args.no_progress, resolved=resolved,
+                             spec_file=str(Path(args.spec).resolve()), force=args.force)
+        return _finish_search(outcome, out, args.quiet)
     outcome = run_sweep(spec, out, backend=args.backend, address=args.address,
                         progress=not args.no_progress, resolved=resolved,
                         spec_file=str(Path(args.spec).resolve()), force=args.force)
@@ -96,6 +127,12 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from pipeline.sweep import load_sweep_spec, run_sweep
 
     spec = _apply_overrides(load_sweep_spec(args.folder), args)
+    if spec.search is not None:
+        from pipeline.search import run_search
+
+        outcome = run_search(spec, args.folder, backend=args.backend, address=args.address,
+                             progress=not args.no_progress, force=args.force)
+        return _finish_search(outcome, Path(args.folder), args.quiet)
     outcome = run_sweep(spec, args.folder, backend=args.backend, address=args.address,
                         progress=not args.no_progress, force=args.force)
     return _finish(outcome, Path(args.folder), args.quiet)

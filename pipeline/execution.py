@@ -59,10 +59,14 @@ class ExecutionStats:
 
 
 class Executor(Protocol):
-    """Runs every task once, retrying faults, and reports each outcome through callbacks."""
+    """Runs every task once, retrying faults, and reports each outcome through callbacks;
+    `stats` accumulate over its runs."""
 
     def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
             on_failed: OnFailed) -> ExecutionStats: ...
+
+    def close(self) -> None:
+        """Release the workers; `run` may be called many times before (a search's rounds)."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,9 @@ class InProcessExecutor:
             schedule.finished(item_id)
         self.stats.seconds = time.perf_counter() - start
         return self.stats
+
+    def close(self) -> None:
+        """Nothing to release: the worker is this process's."""
 
     def _failed(self, schedule: Schedule, task: Task, error: str, on_failed: OnFailed) -> None:
         verdict = schedule.failed(task.item_id)

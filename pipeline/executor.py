@@ -189,19 +189,19 @@ class RayExecutor:
         start = time.perf_counter()
         self._schedule = Schedule(tasks, max_attempts=self.options.execution.max_attempts,
                                   in_flight_per_worker=self.options.execution.in_flight_per_worker)
+        if shard_data is not self._shard_data:
+            self._shard_refs = {}  # other data: shards are fetched again
         self._shard_data = shard_data
-        self._shard_refs = {}
         self._on_done, self._on_failed = on_done, on_failed
-        self._refs = {}
-        self._slots = []
         self._start_failures = 0
         self._last_start_error = ""
 
-        workers, self._gpus = size_pool(self.options, ray.cluster_resources(), len(tasks))
-        self.on_event("pool", workers=workers, gpus_per_worker=self._gpus,
-                      threads_per_worker=self.options.resources.threads_per_worker)
-        for i in range(workers):
-            self._slots.append(self._start_actor(i))
+        if not self._slots:  # the pool outlives a run: later runs reuse its loaded models
+            workers, self._gpus = size_pool(self.options, ray.cluster_resources(), len(tasks))
+            self.on_event("pool", workers=workers, gpus_per_worker=self._gpus,
+                          threads_per_worker=self.options.resources.threads_per_worker)
+            for i in range(workers):
+                self._slots.append(self._start_actor(i))
         try:
             while self.options.warm_start and not all(s.ready for s in self._slots):
                 self._wait_once()
@@ -215,13 +215,21 @@ class RayExecutor:
                 self._check_deadlines()
                 if not self._slots:
                     raise PathPatchError(self._no_workers_message())
+        except BaseException:
+            self.close()
+            raise
         finally:
-            for slot in self._slots:
-                with contextlib.suppress(Exception):
-                    ray.kill(slot.handle, no_restart=True)
-            self._shard_refs.clear()
             self.stats.seconds = time.perf_counter() - start
         return self.stats
+
+    def close(self) -> None:
+        """Stop every actor and drop the shards from the object store."""
+        for slot in self._slots:
+            with contextlib.suppress(Exception):
+                ray.kill(slot.handle, no_restart=True)
+        self._slots = []
+        self._refs = {}
+        self._shard_refs = {}
 
     # --- actors -----------------------------------------------------------------------------
 

@@ -88,3 +88,19 @@ class Phases:
             self.bar.update(1)
             self.bar.set_description_str(f"{self.desc}: done")
         self.bar.close()
+
+
+class SearchProgress:
+    """A greedy search's edges decided out of all, with the circuit's size and the evaluations
+    run and reused (a resumed search replays its written evaluations)."""
+
+    def __init__(self, total: int, *, enabled: bool = True):
+        self.bar = tqdm(total=total, desc="search", unit="edge", disable=not enabled,
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, decided: int, *, circuit: int, evaluated: int, reused: int) -> None:
+        self.bar.set_postfix(circuit=circuit, evaluated=evaluated, reused=reused, refresh=False)
+        self.bar.update(decided)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -27,6 +27,8 @@ Views:
              rank (1 = most important), partial; method 'exact' holds the sweep's single-edge
              removals: score m(remove e) - m(clean), the change EAP approximates, where the
              metric has a statistic m (logit_diff), else the mean unexplained effect
+    search_steps  sweep, index, edge, receiver, before, after, removed, evaluated,
+             circuit_edges (a [search]'s decisions, in visiting order)
     ranking_agreement  sweep, method_a, method_b, n_edges, spearman (rank correlation of the
              two methods' importances, ties at their mean rank), spearman_abs (of |importance|)
 """
@@ -47,7 +49,7 @@ import pyarrow.dataset as pads
 from pathpatch.attribution import importance_sign
 from pathpatch.errors import PathPatchError
 from pathpatch.metrics import MIN_ATE
-from pipeline.store import SweepFolder, item_status
+from pipeline.store import STEP_SCHEMA, SweepFolder, item_status
 
 Z95 = 1.959963984540054
 FORMATS = ("table", "csv", "json")
@@ -265,10 +267,19 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
             for r in records
         ], schema=_ITEMS_SCHEMA))
         orientation.append({"sweep": label, "sign": importance_sign(manifest["metric"])})
+        steps = sorted(sweep.steps_dir.glob("*.parquet")) if sweep.steps_dir.is_dir() else []
+        con.register(f"_steps_{i}", pads.dataset([str(f) for f in steps], format="parquet")
+                     if steps else STEP_SCHEMA.empty_table())
+        parts.setdefault("search_steps", []).append(
+            f"SELECT '{_quote(label)}' AS sweep, * FROM _steps_{i}")
     for view, empty in (("results", _EMPTY_RESULTS), ("attributions", _EMPTY_ATTRIBUTIONS)):
         con.register(f"_{view}_columns", empty.empty_table())
         parts[view].append(f"SELECT NULL::VARCHAR AS sweep, * FROM _{view}_columns")
         con.execute(f"CREATE TEMP VIEW {view} AS " + " UNION ALL BY NAME ".join(parts[view]))
+    con.register("_steps_columns", STEP_SCHEMA.empty_table())
+    parts["search_steps"].append("SELECT NULL::VARCHAR AS sweep, * FROM _steps_columns")
+    con.execute("CREATE TEMP VIEW search_steps AS "
+                + " UNION ALL BY NAME ".join(parts["search_steps"]))
     con.register("_items", pa.concat_tables(item_tables))
     con.register("_orientation", pa.Table.from_pylist(
         orientation, schema=pa.schema([("sweep", pa.string()), ("sign", pa.float64())])))

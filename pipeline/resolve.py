@@ -109,7 +109,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     except PathPatchError as err:
         raise PathPatchError(f"hypotheses: {err}") from None
     attributions = tuple(Attribution(**entry) for entry in spec.attribution_entries())
-    if not hypotheses and not attributions:
+    if not hypotheses and not attributions and spec.search is None:
         raise PathPatchError("hypotheses: the entries generate no hypothesis; add a named "
                              "pattern or a family that yields at least one")
     for i, method in enumerate(attributions):

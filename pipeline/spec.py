@@ -89,6 +89,20 @@ class DatasetSpec:
 
 
 @dataclass(frozen=True)
+class SearchSpec:
+    """An exact greedy circuit search (`pathpatch.search`): the spec's [search] table.
+
+    Attributes:
+        tau: remove an edge when the mean metric rises by less than this (ACDC's threshold).
+        window: candidates evaluated together as one hypothesis group; never changes the
+            result, only how many evaluations run at once (and how many are discarded).
+    """
+
+    tau: float
+    window: int = 8
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """A validated sweep spec (see docs/PIPELINE.md for every key).
 
@@ -102,6 +116,7 @@ class SweepSpec:
         hypotheses: the [[hypotheses]] entries, each as sorted (key, value) pairs.
         attributions: the [[attributions]] entries (method, steps, name), each as sorted
             (key, value) pairs: approximate edge scores per example (`pathpatch.attribution`).
+        search: the [search] table: an exact greedy circuit search instead of hypotheses.
         seed: seed of the dataset generator (unless it sets its own) and of the bootstrap.
         dtype: evaluation precision.
         max_mixed_copies: reject a hypothesis needing more mixed node copies than this.
@@ -114,6 +129,7 @@ class SweepSpec:
     dataset: DatasetSpec
     hypotheses: tuple[tuple[tuple[str, Any], ...], ...]
     attributions: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    search: SearchSpec | None = None
     shard_size: int = 64
     group_size: int = 8
     metric: str = DEFAULT_METRIC
@@ -203,8 +219,8 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
     base = Path(base_dir)
     _no_unknown(raw, TOP_KEYS, "", where)
     for key in ("model", "dataset", "hypotheses"):
-        if key == "hypotheses" and "attributions" in raw:
-            continue  # a sweep of attribution scores only
+        if key == "hypotheses" and ("attributions" in raw or "search" in raw):
+            continue  # a sweep of attribution scores, or a search
         if key not in raw:
             raise PathPatchError(f"{where}: missing required key '{key}'; see docs/PIPELINE.md "
                                  "or jobs/default.toml for an example")
@@ -226,9 +242,15 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
     max_copies = _int(get("max_mixed_copies"), "max_mixed_copies", where, low=1)
     hypotheses = _hypotheses(raw["hypotheses"], base, where) if "hypotheses" in raw else ()
     attributions = _attributions(raw.get("attributions", []), where)
+    search = _search(raw["search"], where) if "search" in raw else None
+    if search is not None and (hypotheses or attributions):
+        raise PathPatchError(f"{where}: a [search] finds its own circuits: remove the "
+                             "[[hypotheses]] and [[attributions]] entries (run them as another "
+                             "sweep)")
     return SweepSpec(
         name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
-        metric=metric, hypotheses=hypotheses, attributions=attributions, seed=seed, dtype=dtype,
+        metric=metric, hypotheses=hypotheses, attributions=attributions, search=search,
+        seed=seed, dtype=dtype,
         max_mixed_copies=max_copies, resources=_resources(raw.get("resources", {}), where),
         execution=_execution(raw.get("execution", {}), where), source=text,
         base_dir=str(base.resolve()),
@@ -299,6 +321,22 @@ def _hypotheses(value: Any, base: Path, where: str) -> tuple[tuple[tuple[str, An
 
 
 ATTRIBUTION_KEYS = ("method", "steps", "name")
+SEARCH_KEYS = ("tau", "window")
+
+
+def _search(value: Any, where: str) -> SearchSpec:
+    _table(value, "search", where)
+    _no_unknown(value, SEARCH_KEYS, "search.", where)
+    if "tau" not in value:
+        raise PathPatchError(f"{where}: [search] needs tau = <threshold> (remove an edge when the "
+                             "mean metric rises by less than tau; ACDC's KL runs use 0.001-0.1)")
+    tau = value["tau"]
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not math.isfinite(tau) \
+            or tau < 0:
+        raise PathPatchError(f"{where}: search.tau = {tau!r}: give a number >= 0")
+    window = _int(value.get("window", _default(SearchSpec, "window")), "search.window", where,
+                  low=1)
+    return SearchSpec(tau=float(tau), window=window)
 
 
 def _attributions(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:

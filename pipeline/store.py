@@ -9,6 +9,8 @@ Layout (see docs/PIPELINE.md)::
       superseded/<id>.parquet  results of items the current spec no longer names
       failed/<id>.json       items that failed every attempt, with the error (cleared on success)
       events.jsonl           what happened: runs, requeues, replaced workers, failures
+      steps/<index>.parquet  a search's decisions (`STEP_SCHEMA`), one file per round
+      circuit.json, circuit.csv  the circuit a search found (EAP-IG format; a ranking)
       .lock                  flock'ed by the one driver allowed at a time
 
 A result file is written whole or not at all (`pathpatch.atomic`), and counts as
@@ -42,6 +44,14 @@ from pipeline.plan import Plan, WorkItem
 MANIFEST_FORMAT = "pathpatch-sweep/1"
 META_KEY = b"pathpatch.provenance"
 LIBRARIES = ("pathpatch", "torch", "transformer-lens", "pyarrow", "numpy", "ray", "duckdb")
+
+
+STEP_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("edge", pa.string()), ("receiver", pa.string()),
+    ("before", pa.float64()), ("after", pa.float64()), ("removed", pa.bool_()),
+    ("evaluated", pa.bool_()), ("circuit_edges", pa.int64()),
+])
+"""One row per decision (`pathpatch.search.Step`), the `search_steps` view's columns."""
 
 
 class SweepLocked(PathPatchError):
@@ -81,6 +91,7 @@ class SweepFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.items_dir = self.root / "items"
+        self.steps_dir = self.root / "steps"
         self.failed_dir = self.root / "failed"
         self.manifest_path = self.root / "manifest.json"
         self.spec_path = self.root / "spec.toml"

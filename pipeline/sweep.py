@@ -233,7 +233,7 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
     options = ExecutorOptions(resources=resolved.spec.resources,
                               execution=resolved.spec.execution, **executor_options)
     try:
-        with _executor(backend, resolved, options, event, address, ray_init) as executor:
+        with open_executor(backend, resolved, options, event, address, ray_init) as executor:
             start_bar()
             stats = executor.run(tasks, shard_data, on_done, on_failed)
         outcome.evaluations = stats.evaluations
@@ -244,7 +244,7 @@ def _execute(resolved: Resolved, folder: SweepFolder, pending: list[WorkItem],
 
 
 @contextlib.contextmanager
-def _executor(backend: str, resolved: Resolved, options: ExecutorOptions,
+def open_executor(backend: str, resolved: Resolved, options: ExecutorOptions,
               event: Callable[..., None], address: str | None,
               ray_init: dict[str, Any]) -> Iterator[Executor]:
     """The backend's executor: this process, or Ray actors inside a cluster session."""
@@ -256,4 +256,8 @@ def _executor(backend: str, resolved: Resolved, options: ExecutorOptions,
     from pipeline.executor import RayExecutor, ray_session
 
     with ray_session(address, **ray_init):
-        yield RayExecutor(worker_config(resolved), options, on_event=event)
+        executor = RayExecutor(worker_config(resolved), options, on_event=event)
+        try:
+            yield executor
+        finally:
+            executor.close()
