@@ -45,7 +45,6 @@ from pipeline.sweep import open_executor
 from pipeline.worker import Task
 
 
-
 @dataclass
 class SearchOutcome:
     """What one driver run of a search did.
