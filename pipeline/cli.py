@@ -259,42 +259,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_attribute(args: argparse.Namespace) -> int:
-    """EAP / EAP-IG scores of every edge, averaged over a spec's dataset, as a ranking table."""
-    from tqdm import tqdm
-
-    from pathpatch.atomic import atomic_write_bytes
-    from pathpatch.attribution import edge_attributions
-    from pathpatch.models import load_model
-    from pipeline.resolve import TORCH_DTYPES, load_spec_dataset
-    from pipeline.spec import load_spec
-
-    spec = load_spec(args.spec)
-    model = load_model(spec.model, dtype=TORCH_DTYPES[spec.dtype])
-    dataset = load_spec_dataset(spec, model.cfg.d_vocab, model.cfg.n_ctx)
-    total, edges = None, ()
-    with tqdm(total=len(dataset), desc="attribution", unit="pair", disable=args.no_progress) as bar:
-        for start in range(0, len(dataset), args.batch_size):
-            batch = dataset.select(slice(start, start + args.batch_size))
-            edges, scores = edge_attributions(model, batch, spec.metric, steps=args.steps)
-            part = scores.sum(0)
-            total = part if total is None else total + part
-            bar.update(len(batch))
-    mean = (total / len(dataset)).tolist()
-    lines = ["edge,score"] + [f"{e},{v!r}" for e, v in zip(edges, mean, strict=True)]
-    atomic_write_bytes(Path(args.out), ("\n".join(lines) + "\n").encode())
-    method = "EAP" if args.steps == 0 else f"EAP-IG ({args.steps} steps)"
-    print(f"{args.out}: {method} scores of {len(edges):,} edges, mean over {len(dataset):,} pairs "
-          f"(metric {spec.metric}); a circuit_curve ranking")
-    return 0
-
-
 def _cmd_curve(args: argparse.Namespace) -> int:
-    """A finished edge scan's exact ranking -> its circuit_curve spec -> run it."""
+    """A finished scan's rankings (and searches' circuits) -> their curves' spec -> run it."""
     from pipeline.curve import write_curve_spec
 
-    spec, ranking = write_curve_spec(args.scan, fractions=args.fractions)
-    print(f"ranking {ranking}, spec {spec}")
+    spec, rankings = write_curve_spec(args.scan, fractions=args.fractions,
+                                      searches=args.search or ())
+    print(f"rankings {', '.join(map(str, rankings))}; spec {spec}")
     return _cmd_run(argparse.Namespace(**{**vars(args), "spec": str(spec)}))
 
 
@@ -437,23 +408,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="task whose first example supplies @mask= masks (induction)")
     p.set_defaults(func=_cmd_explain)
 
-    p = sub.add_parser("curve", help="a finished edge scan's faithfulness curve: writes the "
-                       "ranking and the curve's spec beside the scan, then runs it")
-    p.add_argument("scan", help="sweep folder of an edge_removal scan (e.g. sweeps/edge_effects)")
+    p = sub.add_parser("curve", help="faithfulness curves of a finished scan's rankings (exact "
+                       "edge removals, [[attributions]]) and of searches' circuits: writes the "
+                       "rankings and the curves' spec beside the scan, then runs it")
+    p.add_argument("scan", help="sweep folder of an edge scan (e.g. sweeps/edge_effects)")
+    p.add_argument("--search", nargs="+", help="search folders whose circuits to add as rankings")
     p.add_argument("--fractions", type=float, nargs="+", help="fractions of edges (default MIB's)")
     p.add_argument("--out", help="the curve's sweep folder (default sweeps/<scan>-curve)")
     p.add_argument("--dry-run", action="store_true", help="write the spec, validate and plan only")
     _add_run_options(p)
     p.set_defaults(func=_cmd_curve)
-
-    p = sub.add_parser("attribute", help="approximate edge scores (EAP, EAP-IG) over a spec's "
-                       "model and dataset, as a ranking table for circuit_curve")
-    p.add_argument("spec", help="a sweep spec: its model, dataset and metric (logit_diff)")
-    p.add_argument("--steps", type=int, default=0, help="0: EAP; m > 0: EAP-IG with m points")
-    p.add_argument("--batch-size", type=int, default=16, help="pairs per backward pass")
-    p.add_argument("--out", required=True, help="the CSV (edge, score) to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_attribute)
 
     p = sub.add_parser("circuit", help="a ranking's top edges as an EAP-IG / MIB graph JSON")
     p.add_argument("ranking", help="Parquet/CSV (edge, score) table or EAP-IG graph (.json/.pt)")

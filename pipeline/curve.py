@@ -1,15 +1,18 @@
-"""`pathpatch curve SCAN`: from a finished single-edge scan to its faithfulness-curve sweep.
+"""`pathpatch curve SCAN [SEARCH ...]`: from finished rankings to one faithfulness-curve sweep.
 
-The scan's exact single-edge effects (each `remove <edge>` hypothesis's mean unexplained effect,
-read from the `scores` view) become a ranking table beside the scan's folder, and a spec for
-the `circuit_curve` of that ranking, on the scan's model, data and metric, is written next to
-it; `pathpatch run` then runs it like any sweep (resumable, distributed). Both files are plain
-and deterministic, so the curve can be rerun or edited by hand.
+Every ranking the scan holds (its `edge_scores` view: the exact single-edge effects of its edge
+removals, and each [[attributions]] method) and the circuit of each greedy search folder given
+(`circuit.csv`: its edges first) become ranking tables beside the scan's folder, and one spec
+with a `circuit_curve` per ranking, on the scan's model, data and metric, is written next to
+them; `pathpatch run` then runs it like any sweep (resumable, distributed), and its report
+sets the curves side by side with the rankings' agreement. Every file is plain and
+deterministic, so the curve can be rerun or edited by hand.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,53 +20,73 @@ from typing import Any
 from pathpatch.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
 from pipeline.query import open_sweeps
+from pipeline.store import SweepFolder
 from pipeline.sweep import load_sweep_spec
 
-EDGE_SCORES_SQL = r"""
-SELECT regexp_extract(hypothesis, '^remove (.+)$', 1) AS edge, aue AS score, partial
-FROM scores WHERE regexp_full_match(hypothesis, '^remove .+->.+$') ORDER BY hypothesis
+RANKINGS_SQL = """
+SELECT method, edge, importance, partial FROM edge_scores ORDER BY method, edge
 """
-"""Each removed edge's mean unexplained effect: the exact single-edge ranking."""
+"""Every ranking of a scan: importance oriented so that higher means the edge matters more."""
 
 
-def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None
-                     ) -> tuple[Path, Path]:
-    """Write `<scan's name>.csv` (edge, score) and `<scan's name>-curve.toml` beside the scan's
-    folder (the name is the scan's spec's); return (the spec's path, the ranking's).
+def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None,
+                     searches: Sequence[str | Path] = ()) -> tuple[Path, list[Path]]:
+    """Write `<scan's name>-<method>.csv` (edge, score) per ranking of the scan,
+    `<search's name>.csv` per search, and `<scan's name>-curve.toml` beside the scan's folder
+    (names from the specs); return (the spec's path, the rankings' paths).
 
     Raises:
-        PathPatchError: the folder holds no edge removals, or some of them are not finished.
+        PathPatchError: the scan holds no ranking, some of its work items are not finished, or
+            a search folder is not a finished search on the same model.
     """
     scan = Path(scan)
     spec = load_sweep_spec(scan)
-    rows = open_sweeps(scan).sql(EDGE_SCORES_SQL).fetchall()
-    if not rows:
-        raise PathPatchError(f"{scan}: no single-edge removals ('remove <edge>' hypotheses, the "
-                             "edge_removal family) in this sweep: run an edge scan first")
-    partial = sum(1 for *_, p in rows if p)
+    rows = open_sweeps(scan).sql(RANKINGS_SQL).fetchall()
+    if not rows and not searches:
+        raise PathPatchError(
+            f"{scan}: no ranking in this sweep (single-edge removals, the edge_removal family, "
+            "or [[attributions]]): run an edge scan first")
+    partial = sorted({method for method, *_, p in rows if p})
     if partial:
-        raise PathPatchError(f"{scan}: {partial} of its {len(rows)} edge removals are not finished "
-                             f"(work items pending or failed): `pathpatch resume {scan}` first")
-    ranking = scan.parent / f"{spec.name}.csv"
-    lines = ["edge,score"] + [f"{edge},{score!r}" for edge, score, _ in rows]
-    atomic_write_bytes(ranking, ("\n".join(lines) + "\n").encode())
+        raise PathPatchError(f"{scan}: the rankings {', '.join(partial)} are not finished (work "
+                             f"items pending or failed): `pathpatch resume {scan}` first")
+    rankings: list[Path] = []
+    for method in sorted({method for method, *_ in rows}):
+        path = scan.parent / f"{spec.name}-{method}.csv"
+        lines = ["edge,score"] + [f"{edge},{score!r}" for m, edge, score, _ in rows if m == method]
+        atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+        rankings.append(path)
+    digest = SweepFolder(scan).read_manifest()["model_digest"]
+    for search in map(Path, searches):
+        manifest = SweepFolder(search).read_manifest()
+        circuit = search / "circuit.csv"
+        if "search" not in manifest or not circuit.is_file():
+            raise PathPatchError(f"{search}: not a finished search (no circuit.csv): run its "
+                                 "[search] spec to the end first")
+        if manifest["model_digest"] != digest:
+            raise PathPatchError(f"{search}: searched model {manifest['model']!r}, not the "
+                                 f"scan's {spec.model!r}: give a search of the same model")
+        path = scan.parent / f"{manifest['name']}.csv"
+        shutil.copyfile(circuit, path)
+        rankings.append(path)
     name = f"{spec.name}-curve"
-    curve: dict[str, Any] = {"family": "circuit_curve", "ranking": str(ranking.resolve())}
-    if fractions:
-        curve["fractions"] = list(fractions)
     top = {"name": name, "model": spec.model, "metric": spec.metric, "seed": spec.seed,
            "dtype": spec.dtype, "shard_size": spec.shard_size, "group_size": 11,
            "max_mixed_copies": spec.max_mixed_copies}
     dataset = ({"path": spec.dataset.path} if spec.dataset.path is not None
                else {"kind": spec.dataset.kind, **spec.dataset_params()})
-    text = [f"# The faithfulness curve of {scan}'s exact single-edge ranking ({ranking.name}),",
-            "# written by `pathpatch curve`; run with `pathpatch run` like any sweep.",
+    text = [f"# The faithfulness curves of {scan}'s rankings, written by `pathpatch curve`;",
+            "# run with `pathpatch run` like any sweep.",
             *(f"{k} = {_toml(v)}" for k, v in top.items()), "", "[dataset]",
-            *(f"{k} = {_toml(v)}" for k, v in dataset.items()), "", "[[hypotheses]]",
-            *(f"{k} = {_toml(v)}" for k, v in curve.items())]
+            *(f"{k} = {_toml(v)}" for k, v in dataset.items())]
+    for ranking in rankings:
+        curve: dict[str, Any] = {"family": "circuit_curve", "ranking": str(ranking.resolve())}
+        if fractions:
+            curve["fractions"] = list(fractions)
+        text += ["", "[[hypotheses]]", *(f"{k} = {_toml(v)}" for k, v in curve.items())]
     path = scan.parent / f"{name}.toml"
     atomic_write_bytes(path, ("\n".join(text) + "\n").encode())
-    return path, ranking
+    return path, rankings
 
 
 def _toml(value: Any) -> str:

@@ -194,22 +194,42 @@ WITH attributed AS (
 SELECT sweep, method, edge, n, score, score_low, score_high, importance,
        row_number() OVER (PARTITION BY sweep, method ORDER BY importance DESC, edge) AS rank,
        partial
-FROM everything;
+FROM everything
+"""
 
-CREATE TEMP VIEW ranking_agreement AS
+
+
+_AGREEMENT_SQL = """
 WITH ranked AS (  -- ranks with ties at their mean, of importance and of |importance|
     SELECT sweep, method, edge,
            rank() OVER (PARTITION BY sweep, method ORDER BY importance)
              + (count(*) OVER (PARTITION BY sweep, method, importance) - 1) / 2 AS r,
            rank() OVER (PARTITION BY sweep, method ORDER BY abs(importance))
              + (count(*) OVER (PARTITION BY sweep, method, abs(importance)) - 1) / 2 AS r_abs
-    FROM edge_scores
+    FROM {source}
 )
 SELECT a.sweep, a.method AS method_a, b.method AS method_b, count(*) AS n_edges,
        corr(a.r, b.r) AS spearman, corr(a.r_abs, b.r_abs) AS spearman_abs
 FROM ranked a JOIN ranked b ON a.sweep = b.sweep AND a.edge = b.edge AND a.method < b.method
 GROUP BY a.sweep, a.method, b.method
 """
+"""Spearman's rank correlation between every two rankings of a sweep, over `{source}`'s
+(sweep, method, edge, importance) rows: the `ranking_agreement` view, and `rank_agreement`."""
+
+
+def rank_agreement(rankings: dict[str, dict[str, float]]) -> list[dict]:
+    """`ranking_agreement`'s rows (method_a, method_b, n_edges, spearman, spearman_abs) for
+    rankings given as {name: {edge: importance}} (a curve's ranking files)."""
+    table = pa.Table.from_pylist(
+        [{"sweep": "", "method": name, "edge": edge, "importance": float(value)}
+         for name, scores in rankings.items() for edge, value in scores.items()],
+        schema=pa.schema([("sweep", pa.string()), ("method", pa.string()),
+                          ("edge", pa.string()), ("importance", pa.float64())]))
+    con = duckdb.connect(":memory:")
+    con.register("_rankings", table)
+    rows = con.sql(_AGREEMENT_SQL.format(source="_rankings") + " ORDER BY ALL").fetchall()
+    return [dict(zip(("method_a", "method_b", "n_edges", "spearman", "spearman_abs"), r[1:],
+                     strict=True)) for r in rows]
 
 
 def _sweep_label(folder: Path, taken: set[str]) -> str:
@@ -287,6 +307,8 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
     con.execute(_SCORES_SQL)
     con.execute(_CURVE_SQL)
     con.execute(_EDGE_SCORES_SQL)
+    con.execute("CREATE TEMP VIEW ranking_agreement AS "
+                + _AGREEMENT_SQL.format(source="edge_scores"))
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

@@ -16,7 +16,7 @@ from pathpatch.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
 from pathpatch.figures import least_explained, report_figure
 from pathpatch.metrics import summarize
-from pipeline.query import open_sweeps
+from pipeline.query import open_sweeps, rank_agreement
 
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
@@ -126,6 +126,11 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     ranked = sorted(con.sql("SELECT hypothesis, n, aue, ate, proportion_explained FROM scores"
                             ).arrow().read_all().to_pylist(), key=_pe_key, reverse=True)
     if not ranked:
+        if con.sql("SELECT count(*) FROM attributions").fetchall()[0][0]:
+            raise PathPatchError(
+                f"{folder} holds attribution scores only, no hypotheses to report: rank them with "
+                f"`pathpatch sql {folder} \"SELECT * FROM edge_scores WHERE rank <= 20\"` or turn "
+                f"them into faithfulness curves with `pathpatch curve {folder}`")
         raise PathPatchError(f"{folder} has no finished results yet: run or resume the sweep first")
     table = ranked if len(ranked) <= 2 * TABLE_ROWS else ranked[:TABLE_ROWS] + ranked[-TABLE_ROWS:]
     figure = [r["hypothesis"] for r in least_explained(ranked)]
@@ -144,6 +149,13 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
              f"{manifest.get('metric')}")
     per_example = _per_example_ratios(con, figure)
     curve = _curve(con, folder, manifest)
+    agreement = [dict(zip(("method_a", "method_b", "n_edges", "spearman", "spearman_abs"), r,
+                          strict=True))
+                 for r in con.sql("SELECT method_a, method_b, n_edges, spearman, spearman_abs "
+                                  "FROM ranking_agreement ORDER BY ALL").fetchall()]
+    if curve is not None:
+        scored = {a["ranking"]: _ranking_scores(folder, a["ranking"]) for a in curve[1]}
+        agreement = rank_agreement({name: s for name, s in scored.items() if s})
 
     png = folder / "report.png"
     fig = report_figure(scores, title=title, per_example=per_example,
@@ -186,6 +198,7 @@ Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval o
 1 - UE/TE (pairs with TE near zero left out): a mean can hide a split between pairs.</p>
 <img src="report.png" alt="scores" style="max-width:100%">
 {_curve_html(curve)}
+{_agreement_html(agreement)}
 {cut}
 <table><tr>{''.join(f'<th>{c}</th>' for c in _COLUMNS)}</tr>
 {''.join(table_rows)}
@@ -194,6 +207,25 @@ Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval o
     page_path = folder / "report.html"
     atomic_write_bytes(page_path, page.encode())
     return png, page_path
+
+
+def _agreement_html(agreement: list[dict]) -> str:
+    """Spearman's rank correlation between every two of the curves' rankings."""
+    if not agreement:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(a['method_a'])}</td><td>{html.escape(a['method_b'])}</td>"
+        f"<td>{a['n_edges']}</td><td>{_number(a['spearman'])}</td>"
+        f"<td>{_number(a['spearman_abs'])}</td></tr>" for a in agreement)
+    return f"""<h2>Rank agreement</h2>
+<p>Spearman's rank correlation between the rankings' scores (ties at their mean rank), signed
+and of the absolute scores: how far an approximate ranking orders edges as an exact one does.</p>
+<table><tr><th>ranking</th><th>ranking</th><th>edges</th><th>Spearman</th>
+<th>Spearman (|score|)</th></tr>{rows}</table>"""
+
+
+def _number(v) -> str:
+    return "undefined" if v is None else f"{v:.4g}"
 
 
 def _curve_html(curve) -> str:

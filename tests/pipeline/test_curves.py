@@ -166,41 +166,47 @@ def test_one_command_goes_from_a_finished_scan_to_its_curve(tmp_path, capsys):
     out = tmp_path / "sweeps" / "scan-curve"
     assert main(["curve", str(scan), "--fractions", "0.1", "0.5", "1", "--out", str(out),
                  "--backend", "inprocess", "--quiet", "--no-progress"]) == 0
-    assert (tmp_path / "sweeps" / "scan.csv").read_text().startswith("edge,score\n")
-    assert f"ranking {tmp_path / 'sweeps' / 'scan.csv'}, spec" in capsys.readouterr().out
+    assert (tmp_path / "sweeps" / "scan-exact.csv").read_text().startswith("edge,score\n")
+    assert f"rankings {tmp_path / 'sweeps' / 'scan-exact.csv'}; spec" in capsys.readouterr().out
     assert (tmp_path / "sweeps" / "scan-curve.toml").is_file()
     con = open_sweeps(out)
     assert len(con.sql("SELECT * FROM faithfulness").fetchall()) == 6
     (row,) = con.sql("SELECT ranking, cpr, cmd FROM curve_scores").fetchall()
-    assert row[0] == "scan" and row[1] is not None
+    assert row[0] == "scan-exact" and row[1] is not None
     again = main(["curve", str(scan), "--fractions", "0.1", "0.5", "1", "--out", str(out),
                   "--backend", "inprocess", "--no-progress"])
     assert again == 0 and "0 computed" in capsys.readouterr().out  # the same curve: resumed, nothing new
 
 
-def test_attribution_scores_become_a_ranking_that_feeds_a_curve(tmp_path, capsys):
-    """`pathpatch attribute`: EAP-IG over a spec's dataset, mean per edge, as the CSV a
-    circuit_curve reads; equal to the library's scores over the same pairs."""
-    import pyarrow.csv as pacsv
-    import torch
+def test_every_ranking_of_a_scan_and_a_search_s_circuit_become_curves_side_by_side(
+        tmp_path, capsys):
+    """Exact single-edge effects, EAP and EAP-IG from one scan, and a greedy search's circuit:
+    one curve spec, a CPR/CMD per ranking, and the report's rank agreement."""
+    import matplotlib
 
-    from pathpatch.attribution import edge_attributions
-    from pathpatch.tasks import make_dataset
-
-    body = SPEC.replace("n = 32", "n = 12").replace('ranking = "scores.csv"', 'ranking = "eap.csv"')
-    (tmp_path / "eap.csv").write_text("edge,score\n")  # the spec names it; attribute overwrites it
-    spec = tmp_path / "curve.toml"
-    spec.write_text(body)
-    assert main(["attribute", str(spec), "--steps", "3", "--batch-size", "5", "--out",
-                 str(tmp_path / "eap.csv"), "--no-progress"]) == 0
-    assert "EAP-IG (3 steps) scores of 81 edges, mean over 12 pairs" in capsys.readouterr().out
-    table = pacsv.read_csv(tmp_path / "eap.csv")
-    model = load_model("attn-only-2l")
-    edges, scores = edge_attributions(model, make_dataset("induction", n=12, seed=0), steps=3)
-    assert table.column("edge").to_pylist() == [str(e) for e in edges]
-    torch.testing.assert_close(torch.tensor(table.column("score").to_pylist(), dtype=torch.float64),
-                               scores.mean(0), rtol=1e-5, atol=1e-6)
-    assert main(["run", str(spec), "--out", str(tmp_path / "curve"), "--backend", "inprocess",
+    matplotlib.use("Agg")
+    head = ('model = "attn-only-2l"\nmetric = "logit_diff"\ngroup_size = 27\n'
+            '[dataset]\nkind = "induction"\nn = 16\n')
+    (tmp_path / "scan.toml").write_text(
+        'name = "scan"\n' + head + '[[hypotheses]]\nfamily = "edge_removal"\n'
+        '[[attributions]]\nmethod = "eap"\n[[attributions]]\nmethod = "eap-ig"\nsteps = 2\n')
+    (tmp_path / "greedy.toml").write_text('name = "greedy"\n' + head + "[search]\ntau = 0.3\n")
+    for name in ("scan", "greedy"):
+        assert main(["run", str(tmp_path / f"{name}.toml"), "--out", str(tmp_path / name),
+                     "--backend", "inprocess", "--quiet", "--no-progress"]) == 0
+    out = tmp_path / "curves"
+    assert main(["curve", str(tmp_path / "scan"), "--search", str(tmp_path / "greedy"),
+                 "--fractions", "0.1", "0.5", "1", "--out", str(out), "--backend", "inprocess",
                  "--quiet", "--no-progress"]) == 0
-    (row,) = open_sweeps(tmp_path / "curve").sql("SELECT ranking, cpr FROM curve_scores").fetchall()
-    assert row[0] == "eap" and row[1] is not None
+    rankings = ["greedy", "scan-eap", "scan-eap-ig-2", "scan-exact"]
+    con = open_sweeps(out)
+    rows = con.sql("SELECT ranking, cpr, cmd FROM curve_scores ORDER BY ranking").fetchall()
+    assert [r[0] for r in rows] == rankings and all(r[1] is not None for r in rows)
+    from pipeline.report import write_report
+
+    _, page = write_report(out)
+    text = page.read_text()
+    assert "Rank agreement" in text
+    for a, b in [("scan-eap", "scan-exact"), ("greedy", "scan-eap-ig-2")]:
+        assert f"<td>{a}</td><td>{b}</td>" in text
+    capsys.readouterr()
