@@ -146,3 +146,30 @@ def test_what_attribution_cannot_do_is_refused_by_name():
         edge_attributions(model, batch, steps=-1)
     with pytest.raises(PathPatchError, match="Gemma-2"):
         edge_attributions(tiny_model("gemma"), _batch(tiny_model("gemma")))
+
+
+@pytest.mark.parametrize("steps", [0, 4])
+def test_a_model_with_a_known_circuit_ranks_its_edges_first(steps):
+    """Only heads a0.1 and a1.0 write to the residual stream (every other W_O and both MLPs
+    are 0), so the circuit is known: the edges among in, a0.1, a1.0 and out. Every other edge
+    sends a zero change or feeds a node whose output is zero: its score is exactly 0, and the
+    circuit's edges take the top ranks."""
+    model = tiny_model("mlp", n_layers=2, n_heads=3)
+    with torch.no_grad():
+        for layer, keep in ((0, 1), (1, 0)):
+            for head in range(3):
+                if head != keep:
+                    model.blocks[layer].attn.W_O[head].zero_()
+            model.blocks[layer].mlp.W_out.zero_()
+            model.blocks[layer].mlp.b_out.zero_()
+    batch = _batch(model, 4)
+    edges, scores = edge_attributions(model, batch, steps=steps)
+    circuit = {"in", "a0.1", "a1.0", "out"}
+    known = [i for i, e in enumerate(edges) if e.sender.name in circuit and e.receiver.name in circuit]
+    assert len(known) == 3 + 3 + 3 + 3  # in->a0.1.qkv, in->a1.0.qkv, a0.1->a1.0.qkv, into out
+    importance = scores.abs().mean(dim=0)
+    others = [i for i in range(len(edges)) if i not in known]
+    assert torch.all(importance[others] == 0)
+    assert torch.all(importance[known] > 1e-6)
+    top = importance.argsort(descending=True)[:len(known)].tolist()
+    assert set(top) == set(known)
