@@ -66,7 +66,7 @@ def _describe_search(resolved) -> str:
     return (f"search: ACDC's greedy rule over {len(graph.edges):,} edges, tau = {search.tau:g}, "
             f"metric {resolved.plan.metric}, {search.window} candidates per round, on "
             f"{resolved.plan.n_examples} examples in {len(resolved.shards)} shards: at most one "
-            "evaluation per edge, each one work item per shard")
+            "evaluation per edge, run as work items (one group of candidates per shard)")
 
 
 def _finish_search(outcome, folder: Path, quiet: bool) -> int:
