@@ -493,10 +493,82 @@ def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
                        wrong_answer=torch.tensor(wrongs))
 
 
+IOI_TEMPLATES = (
+    "When{A} and{B} went to the store,{S} gave a drink to",
+    "When{A} and{B} went to the park,{S} gave a ball to",
+    "After{A} and{B} went to the school,{S} gave a book to",
+    "While{A} and{B} were working at the office,{S} gave a report to",
+    "Then,{A} and{B} had a long argument. Afterwards{S} said to",
+    "Friends{A} and{B} found a bag at the garden.{S} gave it to",
+)
+"""Indirect-object identification prompts (Wang et al.): two names, then one of them (the
+subject) gives something to the other, whose name (the indirect object) comes next."""
+
+IOI_NAMES = (" Mary", " John", " Tom", " James", " Dan", " Sid", " Alice", " Bob", " Kate",
+             " Paul", " Anna", " Mike", " Sarah", " David", " Lisa", " Mark", " Emma", " Jack",
+             " Laura", " Peter")
+
+
+def ioi(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
+    """GPT-2 indirect-object identification: "When Mary and John went to the store, John gave a
+    drink to" -> " Mary". The counterfactual is the same template with three other names
+    (Wang et al.'s ABC distribution: no name repeats, so nothing identifies the answer). The
+    answer is the indirect object, the wrong answer the subject; read at the last position.
+    Both name orders (ABBA and BABA) occur. Needs the tokenizer in the local Hugging Face cache;
+    names that are not one token in it are not used.
+    """
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise PathPatchError(
+            f"dataset 'ioi' needs the {tokenizer!r} tokenizer in the local Hugging Face cache and "
+            f"it is not there ({type(err).__name__}); download it where there is network "
+            f"(`huggingface-cli download {tokenizer}`) and copy the cache") from None
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    names = [name for name in IOI_NAMES if len(ids(name)) == 1]
+    if len(names) < 5:
+        raise PathPatchError(f"dataset 'ioi': tokenizer {tokenizer!r} has only {len(names)} of "
+                             "the task's names as single tokens (5 are needed); use GPT-2's")
+    rng = random.Random(seed)
+    refs, cfs, answers, wrongs = [], [], [], []
+    for _attempt in range(100 * n):
+        if len(refs) == n:
+            break
+        template = rng.choice(IOI_TEMPLATES)
+        io, subject, c, d, e = rng.sample(names, 5)
+        first, second = (io, subject) if rng.random() < 0.5 else (subject, io)
+        ref = ids(template.format(A=first, B=second, S=subject))
+        cf = ids(template.format(A=c, B=d, S=e))
+        if len(ref) != len(cf):
+            continue  # keep pairs token-aligned
+        refs.append(ref)
+        cfs.append(cf)
+        answers.append(ids(io)[0])
+        wrongs.append(ids(subject)[0])
+    if len(refs) < n:
+        raise PathPatchError(f"dataset 'ioi': tokenizer {tokenizer!r} splits the prompts of "
+                             "different names into different lengths; use GPT-2's")
+    width = max(len(r) for r in refs)
+    pad = tok.eos_token_id
+    # left-pad so every prompt ends at the last position (GPT-2 has no padding token)
+    reference = torch.tensor([[pad] * (width - len(r)) + r for r in refs])
+    counterfactual = torch.tensor([[pad] * (width - len(c)) + c for c in cfs])
+    scored = torch.zeros(n, width, dtype=torch.bool)
+    scored[:, -1] = True
+    return PairDataset(reference, counterfactual, scored, answer=torch.tensor(answers),
+                       wrong_answer=torch.tensor(wrongs))
+
+
 DATASETS: dict[str, Callable[..., PairDataset]] = {
     "induction": induction_pairs,
     "modular_sum": modular_sum_pairs,
     "gpt2_numbers": gpt2_numbers,
+    "ioi": ioi,
 }
 
 

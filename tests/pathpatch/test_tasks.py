@@ -140,8 +140,8 @@ def test_make_dataset_registry() -> None:
     assert _same(make_dataset("modular_sum", n=8, seed=1), modular_sum_pairs(8, seed=1))
     # The sweep spec hands lists over as tuples.
     make_dataset("induction", n=4, distances=(24, 25), starts=(5,))
-    with pytest.raises(PathPatchError, match="allowed are gpt2_numbers, induction, modular_sum"):
-        make_dataset("ioi", n=8)
+    with pytest.raises(PathPatchError, match="allowed are gpt2_numbers, induction, ioi, modular_sum"):
+        make_dataset("greater_than", n=8)
     with pytest.raises(PathPatchError, match="unknown parameter.*seq_length.*allowed are n, seq_len"):
         make_dataset("induction", n=8, seq_length=10)
     with pytest.raises(PathPatchError, match="needs n"):

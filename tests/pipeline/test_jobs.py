@@ -9,6 +9,7 @@ from pipeline.cli import main
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 PRETRAINED = {"gpt2_numbers.toml": ("gpt2", "gpt2"), "gpt2_edge_effects.toml": ("gpt2", "gpt2"),
+              "gpt2_ioi.toml": ("gpt2", "gpt2"), "gpt2_ioi_search.toml": ("gpt2", "gpt2"),
               "pythia_induction.toml": ("pythia-160m", "EleutherAI/pythia-160m"),
               "llama_induction.toml": ("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B")}
 TWO_STEP = {"curve.toml": "edge_effects.csv"}  # reads a ranking an earlier job's SQL writes
