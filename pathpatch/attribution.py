@@ -179,13 +179,22 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
         for key, g in _input_gradients(model, arch, graph, xr, batch, statistic, clean, embeds,
                                        alpha).items():
             grads[key] = grads[key] + g if key in grads else g
-    scores = []
-    for receiver in graph.nodes[1:]:
-        senders = torch.tensor([s.order for s in graph.senders(receiver)], device=device)
-        for channel in receiver.channels:
-            g = grads[(receiver.order, channel.value)] / len(points)  # [batch, pos, d_model]
-            scores.append(torch.einsum("sbpd,bpd->bs", delta[senders].double(), g.double()))
-    return graph.edges, torch.cat(scores, dim=1)
+    # score[b, u -> v.c] = <delta[u, b], grad[v.c, b]> over (pos, d_model): per example, one
+    # product of every sender's change with every receiver channel's gradient, then the edges
+    # picked out of it (gathering each receiver's senders instead moved |E| x pos x d_model)
+    channels = list(grads)
+    column = {key: i for i, key in enumerate(channels)}
+    dtype = torch.promote_types(delta.dtype, torch.float32)  # half precision: float32 sums
+    g = torch.stack([grads[key] for key in channels]).to(dtype) / len(points)  # [R, b, p, d]
+    d = delta.to(dtype)  # [node, b, p, d]
+    senders = torch.tensor([e.sender.order for e in graph.edges], device=device)
+    receivers = torch.tensor([column[(e.receiver.order, e.channel.value)] for e in graph.edges],
+                             device=device)
+    scores = torch.empty(len(batch), len(graph.edges), dtype=torch.float64, device=device)
+    for b in range(len(batch)):
+        products = d[:, b].reshape(len(d), -1) @ g[:, b].reshape(len(g), -1).T  # [node, R]
+        scores[b] = products[senders, receivers].double()
+    return graph.edges, scores
 
 
 def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: Statistic,
@@ -202,22 +211,34 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: S
             return x
         return hook
 
-    hooks = []
-    if alpha is not None:
-        emb_r, emb_c = embeds
-        hooks.append((EMBED_HOOK, lambda x, hook: emb_c + alpha * (emb_r - emb_c)))
+    emb_r, emb_c = embeds
+
+    def embedding(x, hook):  # the one leaf: gradients flow from here, none into the weights
+        point = x if alpha is None else emb_c + alpha * (emb_r - emb_c)
+        return point.detach().requires_grad_()
+
+    hooks = [(EMBED_HOOK, embedding)]
     for layer in range(graph.n_layers):
         for channel in "qkv":
             hooks.append((arch.split_input_hook(layer, channel), keep((layer, channel))))
         if graph.has_mlp:
             hooks.append((arch.mlp_split_input_hook(layer), keep((layer, "mlp"))))
     hooks.append((arch.output_input_hook(), keep(("out", "resid"))))
+    frozen = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in frozen:  # no weight gradients: half of a backward's products saved
+            p.requires_grad_(False)
         with arch.split_inputs(), torch.enable_grad():
-            logits = model.run_with_hooks(xr, fwd_hooks=hooks)
+            resid = model.run_with_hooks(xr, fwd_hooks=hooks, stop_at_layer=graph.n_layers)
+            # logits at the scored positions only (all a built-in statistic reads), as the
+            # engine unembeds them: the unembedding at every position is a third of GPT-2's
+            rows, positions = batch.scored.to(resid.device).nonzero(as_tuple=True)
+            logits = resid.new_zeros((*batch.scored.shape, clean.shape[-1]))
+            logits = logits.index_put((rows, positions), arch.unembed(resid[rows, positions]))
             statistic(logits, batch, clean).sum().backward()  # examples do not interact
     finally:
-        model.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(True)
     out: dict[tuple[int, str], torch.Tensor] = {}
     for layer in range(graph.n_layers):
         for channel in "qkv":

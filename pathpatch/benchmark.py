@@ -24,7 +24,7 @@ from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
-from pathpatch.graph import Graph
+from pathpatch.graph import Graph, NodeKind
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
 from pathpatch.kernels import mix, mixing_kernel
 from pathpatch.positions import PositionContext
@@ -323,4 +323,96 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
         result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return result
+
+
+DISCOVERY_PHASES = 4  # forward, EAP, EAP-IG, search
+
+
+def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, steps: int = 5,
+                            decisions: int = 24, window: int = 8, tau: float = 1e-4,
+                            repeats: int = 2, seed: int = 0,
+                            progress: Callable[[str], None] | None = None) -> dict:
+    """The cost of each way to rank or find edges, in forwards of the same batch.
+
+    EAP and EAP-IG: one call of `attribution.edge_attributions` (both cached runs included)
+    over a plain forward. The greedy search: `decisions` edges decided for real on the engine,
+    one candidate at a time and `window` at a time, with the batch's cached runs reused as a
+    worker reuses them per shard, at both ends of the visiting order (edges into `out`, whose
+    candidates recompute the least; edges into layer 0, which recompute everything after it):
+    evaluations per decided edge, forwards per evaluation, and the forwards a whole search would
+    take between those two rates (receivers nothing reads are skipped, so fewer).
+    """
+    from pathpatch.attribution import edge_attributions
+    from pathpatch.circuits import circuit_hypothesis
+    from pathpatch.dataset import PairDataset
+    from pathpatch.engine import evaluate
+    from pathpatch.search import START, GreedySearch
+
+    step = progress or (lambda phase: None)
+    torch.manual_seed(seed)
+    model = model if model is not None else gpt2_small_shaped(seed)
+    graph = Graph.from_model(model)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    xr = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
+    xc = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
+    answer = torch.randint(0, model.cfg.d_vocab, (batch,), generator=gen)
+    scored = torch.zeros(batch, seq_len, dtype=torch.bool)
+    scored[:, -1] = True
+    data = PairDataset(xr, xc, scored, answer=answer, wrong_answer=(answer + 1) % model.cfg.d_vocab)
+    timer = _Timer(repeats)
+    step("forward")
+    forward_s = _Timer(max(5, repeats)).best(lambda: model(xr.to(device)))
+    result: dict = {"edges": len(graph.edges), "batch": batch, "seq_len": seq_len,
+                    "torch_threads": torch.get_num_threads(), **cpu_description(),
+                    "forward_s": round(forward_s, 4)}
+    step("EAP")
+    eap_s = timer.best(lambda: edge_attributions(model, data, "logit_diff"))
+    step(f"EAP-IG ({steps} steps)")
+    ig_s = timer.best(lambda: edge_attributions(model, data, "logit_diff", steps=steps))
+    result["eap"] = {"seconds": round(eap_s, 4), "forwards": round(eap_s / forward_s, 2),
+                     "anchor": "2 cached forwards + 1 forward and backward"}
+    result["eap_ig"] = {"steps": steps, "seconds": round(ig_s, 4),
+                        "forwards": round(ig_s / forward_s, 2),
+                        "anchor": f"2 cached forwards + {steps} forwards and backwards"}
+    step(f"search: {decisions} decisions x 2 places, windows 1 and {window}")
+    runs_cache: dict = {}
+    evaluate(model, data, [circuit_hypothesis(graph, "all", graph.edges)], "kl",
+             runs_cache=runs_cache)  # the shard's cached runs, as a worker holds them
+    searches = {}
+    first_of_layer0 = next(i for i, e in enumerate(GreedySearch(graph, tau).order)
+                           if e.receiver.kind is not NodeKind.OUTPUT and e.receiver.layer == 0)
+    for where, position in (("into_out", 0), ("into_layer_0", first_of_layer0)):
+        for w in (1, window):
+            search = GreedySearch(graph, tau)
+            search.record(search.candidates(w), {START: 0.0})  # the full model: d = 0 for KL
+            # deciding from here is the search's state had it kept every earlier edge:
+            # receivers into out are the cheapest candidates, those into layer 0 the dearest
+            search.position = position
+            candidates_run, start = 0, time.perf_counter()
+            while len(search.steps) < decisions and not search.done:
+                candidates = search.candidates(w)
+                hyps = [circuit_hypothesis(graph, c.name, c.circuit) for c in candidates]
+                table = evaluate(model, data, hyps, "kl", runs_cache=runs_cache)
+                ue = table.column("ue").to_numpy().reshape(len(hyps), -1).mean(axis=1)
+                search.record(candidates, {h.name: float(u) for h, u in zip(hyps, ue, strict=True)})
+                candidates_run += len(candidates)
+            seconds = time.perf_counter() - start
+            decided = len(search.steps)
+            per_edge = candidates_run / decided
+            per_eval = seconds / candidates_run
+            searches[f"{where}_window_{w}"] = {
+                "decisions": decided, "removed": sum(s.removed for s in search.steps),
+                "evaluations": candidates_run, "evaluations_per_edge": round(per_edge, 3),
+                "seconds_per_evaluation": round(per_eval, 4),
+                "forwards_per_evaluation": round(per_eval / forward_s, 3),
+                "forwards_per_edge": round(per_edge * per_eval / forward_s, 3),
+            }
+    cheap = searches[f"into_out_window_{window}"]["forwards_per_edge"]
+    dear = searches[f"into_layer_0_window_{window}"]["forwards_per_edge"]
+    searches["whole_search_forwards_between"] = [round(cheap * len(graph.edges)),
+                                                 round(dear * len(graph.edges))]
+    result["search"] = {"tau": tau, "metric": "kl", **searches}
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result

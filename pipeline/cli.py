@@ -209,6 +209,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         finally:
             phases.close()
         result["allocator_keeps_freed_memory"] = keeps_freed_memory
+    elif args.what == "discovery":
+        from pathpatch.benchmark import DISCOVERY_PHASES, SHAPES, run_discovery_benchmark, shaped
+        from pipeline.progress import Phases
+
+        if args.shape not in SHAPES:
+            raise PathPatchError(f"--shape {args.shape!r}: the shapes are {', '.join(SHAPES)}")
+        phases = Phases(DISCOVERY_PHASES, "bench discovery")
+        try:
+            result = run_discovery_benchmark(shaped(args.shape), steps=args.steps,
+                                             decisions=args.decisions, repeats=args.repeats,
+                                             progress=phases)
+            result["shape"] = args.shape
+        finally:
+            phases.close()
     elif args.what == "scan":
         from pipeline.bench import SCAN_PHASES, bench_scan
         from pipeline.progress import Phases
@@ -374,8 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: engine (per-hypothesis cost), pipeline (Ray), "
-                                     "scan (the full single-edge scan of a GPT-2-small shape)")
-    p.add_argument("what", choices=("engine", "pipeline", "scan"))
+                                     "scan (the full single-edge scan of a GPT-2-small shape), "
+                                     "discovery (EAP, EAP-IG and the greedy search in forwards)")
+    p.add_argument("what", choices=("engine", "pipeline", "scan", "discovery"))
+    p.add_argument("--steps", type=int, default=5, help="discovery: EAP-IG's points")
+    p.add_argument("--decisions", type=int, default=24,
+                   help="discovery: search decisions to time (edges into out, the first visited)")
     p.add_argument("--pairs", type=int, default=16, help="scan: dataset pairs (32 tokens each)")
     p.add_argument("--sample-items", type=int, default=3,
                    help="scan: items (64 edge removals each) run through the pipeline")
@@ -389,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="gpt2-small-shape",
                    help="engine: a model to load (attn-only-2l, a directory...) instead of --shape")
     p.add_argument("--shape", default="gpt2-small",
-                   help="engine: a random-weight model shaped like gpt2-small (default), "
+                   help="engine, discovery: a random-weight model shaped like gpt2-small (default), "
                         "pythia-160m, qwen2.5-0.5b or llama-3.2-1b")
     p.add_argument("--hypotheses", type=int, default=64, help="engine: hypotheses per family")
     p.add_argument("--repeats", type=int, default=2, help="engine: timed runs (the best counts)")
