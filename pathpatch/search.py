@@ -9,11 +9,14 @@ metric, a distance to the clean run (ACDC's default: KL), and the removal is kep
 that no longer sends along any edge of C is read by nothing: its incoming edges are removed
 without an evaluation, since they cannot change the output.
 
-Stacking: `candidates(window)` proposes up to `window` circuits at once, each assuming the
+Stacking: `candidates(window)` proposes several candidate circuits at once, each assuming the
 decisions before it went as predicted (the more frequent decision so far), so that a driver
 can evaluate them as one hypothesis group. `record` takes the decisions in order and drops
-the candidates after the first one predicted wrongly. Whatever the window, the decisions, the
-steps and the final circuit are those of the search that evaluates one candidate at a time.
+the candidates after the first one predicted wrongly. How many are proposed adapts: one after
+a wrong prediction, twice as many after a round predicted right, up to `window`, so runs of
+like decisions are stacked and alternating ones cost little more than one at a time. Whatever
+the window, the decisions, the steps and the final circuit are those of the search that
+evaluates one candidate at a time.
 
 Cost: one evaluation per edge that is visited (receivers still read), plus, per mispredicted
 decision, the window's remaining candidates; Python set work O(|E|) per candidate.
@@ -104,13 +107,15 @@ class GreedySearch:
         self.steps: list[Step] = []
         self._sends = Counter(e.sender.name for e in graph.edges)  # circuit edges per sender
         self._decisions = Counter({True: 0, False: 0})  # removed?
+        self._speculate = 1  # candidates to propose: doubled after a round predicted right
 
     @property
     def done(self) -> bool:
         return self.value is not None and self.position >= len(self.order)
 
     def candidates(self, window: int) -> list[Candidate]:
-        """Up to `window` circuits to evaluate next, within one receiver's incoming edges."""
+        """Up to `window` circuits to evaluate next (fewer after wrong predictions), within one
+        receiver's incoming edges."""
         if window < 1:
             raise PathPatchError(f"search: window = {window}: give at least 1")
         if self.value is None:
@@ -121,7 +126,8 @@ class GreedySearch:
         receiver = self.order[self.position].receiver
         assumed = set(self.circuit)
         out = []
-        for index in range(self.position, min(self.position + window, len(self.order))):
+        width = min(window, self._speculate)
+        for index in range(self.position, min(self.position + width, len(self.order))):
             edge = self.order[index]
             if edge.receiver != receiver:
                 break
@@ -135,6 +141,7 @@ class GreedySearch:
         """Decide in order from the candidates' d values; return the steps taken, those without
         an evaluation included (at least one when `candidates` came from `candidates()`)."""
         first = len(self.steps)
+        mispredicted = False
         for c in candidates:
             value = float(values[c.name])
             if not math.isfinite(value):
@@ -144,7 +151,8 @@ class GreedySearch:
                 self.value = value
                 continue
             if c.index != self.position or c.circuit != frozenset(self.circuit - {c.edge}):
-                break  # built on a decision predicted wrongly
+                mispredicted = True  # built on a decision predicted wrongly
+                break
             removed = value - self.value < self.tau
             if removed:
                 self._remove(c.edge)
@@ -153,6 +161,7 @@ class GreedySearch:
                 self.value = value
             self._decisions[removed] += 1
             self.position += 1
+        self._speculate = 1 if mispredicted else 2 * self._speculate
         self._skip_unread()
         return self.steps[first:]
 
