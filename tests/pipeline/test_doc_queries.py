@@ -63,3 +63,24 @@ def test_the_documented_queries_run(folders):
     side = con.sql(examples[-1]).fetchall()
     assert len(side) == 4 + 8
     assert all(re.match(r"^(remove|direct|initial|previous)", r[0]) for r in side)
+
+
+def test_the_documented_discovery_queries_run(tmp_path):
+    """Every SQL example of the discovery section, on a scan with attributions and a search."""
+    text = DOC.read_text().split("## Discovery", 1)[1]
+    block = text.split("```sql", 1)[1].split("```", 1)[0]
+    body = "\n".join(line for line in block.splitlines() if not line.strip().startswith("--"))
+    examples = [s.strip() for s in body.split(";") if s.strip()]
+    assert len(examples) >= 5
+    head = ('model = "attn-only-2l"\nmetric = "{metric}"\ngroup_size = 27\n'
+            '[dataset]\nkind = "induction"\nn = 16\n')
+    (tmp_path / "scan.toml").write_text(
+        head.format(metric="logit_diff") + '[[hypotheses]]\nfamily = "edge_removal"\n'
+        '[[attributions]]\nmethod = "eap"\n')
+    (tmp_path / "search.toml").write_text(head.format(metric="kl") + "[search]\ntau = 0.05\n")
+    for name in ("scan", "search"):
+        assert main(["run", str(tmp_path / f"{name}.toml"), "--out", str(tmp_path / name),
+                     "--backend", "inprocess", "--quiet", "--no-progress"]) == 0
+    con = open_sweeps(tmp_path / "scan", tmp_path / "search")
+    for query in examples:
+        assert con.sql(query).fetchall(), query
