@@ -41,6 +41,15 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
 
     print(outcome.summary())
     if not quiet:
+        top = run_query([folder], "SELECT method, rank, edge, importance, importance_low, "
+                                  "importance_high "
+                                  "FROM edge_scores WHERE rank <= 5 AND method <> 'exact' "
+                                  "ORDER BY method, rank")
+        if not top.startswith("(0 rows)") and "\n(0 rows)" not in top:
+            print(top)
+            print("importance: each attribution method's mean score, oriented so that higher "
+                  "means the edge matters more; every edge and the exact ranking: pathpatch sql "
+                  f"{folder} \"SELECT * FROM edge_scores\"")
         print(run_query([folder], "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
                                   "aue, ate" + (", partial" if outcome.failed else "") +
                                   " FROM scores ORDER BY proportion_explained DESC NULLS LAST, "

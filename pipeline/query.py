@@ -24,9 +24,10 @@ Views:
              [[attributions]] method: the first-order change of the statistic m)
     edge_scores  sweep, method, edge, n, score (mean over examples), score_low, score_high,
              importance (oriented: higher = the edge matters more to the clean behaviour),
-             rank (1 = most important), partial; method 'exact' holds the sweep's single-edge
-             removals: score m(remove e) - m(clean), the change EAP approximates, where the
-             metric has a statistic m (logit_diff), else the mean unexplained effect
+             importance_low, importance_high, rank (1 = most important), partial; method
+             'exact' holds the sweep's single-edge removals: score m(remove e) - m(clean), the
+             change EAP approximates, where the metric has a statistic m (logit_diff), else the
+             mean unexplained effect
     search_steps  sweep, index, edge, receiver, before, after, removed, evaluated,
              circuit_edges (a [search]'s decisions, in visiting order)
     ranking_agreement  sweep, method_a, method_b, n_edges, spearman (rank correlation of the
@@ -184,14 +185,16 @@ WITH attributed AS (
     WHERE regexp_full_match(hypothesis, '^remove .+->.+$') GROUP BY r.sweep, hypothesis
 ), everything AS (
     SELECT sweep, method, edge, n, score, score - half AS score_low, score + half AS score_high,
-           sign * score AS importance, p.method IS NOT NULL AS partial
+           sign * score AS importance, sign, p.method IS NOT NULL AS partial
     FROM attributed LEFT JOIN pending p USING (sweep, method)
     UNION ALL BY NAME
     SELECT sweep, 'exact' AS method, e.edge, e.n, e.score, e.score - e.half AS score_low,
-           e.score + e.half AS score_high, e.sign * e.score AS importance, s.partial
+           e.score + e.half AS score_high, e.sign * e.score AS importance, e.sign, s.partial
     FROM exact e JOIN scores s USING (sweep, hypothesis)
 )
 SELECT sweep, method, edge, n, score, score_low, score_high, importance,
+       least(sign * score_low, sign * score_high) AS importance_low,
+       greatest(sign * score_low, sign * score_high) AS importance_high,
        row_number() OVER (PARTITION BY sweep, method ORDER BY importance DESC, edge) AS rank,
        partial
 FROM everything

@@ -13,8 +13,10 @@ edges, in the order the search kept them, for `circuit_curve` rankings).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from pathpatch.circuits import circuit_hypothesis, write_eap_json
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph
 from pathpatch.search import Candidate, GreedySearch
-from pipeline.execution import ExecutorOptions
+from pipeline.execution import Executor, ExecutorOptions
 from pipeline.plan import HypothesisInfo, WorkItem, make_plan
 from pipeline.progress import SearchProgress
 from pipeline.resolve import Resolved, resolve
@@ -128,8 +130,15 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
 
         start = time.perf_counter()
         try:
-            with open_executor(backend, resolved, options, event, address,
-                               ray_init or {}) as executor:
+            with contextlib.ExitStack() as stack:
+                opened = []
+
+                def executor():  # started only once some candidate has no whole file
+                    if not opened:
+                        opened.append(stack.enter_context(open_executor(
+                            backend, resolved, options, event, address, ray_init or {})))
+                    return opened[0]
+
                 while not search.done:
                     candidates = search.candidates(spec.search.window)
                     values, round_items = _evaluate(resolved, graph, folder, executor,
@@ -164,7 +173,8 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
     return outcome
 
 
-def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder, executor,
+def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
+              executor: Callable[[], Executor],
               candidates: list[Candidate], provenance: dict[str, Any],
               outcome: SearchOutcome) -> tuple[dict[str, float], list[WorkItem]]:
     """Each candidate's mean metric over the whole dataset: its work items (one group of all
@@ -197,8 +207,8 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder, executor,
             folder.record_failure(task.item_id, error, attempts)
             failures.append(f"{task.item_id} after {attempts} attempts: {error}")
 
-        executor.run(tasks, lambda shard_id: shards[shard_id].take(resolved.dataset), on_done,
-                     on_failed)
+        executor().run(tasks, lambda shard_id: shards[shard_id].take(resolved.dataset), on_done,
+                       on_failed)
         if failures:
             first = next(c for c in candidates if c.edge is not None) if any(
                 c.edge is not None for c in candidates) else candidates[0]
