@@ -154,6 +154,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     manifest = folder.read_manifest()
     summary = summarize_status(item_status(folder, manifest), by=args.by)
     summary = {"sweep": str(folder.root), "name": manifest["name"], **summary}
+    if "search" in manifest:  # a search: its plan grows round by round, its steps say how far
+        import pyarrow.parquet as pq
+
+        steps = sorted(folder.steps_dir.glob("*.parquet")) if folder.steps_dir.is_dir() else []
+        decided = sum(pq.read_metadata(f).num_rows for f in steps)
+        summary["search"] = {**manifest["search"], "decided": decided,
+                             "finished": "circuit_edges" in manifest["search"],
+                             "evaluations_written": len(list(folder.items_dir.glob("*.parquet")))
+                             if folder.items_dir.is_dir() else 0}
     if args.json:
         print(json.dumps(summary, indent=1))
         return 0
@@ -167,8 +176,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
             for name, c in summary[key].items():
                 print(f"{name:<{width}}  {c['done']:>4}  {c['failed']:>6}  {c['pending']:>7}  "
                       f"{c['total']:>5}")
+    if "search" in summary:
+        search = summary["search"]
+        state = (f"finished: circuit of {search['circuit_edges']} edges" if search["finished"]
+                 else "not finished: run the same spec again (or `pathpatch resume`) to go on")
+        print(f"search (tau = {search['tau']:g}): {search['decided']} edges decided, "
+              f"{search['evaluations_written']} work items written; {state}")
     for f in summary["failures"]:
         print(f"failed {f['item']} after {f['attempts']} attempts: {f['error']}")
+    if folder.failed_dir.is_dir() and "search" in summary and not summary["search"]["finished"]:
+        for path in sorted(folder.failed_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            print(f"failed {path.stem} after {record.get('attempts')} attempts: "
+                  f"{record.get('error')}")
     return 0
 
 
