@@ -21,6 +21,7 @@ from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph
 from pathpatch.models import load_model
 from pathpatch.tasks import make_dataset
+from pipeline.cli import main
 from pipeline.query import open_sweeps
 from pipeline.search import run_search
 from pipeline.spec import load_spec, parse_spec
@@ -189,7 +190,7 @@ def test_search_window_never_changes_the_circuit_and_ray_equals_in_process(tmp_p
 
 
 @pytest.mark.slow
-def test_search_killed_mid_way_resumes_to_the_same_circuit(tmp_path):
+def test_search_killed_mid_way_resumes_to_the_same_circuit(tmp_path, capsys):
     spec = _spec(tmp_path, SEARCH.format(window=4))
     reference = run_search(load_spec(spec), tmp_path / "reference", backend="inprocess",
                            progress=False)
@@ -208,6 +209,8 @@ def test_search_killed_mid_way_resumes_to_the_same_circuit(tmp_path):
     driver.wait(timeout=30)
     assert not (out / "circuit.json").exists()  # killed mid-way
     written = len(list(items.glob("*.parquet")))
+    assert main(["status", str(out)]) == 0
+    assert f"{written} work items written; not finished" in capsys.readouterr().out
     resumed = subprocess.run(PATHPATCH + ["run", str(spec), "--out", str(out), "--backend",
                                           "inprocess", "--no-progress"],
                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
