@@ -439,6 +439,34 @@ _NON_NUMBERS = (" cat", " dog", " tree", " house", " river", " stone", " bird", 
                 " road", " lamp", " book", " door", " hill", " ship", " cloud")
 
 
+def _cached_tokenizer(kind: str, tokenizer: str):
+    """A tokenizer from the local Hugging Face cache (or a folder), or an error saying how to
+    get it: nothing downloads at run time."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise PathPatchError(
+            f"dataset {kind!r} needs the {tokenizer!r} tokenizer in the local Hugging Face cache"
+            f" and it is not there ({type(err).__name__}); download it where there is network"
+            f" (`huggingface-cli download {tokenizer}`) and copy the cache"
+        ) from None
+
+
+def _last_position_pairs(refs: list[list[int]], cfs: list[list[int]], answers: list[int],
+                         wrongs: list[int], *, pad: int) -> PairDataset:
+    """Token-aligned prompt pairs, left-padded so that every prompt ends at the last position
+    (GPT-2 has no padding token), scored there."""
+    width = max(len(r) for r in refs)
+    reference = torch.tensor([[pad] * (width - len(r)) + r for r in refs])
+    counterfactual = torch.tensor([[pad] * (width - len(c)) + c for c in cfs])
+    scored = torch.zeros(len(refs), width, dtype=torch.bool)
+    scored[:, -1] = True
+    return PairDataset(reference, counterfactual, scored, answer=torch.tensor(answers),
+                       wrong_answer=torch.tensor(wrongs))
+
+
 def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     """GPT-2 number prediction: prompts counting up by one, whose next token is a number, and
     counterfactuals with the numbers replaced by words (the next token is not a number).
@@ -446,16 +474,7 @@ def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     The answer is the next number; the wrong answer repeats the last one. Delta is read at the
     last position. Needs the GPT-2 tokenizer from the local Hugging Face cache.
     """
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise PathPatchError(
-            f"dataset 'gpt2_numbers' needs the {tokenizer!r} tokenizer in the local Hugging Face cache"
-            f" and it is not there ({type(err).__name__}); download it where there is network"
-            f" (`huggingface-cli download {tokenizer}`) and copy the cache"
-        ) from None
+    tok = _cached_tokenizer("gpt2_numbers", tokenizer)
     rng = random.Random(seed)
 
     def ids(text: str) -> list[int]:
@@ -482,15 +501,7 @@ def gpt2_numbers(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
             f"tokenizer {tokenizer!r} gives number prompts and word prompts of different lengths"
             " (or multi-token numbers); gpt2_numbers needs GPT-2's tokenizer"
         )
-    width = max(len(r) for r in refs)
-    pad = tok.eos_token_id
-    # left-pad so every prompt ends at the last position (GPT-2 has no padding token)
-    reference = torch.tensor([[pad] * (width - len(r)) + r for r in refs])
-    counterfactual = torch.tensor([[pad] * (width - len(c)) + c for c in cfs])
-    scored = torch.zeros(n, width, dtype=torch.bool)
-    scored[:, -1] = True
-    return PairDataset(reference, counterfactual, scored, answer=torch.tensor(answers),
-                       wrong_answer=torch.tensor(wrongs))
+    return _last_position_pairs(refs, cfs, answers, wrongs, pad=tok.eos_token_id)
 
 
 IOI_TEMPLATES = (
@@ -517,15 +528,7 @@ def ioi(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     Both name orders (ABBA and BABA) occur. Needs the tokenizer in the local Hugging Face cache;
     names that are not one token in it are not used.
     """
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise PathPatchError(
-            f"dataset 'ioi' needs the {tokenizer!r} tokenizer in the local Hugging Face cache and "
-            f"it is not there ({type(err).__name__}); download it where there is network "
-            f"(`huggingface-cli download {tokenizer}`) and copy the cache") from None
+    tok = _cached_tokenizer("ioi", tokenizer)
 
     def ids(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
@@ -553,15 +556,7 @@ def ioi(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     if len(refs) < n:
         raise PathPatchError(f"dataset 'ioi': tokenizer {tokenizer!r} splits the prompts of "
                              "different names into different lengths; use GPT-2's")
-    width = max(len(r) for r in refs)
-    pad = tok.eos_token_id
-    # left-pad so every prompt ends at the last position (GPT-2 has no padding token)
-    reference = torch.tensor([[pad] * (width - len(r)) + r for r in refs])
-    counterfactual = torch.tensor([[pad] * (width - len(c)) + c for c in cfs])
-    scored = torch.zeros(n, width, dtype=torch.bool)
-    scored[:, -1] = True
-    return PairDataset(reference, counterfactual, scored, answer=torch.tensor(answers),
-                       wrong_answer=torch.tensor(wrongs))
+    return _last_position_pairs(refs, cfs, answers, wrongs, pad=tok.eos_token_id)
 
 
 DATASETS: dict[str, Callable[..., PairDataset]] = {

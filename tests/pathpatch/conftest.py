@@ -50,3 +50,17 @@ def tiny_model(family: str, *, n_layers=2, n_heads=2, d_model=8, d_vocab=7, seed
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+def train_tokenizer(corpus: list[str], folder, vocab_size: int) -> str:
+    """A small byte-level BPE tokenizer in GPT-2's format, trained offline on `corpus` and saved
+    in `folder` (a task generator loads it like a cached one)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=["<|endoftext|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return str(folder)

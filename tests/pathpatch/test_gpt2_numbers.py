@@ -5,25 +5,17 @@ import torch
 
 from pathpatch.errors import PathPatchError
 from pathpatch.tasks import _NON_NUMBERS, _NUMBER_TEMPLATES, gpt2_numbers
+from tests.pathpatch.conftest import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer in GPT-2's format, trained offline on the task's text."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
     corpus = [t.format(a=a, b=a + 1, c=a + 2) + f" {a + 3}"
               for t in _NUMBER_TEMPLATES for a in range(5, 100)]
     corpus += [t.format(a=w.strip(), b=w.strip(), c=w.strip())
                for t in _NUMBER_TEMPLATES for w in _NON_NUMBERS]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus * 5, vocab_size=600, min_frequency=1,
-                            special_tokens=["<|endoftext|>"])
-    folder = tmp_path_factory.mktemp("tok")
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    return str(folder)
+    return train_tokenizer(corpus * 5, tmp_path_factory.mktemp("tok"), vocab_size=600)
 
 
 def test_pairs_are_aligned_numbers_against_words(tokenizer_dir):

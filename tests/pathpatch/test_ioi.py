@@ -5,25 +5,17 @@ import torch
 
 from pathpatch.errors import PathPatchError
 from pathpatch.tasks import IOI_NAMES, IOI_TEMPLATES, ioi
+from tests.pathpatch.conftest import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer in GPT-2's format, trained offline on the task's text
     (every name a single token, as in GPT-2's)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
     names = list(IOI_NAMES)
     corpus = [t.format(A=a, B=b, S=s) + c for t in IOI_TEMPLATES for a in names[:6]
               for b in names[6:12] for s in names[12:] for c in names[:2]]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus, vocab_size=800, min_frequency=1,
-                            special_tokens=["<|endoftext|>"])
-    folder = tmp_path_factory.mktemp("tok")
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    return str(folder)
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok"), vocab_size=800)
 
 
 def test_pairs_are_ioi_prompts_against_three_other_names(tokenizer_dir):
