@@ -15,7 +15,7 @@ where KL has its minimum), so EAP with KL is refused by name, as are user metric
 statistic to differentiate).
 
 Cost per batch: both cached runs (2 forwards) plus one forward and one backward per point (EAP:
-1 point; EAP-IG: `steps`), `pathpatch bench attribution` measures it.
+1 point; EAP-IG: `steps`), `pathpatch bench discovery` measures it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,22 @@ METHODS = ("eap", "eap-ig")
 """Attribution methods: `eap` (gradient at x_r) and `eap-ig` (integrated over `steps` points)."""
 
 DEFAULT_BATCH = 16
-"""Examples per backward pass when the sweep sets no `resources.batch_size`."""
+"""The most examples per backward pass when the sweep sets no `resources.batch_size`."""
+
+
+def batch_for_budget(model, seq_len: int, memory_budget: int | None = None) -> int:
+    """Examples per pass that fit `memory_budget` (the engine's default, 2 GiB, when None), at
+    most DEFAULT_BATCH, at least 1. Per example (float32 estimate): the logits, their gradient
+    and the clean ones; every receiver channel's gradient (twice while stacked); the
+    counterfactual change of every node and both cached runs' residuals."""
+    from pathpatch.engine import DEFAULT_MEMORY_BUDGET
+
+    graph = Graph.from_model(model)
+    channels = sum(len(n.channels) for n in graph.nodes[1:])
+    nodes = len(graph.evaluation.nodes)
+    per_example = 4 * seq_len * (3 * model.cfg.d_vocab
+                                 + model.cfg.d_model * (2 * channels + 3 * nodes))
+    return max(1, min(DEFAULT_BATCH, (memory_budget or DEFAULT_MEMORY_BUDGET) // per_example))
 
 ROW_SCHEMA = pa.schema([("method", pa.string()), ("example", pa.int64()),
                         ("edge", pa.string()), ("score", pa.float64())])
@@ -91,12 +106,14 @@ class Attribution:
                 "removals (family 'edge_removal')")
 
     def rows(self, model, dataset: PairDataset, metric: str | Metric, *,
-             batch_size: int | None = None) -> pa.Table:
-        """`ROW_SCHEMA` rows, example-major (every edge of example 0, then example 1, ...)."""
+             batch_size: int | None = None, memory_budget: int | None = None) -> pa.Table:
+        """`ROW_SCHEMA` rows, example-major (every edge of example 0, then example 1, ...);
+        `batch_size` examples per backward pass, by default as many as `memory_budget` holds
+        (`batch_for_budget`)."""
         self.check(model, metric)
         graph = Graph.from_model(model)
         names = [str(e) for e in graph.edges]
-        size = batch_size or DEFAULT_BATCH
+        size = batch_size or batch_for_budget(model, dataset.seq_len, memory_budget)
         parts = []
         for start in range(0, len(dataset), size):
             batch = dataset.select(slice(start, min(start + size, len(dataset))))
@@ -174,18 +191,19 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
         embeds = (runs.cache["r"][EMBED_HOOK], runs.cache["c"][EMBED_HOOK])
         clean = runs.logits["r"]
     points = [None] if steps == 0 else [k / steps for k in range(1, steps + 1)]
+    dtype = torch.promote_types(delta.dtype, torch.float32)  # half precision: sums in float32
     grads: dict[tuple[int, str], torch.Tensor] = {}
     for alpha in points:
         for key, g in _input_gradients(model, arch, graph, xr, batch, statistic, clean, embeds,
                                        alpha).items():
-            grads[key] = grads[key] + g if key in grads else g
+            g = g.to(dtype, copy=len(points) > 1)  # a sum of several is accumulated in place
+            grads[key] = grads[key].add_(g) if key in grads else g
     # score[b, u -> v.c] = <delta[u, b], grad[v.c, b]> over (pos, d_model): per example, one
     # product of every sender's change with every receiver channel's gradient, then the edges
     # picked out of it (gathering each receiver's senders instead moved |E| x pos x d_model)
     channels = list(grads)
     column = {key: i for i, key in enumerate(channels)}
-    dtype = torch.promote_types(delta.dtype, torch.float32)  # half precision: float32 sums
-    g = torch.stack([grads[key] for key in channels]).to(dtype) / len(points)  # [R, b, p, d]
+    g = torch.stack([grads.pop(key) for key in channels]).div_(len(points))  # [R, b, p, d]
     d = delta.to(dtype)  # [node, b, p, d]
     senders = torch.tensor([e.sender.order for e in graph.edges], device=device)
     receivers = torch.tensor([column[(e.receiver.order, e.channel.value)] for e in graph.edges],
@@ -234,7 +252,7 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: S
             # engine unembeds them: the unembedding at every position is a third of GPT-2's
             rows, positions = batch.scored.to(resid.device).nonzero(as_tuple=True)
             logits = resid.new_zeros((*batch.scored.shape, clean.shape[-1]))
-            logits = logits.index_put((rows, positions), arch.unembed(resid[rows, positions]))
+            logits[rows, positions] = arch.unembed(resid[rows, positions])  # in place: one copy
             statistic(logits, batch, clean).sum().backward()  # examples do not interact
     finally:
         for p in frozen:

@@ -24,6 +24,7 @@ decision, the window's remaining candidates; Python set work O(|E|) per candidat
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -44,7 +45,9 @@ class Candidate:
         index: the edge's position in the visiting order (-1: the full model, first).
         edge: the edge left out (None for the full model).
         circuit: the edges the candidate keeps.
-        name: the hypothesis name (`search <index> without <edge>`), stable across runs.
+        name: the hypothesis name, `search <index> without <edge> [<digest>]`, the digest
+            that of the edges the circuit lacks: stable across runs, and a candidate proposed
+            again after a wrong prediction (another circuit) is named apart.
     """
 
     index: int
@@ -108,6 +111,7 @@ class GreedySearch:
         self._sends = Counter(e.sender.name for e in graph.edges)  # circuit edges per sender
         self._decisions = Counter({True: 0, False: 0})  # removed?
         self._speculate = 1  # candidates to propose: doubled after a round predicted right
+        self._window = 1
 
     @property
     def done(self) -> bool:
@@ -126,13 +130,15 @@ class GreedySearch:
         receiver = self.order[self.position].receiver
         assumed = set(self.circuit)
         out = []
+        self._window = window
         width = min(window, self._speculate)
         for index in range(self.position, min(self.position + width, len(self.order))):
             edge = self.order[index]
             if edge.receiver != receiver:
                 break
-            out.append(Candidate(index, edge, frozenset(assumed - {edge}),
-                                 f"search {index} without {edge}"))
+            circuit = frozenset(assumed - {edge})
+            out.append(Candidate(index, edge, circuit,
+                                 f"search {index} without {edge} [{self._digest(circuit)}]"))
             if predict_removal:
                 assumed.discard(edge)
         return out
@@ -143,6 +149,10 @@ class GreedySearch:
         first = len(self.steps)
         mispredicted = False
         for c in candidates:
+            if c.edge is not None and (c.index != self.position
+                                       or c.circuit != frozenset(self.circuit - {c.edge})):
+                mispredicted = True  # built on a decision predicted wrongly: not looked at
+                break
             value = float(values[c.name])
             if not math.isfinite(value):
                 raise PathPatchError(f"search: {c.name}: the metric's mean is {value}; the "
@@ -150,9 +160,6 @@ class GreedySearch:
             if c.edge is None:
                 self.value = value
                 continue
-            if c.index != self.position or c.circuit != frozenset(self.circuit - {c.edge}):
-                mispredicted = True  # built on a decision predicted wrongly
-                break
             removed = value - self.value < self.tau
             if removed:
                 self._remove(c.edge)
@@ -161,9 +168,14 @@ class GreedySearch:
                 self.value = value
             self._decisions[removed] += 1
             self.position += 1
-        self._speculate = 1 if mispredicted else 2 * self._speculate
+        self._speculate = 1 if mispredicted else min(2 * self._speculate, self._window)
         self._skip_unread()
         return self.steps[first:]
+
+    def _digest(self, circuit: frozenset[Edge]) -> str:
+        """12 hex digits naming the edges `circuit` lacks (by their graph order)."""
+        missing = [i for i, e in enumerate(self.graph.edges) if e not in circuit]
+        return hashlib.sha256(",".join(map(str, missing)).encode()).hexdigest()[:12]
 
     def _skip_unread(self) -> None:
         """Remove, without evaluating, the incoming edges of receivers nothing reads."""

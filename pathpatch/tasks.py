@@ -525,9 +525,12 @@ def ioi(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     drink to" -> " Mary". The counterfactual is the same template with three other names
     (Wang et al.'s ABC distribution: no name repeats, so nothing identifies the answer). The
     answer is the indirect object, the wrong answer the subject; read at the last position.
-    Both name orders (ABBA and BABA) occur. Needs the tokenizer in the local Hugging Face cache;
+    Both name orders (ABBA and BABA) occur; the templates used are those of the most common
+    token length, so no prompt is padded. Needs the tokenizer in the local Hugging Face cache;
     names that are not one token in it are not used.
     """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise PathPatchError(f"dataset 'ioi': n = {n!r}: give the number of pairs, >= 1")
     tok = _cached_tokenizer("ioi", tokenizer)
 
     def ids(text: str) -> list[int]:
@@ -537,12 +540,17 @@ def ioi(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     if len(names) < 5:
         raise PathPatchError(f"dataset 'ioi': tokenizer {tokenizer!r} has only {len(names)} of "
                              "the task's names as single tokens (5 are needed); use GPT-2's")
+    # one prompt length: every pair ends at the last position without padding, which GPT-2
+    # (no attention mask here) would attend to, and a position means the same in every prompt
+    lengths = [len(ids(t.format(A=names[0], B=names[1], S=names[0]))) for t in IOI_TEMPLATES]
+    common = max(set(lengths), key=lambda length: (lengths.count(length), -length))
+    templates = [t for t, length in zip(IOI_TEMPLATES, lengths, strict=True) if length == common]
     rng = random.Random(seed)
     refs, cfs, answers, wrongs = [], [], [], []
     for _attempt in range(100 * n):
         if len(refs) == n:
             break
-        template = rng.choice(IOI_TEMPLATES)
+        template = rng.choice(templates)
         io, subject, c, d, e = rng.sample(names, 5)
         first, second = (io, subject) if rng.random() < 0.5 else (subject, io)
         ref = ids(template.format(A=first, B=second, S=subject))
@@ -556,6 +564,7 @@ def ioi(n: int, seed: int = 0, tokenizer: str = "gpt2") -> PairDataset:
     if len(refs) < n:
         raise PathPatchError(f"dataset 'ioi': tokenizer {tokenizer!r} splits the prompts of "
                              "different names into different lengths; use GPT-2's")
+    assert len({len(r) for r in refs}) == 1  # no padding
     return _last_position_pairs(refs, cfs, answers, wrongs, pad=tok.eos_token_id)
 
 

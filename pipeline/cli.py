@@ -158,7 +158,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         import pyarrow.parquet as pq
 
         steps = sorted(folder.steps_dir.glob("*.parquet")) if folder.steps_dir.is_dir() else []
-        decided = sum(pq.read_metadata(f).num_rows for f in steps)
+        decided = 0
+        for f in steps:
+            try:
+                decided += pq.read_metadata(f).num_rows
+            except (OSError, ValueError) as err:  # Arrow's errors are both
+                raise PathPatchError(f"{f}: unreadable steps file ({err}); run the search's "
+                                     "spec again: it rewrites every steps file") from None
         summary["search"] = {**manifest["search"], "decided": decided,
                              "finished": "circuit_edges" in manifest["search"],
                              "evaluations_written": len(list(folder.items_dir.glob("*.parquet")))

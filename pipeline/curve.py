@@ -41,15 +41,17 @@ def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None,
     """
     scan = Path(scan)
     spec = load_sweep_spec(scan)
-    rows = open_sweeps(scan).sql(RANKINGS_SQL).fetchall()
+    con = open_sweeps(scan)
+    unfinished = con.sql("SELECT count(*) FROM items WHERE status <> 'done'").fetchall()[0][0]
+    if unfinished:
+        raise PathPatchError(f"{scan}: {unfinished} work items are not finished (pending or "
+                             f"failed), so some rankings are partial or missing: `pathpatch "
+                             f"resume {scan}` first")
+    rows = con.sql(RANKINGS_SQL).fetchall()
     if not rows and not searches:
         raise PathPatchError(
             f"{scan}: no ranking in this sweep (single-edge removals, the edge_removal family, "
             "or [[attributions]]): run an edge scan first")
-    partial = sorted({method for method, *_, p in rows if p})
-    if partial:
-        raise PathPatchError(f"{scan}: the rankings {', '.join(partial)} are not finished (work "
-                             f"items pending or failed): `pathpatch resume {scan}` first")
     rankings: list[Path] = []
     for method in sorted({method for method, *_ in rows}):
         path = scan.parent / f"{spec.name}-{method}.csv"
@@ -60,13 +62,17 @@ def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None,
     for search in map(Path, searches):
         manifest = SweepFolder(search).read_manifest()
         circuit = search / "circuit.csv"
-        if "search" not in manifest or not circuit.is_file():
-            raise PathPatchError(f"{search}: not a finished search (no circuit.csv): run its "
+        if "circuit_edges" not in manifest.get("search", {}) or not circuit.is_file():
+            raise PathPatchError(f"{search}: not a finished search (no circuit yet): run its "
                                  "[search] spec to the end first")
         if manifest["model_digest"] != digest:
             raise PathPatchError(f"{search}: searched model {manifest['model']!r}, not the "
                                  f"scan's {spec.model!r}: give a search of the same model")
         path = scan.parent / f"{manifest['name']}.csv"
+        if path in rankings:
+            raise PathPatchError(f"{search}: its ranking would be {path.name}, which another "
+                                 "ranking of this curve already is: give the search's spec "
+                                 "another name")
         shutil.copyfile(circuit, path)
         rankings.append(path)
     name = f"{spec.name}-curve"

@@ -170,7 +170,7 @@ class InProcessExecutor:
                 continue
             self.stats.evaluations += 1
             schedule.finished(item_id)
-        self.stats.seconds = time.perf_counter() - start
+        self.stats.seconds += time.perf_counter() - start
         return self.stats
 
     def close(self) -> None:

@@ -196,11 +196,14 @@ class RayExecutor:
         self._start_failures = 0
         self._last_start_error = ""
 
-        if not self._slots:  # the pool outlives a run: later runs reuse its loaded models
-            workers, self._gpus = size_pool(self.options, ray.cluster_resources(), len(tasks))
+        # the pool outlives a run (later runs reuse its loaded models) and grows when a later
+        # run has more items than an earlier one could use; it never shrinks before `close()`
+        workers, gpus = size_pool(self.options, ray.cluster_resources(), len(tasks))
+        if len(self._slots) < workers:
+            self._gpus = gpus if not self._slots else self._gpus
             self.on_event("pool", workers=workers, gpus_per_worker=self._gpus,
                           threads_per_worker=self.options.resources.threads_per_worker)
-            for i in range(workers):
+            for i in range(len(self._slots), workers):
                 self._slots.append(self._start_actor(i))
         try:
             while self.options.warm_start and not all(s.ready for s in self._slots):
@@ -219,7 +222,7 @@ class RayExecutor:
             self.close()
             raise
         finally:
-            self.stats.seconds = time.perf_counter() - start
+            self.stats.seconds += time.perf_counter() - start
         return self.stats
 
     def close(self) -> None:

@@ -203,18 +203,25 @@ FROM everything
 
 
 _AGREEMENT_SQL = """
-WITH ranked AS (  -- ranks with ties at their mean, of importance and of |importance|
-    SELECT sweep, method, edge,
-           rank() OVER (PARTITION BY sweep, method ORDER BY importance)
-             + (count(*) OVER (PARTITION BY sweep, method, importance) - 1) / 2 AS r,
-           rank() OVER (PARTITION BY sweep, method ORDER BY abs(importance))
-             + (count(*) OVER (PARTITION BY sweep, method, abs(importance)) - 1) / 2 AS r_abs
-    FROM {source}
+WITH pairs AS (  -- every two methods of a sweep, on the edges both rank
+    SELECT a.sweep, a.method AS method_a, b.method AS method_b, a.edge,
+           a.importance AS x, b.importance AS y
+    FROM {source} a JOIN {source} b ON a.sweep = b.sweep AND a.edge = b.edge AND a.method < b.method
+), ranked AS (  -- ranks within those shared edges, ties at their mean, of values and of |values|
+    SELECT sweep, method_a, method_b,
+           rank() OVER (PARTITION BY sweep, method_a, method_b ORDER BY x)
+             + (count(*) OVER (PARTITION BY sweep, method_a, method_b, x) - 1) / 2 AS rx,
+           rank() OVER (PARTITION BY sweep, method_a, method_b ORDER BY y)
+             + (count(*) OVER (PARTITION BY sweep, method_a, method_b, y) - 1) / 2 AS ry,
+           rank() OVER (PARTITION BY sweep, method_a, method_b ORDER BY abs(x))
+             + (count(*) OVER (PARTITION BY sweep, method_a, method_b, abs(x)) - 1) / 2 AS ax,
+           rank() OVER (PARTITION BY sweep, method_a, method_b ORDER BY abs(y))
+             + (count(*) OVER (PARTITION BY sweep, method_a, method_b, abs(y)) - 1) / 2 AS ay
+    FROM pairs
 )
-SELECT a.sweep, a.method AS method_a, b.method AS method_b, count(*) AS n_edges,
-       corr(a.r, b.r) AS spearman, corr(a.r_abs, b.r_abs) AS spearman_abs
-FROM ranked a JOIN ranked b ON a.sweep = b.sweep AND a.edge = b.edge AND a.method < b.method
-GROUP BY a.sweep, a.method, b.method
+SELECT sweep, method_a, method_b, count(*) AS n_edges, corr(rx, ry) AS spearman,
+       corr(ax, ay) AS spearman_abs
+FROM ranked GROUP BY sweep, method_a, method_b
 """
 """Spearman's rank correlation between every two rankings of a sweep, over `{source}`'s
 (sweep, method, edge, importance) rows: the `ranking_agreement` view, and `rank_agreement`."""

@@ -7,8 +7,9 @@ shard like a sweep's items and land in `items/<identity>.parquet`, and the decis
 settle are written as `steps/<first edge index>.parquet`. A rerun of the same spec on the same
 folder replays the search from its first decision: every candidate whose file is whole is read
 back instead of computed, so a search killed at any step ends with the same circuit. The found
-circuit is written as `circuit.json` (the EAP-IG / MIB graph format) and `circuit.csv` (its
-edges, in the order the search kept them, for `circuit_curve` rankings).
+circuit is written as `circuit.json` (the EAP-IG / MIB graph format) and `circuit.csv` (every
+edge, scored so that the circuit's edges rank first, each by the metric's rise when it alone
+was left out: a `circuit_curve` ranking).
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ class SearchOutcome:
     circuit: int = 0
     rounds: int = 0
     seconds: float = 0.0
-    failed: int = 0
     nodes: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
@@ -109,8 +109,9 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
                   "search": {"tau": spec.search.tau, "window": spec.search.window}}
     with folder.locked():
         folder.remove_stale_temps()
-        for old in steps_dir.glob("*.parquet"):
-            old.unlink()  # derived from the evaluations: the replay writes them again
+        for old in [*steps_dir.glob("*.parquet"), folder.root / "circuit.json",
+                    folder.root / "circuit.csv"]:
+            old.unlink(missing_ok=True)  # derived from the evaluations: the replay rewrites them
         manifest = build_manifest(plan, spec_name=spec.name, spec_hash=spec.digest(),
                                   spec_file=spec_file, base_dir=spec.base_dir, model=spec.model,
                                   seed=spec.seed, provenance=provenance)
@@ -128,6 +129,12 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
             if name != "submitted":
                 folder.log(name, **fields)
 
+        shards = {shard.id: shard for shard in resolved.shards}
+
+        def shard_data(shard_id: str):  # one function for every round: shards sent once
+            return shards[shard_id].take(resolved.dataset)
+
+        receivers = {str(e): e.receiver.name for e in search.order}
         start = time.perf_counter()
         try:
             with contextlib.ExitStack() as stack:
@@ -142,7 +149,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
                 while not search.done:
                     candidates = search.candidates(spec.search.window)
                     values, round_items = _evaluate(resolved, graph, folder, executor,
-                                                    candidates, provenance, outcome)
+                                                    shard_data, candidates, provenance, outcome)
                     items.extend(round_items)
                     steps = search.record(candidates, values)
                     outcome.rounds += 1
@@ -151,7 +158,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
                     outcome.discarded += len([c for c in candidates if c.edge is not None]) - decided
                     if steps:
                         _write_steps(steps_dir / f"{steps[0].index:07d}.parquet", steps,
-                                     search)
+                                     receivers)
                     bar.update(len(steps), circuit=len(search.circuit),
                                evaluated=outcome.evaluations, reused=outcome.reused)
         finally:
@@ -174,7 +181,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
 
 
 def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
-              executor: Callable[[], Executor],
+              executor: Callable[[], Executor], shard_data: Callable[[str], Any],
               candidates: list[Candidate], provenance: dict[str, Any],
               outcome: SearchOutcome) -> tuple[dict[str, float], list[WorkItem]]:
     """Each candidate's mean metric over the whole dataset: its work items (one group of all
@@ -189,7 +196,6 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
     outcome.reused += len(plan.items) - len(pending)
     if pending:
         by_id = {item.id: item for item in pending}
-        shards = {s.id: s for s in resolved.shards}
         tasks = [Task(item.id, item.shard.id, tuple(hypotheses)) for item in pending]
         failures: list[str] = []
 
@@ -207,15 +213,15 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
             folder.record_failure(task.item_id, error, attempts)
             failures.append(f"{task.item_id} after {attempts} attempts: {error}")
 
-        executor().run(tasks, lambda shard_id: shards[shard_id].take(resolved.dataset), on_done,
-                       on_failed)
+        executor().run(tasks, shard_data, on_done, on_failed)
         if failures:
             first = next(c for c in candidates if c.edge is not None) if any(
                 c.edge is not None for c in candidates) else candidates[0]
             raise PathPatchError(
                 f"search stopped at {first.name!r}: a work item failed every attempt "
                 f"({failures[0]}); fix the cause and run the same spec again: the search "
-                "resumes from the evaluations already written")
+                "resumes from the evaluations already written (if a stacked round ran out of "
+                "memory, a smaller search.window or resources.memory_budget stacks fewer)")
     sums: dict[str, list[float]] = {h.name: [] for h in hypotheses}
     for item in plan.items:  # shard order: the same sums whatever order items completed in
         table = pq.read_table(folder.item_path(item.id), columns=["hypothesis", "ue"])
@@ -226,8 +232,7 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
     return {name: math.fsum(v) / n for name, v in sums.items()}, list(plan.items)
 
 
-def _write_steps(path: Path, steps, search: GreedySearch) -> None:
-    receivers = {str(e): e.receiver.name for e in search.order}
+def _write_steps(path: Path, steps, receivers: dict[str, str]) -> None:
     rows = pa.Table.from_pylist([
         {"index": s.index, "edge": s.edge, "receiver": receivers[s.edge], "before": s.before,
          "after": s.after, "removed": s.removed, "evaluated": s.evaluated,

@@ -129,7 +129,8 @@ class Worker:
         start = time.perf_counter()
         if isinstance(task.hypotheses[0], Attribution):  # an item is one method on its own
             table = task.hypotheses[0].rows(self.model, shard, self.config.metric,
-                                            batch_size=self.config.batch_size)
+                                            batch_size=self.config.batch_size,
+                                            memory_budget=self.config.memory_budget)
         else:
             table = engine.evaluate(
                 self.model, shard, list(task.hypotheses), self.config.metric,

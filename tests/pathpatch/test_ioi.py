@@ -26,6 +26,8 @@ def test_pairs_are_ioi_prompts_against_three_other_names(tokenizer_dir):
     data = ioi(40, seed=2, tokenizer=tokenizer_dir)
     assert data.reference.shape == data.counterfactual.shape and len(data) == 40
     assert data.scored[:, -1].all() and data.scored.sum() == 40
+    pad = tok.eos_token_id  # one prompt length: nothing padded, a position means one thing
+    assert not (data.reference == pad).any() and not (data.counterfactual == pad).any()
     orders = set()
     for ref, cf, ans, wrong in zip(data.reference, data.counterfactual, data.answer,
                                    data.wrong_answer, strict=True):
@@ -44,5 +46,7 @@ def test_pairs_are_ioi_prompts_against_three_other_names(tokenizer_dir):
 
 
 def test_missing_tokenizer_is_a_clear_fast_error(tmp_path):
+    with pytest.raises(PathPatchError, match="n = 0"):
+        ioi(0, tokenizer=str(tmp_path / "nowhere"))
     with pytest.raises(PathPatchError, match="'ioi' needs the .* tokenizer in the local Hugging"):
         ioi(4, tokenizer=str(tmp_path / "nowhere"))

@@ -38,9 +38,12 @@ def _distance(graph: Graph, seed: int):
 def _run(graph: Graph, tau: float, window: int, d) -> tuple[GreedySearch, int]:
     search = GreedySearch(graph, tau)
     evaluated = 0
+    circuits: dict[str, frozenset] = {}  # a name always means one circuit (its result file)
     while not search.done:
         candidates = search.candidates(window)
         assert candidates and len(candidates) <= window
+        for c in candidates:
+            assert circuits.setdefault(c.name, c.circuit) == c.circuit
         evaluated += len(candidates)
         search.record(candidates, {c.name: d(c.circuit) for c in candidates})
     return search, evaluated

@@ -129,3 +129,42 @@ def test_scores_are_computed_on_one_thread_unless_asked(sweeps):
     assert open_sweeps(a, threads=2).sql("SELECT current_setting('threads')").fetchall() == [(2,)]
     with pytest.raises(PathPatchError, match="threads = 0"):
         open_sweeps(a, threads=0)
+
+
+def test_rank_agreement_is_spearman_over_the_edges_both_rankings_score():
+    """Against a Spearman computed here: Pearson correlation of mean ranks (ties shared), over
+    the shared edges only, signed and of absolute values."""
+    import random
+
+    import numpy as np
+
+    from pipeline.query import rank_agreement
+
+    rng = random.Random(0)
+    edges = [f"e{i}" for i in range(40)]
+    a = {e: rng.choice([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0]) for e in edges}  # many ties
+    b = {e: a[e] + rng.gauss(0, 1) for e in edges[5:]}  # another edge set
+
+    def mean_ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        ranks = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                ranks[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return ranks
+
+    shared = [e for e in edges if e in b]
+    want = {}
+    for key, f in (("spearman", lambda v: v), ("spearman_abs", abs)):
+        x = mean_ranks([f(a[e]) for e in shared])
+        y = mean_ranks([f(b[e]) for e in shared])
+        want[key] = float(np.corrcoef(x, y)[0, 1])
+    (got,) = rank_agreement({"a": a, "b": b})
+    assert (got["method_a"], got["method_b"], got["n_edges"]) == ("a", "b", 35)
+    assert got["spearman"] == pytest.approx(want["spearman"], abs=1e-12)
+    assert got["spearman_abs"] == pytest.approx(want["spearman_abs"], abs=1e-12)
