@@ -174,6 +174,19 @@ def test_search_follows_acdc_s_rule_on_exact_evaluations_and_finds_the_induction
 
 
 @pytest.mark.slow
+def test_attribution_items_on_ray_actors_equal_the_in_process_rows(tmp_path, ray_local):
+    spec = load_spec(_spec(tmp_path, ATTRIBUTIONS.split("[[hypotheses]]")[0],
+                           metric="logit_diff"))
+    run_sweep(spec, tmp_path / "inprocess", backend="inprocess", progress=False)
+    outcome = run_sweep(spec, tmp_path / "ray", backend="ray", address=ray_local,
+                        progress=False)
+    assert outcome.evaluations == 4 and outcome.failed == 0  # 2 methods x 2 shards
+    query = "SELECT method, example, edge, score FROM attributions ORDER BY ALL"
+    assert (open_sweeps(tmp_path / "ray").sql(query).fetchall()
+            == open_sweeps(tmp_path / "inprocess").sql(query).fetchall())
+
+
+@pytest.mark.slow
 def test_search_window_never_changes_the_circuit_and_ray_equals_in_process(tmp_path,
                                                                           ray_local):
     one = run_search(load_spec(_spec(tmp_path, SEARCH.format(window=1), name="one")),
