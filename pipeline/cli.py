@@ -37,19 +37,23 @@ SCORES_LEGEND = (
 
 
 def _finish(outcome, folder: Path, quiet: bool) -> int:
-    from pipeline.query import run_query
+    from pipeline.query import open_sweeps, run_query
 
     print(outcome.summary())
     if not quiet:
-        top = run_query([folder], "SELECT method, rank, edge, importance, importance_low, "
-                                  "importance_high "
-                                  "FROM edge_scores WHERE rank <= 5 AND method <> 'exact' "
-                                  "ORDER BY method, rank")
-        if not top.startswith("(0 rows)") and "\n(0 rows)" not in top:
-            print(top)
+        con = open_sweeps(folder)
+        attributed, evaluated = con.sql("SELECT (SELECT count(*) FROM items WHERE kind = "
+                                        "'attribution'), (SELECT count(*) FROM items WHERE "
+                                        "kind = 'evaluation')").fetchall()[0]
+        if attributed:
+            print(run_query([folder], "SELECT method, rank, edge, importance, importance_low, "
+                                      "importance_high FROM edge_scores WHERE rank <= 5 AND "
+                                      "method <> 'exact' ORDER BY method, rank"))
             print("importance: each attribution method's mean score, oriented so that higher "
                   "means the edge matters more; every edge and the exact ranking: pathpatch sql "
                   f"{folder} \"SELECT * FROM edge_scores\"")
+        if not evaluated:
+            return _failed_items(outcome, folder)
         print(run_query([folder], "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
                                   "aue, ate" + (", partial" if outcome.failed else "") +
                                   " FROM scores ORDER BY proportion_explained DESC NULLS LAST, "
@@ -57,6 +61,11 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
         print(SCORES_LEGEND.format(metric=outcome.metric or "delta"))
         print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"; per-example rows in "
               "the view results; a report: pathpatch report " + str(folder))
+    return _failed_items(outcome, folder)
+
+
+def _failed_items(outcome, folder: Path) -> int:
+    """Exit status 1 with what to do when some work items failed every attempt, else 0."""
     if outcome.failed:
         print(f"partial: the scores above cover {outcome.total - outcome.failed} of "
               f"{outcome.total} work items", file=sys.stderr)
