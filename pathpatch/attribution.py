@@ -185,19 +185,27 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     metric.check_dataset(batch)
     device = next(model.parameters()).device
     xr, xc = batch.reference.to(device), batch.counterfactual.to(device)
+    clean_cache: dict[str, torch.Tensor] | None = None
     with torch.no_grad():
-        runs = Runs(model, xr, xc)
-        delta = runs.cf_bank()  # [node, batch, pos, d_model]: a_u(x_c) - a_u(x_r)
-        embeds = (runs.cache["r"][EMBED_HOOK], runs.cache["c"][EMBED_HOOK])
-        clean = runs.logits["r"]
+        if steps == 0:  # EAP's one gradient pass runs at x_r: it is the clean run as well
+            cf_logits, cf_cache = arch.run(xc)
+            embeds, clean, clean_cache = None, None, {}
+        else:
+            runs = Runs(model, xr, xc)
+            embeds = (runs.cache["r"][EMBED_HOOK], runs.cache["c"][EMBED_HOOK])
+            clean = runs.logits["r"]
     points = [None] if steps == 0 else [k / steps for k in range(1, steps + 1)]
-    dtype = torch.promote_types(delta.dtype, torch.float32)  # half precision: sums in float32
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # half: sums in float32
     grads: dict[tuple[int, str], torch.Tensor] = {}
     for alpha in points:
         for key, g in _input_gradients(model, arch, graph, xr, batch, statistic, clean, embeds,
-                                       alpha).items():
+                                       alpha, clean_cache).items():
             g = g.to(dtype, copy=len(points) > 1)  # a sum of several is accumulated in place
             grads[key] = grads[key].add_(g) if key in grads else g
+    if clean_cache is not None:
+        runs = Runs.from_caches(model, {"c": cf_logits}, {"r": clean_cache, "c": cf_cache})
+    with torch.no_grad():
+        delta = runs.cf_bank()  # [node, batch, pos, d_model]: a_u(x_c) - a_u(x_r)
     # score[b, u -> v.c] = <delta[u, b], grad[v.c, b]> over (pos, d_model): per example, one
     # product of every sender's change with every receiver channel's gradient, then the edges
     # picked out of it (gathering each receiver's senders instead moved |E| x pos x d_model)
@@ -216,9 +224,16 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
 
 
 def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: Statistic,
-                     clean: torch.Tensor, embeds, alpha):
-    """dm/d(input) of every receiver channel, at x_r or at embedding point `alpha`."""
+                     clean: torch.Tensor | None, embeds, alpha,
+                     clean_cache: dict[str, torch.Tensor] | None = None):
+    """dm/d(input) of every receiver channel, at x_r or at embedding point `alpha`; with
+    `clean_cache` (a pass at x_r) the activations the counterfactual change is taken from are
+    kept there too."""
     kept: dict[tuple[int, str], torch.Tensor] = {}
+
+    def record(x, hook):
+        clean_cache[hook.name] = x.detach()
+        return x
     heads = {layer: [n for n in graph.nodes if n.kind is NodeKind.HEAD and n.layer == layer]
              for layer in range(graph.n_layers)}
 
@@ -229,13 +244,18 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: S
             return x
         return hook
 
-    emb_r, emb_c = embeds
-
     def embedding(x, hook):  # the one leaf: gradients flow from here, none into the weights
-        point = x if alpha is None else emb_c + alpha * (emb_r - emb_c)
+        if clean_cache is not None:
+            clean_cache[hook.name] = x.detach()
+        point = x if alpha is None else embeds[1] + alpha * (embeds[0] - embeds[1])
         return point.detach().requires_grad_()
 
     hooks = [(EMBED_HOOK, embedding)]
+    if clean_cache is not None:  # what the counterfactual change reads: heads' z, MLP outputs
+        for layer in range(graph.n_layers):
+            hooks.append((arch.z_hook(layer), record))
+            if graph.has_mlp:
+                hooks.append((arch.mlp_out_hook(layer), record))
     for layer in range(graph.n_layers):
         for channel in "qkv":
             hooks.append((arch.split_input_hook(layer, channel), keep((layer, channel))))
@@ -251,7 +271,7 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: S
             # logits at the scored positions only (all a built-in statistic reads), as the
             # engine unembeds them: the unembedding at every position is a third of GPT-2's
             rows, positions = batch.scored.to(resid.device).nonzero(as_tuple=True)
-            logits = resid.new_zeros((*batch.scored.shape, clean.shape[-1]))
+            logits = resid.new_zeros((*batch.scored.shape, model.unembed.W_U.shape[-1]))
             logits[rows, positions] = arch.unembed(resid[rows, positions])  # in place: one copy
             statistic(logits, batch, clean).sum().backward()  # examples do not interact
     finally:

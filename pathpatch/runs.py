@@ -27,6 +27,17 @@ class Runs:
         self._cf_bank: torch.Tensor | None = None
         self._heads_sums: dict[tuple[int, str], torch.Tensor] = {}
 
+    @classmethod
+    def from_caches(cls, model, logits: dict[str, torch.Tensor],
+                    cache: dict[str, dict[str, torch.Tensor]]) -> Runs:
+        """Runs made elsewhere (attribution's gradient pass at x_r is the clean run): `cache`
+        holds, per run, at least what `cf_bank` reads (embedding, heads' z, MLP outputs)."""
+        runs = cls.__new__(cls)
+        runs.model, runs.graph, runs.arch = model, Graph.from_model(model), Adapter.of(model)
+        runs.logits, runs.cache = logits, cache
+        runs._cf_bank, runs._heads_sums = None, {}
+        return runs
+
     def z(self, layer: int, run: str = "r") -> torch.Tensor:
         """[batch, pos, head, d_head]"""
         return self.cache[run][self.arch.z_hook(layer)]
