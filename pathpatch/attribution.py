@@ -14,8 +14,9 @@ EAP-IG's interpolated points can differentiate but EAP cannot (its gradient vani
 where KL has its minimum), so EAP with KL is refused by name, as are user metrics (no signed
 statistic to differentiate).
 
-Cost per batch: both cached runs (2 forwards) plus one forward and one backward per point (EAP:
-1 point; EAP-IG: `steps`), `pathpatch bench discovery` measures it.
+Cost per batch: EAP, the counterfactual run plus one forward and backward at x_r, which is the
+clean run too; EAP-IG, both runs plus one forward and backward per point (`pathpatch bench
+discovery` measures both).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def batch_for_budget(model, seq_len: int, memory_budget: int | None = None) -> i
                                  + model.cfg.d_model * (2 * channels + 3 * nodes))
     return max(1, min(DEFAULT_BATCH, (memory_budget or DEFAULT_MEMORY_BUDGET) // per_example))
 
+
 ROW_SCHEMA = pa.schema([("method", pa.string()), ("example", pa.int64()),
                         ("edge", pa.string()), ("score", pa.float64())])
 """One row per (example, edge) of an attribution: the edge in pathpatch's naming."""
@@ -92,9 +94,9 @@ class Attribution:
 
     @property
     def est_cost(self) -> float:
-        """Forward passes per batch: the two cached runs plus forward and backward (~2
-        forwards) per point."""
-        return 2.0 + 3.0 * max(self.steps, 1)
+        """Forward passes per batch: the runs it caches (EAP: the counterfactual one; EAP-IG:
+        both) plus a forward and backward (~3 forwards) per point."""
+        return 1.0 + 3.0 if self.steps == 0 else 2.0 + 3.0 * self.steps
 
     def check(self, model, metric: str | Metric) -> None:
         """Refuse, before any work, what this method cannot compute on `model` with `metric`."""

@@ -215,8 +215,7 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
 
         executor().run(tasks, shard_data, on_done, on_failed)
         if failures:
-            first = next(c for c in candidates if c.edge is not None) if any(
-                c.edge is not None for c in candidates) else candidates[0]
+            first = next((c for c in candidates if c.edge is not None), candidates[0])
             raise PathPatchError(
                 f"search stopped at {first.name!r}: a work item failed every attempt "
                 f"({failures[0]}); fix the cause and run the same spec again: the search "

@@ -355,9 +355,7 @@ def _attributions(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], 
             _string(entry["name"], f"{key}.name", where)
         try:
             made = Attribution(**entry)
-        except PathPatchError as err:
-            raise PathPatchError(f"{where}: {key}: {err}") from None
-        except TypeError as err:
+        except (PathPatchError, TypeError) as err:
             raise PathPatchError(f"{where}: {key}: {err}") from None
         if made.name in names:
             raise PathPatchError(f"{where}: {key}: a second attribution named {made.name!r}; "
