@@ -123,6 +123,11 @@ def check(
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 
 
+def cached_bytes(runs_cache: dict) -> int:
+    """Bytes the cached runs in an `evaluate` runs cache hold (a worker bounds what it keeps)."""
+    return sum(runs.nbytes() for runs in runs_cache.values())
+
+
 @torch.inference_mode()
 def evaluate(
     model,

@@ -38,6 +38,14 @@ class Runs:
         runs._cf_bank, runs._heads_sums = None, {}
         return runs
 
+    def nbytes(self) -> int:
+        """Bytes held: both runs' cached activations and logits, and the deviation bank."""
+        tensors = [*self.logits.values(), *self._heads_sums.values()]
+        tensors += [t for cache in self.cache.values() for t in cache.values()]
+        if self._cf_bank is not None:
+            tensors.append(self._cf_bank)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def z(self, layer: int, run: str = "r") -> torch.Tensor:
         """[batch, pos, head, d_head]"""
         return self.cache[run][self.arch.z_hook(layer)]

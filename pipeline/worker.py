@@ -102,7 +102,8 @@ class Worker:
                 "between machines; put the same file on every node (or use a bundled model)"
             )
         self._shards: OrderedDict[str, PairDataset] = OrderedDict()
-        self._runs: dict = {}  # the engine's cached runs of the last shard (one batch)
+        # the engine's cached runs, per shard: the current one always, others while they fit
+        self._runs: OrderedDict[str, dict] = OrderedDict()
 
     def holds(self, shard_id: str) -> bool:
         return shard_id in self._shards
@@ -112,6 +113,21 @@ class Worker:
         self._shards.move_to_end(shard_id)
         while len(self._shards) > self.config.shard_cache:
             self._shards.popitem(last=False)
+
+    def _runs_of(self, shard_id: str) -> dict:
+        cache = self._runs.setdefault(shard_id, {})
+        self._runs.move_to_end(shard_id)
+        return cache
+
+    def _keep_runs_within_budget(self) -> None:
+        """Drop the least recently used shards' cached runs until those of the other shards
+        take at most half the memory budget: a worker that takes turns between shards (a
+        search's rounds) keeps computing each shard's two runs once, and memory stays within
+        1.5 budgets."""
+        limit = (self.config.memory_budget or engine.DEFAULT_MEMORY_BUDGET) // 2
+        while len(self._runs) > 1 and sum(
+                engine.cached_bytes(c) for c in list(self._runs.values())[:-1]) > limit:
+            self._runs.popitem(last=False)
 
     def evaluate(self, task: Task, data: PairDataset | None = None) -> tuple[pa.Table, TaskInfo]:
         """Rows of one work item: `engine.evaluate` on the shard's examples.
@@ -135,8 +151,10 @@ class Worker:
             table = engine.evaluate(
                 self.model, shard, list(task.hypotheses), self.config.metric,
                 batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
-                max_mixed_copies=self.config.max_mixed_copies, runs_cache=self._runs,
+                max_mixed_copies=self.config.max_mixed_copies,
+                runs_cache=self._runs_of(task.shard_id),
             )
+            self._keep_runs_within_budget()
         info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,
                         examples=len(shard))
         return table, info

@@ -232,3 +232,39 @@ def test_search_killed_mid_way_resumes_to_the_same_circuit(tmp_path, capsys):
     assert _circuit(out) == _circuit(tmp_path / "reference")
     assert len(_circuit(out)) == reference.circuit
     assert not list(items.glob(".*"))  # no temp files left
+
+
+def test_a_worker_keeps_each_shard_s_runs_while_they_fit_half_the_budget(tmp_path,
+                                                                          monkeypatch):
+    """A worker taking turns between shards (a search's rounds on one worker) computes each
+    shard's two runs once while the other shards' runs fit half the memory budget; past it,
+    the least recently used shard's are dropped and computed again."""
+    from dataclasses import replace
+
+    from pathpatch import engine
+    from pipeline.resolve import resolve
+    from pipeline.sweep import worker_config
+    from pipeline.worker import Task, Worker
+
+    built = []
+    real = engine.Runs
+    monkeypatch.setattr(engine, "Runs", lambda *a: built.append(1) or real(*a))
+    resolved = resolve(load_spec(_spec(tmp_path, SEARCH.format(window=2))))
+    graph = Graph.from_model(resolved.model)
+    full = circuit_hypothesis(graph, "full", graph.edges)
+    a, b = resolved.shards
+
+    def turns(worker: Worker) -> int:
+        built.clear()
+        for shard in (a, b, a, b):
+            worker.evaluate(Task("i", shard.id, (full,)), shard.take(resolved.dataset))
+        return len(built)
+
+    config = worker_config(resolved, device="cpu")
+    worker = Worker(config, model=resolved.model)
+    assert turns(worker) == 2  # once per shard
+    logits = 2 * len(a) * resolved.dataset.seq_len * resolved.model.cfg.d_vocab * 4
+    assert all(engine.cached_bytes(c) > logits for c in worker._runs.values())  # counted whole
+    # runs larger than half the budget (as counted): the other shard's are dropped each turn
+    monkeypatch.setattr(engine, "cached_bytes", lambda cache: 2**30 if cache else 0)
+    assert turns(Worker(replace(config, memory_budget=2**31 - 1), model=resolved.model)) == 4
