@@ -200,8 +200,6 @@ SELECT sweep, method, edge, n, score, score_low, score_high, importance,
 FROM everything
 """
 
-
-
 _AGREEMENT_SQL = """
 WITH pairs AS (  -- every two methods of a sweep, on the edges both rank
     SELECT a.sweep, a.method AS method_a, b.method AS method_b, a.edge,

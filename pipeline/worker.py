@@ -112,7 +112,8 @@ class Worker:
         self._shards[shard_id] = data
         self._shards.move_to_end(shard_id)
         while len(self._shards) > self.config.shard_cache:
-            self._shards.popitem(last=False)
+            dropped, _ = self._shards.popitem(last=False)
+            self._runs.pop(dropped, None)  # its cached runs go with it
 
     def _runs_of(self, shard_id: str) -> dict:
         cache = self._runs.setdefault(shard_id, {})
