@@ -326,22 +326,24 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     return result
 
 
-DISCOVERY_PHASES = 4  # forward, EAP, EAP-IG, search
+DISCOVERY_PHASES = 5  # forward, EAP, EAP-IG, exact ranking, search
 
 
 def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, steps: int = 5,
                             decisions: int = 24, window: int = 8, tau: float = 1e-4,
-                            repeats: int = 2, seed: int = 0,
+                            exact_sample: int = 128, repeats: int = 2, seed: int = 0,
                             progress: Callable[[str], None] | None = None) -> dict:
     """The cost of each way to rank or find edges, in forwards of the same batch.
 
-    EAP and EAP-IG: one call of `attribution.edge_attributions` (both cached runs included)
-    over a plain forward. The greedy search: `decisions` edges decided for real on the engine,
-    one candidate at a time and `window` at a time, with the batch's cached runs reused as a
-    worker reuses them per shard, at both ends of the visiting order (edges into `out`, whose
-    candidates recompute the least; edges into layer 0, which recompute everything after it):
-    evaluations per decided edge, forwards per evaluation, and the forwards a whole search would
-    take between those two rates (receivers nothing reads are skipped, so fewer).
+    EAP and EAP-IG: one call of `attribution.edge_attributions` (its runs included) over a
+    plain forward. The exact ranking: `exact_sample` random single-edge removals in groups of
+    64 (a sweep's items) with the batch's cached runs, per edge and for all edges. The greedy
+    search: `decisions` edges decided for real on the engine, one candidate at a time and
+    `window` at a time, with the batch's cached runs reused as a worker reuses them per shard,
+    at both ends of the visiting order (edges into `out`, whose candidates recompute the least;
+    edges into layer 0, which recompute everything after it): evaluations per decided edge,
+    forwards per evaluation, and the forwards a whole search would take between those two
+    rates (receivers nothing reads are skipped, so fewer).
     """
     from pathpatch.attribution import edge_attributions
     from pathpatch.circuits import circuit_hypothesis
@@ -372,14 +374,23 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
     step(f"EAP-IG ({steps} steps)")
     ig_s = timer.best(lambda: edge_attributions(model, data, "logit_diff", steps=steps))
     result["eap"] = {"seconds": round(eap_s, 4), "forwards": round(eap_s / forward_s, 2),
-                     "anchor": "2 cached forwards + 1 forward and backward"}
+                     "anchor": "2 forwards + 1 backward"}
     result["eap_ig"] = {"steps": steps, "seconds": round(ig_s, 4),
                         "forwards": round(ig_s / forward_s, 2),
-                        "anchor": f"2 cached forwards + {steps} forwards and backwards"}
-    step(f"search: {decisions} decisions x 2 places, windows 1 and {window}")
+                        "anchor": f"2 forwards + {steps} forwards and backwards"}
+    step(f"exact ranking: {exact_sample} edge removals")
     runs_cache: dict = {}
     evaluate(model, data, [circuit_hypothesis(graph, "all", graph.edges)], "kl",
              runs_cache=runs_cache)  # the shard's cached runs, as a worker holds them
+    removals = random_edge_removals(graph, exact_sample, random.Random(seed))
+    groups = [removals[i:i + 64] for i in range(0, len(removals), 64)]  # a sweep's items
+    exact_s = timer.best(lambda: [evaluate(model, data, g, "logit_diff", runs_cache=runs_cache)
+                                  for g in groups])
+    per_edge = exact_s / len(removals) / forward_s
+    result["exact"] = {"sampled_edges": len(removals), "forwards_per_edge": round(per_edge, 3),
+                       "forwards": round(per_edge * len(graph.edges)),
+                       "anchor": "one single-edge removal per edge, 64 per work item"}
+    step(f"search: {decisions} decisions x 2 places, windows 1 and {window}")
     searches = {}
     first_of_layer0 = next(i for i, e in enumerate(GreedySearch(graph, tau).order)
                            if e.receiver.kind is not NodeKind.OUTPUT and e.receiver.layer == 0)

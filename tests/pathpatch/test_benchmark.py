@@ -37,3 +37,26 @@ def test_a_model_without_a_linear_hook_baseline_gets_the_engine_figures_and_says
     xr = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(PathPatchError, match="no hook baseline"):
         hook_baseline(model, Graph.from_model(model), set(), xr, {})
+
+
+def test_discovery_benchmark_reports_each_ranking_s_cost_and_the_search_s_rates():
+    from pathpatch.benchmark import DISCOVERY_PHASES, run_discovery_benchmark
+
+    model = tiny_model("mlp", n_layers=2, n_heads=2, d_vocab=11, dtype=torch.float32)
+    phases: list[str] = []
+    result = run_discovery_benchmark(model, batch=2, seq_len=8, steps=2, decisions=4,
+                                     exact_sample=6, repeats=1, progress=phases.append)
+    assert len(phases) == DISCOVERY_PHASES
+    edges = len(Graph.from_model(model).edges)
+    assert result["edges"] == edges
+    assert result["eap"]["forwards"] > 0 and result["eap_ig"]["steps"] == 2
+    assert result["exact"]["sampled_edges"] == 6 and result["exact"]["forwards"] > 0
+    search = result["search"]
+    for where in ("into_out", "into_layer_0"):
+        for window in (1, 8):
+            s = search[f"{where}_window_{window}"]
+            assert s["decisions"] >= 4 and s["evaluations"] >= s["decisions"]
+            assert s["evaluations_per_edge"] >= 1  # never fewer than one per decided edge
+        assert search[f"{where}_window_1"]["evaluations_per_edge"] == 1
+    low, high = search["whole_search_forwards_between"]
+    assert low > 0 and high > 0
