@@ -37,7 +37,7 @@ SCORES_LEGEND = (
 
 
 def _finish(outcome, folder: Path, quiet: bool) -> int:
-    from pipeline.query import open_sweeps, run_query
+    from pipeline.query import open_sweeps, query_text
 
     print(outcome.summary())
     if not quiet:
@@ -46,18 +46,18 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
                                         "'attribution'), (SELECT count(*) FROM items WHERE "
                                         "kind = 'evaluation')").fetchall()[0]
         if attributed:
-            print(run_query([folder], "SELECT method, rank, edge, importance, importance_low, "
-                                      "importance_high FROM edge_scores WHERE rank <= 5 AND "
-                                      "method <> 'exact' ORDER BY method, rank"))
+            print(query_text(con, "SELECT method, rank, edge, importance, importance_low, "
+                                  "importance_high FROM edge_scores WHERE rank <= 5 AND "
+                                  "method <> 'exact' ORDER BY method, rank"))
             print("importance: each attribution method's mean score, oriented so that higher "
                   "means the edge matters more; every edge and the exact ranking: pathpatch sql "
                   f"{folder} \"SELECT * FROM edge_scores\"")
         if not evaluated:
             return _failed_items(outcome, folder)
-        print(run_query([folder], "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
-                                  "aue, ate" + (", partial" if outcome.failed else "") +
-                                  " FROM scores ORDER BY proportion_explained DESC NULLS LAST, "
-                                  "hypothesis LIMIT 30"))
+        print(query_text(con, "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
+                              "aue, ate" + (", partial" if outcome.failed else "") +
+                              " FROM scores ORDER BY proportion_explained DESC NULLS LAST, "
+                              "hypothesis LIMIT 30"))
         print(SCORES_LEGEND.format(metric=outcome.metric or "delta"))
         print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"; per-example rows in "
               "the view results; a report: pathpatch report " + str(folder))

@@ -379,18 +379,20 @@ def run_query(folders: list[str | Path], query: str, fmt: str = "table") -> str:
         raise PathPatchError(f"--format {fmt!r}: allowed are {', '.join(FORMATS)}")
     statements = check_read_only(query)
     con = open_sweeps(*folders)
-    chunks = []
     try:
-        for sql in statements:
-            try:
-                rel = con.sql(sql)
-                table = rel.to_arrow_table() if rel is not None else pa.table({})
-            except duckdb.Error as err:
-                raise PathPatchError(f"SQL error: {err}") from None
-            chunks.append(_format(table, fmt))
+        return "\n".join(query_text(con, sql, fmt) for sql in statements)
     finally:
         con.close()
-    return "\n".join(chunks)
+
+
+def query_text(con: duckdb.DuckDBPyConnection, sql: str, fmt: str = "table") -> str:
+    """One statement's result on an `open_sweeps` connection, formatted as `fmt`."""
+    try:
+        rel = con.sql(sql)
+        table = rel.to_arrow_table() if rel is not None else pa.table({})
+    except duckdb.Error as err:
+        raise PathPatchError(f"SQL error: {err}") from None
+    return _format(table, fmt)
 
 
 def _format(table: pa.Table, fmt: str) -> str:

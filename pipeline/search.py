@@ -42,6 +42,7 @@ from pipeline.store import (
     SweepFolder,
     build_manifest,
     git_revision,
+    item_record,
     library_versions,
 )
 from pipeline.sweep import open_executor
@@ -167,11 +168,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
         circuit = search.final_circuit()
         outcome.circuit = len(circuit)
         _write_circuit(folder.root, graph, search, resolved)
-        manifest["items"] = [
-            {"id": item.id, "group": item.group, "shard": item.shard.index,
-             "shard_id": item.shard.id, "n_examples": item.n_examples,
-             "rows": item.expected_rows, "hypotheses": [h.name for h in item.hypotheses],
-             "kind": item.kind} for item in items]
+        manifest["items"] = [item_record(item) for item in items]
         manifest["search"]["circuit_edges"] = len(circuit)
         folder.write_manifest(manifest)
         folder.log("search_finished", rounds=outcome.rounds, circuit_edges=len(circuit),
@@ -194,6 +191,7 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
     pending = [item for item in plan.items
                if not folder.is_whole(item.id, item.expected_rows, full=False)]
     outcome.reused += len(plan.items) - len(pending)
+    computed: dict[str, pa.Table] = {}  # rows computed now: not read back from their files
     if pending:
         by_id = {item.id: item for item in pending}
         tasks = [Task(item.id, item.shard.id, tuple(hypotheses)) for item in pending]
@@ -206,6 +204,7 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
                 **provenance, "shard": {"index": shard.index, "start": shard.start,
                                         "stop": shard.stop, "digest": shard.digest},
                 "hypotheses": [h.name for h in item.hypotheses]})
+            computed[item.id] = table
             outcome.evaluations += 1
             outcome.nodes.add(info.node)
 
@@ -223,7 +222,9 @@ def _evaluate(resolved: Resolved, graph: Graph, folder: SweepFolder,
                 "memory, a smaller search.window or resources.memory_budget stacks fewer)")
     sums: dict[str, list[float]] = {h.name: [] for h in hypotheses}
     for item in plan.items:  # shard order: the same sums whatever order items completed in
-        table = pq.read_table(folder.item_path(item.id), columns=["hypothesis", "ue"])
+        table = computed.get(item.id)
+        if table is None:
+            table = pq.read_table(folder.item_path(item.id), columns=["hypothesis", "ue"])
         for name in sums:
             ue = table.filter(pc.equal(table["hypothesis"], name))["ue"].to_numpy()
             sums[name].extend(np.asarray(ue, dtype=np.float64).tolist())

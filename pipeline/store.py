@@ -359,14 +359,16 @@ def build_manifest(plan: Plan, *, spec_name: str, spec_hash: str, spec_file: str
         "hypotheses": [dict(asdict(h), group=g) for g, group in enumerate(plan.groups)
                        for h in group],
         "shards": [asdict(s) for s in plan.shards],
-        "items": [
-            {"id": item.id, "group": item.group, "shard": item.shard.index,
-             "shard_id": item.shard.id, "n_examples": item.n_examples,
-             "rows": item.expected_rows, "hypotheses": [h.name for h in item.hypotheses],
-             "kind": item.kind}
-            for item in plan.items
-        ],
+        "items": [item_record(item) for item in plan.items],
     }
+
+
+def item_record(item: WorkItem) -> dict[str, Any]:
+    """A work item as the manifest lists it (what status and the views read)."""
+    return {"id": item.id, "group": item.group, "shard": item.shard.index,
+            "shard_id": item.shard.id, "n_examples": item.n_examples,
+            "rows": item.expected_rows, "hypotheses": [h.name for h in item.hypotheses],
+            "kind": item.kind}
 
 
 def item_status(folder: SweepFolder, manifest: dict[str, Any], *, full: bool = False
