@@ -99,3 +99,21 @@ def ray_local():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+def sigkill_driver_after(args: list[str], items: Path, count: int, *, poll_s: float) -> None:
+    """Run `pathpatch <args>` in a subprocess and SIGKILL it once `items` holds `count` result
+    files (or it ended, or 120 s passed): a driver killed mid-run."""
+    import signal
+    import subprocess
+    import time
+
+    driver = subprocess.Popen(PATHPATCH + args, cwd=ROOT, env=env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if items.is_dir() and len(list(items.glob("*.parquet"))) >= count:
+            break
+        time.sleep(poll_s)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)

@@ -5,11 +5,8 @@ resume, Ray)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from pipeline.query import open_sweeps
 from pipeline.search import run_search
 from pipeline.spec import load_spec, parse_spec
 from pipeline.sweep import run_sweep
-from tests.pipeline.conftest import PATHPATCH, ROOT, env
+from tests.pipeline.conftest import PATHPATCH, ROOT, env, sigkill_driver_after
 
 INDUCTION_KEYS = {f"a0.3->a1.{h}.k" for h in range(4)}
 """The bundled model's previous-token head feeding the induction heads' keys."""
@@ -208,18 +205,9 @@ def test_search_killed_mid_way_resumes_to_the_same_circuit(tmp_path, capsys):
     reference = run_search(load_spec(spec), tmp_path / "reference", backend="inprocess",
                            progress=False)
     out = tmp_path / "out"
-    driver = subprocess.Popen(
-        PATHPATCH + ["run", str(spec), "--out", str(out), "--backend", "inprocess",
-                     "--no-progress", "--quiet"],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     items = out / "items"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and driver.poll() is None:
-        if items.is_dir() and len(list(items.glob("*.parquet"))) >= 8:
-            break
-        time.sleep(0.01)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+    sigkill_driver_after(["run", str(spec), "--out", str(out), "--backend", "inprocess",
+                          "--no-progress", "--quiet"], items, 8, poll_s=0.01)
     assert not (out / "circuit.json").exists()  # killed mid-way
     written = len(list(items.glob("*.parquet")))
     assert main(["status", str(out)]) == 0

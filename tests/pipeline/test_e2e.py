@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -15,7 +14,15 @@ import pytest
 from pipeline.spec import load_spec
 from pipeline.store import SweepFolder, item_status, summarize_status
 from pipeline.sweep import run_sweep
-from tests.pipeline.conftest import HYPOTHESES, PATHPATCH, ROOT, env, rows, write_spec
+from tests.pipeline.conftest import (
+    HYPOTHESES,
+    PATHPATCH,
+    ROOT,
+    env,
+    rows,
+    sigkill_driver_after,
+    write_spec,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -62,18 +69,9 @@ def test_sigkill_driver_then_resume(ray_local, tmp_path, checkpoint):
                       group_size=1, workers=1)
     expected = rows_of_uninterrupted(tmp_path, spec)
     out = tmp_path / "out"
-    driver = subprocess.Popen(
-        PATHPATCH + ["run", str(spec), "--out", str(out), "--address", ray_local,
-                     "--no-progress", "--quiet"],
-        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     items = out / "items"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and driver.poll() is None:
-        if items.is_dir() and len(list(items.glob("*.parquet"))) >= 2:
-            break
-        time.sleep(0.02)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+    sigkill_driver_after(["run", str(spec), "--out", str(out), "--address", ray_local,
+                          "--no-progress", "--quiet"], items, 2, poll_s=0.02)
     folder = SweepFolder(out)
     status = summarize_status(item_status(folder, folder.read_manifest(), full=True))
     assert 0 < status["done"] < status["total"] == 12, status  # partial state
