@@ -74,6 +74,7 @@ class Model:
                     }[cfg.act_fn] if self.mlp else None
         self.post = bool(cfg.use_normalization_before_and_after)  # norms after attention and MLP
         self.scale = cfg.attn_scale if cfg.use_attn_scale else 1.0
+        self._senders: dict[str, list[str]] = {}  # memo only: `senders` is a pure function
 
     # graph, independently: which (sender, layer-rank) feeds what
     def rank(self, name: str) -> float:
@@ -94,6 +95,11 @@ class Model:
         return out + ["out"]
 
     def senders(self, receiver: str) -> list[str]:
+        if receiver not in self._senders:
+            self._senders[receiver] = self._senders_of(receiver)
+        return self._senders[receiver]
+
+    def _senders_of(self, receiver: str) -> list[str]:
         r = self.rank(receiver)
         if receiver.startswith("a") or (receiver.startswith("m") and self.parallel):
             return [n for n in self.names() if n != "out" and self.rank(n) < math.floor(r)]
@@ -175,6 +181,7 @@ class Oracle:
     def __init__(self, model: Model, hyp, xr, xc, masks):
         self.m, self.h, self.xr, self.xc, self.masks = model, hyp, xr, xc, masks
         self.T = len(xr)
+        self._edge_sets: dict[int, set] = {}  # memo only, by the id of the hypothesis node
 
     # ------------------------------------------------------------ the matcher
     def restriction_holds(self, r, step) -> bool:
@@ -224,7 +231,9 @@ class Oracle:
         if kind == "chain":
             return self.chain_matches(h[1], path)
         if kind == "edges":
-            edges = self.edge_set(h[1], h[2])
+            if id(h) not in self._edge_sets:
+                self._edge_sets[id(h)] = self.edge_set(h[1], h[2])
+            edges = self._edge_sets[id(h)]
             return all((a[0], b[0], b[1]) in edges for a, b in zip(path, path[1:]))
         if kind == "or":
             return self.contains(h[1], path) or self.contains(h[2], path)
