@@ -207,20 +207,20 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     if clean_cache is not None:
         runs = Runs.from_caches(model, {"c": cf_logits}, {"r": clean_cache, "c": cf_cache})
     with torch.no_grad():
-        delta = runs.cf_bank()  # [node, batch, pos, d_model]: a_u(x_c) - a_u(x_r)
+        delta = runs.cf_bank()  # [batch, pos, node, d_model]: a_u(x_c) - a_u(x_r)
     # score[b, u -> v.c] = <delta[u, b], grad[v.c, b]> over (pos, d_model): per example, one
     # product of every sender's change with every receiver channel's gradient, then the edges
     # picked out of it (gathering each receiver's senders instead moved |E| x pos x d_model)
     channels = list(grads)
     column = {key: i for i, key in enumerate(channels)}
     g = torch.stack([grads.pop(key) for key in channels]).div_(len(points))  # [R, b, p, d]
-    d = delta.to(dtype)  # [node, b, p, d]
+    d = delta.to(dtype)  # [b, p, node, d]
     senders = torch.tensor([e.sender.order for e in graph.edges], device=device)
     receivers = torch.tensor([column[(e.receiver.order, e.channel.value)] for e in graph.edges],
                              device=device)
     scores = torch.empty(len(batch), len(graph.edges), dtype=torch.float64, device=device)
     for b in range(len(batch)):
-        products = d[:, b].reshape(len(d), -1) @ g[:, b].reshape(len(g), -1).T  # [node, R]
+        products = torch.einsum("pnd,rpd->nr", d[b], g[:, b])  # [node, R]
         scores[b] = products[senders, receivers].double()
     return graph.edges, scores
 

@@ -26,7 +26,7 @@ from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
-from pathpatch.kernels import mix, mixing_kernel
+from pathpatch.kernels import mix
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
@@ -147,7 +147,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     outputs: list[torch.Tensor] = []  # patched-run sender outputs, in node order
     cf_outputs: list[torch.Tensor] = []
     removed: dict[tuple[int, str], torch.Tensor] = {}  # (layer, channel) -> [head, sender] 0/1
-    dev_cache: dict[int, torch.Tensor] = {}  # n senders -> [sender, batch*pos*d_model]
+    dev_cache: dict[int, torch.Tensor] = {}  # n senders -> [batch*pos, sender, d_model]
 
     def mask(receivers, channel: str) -> torch.Tensor:
         senders = graph.senders(receivers[0])
@@ -158,7 +158,8 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     def deviations(n: int) -> torch.Tensor:
         if n not in dev_cache:
             dev_cache.clear()
-            dev_cache[n] = (torch.stack(cf_outputs[:n]) - torch.stack(outputs[:n])).flatten(1)
+            dev_cache[n] = (torch.stack(cf_outputs[:n], dim=2)
+                            - torch.stack(outputs[:n], dim=2)).flatten(0, 1)
         return dev_cache[n]
 
     def fix(key, receivers, channel, x):  # x: [batch, pos, receiver, d_model]
@@ -168,8 +169,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
         if not m.any():
             return x
         dev = deviations(m.shape[1])
-        delta = mix(m.to(dev), dev).view(len(receivers), *x.shape[:2], x.shape[-1])
-        return x + delta.permute(1, 2, 0, 3)
+        return x + mix(m.to(dev), dev).view(x.shape)  # [batch*pos, receiver, d] -> x's shape
 
     def on_embed(x, hook):
         outputs.append(x)
@@ -272,7 +272,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
                                      "parallel_attn_mlp", "gated_mlp")},
                     "edges": len(graph.edges),
                     "batch": batch, "seq_len": seq_len, "n_hypotheses": n_hypotheses,
-                    "torch_threads": torch.get_num_threads(), "mixing_kernel": mixing_kernel(),
+                    "torch_threads": torch.get_num_threads(),
                     **cpu_description()}
     engine_s = {}
     for name, hyps in families.items():

@@ -73,8 +73,10 @@ class Runs:
         return c[arch.output_input_hook()]
 
     def cf_bank(self) -> torch.Tensor:
-        """[node, batch, pos, d_model] G(x_c) minus G(x_r) output of every node of the
-        evaluation graph, by node order (a head's before any norm of its layer's sum).
+        """[batch, pos, node, d_model] G(x_c) minus G(x_r) output of every node of the
+        evaluation graph, by node order (a head's before any norm of its layer's sum). Position
+        major, as the engine's banks are: a mixing product is then one small product per
+        position (`kernels.py`).
 
         Biases cancel; positional embeddings are equal in both runs (rotary models have none),
         so `in` is the token embedding difference. Computed once per batch, shared by every hypothesis.
@@ -87,12 +89,12 @@ class Runs:
                 if node.kind is NodeKind.HEAD and node.head == 0:
                     dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
                     W_O = self.arch.W_O(layer)  # [head, d_head, d_model]
-                    parts.extend(torch.einsum("bphe,hed->hbpd", dz, W_O).unbind(0))
+                    parts.extend(torch.einsum("bphe,hed->bphd", dz, W_O).unbind(2))
                 elif node.kind is NodeKind.HEADS_SUM:
                     parts.append(self.attn_out(layer, "c") - self.attn_out(layer, "r"))
                 elif node.kind is NodeKind.MLP:
                     parts.append(self.mlp_out(layer, "c") - self.mlp_out(layer, "r"))
                 elif node.kind is NodeKind.OUTPUT:
                     parts.append(torch.zeros_like(parts[0]))  # `out` sends nothing
-            self._cf_bank = torch.stack(parts)
+            self._cf_bank = torch.stack(parts, dim=2)
         return self._cf_bank

@@ -407,17 +407,23 @@ class GroupPlan:
 
 
 class _Inputs:
-    """A stage's distinct inputs: one block [inputs, batch, pos, d_model] per hypothesis, each its
-    own mixing product's output (never copied into one shared tensor)."""
+    """A stage's distinct inputs: one block [batch * pos, inputs, d_model] per hypothesis, each
+    its own mixing product's output (never copied into one shared tensor)."""
 
-    def __init__(self, stage: _Stage):
+    def __init__(self, stage: _Stage, shape: tuple[int, int, int]):
         self.stage = stage
+        self.shape = shape  # (batch, pos, d_model)
         self.blocks: dict[int, torch.Tensor] = {}
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        """Input i of the stage's numbering: [batch, pos, d_model]."""
+        """Input i of the stage's numbering: [batch, pos, d_model] (a view)."""
         h, j = self.stage.input_owner[i]
-        return self.blocks[h][j]
+        return self.blocks[h][:, j].view(self.shape)
+
+    def source(self, i: int) -> torch.Tensor:
+        """Input i as one source of a mixing product: [batch * pos, 1, d_model] (a view)."""
+        h, j = self.stage.input_owner[i]
+        return self.blocks[h][:, j:j + 1]
 
 
 class GroupEvaluator:
@@ -439,12 +445,13 @@ class GroupEvaluator:
     def logits(self) -> list[torch.Tensor]:
         """[batch, pos, d_vocab] G_H(x_r, x_c) for each hypothesis of the group."""
         runs, plan = self.runs, self.plan
-        cf_bank = runs.cf_bank()  # [node, batch, pos, d_model]
-        B, T, d = cf_bank.shape[1:]
-        # every slot is written by its stage before any later stage reads it
-        storage = [cf_bank.new_empty(n + len(order), B, T, d)
+        B, T, nodes, d = runs.cf_bank().shape
+        cf_bank = runs.cf_bank().view(B * T, nodes, d)
+        # position-major like the cf bank: [batch * pos, slot, d_model]; every slot is written by
+        # its stage before any later stage reads it
+        storage = [cf_bank.new_empty(B * T, n + len(order), d)
                    for n, order in zip(plan.scratch, plan.bank_order, strict=True)]
-        banks = [st[n:] for n, st in zip(plan.scratch, storage, strict=True)]  # after scratch rows
+        banks = [st[:, n:] for n, st in zip(plan.scratch, storage, strict=True)]  # after scratch
         out: list[torch.Tensor | None] = [None] * len(plan.copy_graphs)
         for h, cg in enumerate(plan.copy_graphs):
             if cg.root in (CLEAN, CF):
@@ -472,35 +479,37 @@ class GroupEvaluator:
     def _mix(self, stage: _Stage, storage, cf_bank, previous) -> _Inputs:
         """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_mixing`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
+        B, T, d = clean.shape
         rows = {"r": clean, "c": self.runs.residual_at(stage.kind, stage.layer, "c")}
         if stage.uses_previous:
             prev_stage, prev_x = previous
             rows["between"] = clean - self.runs.residual_at(prev_stage.kind, prev_stage.layer, "r")
-        x = _Inputs(stage)
+        rows = {k: v.reshape(B * T, 1, d) for k, v in rows.items()}
+        x = _Inputs(stage, (B, T, d))
         for h, mixing in stage.mixing.items():
-            parts = [(rows[b] if isinstance(b, str) else prev_x[b]).view(1, -1) for b in mixing.bases]
-            width = parts[0].shape[1]
+            parts = [rows[b] if isinstance(b, str) else prev_x.source(b) for b in mixing.bases]
             scratch = self.plan.scratch[h]
-            bank = storage[h][scratch:]
+            bank = storage[h][:, scratch:]
             for entries, source in ((mixing.cf, cf_bank), (mixing.gathered, bank)):
                 if entries is not None:
                     entries = entries if isinstance(entries, slice) else entries.to(clean.device)
-                    parts.append(source[entries].view(-1, width))
+                    parts.append(source[:, entries])
             if mixing.in_place:  # sources copied just before the bank: one product reads all
                 first = scratch - mixing.n_sources
-                torch.cat(parts, out=storage[h][first:scratch].view(mixing.n_sources, -1))
-                source = storage[h][first:scratch + mixing.in_place].view(-1, width)
+                for part in parts:
+                    storage[h][:, first:first + part.shape[1]] = part
+                    first += part.shape[1]
+                source = storage[h][:, scratch - mixing.n_sources:scratch + mixing.in_place]
             else:
-                source = torch.cat(parts) if len(parts) > 1 else parts[0]
+                source = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
             block = mix(mixing.coef.to(source), source)
             if mixing.sliced is not None:
-                bank = bank[mixing.sliced].view(-1, width)
-                mix_add_(block, mixing.sliced_coef.to(bank), bank)
-            x.blocks[h] = block.view(-1, *clean.shape)
+                mix_add_(block, mixing.sliced_coef.to(bank), bank[:, mixing.sliced])
+            x.blocks[h] = block
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:
-        in_dev = self.runs.cf_bank()[0]
+        in_dev = self.runs.cf_bank()[:, :, 0]  # [batch, pos, d_model]
         for cr in stage.copies:
             ci = cr.copy.inputs[0]
             index = self.positions.version_index(ci)
@@ -509,7 +518,7 @@ class GroupEvaluator:
                 entry = -in_dev * (~reads_cf).unsqueeze(-1)
             else:  # copy - G(x_r): c_in where it reads x_c
                 entry = in_dev * reads_cf.unsqueeze(-1)
-            banks[cr.hypothesis][self.plan.slot[cr.hypothesis][cr.copy.id]] = entry
+            banks[cr.hypothesis][:, self.plan.slot[cr.hypothesis][cr.copy.id]] = entry.flatten(0, 1)
 
     def _picked(self, x: _Inputs, stage: _Stage, cr: _CopyRows, channel: int) -> torch.Tensor:
         ci = cr.copy.inputs[channel]
@@ -530,10 +539,9 @@ class GroupEvaluator:
         for h, plan in stage.projection.items():
             if plan.singles is None and not plan.shared:
                 continue  # only partial inputs carried for the next stage
-            block = x.blocks[h]
+            flat = x.blocks[h].transpose(0, 1)  # [inputs, batch * pos, d_model], a view
             if fold.normalize_first:
-                block = self.arch.norm_before_heads(stage.layer, block)
-            flat = block.view(-1, B * T, d)
+                flat = self.arch.norm_before_heads(stage.layer, flat)
             mean, inv = fold.stats(flat)
             if plan.singles is not None:
                 n, rows, keys = plan.singles.n, plan.singles.rows, plan.singles.keys
@@ -590,13 +598,13 @@ class GroupEvaluator:
             else:
                 zs[id(cr)] = sum((pattern * (v_index == i)) @ val for i, val in enumerate(values))
         z = torch.stack([zs[id(cr)] for cr in stage.copies])  # [copy, batch, pos, d_head]
-        for span in stage.spans:  # bank entry: W_O (z - z_ref), written in place
+        for span in stage.spans:  # bank entry: W_O (z - z_ref)
             start, stop, n = span.start, span.stop, span.stop - span.start
             heads = [cr.copy.node.head for cr in stage.copies[start:stop]]
             ref = self.runs.z(layer, self._reference_run(span.hypothesis))
             z_ref = ref[:, :, heads].permute(2, 0, 1, 3)
-            torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads],
-                      out=banks[span.hypothesis][span.slot:span.slot + n].view(n, B * T, d))
+            entries = torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads])
+            banks[span.hypothesis][:, span.slot:span.slot + n] = entries.transpose(0, 1)
 
     @staticmethod
     def _hidden(allowed: torch.Tensor | None, T: int, device) -> torch.Tensor:
@@ -609,19 +617,22 @@ class GroupEvaluator:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])  # [copy, batch, pos, d]
         n, B, T, d = xs.shape
         out = self.arch.mlp(stage.layer, xs.view(n * B, T, d)).view(n, B, T, d)
-        for span in stage.spans:
-            ref = self.runs.mlp_out(stage.layer, self._reference_run(span.hypothesis))
-            torch.sub(out[span.start:span.stop], ref,
-                      out=banks[span.hypothesis][span.slot:span.slot + span.stop - span.start])
+        self._write_entries(stage, out, banks, self.runs.mlp_out)
 
     def _heads_sum_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         """Each combination of head copies, summed, through the layer's post-attention norm."""
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])
         out = self.arch.norm_heads_sum(stage.layer, xs)  # [copy, batch, pos, d_model]
+        self._write_entries(stage, out, banks, self.runs.attn_out)
+
+    def _write_entries(self, stage: _Stage, out: torch.Tensor, banks, cached) -> None:
+        """Bank entries of one node per copy: out [copy, batch, pos, d_model] minus the cached
+        run (`cached(layer, run)`) each hypothesis's bank is relative to."""
         for span in stage.spans:
-            ref = self.runs.attn_out(stage.layer, self._reference_run(span.hypothesis))
-            torch.sub(out[span.start:span.stop], ref,
-                      out=banks[span.hypothesis][span.slot:span.slot + span.stop - span.start])
+            ref = cached(stage.layer, self._reference_run(span.hypothesis))
+            n = span.stop - span.start
+            torch.sub(out[span.start:span.stop].flatten(1, 2).transpose(0, 1), ref.flatten(0, 1)[:, None],
+                      out=banks[span.hypothesis][:, span.slot:span.slot + n])
 
     def _output_stage(self, stage: _Stage, x: _Inputs) -> list[torch.Tensor]:
         xs = torch.stack([self._picked(x, stage, cr, 0) for cr in stage.copies])

@@ -23,7 +23,6 @@ def test_engine_benchmark_reports_every_ratio_and_its_phases():
         assert result[f"groups_{family}"] >= 1
     assert result["hook_baseline_over_engine"] > 0
     assert result["baseline_max_abs_diff"] < 1e-3
-    assert result["mixing_kernel"] in ("onednn", "blas")
     assert result["model_shape"]["d_vocab"] == 11 and result["peak_rss_mib"] > 0
 
 
