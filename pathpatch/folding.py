@@ -7,9 +7,11 @@ than the projections. With W' = diag(w) W, u = 1^T W' and c = b_ln W + b_proj,
 
     LN(x) @ W + b_proj = (x @ W' - mean(x) u) / sqrt(var(x) + eps) + c,
 
-which needs only two statistics per row and token (one pass over the row) on top of the product
-the forward does anyway. Half precision keeps TransformerLens's own LayerNorm (it upcasts; the
-folded form would cancel in low precision).
+which needs only two statistics per row and token on top of the product the forward does anyway.
+Rows that each read their own input (a dense circuit's) take the centering into the weights,
+x @ W' - mean(x) u = x @ (W' - u / d), with one more column 1 / d that gives the mean too: the
+product then leaves one pass over each row, for its norm. Half precision keeps TransformerLens's
+own LayerNorm (it upcasts; the folded form would cancel in low precision).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class QKVProjection:
     normalize_first: bool  # half precision: apply the model's LayerNorm, then the plain product
     n_keys: int  # 3 * heads
     index: torch.Tensor | None = None  # [n_keys] stored matrix of each key
+    centered: torch.Tensor | None = None  # [stored, d_model, d_head + 1]: W' - u / d, then 1 / d
 
     def stored(self, keys):
         """The stored matrices of `keys` (a slice or an index tensor of keys)."""
@@ -60,6 +63,18 @@ class QKVProjection:
         weight = self.joined.view(d, self.rows.shape[0], -1)[:, distinct].reshape(d, -1)
         p = (x @ weight).view(tokens, len(distinct), -1)
         return p[:, inverse].transpose(0, 1)
+
+    def project_rows(self, x: torch.Tensor, keys) -> torch.Tensor:
+        """x [n, tokens, d_model], one input per key of `keys`, through its key's projection with
+        the norm folded in: [n, tokens, d_head], a new tensor."""
+        stored = self.stored(keys)
+        if self.centered is None:
+            return self.finish(torch.bmm(x, self.rows[stored]), keys, *self.stats(x))
+        p = torch.bmm(x, self.centered[stored])
+        proj, mean = p[..., :-1], p[..., -1:]
+        var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
+        inv = var.sub_(mean.square()).clamp_(min=0).add_(self.eps).rsqrt_()
+        return torch.mul(proj, inv).add_(self.c[stored][:, None, :])
 
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mean, 1 / std) of each row and token of x [..., d_model], each [..., 1]."""
@@ -128,8 +143,12 @@ def _fold(weights: QKVWeights) -> QKVProjection:
         u = W.sum(dim=-2) if _CENTERING[norm] else None
         scaled = True
     rows = W.contiguous()
+    centered = None
+    if u is not None:
+        mean_column = torch.full((*rows.shape[:2], 1), 1 / d, dtype=rows.dtype, device=rows.device)
+        centered = torch.cat([rows - u[:, None, :] / d, mean_column], dim=-1)
     return QKVProjection(
         rows=rows, joined=rows.permute(1, 0, 2).reshape(d, -1).contiguous(), u=u, c=c, eps=eps,
         scaled=scaled, normalize_first=half and norm is not None, n_keys=3 * H,
-        index=None if index is None else index.to(rows.device),
+        index=None if index is None else index.to(rows.device), centered=centered,
     )

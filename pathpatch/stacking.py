@@ -542,18 +542,14 @@ class GroupEvaluator:
             flat = x.blocks[h].transpose(0, 1)  # [inputs, batch * pos, d_model], a view
             if fold.normalize_first:
                 flat = self.arch.norm_before_heads(stage.layer, flat)
-            mean, inv = fold.stats(flat)
             if plan.singles is not None:
                 n, rows, keys = plan.singles.n, plan.singles.rows, plan.singles.keys
-                p = torch.bmm(flat[:n], fold.rows[fold.stored(keys)])
-                proj[rows] = fold.finish(p, keys, None if mean is None else mean[:n],
-                                         None if inv is None else inv[:n])
+                proj[rows] = fold.project_rows(flat[:n], keys)
             for shared in plan.shared:
                 i, rows, keys = shared.input, shared.rows, shared.keys
                 p = fold.project(flat[i], keys)  # keys None: every head and channel reads it
                 keys = slice(0, fold.n_keys) if keys is None else keys
-                proj[rows] = fold.finish(p, keys, None if mean is None else mean[i],
-                                         None if inv is None else inv[i])
+                proj[rows] = fold.finish(p, keys, *fold.stats(flat[i]))
         return proj
 
     def _head_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
