@@ -7,7 +7,8 @@ sum of heads) made of cached runs and sender deviations; rows that come out equa
 (a single-edge removal's downstream heads all read one row per layer, as in a forward). Each
 distinct input is built from whichever base needs the fewest terms: the clean residual, the
 counterfactual one, or one of the previous stage's inputs (a residual stream carried forward);
-the terms are one matrix product per hypothesis over a slice of its deviation bank. Then all
+the terms are one matrix product per hypothesis over a slice of its deviation bank (banks and
+inputs are position-major, [batch * pos, slot, d_model]: `kernels.py` says why). Then all
 rows of all hypotheses go through LayerNorm (folded into the projections, `folding.py`),
 attention, MLPs and unembedding together, stacked along a leading dimension. Stages with no
 mixed copy are never run: they are read from the caches.
