@@ -238,7 +238,8 @@ def test_a_pattern_that_matches_nothing_is_warned_about(work, capsys):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_a_resumable_folder(work):
-    spec = write(work, metric="tests.pipeline.slow_metric:slow_kl", dataset="n = 64")
+    # 16 shards: seconds of work remain after the first item, even on a loaded 2-core host
+    spec = write(work, metric="tests.pipeline.slow_metric:slow_kl", dataset="n = 256")
     out = work / "out"
     cmd = [sys.executable, "-m", "pipeline.cli"]
     driver = subprocess.Popen(cmd + ["run", str(spec), "--out", str(out), "--backend", "inprocess",
@@ -247,6 +248,7 @@ def test_ctrl_c_stops_with_one_line_and_a_resumable_folder(work):
     deadline = time.monotonic() + 120
     while not list((out / "items").glob("*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert driver.poll() is None, "the sweep finished before it could be interrupted"
     driver.send_signal(signal.SIGINT)
     _, err = driver.communicate(timeout=60)
     assert driver.returncode == 130, err
