@@ -244,7 +244,10 @@ def test_ctrl_c_stops_with_one_line_and_a_resumable_folder(work):
     cmd = [sys.executable, "-m", "pipeline.cli"]
     driver = subprocess.Popen(cmd + ["run", str(spec), "--out", str(out), "--backend", "inprocess",
                                      "--no-progress", "--quiet"], cwd=ROOT, env=env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              # an ignored SIGINT is inherited, and an earlier test in the same
+                              # pytest process may have left it ignored: Ctrl-C as a shell gives it
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list((out / "items").glob("*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.1)
