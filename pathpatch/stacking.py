@@ -535,7 +535,7 @@ class GroupEvaluator:
     def _project(self, stage: _Stage, x: _Inputs, shape: tuple[int, int, int]) -> torch.Tensor:
         """[row, batch*pos, d_head]: each row's q, k or v, LayerNorm folded in (`folding.py`)."""
         fold = self.folded.qkv(stage.layer)
-        B, T, d = shape
+        B, T, _ = shape
         proj = fold.rows.new_empty(stage.n_rows, B * T, fold.rows.shape[-1])
         for h, plan in stage.projection.items():
             if plan.singles is None and not plan.shared:
