@@ -54,6 +54,19 @@ SHAPES: dict[str, dict] = {
 """Random-weight models shaped like the field's models (`bench engine --shape`): nothing is
 downloaded."""
 
+BENCH_SETTINGS: dict[str, dict] = {
+    "gpt2-small": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
+    "pythia-160m": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
+    # a 152k-token vocabulary: ~155 MB of logits per example and hypothesis
+    "qwen2.5-0.5b": dict(n_hypotheses=24, repeats=2, memory_budget=8 * 2**30,
+                         baseline_hypotheses=8),
+    # 6 GB of float32 weights: one hypothesis per group fits beside them on 24 GiB
+    "llama-3.2-1b": dict(n_hypotheses=4, repeats=1, memory_budget=6 * 2**30,
+                         baseline_hypotheses=2),
+}
+"""`bench engine --shape`'s defaults per shape, chosen to finish in about 10 minutes on a 2-core
+CPU (the CLI's --hypotheses, --repeats and --memory-budget override them)."""
+
 
 def shaped(name: str, seed: int = 0, n_ctx: int = 64):
     """A randomly initialized model of shape `name` (a key of SHAPES)."""
@@ -319,6 +332,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
     engine_circuit_s = engine_s["circuits"]
     result["hook_baseline_over_forward"] = round(base_s / len(circuits) / forward_s, 3)
     result["hook_baseline_over_engine"] = round(base_s / len(circuits) / engine_circuit_s, 3)
+    result["hook_baseline_hypotheses"] = len(circuits)
     result["baseline_max_abs_diff"] = err
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":

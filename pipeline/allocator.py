@@ -1,59 +1,82 @@
 """Keep freed memory in the process instead of handing it back to the OS (glibc only).
 
-The engine allocates and frees tensors of tens of MB at every stage. By default glibc serves
-each from fresh mmap'd pages that the kernel zero-fills on first touch, which on CPU costs
-more than the arithmetic done on them (docs/MEASUREMENTS.md). With mmap and trimming off,
-freed blocks are simply reused, and the resident size stays at its peak. On large models that
-kept heap fragments (blocks of hundreds of MB in many sizes) and the resident size grows to
-twice what the engine holds, so `fit_to_model` hands big blocks back to the OS again above
-`LARGE_MODEL_BYTES` of weights: the memory budget then bounds what the process holds beside
-its weights. Process-wide, so only the CLI and the workers call these, never the library.
+The engine allocates and frees tensors of tens to hundreds of MB at every stage. Served from
+fresh mmap'd pages, each costs the kernel's zero-filling on first touch, which on CPU costs more
+than the arithmetic done on them (docs/MEASUREMENTS.md). With mmap and trimming off, freed
+blocks are simply reused and the resident size stays at its peak; but the heap fragments
+(blocks of hundreds of MB in many sizes), and the resident size beside the weights grows to up
+to `FRAGMENTATION` times the engine's memory budget. So `fit_to_model` keeps freed memory only
+where that worst case fits the process's share of the machine's memory, and otherwise hands
+blocks of 32 MiB and more back to the OS (what glibc's own adaptive threshold settles at, which
+a `mallopt` call switches off). Process-wide, so only the CLI and the workers call these, never
+the library.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_GLIBC_MMAP_MAX = 65536  # glibc's defaults, restored by `fit_to_model`
-_GLIBC_TRIM_THRESHOLD = 128 * 1024
+_GLIBC_MMAP_MAX = 65536
+_HAND_BACK_MMAP_THRESHOLD = 32 * 2**20  # glibc's adaptive threshold's ceiling on 64-bit
+_HAND_BACK_TRIM_THRESHOLD = 64 * 2**20
 
-LARGE_MODEL_BYTES = 2**30
-"""Weights above this size: freed memory goes back to the OS (fragmentation would cost more
-memory than the reuse saves time; docs/MEASUREMENTS.md)."""
+FRAGMENTATION = 2.0
+"""Resident size beside the weights with freed memory kept, per byte of memory budget, rounded
+up from what was measured (1.7 for a Llama-3.2-1B shape; docs/MEASUREMENTS.md)."""
+USABLE_MEMORY = 0.75
+"""Fraction of the machine's (or the cgroup's) memory the worst case may plan for."""
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
     """Tune glibc malloc to reuse freed memory (once per process); False where not possible."""
-    if not sys.platform.startswith("linux"):
+    if _libc() is None:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no mallopt knobs)
-    except (OSError, AttributeError):
-        return False
+    libc = _libc()
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @functools.cache
 def _libc():
-    return ctypes.CDLL("libc.so.6")
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only (musl has no mallopt knobs)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
-def fit_to_model(model) -> bool:
-    """Keep freed memory for a model of at most `LARGE_MODEL_BYTES` of weights; above, restore
-    glibc's defaults. Returns whether freed memory is kept."""
-    if not keep_freed_memory():
+def machine_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
+def fit_to_model(model, memory_budget: int, share: float = 1.0) -> bool:
+    """Keep freed memory if the model's weights plus `FRAGMENTATION` x `memory_budget` fit in
+    `share` (this process's part of the machine) of `USABLE_MEMORY`; otherwise hand big
+    blocks back to the OS. Returns whether freed memory is kept."""
+    if _libc() is None:
         return False
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    if size <= LARGE_MODEL_BYTES:
-        return True
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if weights + FRAGMENTATION * memory_budget <= share * USABLE_MEMORY * machine_memory():
+        return keep_freed_memory()
     libc = _libc()
     libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-    libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+    libc.mallopt(_M_MMAP_THRESHOLD, _HAND_BACK_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, _HAND_BACK_TRIM_THRESHOLD)
     keep_freed_memory.cache_clear()  # a later call sets it again (the next, smaller model)
     return False

@@ -232,23 +232,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
-        from pathpatch.benchmark import BENCH_PHASES, SHAPES, run_engine_benchmark, shaped
+        from pathpatch.benchmark import BENCH_PHASES, BENCH_SETTINGS, SHAPES, run_engine_benchmark, shaped
         from pipeline.progress import Phases
 
         if args.shape not in SHAPES:
             raise PathPatchError(f"--shape {args.shape!r}: the shapes are {', '.join(SHAPES)}")
+        settings = dict(BENCH_SETTINGS[args.shape])
+        for key, value in (("n_hypotheses", args.hypotheses), ("repeats", args.repeats),
+                           ("memory_budget", args.memory_budget)):
+            if value is not None:
+                settings[key] = value
         if args.model != "gpt2-small-shape":
             from pathpatch.models import load_model
 
             model = load_model(args.model)
         else:
             model = shaped(args.shape)
-        keeps_freed_memory = fit_to_model(model)
+        keeps_freed_memory = fit_to_model(model, settings["memory_budget"])
         phases = Phases(BENCH_PHASES, "bench engine")
         try:
-            budget = {} if args.memory_budget is None else {"memory_budget": args.memory_budget}
-            result = run_engine_benchmark(model, n_hypotheses=args.hypotheses,
-                                          repeats=args.repeats, progress=phases, **budget)
+            result = run_engine_benchmark(model, progress=phases, **settings)
             result["shape"] = args.shape if args.model == "gpt2-small-shape" else args.model
         finally:
             phases.close()
@@ -262,7 +265,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         phases = Phases(DISCOVERY_PHASES, "bench discovery")
         try:
             result = run_discovery_benchmark(shaped(args.shape), steps=args.steps,
-                                             decisions=args.decisions, repeats=args.repeats,
+                                             decisions=args.decisions, repeats=args.repeats or 2,
                                              progress=phases)
             result["shape"] = args.shape
         finally:
@@ -444,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="scan: cpu (in this process, one thread) or cuda (one Ray actor, one GPU)")
     p.add_argument("--memory-budget", type=int, default=None,
-                   help="engine, scan: bytes per engine call (default: the engine's 2 GiB)")
+                   help="engine, scan: bytes per engine call (default: the engine's 2 GiB; "
+                        "engine: the shape's, 8 GiB for qwen2.5-0.5b, 6 GiB for llama-3.2-1b)")
     p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
     p.add_argument("--keep", default=None,
                    help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")
@@ -453,8 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", default="gpt2-small",
                    help="engine, discovery: a random-weight model shaped like gpt2-small (default), "
                         "pythia-160m, qwen2.5-0.5b or llama-3.2-1b")
-    p.add_argument("--hypotheses", type=int, default=64, help="engine: hypotheses per family")
-    p.add_argument("--repeats", type=int, default=2, help="engine: timed runs (the best counts)")
+    p.add_argument("--hypotheses", type=int, default=None,
+                   help="engine: hypotheses per family (default: the shape's, 64 for gpt2-small "
+                        "and pythia-160m, 24 for qwen2.5-0.5b, 4 for llama-3.2-1b)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="engine, discovery: timed runs, the best counts (default: 2; engine: "
+                        "1 for llama-3.2-1b)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("graph", help="nodes, edges and number of paths of a model")

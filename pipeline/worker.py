@@ -93,7 +93,10 @@ class Worker:
         if model is None:
             model = load_model(config.model, device=device, dtype=TORCH_DTYPES[config.dtype])
         self.model = model
-        fit_to_model(model)  # kept freed memory, unless the model is large
+        # kept freed memory where the worst case fits this worker's share of the node (its share
+        # of the cores: workers are placed by the CPUs they ask for)
+        fit_to_model(model, config.memory_budget or engine.DEFAULT_MEMORY_BUDGET,
+                     share=min(1.0, config.threads / (os.cpu_count() or 1)))
         digest = model_digest(self.model)
         if digest != config.model_digest:
             raise PathPatchError(

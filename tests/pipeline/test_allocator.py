@@ -1,4 +1,4 @@
-"""The allocator policy: freed memory kept for small models, handed back for large ones."""
+"""The allocator policy: freed memory kept where its worst case fits, handed back otherwise."""
 
 import sys
 
@@ -9,10 +9,13 @@ from tests.pathpatch.conftest import tiny_model
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt only")
-def test_freed_memory_is_kept_for_small_models_and_returned_for_large_ones(monkeypatch):
+def test_freed_memory_is_kept_where_the_worst_case_fits_and_handed_back_where_not():
     model = tiny_model("mlp")
-    assert allocator.fit_to_model(model) is True  # a few KB of weights
-    monkeypatch.setattr(allocator, "LARGE_MODEL_BYTES", 0)
-    assert allocator.fit_to_model(model) is False  # glibc's defaults restored
-    monkeypatch.undo()
-    assert allocator.fit_to_model(model) is True  # and kept again for the next small model
+    memory = allocator.machine_memory()
+    assert 0 < memory
+    assert allocator.fit_to_model(model, 2**20) is True  # a few KB of weights, a 1 MiB budget
+    # weights + FRAGMENTATION x budget beyond the usable memory: glibc hands big blocks back
+    assert allocator.fit_to_model(model, memory) is False
+    # a worker given a tenth of the machine: a budget of a quarter no longer fits
+    assert allocator.fit_to_model(model, memory // 4, share=0.1) is False
+    assert allocator.fit_to_model(model, 2**20) is True  # and kept again for the next small model
