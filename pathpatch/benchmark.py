@@ -58,8 +58,8 @@ BENCH_SETTINGS: dict[str, dict] = {
     "gpt2-small": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
     "pythia-160m": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
     # a 152k-token vocabulary: ~155 MB of logits per example and hypothesis
-    "qwen2.5-0.5b": dict(n_hypotheses=24, repeats=2, memory_budget=8 * 2**30,
-                         baseline_hypotheses=8),
+    "qwen2.5-0.5b": dict(n_hypotheses=16, repeats=2, memory_budget=6 * 2**30,
+                         baseline_hypotheses=4),
     # 6 GB of float32 weights: one hypothesis per group fits beside them on 24 GiB
     "llama-3.2-1b": dict(n_hypotheses=4, repeats=1, memory_budget=6 * 2**30,
                          baseline_hypotheses=2),

@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan: cpu (in this process, one thread) or cuda (one Ray actor, one GPU)")
     p.add_argument("--memory-budget", type=int, default=None,
                    help="engine, scan: bytes per engine call (default: the engine's 2 GiB; "
-                        "engine: the shape's, 8 GiB for qwen2.5-0.5b, 6 GiB for llama-3.2-1b)")
+                        "engine: the shape's, 6 GiB for qwen2.5-0.5b and llama-3.2-1b)")
     p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
     p.add_argument("--keep", default=None,
                    help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "pythia-160m, qwen2.5-0.5b or llama-3.2-1b")
     p.add_argument("--hypotheses", type=int, default=None,
                    help="engine: hypotheses per family (default: the shape's, 64 for gpt2-small "
-                        "and pythia-160m, 24 for qwen2.5-0.5b, 4 for llama-3.2-1b)")
+                        "and pythia-160m, 16 for qwen2.5-0.5b, 4 for llama-3.2-1b)")
     p.add_argument("--repeats", type=int, default=None,
                    help="engine, discovery: timed runs, the best counts (default: 2; engine: "
                         "1 for llama-3.2-1b)")
