@@ -65,7 +65,8 @@ BENCH_SETTINGS: dict[str, dict] = {
                          baseline_hypotheses=2),
 }
 """`bench engine --shape`'s defaults per shape, chosen to finish in about 10 minutes on a 2-core
-CPU (the CLI's --hypotheses, --repeats and --memory-budget override them)."""
+CPU (llama-3.2-1b: about 14; README); the CLI's --hypotheses, --repeats and --memory-budget
+override them."""
 
 
 def shaped(name: str, seed: int = 0, n_ctx: int = 64):
