@@ -23,7 +23,7 @@ from pathlib import Path
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_GLIBC_MMAP_MAX = 65536
+_GLIBC_MMAP_MAX = 65536  # glibc's default
 _HAND_BACK_MMAP_THRESHOLD = 32 * 2**20  # glibc's adaptive threshold's ceiling on 64-bit
 _HAND_BACK_TRIM_THRESHOLD = 64 * 2**20
 
@@ -39,9 +39,9 @@ baseline, which the budget does not bound, was killed for memory."""
 @functools.cache
 def keep_freed_memory() -> bool:
     """Tune glibc malloc to reuse freed memory (once per process); False where not possible."""
-    if _libc() is None:
-        return False
     libc = _libc()
+    if libc is None:
+        return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
@@ -71,12 +71,12 @@ def fit_to_model(model, memory_budget: int, share: float = 1.0) -> bool:
     """Keep freed memory if the model's weights plus `FRAGMENTATION` x `memory_budget` fit in
     `share` (this process's part of the machine) of `USABLE_MEMORY`; otherwise hand big
     blocks back to the OS. Returns whether freed memory is kept."""
-    if _libc() is None:
+    libc = _libc()
+    if libc is None:
         return False
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if weights + FRAGMENTATION * memory_budget <= share * USABLE_MEMORY * machine_memory():
         return keep_freed_memory()
-    libc = _libc()
     libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
     libc.mallopt(_M_MMAP_THRESHOLD, _HAND_BACK_MMAP_THRESHOLD)
     libc.mallopt(_M_TRIM_THRESHOLD, _HAND_BACK_TRIM_THRESHOLD)
