@@ -163,15 +163,11 @@ class EdgeSetLanguage:
         chosen = set()
         exact = graph.edges_by_name
         for spec in edge_set.edges:
-            channels = [spec.channel] if spec.channel else ["q", "k", "v", "resid"]
-            if not any(ch in spec.sender + spec.receiver for ch in "*?"):
-                found = {
-                    (e.sender.order, e.receiver.order, e.channel)
-                    for ch in channels if (e := exact.get((spec.sender, spec.receiver, ch)))
-                }
-                if found:
-                    chosen |= found
-                    continue
+            channels = (spec.channel,) if spec.channel else ("q", "k", "v", "resid")
+            found = [e for ch in channels if (e := exact.get((spec.sender, spec.receiver, ch)))]
+            if found:  # a plain name (no glob is a name of an edge)
+                chosen.update((e.sender.order, e.receiver.order, e.channel) for e in found)
+                continue
             senders = _resolve_glob(spec.sender, graph, where)
             receivers = _resolve_glob(spec.receiver, graph, where)
             found = {

@@ -160,6 +160,17 @@ def single_copy_graph(graph: Graph, *, cut: dict[tuple[int, Channel], frozenset[
     return CopyGraph(graph, value[graph.output.order], tuple(copies))
 
 
+def circuit_copies(graph: Graph, kept: frozenset[tuple[int, int, Channel]]) -> CopyGraph:
+    """The copies of `circuit(E)`, E given as (sender order, receiver order, channel): every edge
+    outside E reads the counterfactual run. What `build_copies` finds walking the circuit's
+    automaton (tested), in one pass over the edges instead of one automaton step per symbol."""
+    cut: dict[tuple[int, Channel], set[int]] = {}
+    for e in graph.edges:
+        if (e.sender.order, e.receiver.order, e.channel) not in kept:
+            cut.setdefault((e.receiver.order, e.channel), set()).add(e.sender.order)
+    return read_by_output(single_copy_graph(graph, cut={k: frozenset(v) for k, v in cut.items()}))
+
+
 def read_by_output(copy_graph: CopyGraph) -> CopyGraph:
     """Only the copies the output reads, directly or not, renumbered in order: what the automaton
     walk from `out` finds. A circuit's edges that reach no output leave copies nobody reads;

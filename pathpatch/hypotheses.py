@@ -10,8 +10,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from pathpatch.automaton import compile_pattern
-from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, read_by_output, single_copy_graph
+from pathpatch.automaton import EdgeSetLanguage, compile_pattern
+from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, circuit_copies, single_copy_graph
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Channel, Graph, NodeKind
 from pathpatch.patterns import (
@@ -47,6 +47,8 @@ class Hypothesis:
 
     def compile(self, graph: Graph, max_states: int = 200_000) -> CopyGraph:
         compiled = compile_pattern(self.ast, graph, where=f"hypothesis {self.name!r}")
+        if isinstance(compiled.language, EdgeSetLanguage):  # circuit(E) / remove(R): no walk needed
+            return circuit_copies(graph, compiled.language.edges)
         return build_copies(compiled, max_states=max_states)
 
     @property
@@ -104,12 +106,9 @@ class StructuralHypothesis(Hypothesis):
             edge = graph.edges_by_name[(sender, receiver, channel)]
             cut = {(edge.receiver.order, edge.channel): frozenset([edge.sender.order])}
             return single_copy_graph(graph, cut=cut)
-        if self.kind == "circuit":  # every edge outside the circuit reads the counterfactual run
-            cut: dict = {}
-            for edge in graph.edges:
-                if str(edge) not in self.edges:
-                    cut.setdefault((edge.receiver.order, edge.channel), set()).add(edge.sender.order)
-            return read_by_output(single_copy_graph(graph, cut={k: frozenset(v) for k, v in cut.items()}))
+        if self.kind == "circuit":
+            return circuit_copies(graph, frozenset((e.sender.order, e.receiver.order, e.channel)
+                                                   for e in graph.edges if str(e) in self.edges))
         node = graph.node(self.target)
         if self.kind == "remove_node":
             return single_copy_graph(graph, forced={node.order: CF})

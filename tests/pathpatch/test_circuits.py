@@ -28,7 +28,7 @@ from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits
 from tests.pathpatch.conftest import tiny_model
 from tests.pathpatch.test_stacking import _circuit_hook_run
-from tests.pathpatch.test_structural import _shape
+from tests.pathpatch.test_structural import _shape, walked
 
 GRAPH = Graph(n_layers=2, n_heads=2, has_mlp=True)
 
@@ -84,9 +84,29 @@ def test_a_circuit_built_from_the_graph_equals_its_parsed_pattern():
         assert isinstance(h, StructuralHypothesis)
         parsed = Hypothesis("c", h.pattern)
         assert h.canonical == parsed.canonical
-        assert _shape(h.compile(graph)) == _shape(parsed.compile(graph))
+        assert _shape(h.compile(graph)) == _shape(walked(parsed, graph))
     assert circuit_hypothesis(graph, "e", []).pattern == "none"
     assert circuit_hypothesis(graph, "f", graph.edges).pattern == "all"
+
+
+@pytest.mark.parametrize("family", ["mlp", "neox", "gemma"])
+def test_a_written_circuit_or_removal_compiles_to_what_the_walk_finds(family):
+    """`circuit(...)` and `remove(...)` typed by hand (globs, whole heads, edges reaching no
+    output) skip the automaton walk; their copies are the walk's, on sequential, parallel and
+    post-normed wiring."""
+    graph = Graph.from_model(tiny_model(family))
+    rng = random.Random(4)
+    patterns = ["circuit(in->a0.*, a0.*->a1.*, a1.*->out)", "circuit(in->m0, m0->a1.0.v, a1.0->out)",
+                "remove(a0.0->a1.*, m1->out)", "remove(a*->out)", "circuit(in->a0.0.q)"]
+    for density in (0.1, 0.5, 0.9):
+        kept = [str(e) for e in graph.edges if rng.random() < density]
+        patterns += [f"circuit({', '.join(kept)})", f"remove({', '.join(kept)})"]
+    for pattern in patterns:
+        h = Hypothesis("c", pattern)
+        direct, walk = h.compile(graph), walked(h, graph)
+        assert _shape(direct) == _shape(walk), pattern
+        assert [c.node.order for c in direct.copies] == sorted(c.node.order for c in direct.copies)
+    assert Hypothesis("c", "circuit(in->a0.0.q)").compile(graph).root == -2  # reaches no output
 
 
 def _ranking(graph, seed=0) -> Ranking:
@@ -233,3 +253,25 @@ def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys):
     assert in_graph == set(prune(graph, ranking.top(len(graph.edges) // 5, absolute=False)))
     assert scores == pytest.approx(ranking.scores)
     assert "edges in the circuit" in capsys.readouterr().out
+
+
+def test_an_edge_list_reads_as_the_parser_reads_it():
+    """`circuit(...)` / `remove(...)` skip the tokenizer; every text, well formed or not, gives
+    the parser's pattern or the parser's error."""
+    from pathpatch.patterns import _Parser, parse
+
+    texts = ["circuit(a0.3->a1.5.k, in->m0, m1->out)", " remove ( a0.* -> a1.?.q ,m0->out ) ",
+             "circuit(a0.0->a1.0.x)", "circuit(a0.0 -> a1.0, a0.0->a1.0)", "remove(in->a0.0.v)",
+             "circuit(in->a0.0) | a1.0", "circuit()", "circuit(in->)", "circuit(in->a0.0,)",
+             "circuit(in a0.0)", "circuit((in->a0.0))", "circuit(in->a0.0) )", "circuit(->a0.0)",
+             "circuit(in->a0.0#)", "circuit(0a->a1.0)", "~circuit(in->m0)"]
+    for text in texts:
+        try:
+            want = _Parser(text).parse()
+        except PathPatchError as err:
+            with pytest.raises(PathPatchError) as got:
+                parse(text)
+            assert str(got.value) == str(err), text
+        else:
+            assert parse(text) == want, text
+    assert parse(texts[0]) == _Parser(texts[0]).parse() != parse(texts[1])
