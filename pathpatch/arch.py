@@ -256,6 +256,13 @@ class Adapter:
             hidden = F.gelu(torch.addmm(mlp.b_in, normed.reshape(-1, d), mlp.W_in),
                             approximate="tanh")
             out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
+        elif type(mlp).__name__ == "GatedMLP" and not mlp.cfg.is_layer_norm_activation():
+            # its own forward copies W_gate, W_in and W_out transposed on every call
+            d = normed.shape[-1]
+            flat = normed.reshape(-1, d)
+            hidden = mlp.act_fn(torch.mm(flat, mlp.W_gate))
+            hidden.mul_(torch.mm(flat, mlp.W_in)).add_(mlp.b_in)
+            out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
         else:
             out = mlp(normed)
         return block.ln2_post(out) if self.heads_normed else out
