@@ -166,10 +166,15 @@ class Adapter:
                 model.set_use_hook_mlp_in(False)
 
     def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(logits, the `run_hooks` activations) of one plain forward."""
+        """(logits, the `run_hooks` activations) of one plain forward. The logits come from
+        `unembed`, as every mixed copy's do (TransformerLens's own copies W_U transposed)."""
         names = self.run_hooks()
-        logits, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
-        return logits, dict(cache.items())
+        _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names,
+                                             return_type=None)
+        cache = dict(cache.items())
+        final = cache[self.output_input_hook()]
+        logits = self.unembed(final.reshape(-1, final.shape[-1]))
+        return logits.view(*final.shape[:-1], -1), cache
 
     def run_hooks(self) -> set[str]:
         """Every hook the cached runs keep."""
