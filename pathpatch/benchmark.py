@@ -15,7 +15,7 @@ import os
 import random
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +60,15 @@ BENCH_SETTINGS: dict[str, dict] = {
     # a 152k-token vocabulary: ~155 MB of logits per example and hypothesis
     "qwen2.5-0.5b": dict(n_hypotheses=16, repeats=2, memory_budget=6 * 2**30,
                          baseline_hypotheses=4),
-    # 6 GB of float32 weights: one hypothesis per group fits beside them on 24 GiB
-    "llama-3.2-1b": dict(n_hypotheses=4, repeats=1, memory_budget=6 * 2**30,
-                         baseline_hypotheses=2),
+    # 6 GB of float32 weights: one hypothesis per group fits beside them on 24 GiB. A forward
+    # takes 6-11 s here: 4 circuits (20-35 s each), more of the cheaper families (each family's
+    # ratio carries 2/n forwards of the two cached runs)
+    "llama-3.2-1b": dict(n_hypotheses={"circuits": 4, "edge_removal": 16, "induction": 8},
+                         repeats=1, forward_repeats=3, memory_budget=6 * 2**30,
+                         baseline_hypotheses=1),
 }
-"""`bench engine --shape`'s defaults per shape, chosen to finish in about 10 minutes on a 2-core
-CPU (llama-3.2-1b: about 14; README); the CLI's --hypotheses, --repeats and --memory-budget
+"""`bench engine --shape`'s defaults per shape, chosen to finish within about 10 minutes on a
+2-core CPU (README); the CLI's --hypotheses, --repeats and --memory-budget
 override them."""
 
 
@@ -147,6 +150,11 @@ def random_induction(graph: Graph, n: int, rng: random.Random) -> list[Hypothesi
         family = induction_initial(graph, [prev], [ind]) + induction_refined(graph, [prev], [ind])
         out += [Hypothesis(f"{len(out) + i} {h.name}", h.pattern) for i, h in enumerate(family)]
     return out[:n]
+
+
+FAMILIES = {"circuits": random_circuits, "edge_removal": random_edge_removals,
+            "induction": random_induction}
+"""The benchmark's hypothesis families, each made of n random members."""
 
 
 def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Tensor:
@@ -245,13 +253,16 @@ def _engine_seconds(model, graph, hyps, xr, xc, masks, budget, timer) -> tuple[f
 
 
 @torch.inference_mode()
-def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, seq_len: int = 32,
-                         repeats: int = 2, seed: int = 0, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 64, batch: int = 8,
+                         seq_len: int = 32, repeats: int = 2, forward_repeats: int = 5, seed: int = 0,
+                         memory_budget: int = DEFAULT_MEMORY_BUDGET,
                          baseline_hypotheses: int | None = None,
                          progress: Callable[[str], None] | None = None) -> dict:
     """Ratios of the engine's per-hypothesis cost to a plain forward, and of the hook baseline's.
 
-    `progress(phase)` is called as each of the BENCH_PHASES phases starts (minutes on CPU).
+    `n_hypotheses`: per family, or one count for all; each family's ratio includes its share
+    (2/n forwards) of the two cached runs. `progress(phase)` is called as each of the
+    BENCH_PHASES phases starts (minutes on CPU).
     """
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)
@@ -269,17 +280,17 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
         "repeat": (i >= seq_len // 2).expand(batch, -1),
     }
     timer = _Timer(repeats)
-    forward = _Timer(max(5, repeats))  # cheap: timed more often, before and after the engine
+    forward = _Timer(max(forward_repeats, repeats))  # timed more often, before and after the engine
 
     def time_forward() -> float:
         return forward.best(lambda: model(xr))
 
     first_forward_s = time_forward()
-    families = {
-        "circuits": random_circuits(graph, n_hypotheses, rng),
-        "edge_removal": random_edge_removals(graph, n_hypotheses, rng),
-        "induction": random_induction(graph, n_hypotheses, rng),
-    }
+    counts = (dict(n_hypotheses) if isinstance(n_hypotheses, Mapping)
+              else dict.fromkeys(FAMILIES, n_hypotheses))
+    if set(counts) != set(FAMILIES):
+        raise PathPatchError(f"n_hypotheses: give a count for each of {', '.join(FAMILIES)}")
+    families = {name: make(graph, counts[name], rng) for name, make in FAMILIES.items()}
     result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
                                     ("n_layers", "n_heads", "n_key_value_heads", "d_model",
                                      "d_mlp", "d_vocab", "positional_embedding_type",
@@ -312,7 +323,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int = 64, batch: int = 8, 
         return result
     # careful hook baseline on the same circuits (a subset if asked, cost is per hypothesis)
     step("hook baseline")
-    circuits = families["circuits"][: baseline_hypotheses or n_hypotheses]
+    circuits = families["circuits"][: baseline_hypotheses or counts["circuits"]]
     _, cf_cache = model.run_with_cache(xc)
     with Adapter.of(model).split_inputs():
         kept_sets = [set(h.pattern[len("circuit("):-1].split(", ")) for h in circuits]

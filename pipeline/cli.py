@@ -458,8 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine, discovery: a random-weight model shaped like gpt2-small (default), "
                         "pythia-160m, qwen2.5-0.5b or llama-3.2-1b")
     p.add_argument("--hypotheses", type=int, default=None,
-                   help="engine: hypotheses per family (default: the shape's, 64 for gpt2-small "
-                        "and pythia-160m, 16 for qwen2.5-0.5b, 4 for llama-3.2-1b)")
+                   help="engine: hypotheses per family, the same for every family (default: the "
+                        "shape's, 64 for gpt2-small and pythia-160m, 16 for qwen2.5-0.5b; "
+                        "llama-3.2-1b: 4 circuits, 16 edge removals, 8 induction members)")
     p.add_argument("--repeats", type=int, default=None,
                    help="engine, discovery: timed runs, the best counts (default: 2; engine: "
                         "1 for llama-3.2-1b)")

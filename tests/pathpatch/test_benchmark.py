@@ -38,6 +38,16 @@ def test_a_model_without_a_linear_hook_baseline_gets_the_engine_figures_and_says
         hook_baseline(model, Graph.from_model(model), set(), xr, {})
 
 
+def test_engine_benchmark_takes_a_count_per_family():
+    model = tiny_model("mlp", n_layers=2, n_heads=2, d_vocab=11, dtype=torch.float32)
+    counts = {"circuits": 1, "edge_removal": 3, "induction": 2}
+    result = run_engine_benchmark(model, n_hypotheses=counts, batch=2, seq_len=6, repeats=1,
+                                  forward_repeats=1)
+    assert result["n_hypotheses"] == counts and result["hook_baseline_hypotheses"] == 1
+    with pytest.raises(PathPatchError, match="a count for each of circuits, edge_removal, induction"):
+        run_engine_benchmark(model, n_hypotheses={"circuits": 1}, batch=2, seq_len=6, repeats=1)
+
+
 def test_discovery_benchmark_reports_each_ranking_s_cost_and_the_search_s_rates():
     from pathpatch.benchmark import DISCOVERY_PHASES, run_discovery_benchmark
 
