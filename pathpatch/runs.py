@@ -83,18 +83,22 @@ class Runs:
         """
         if self._cf_bank is None:
             r, c = self.cache["r"], self.cache["c"]
-            parts = [c[EMBED_HOOK] - r[EMBED_HOOK]]
-            for node in self.graph.evaluation.nodes[1:]:
+            nodes = self.graph.evaluation.nodes
+            B, T, d = r[EMBED_HOOK].shape
+            # written slot by slot: stacking the parts would hold the bank twice
+            bank = r[EMBED_HOOK].new_empty(B, T, len(nodes), d)
+            torch.sub(c[EMBED_HOOK], r[EMBED_HOOK], out=bank[:, :, 0])
+            for i, node in enumerate(nodes[1:], start=1):
                 layer = node.layer
-                if node.kind is NodeKind.HEAD and node.head == 0:
+                if node.kind is NodeKind.HEAD and node.head == 0:  # the layer's heads, in order
                     dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
                     W_O = self.arch.W_O(layer)  # [head, d_head, d_model]
-                    parts.extend(torch.einsum("bphe,hed->bphd", dz, W_O).unbind(2))
+                    bank[:, :, i:i + dz.shape[2]] = torch.einsum("bphe,hed->bphd", dz, W_O)
                 elif node.kind is NodeKind.HEADS_SUM:
-                    parts.append(self.attn_out(layer, "c") - self.attn_out(layer, "r"))
+                    torch.sub(self.attn_out(layer, "c"), self.attn_out(layer, "r"), out=bank[:, :, i])
                 elif node.kind is NodeKind.MLP:
-                    parts.append(self.mlp_out(layer, "c") - self.mlp_out(layer, "r"))
+                    torch.sub(self.mlp_out(layer, "c"), self.mlp_out(layer, "r"), out=bank[:, :, i])
                 elif node.kind is NodeKind.OUTPUT:
-                    parts.append(torch.zeros_like(parts[0]))  # `out` sends nothing
-            self._cf_bank = torch.stack(parts, dim=2)
+                    bank[:, :, i] = 0  # `out` sends nothing
+            self._cf_bank = bank
         return self._cf_bank
