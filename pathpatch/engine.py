@@ -236,7 +236,9 @@ class MemoryBudget:
 
     Per example: both cached runs, the counterfactual deviation bank (every node), and, per
     stacked hypothesis, its bank of mixed-copy deviations, its widest stage's input rows and
-    its output logits. The estimate is conservative (it counts working copies twice).
+    its output logits. The bank is held once (`Runs.cf_bank` writes it in place); a stage's
+    widest input rows count three times, for its working copies (`tests/pathpatch/test_memory.py`
+    measures the peak under the budget).
     """
 
     model: object
@@ -261,7 +263,7 @@ class MemoryBudget:
         # at a time: at most 3 per position, 4 counted)
         forward = T * (4 * (cfg.d_mlp or 0) + cfg.n_heads * T + 2 * cfg.d_vocab)
         metric = 4 * T * cfg.d_vocab * 8
-        return (2 * per_run + 2 * bank + forward) * self._itemsize + metric
+        return (2 * per_run + bank + forward) * self._itemsize + metric
 
     def hypothesis_per_example(self, cg: CopyGraph) -> int:
         cfg, T = self.model.cfg, self.seq_len
