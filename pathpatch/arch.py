@@ -255,21 +255,17 @@ class Adapter:
         block = self.model.blocks[layer]
         normed = _call(getattr(block, "ln2", None), x)
         mlp = block.mlp
+        flat = normed.reshape(-1, normed.shape[-1])
         if type(mlp).__name__ == "MLP" and mlp.cfg.act_fn in _TANH_GELU:
             # TransformerLens's gelu_new is four elementwise passes; torch's fused one is equal
-            d = normed.shape[-1]
-            hidden = F.gelu(torch.addmm(mlp.b_in, normed.reshape(-1, d), mlp.W_in),
-                            approximate="tanh")
-            out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
+            hidden = F.gelu(torch.addmm(mlp.b_in, flat, mlp.W_in), approximate="tanh")
         elif type(mlp).__name__ == "GatedMLP" and not mlp.cfg.is_layer_norm_activation():
             # its own forward copies W_gate, W_in and W_out transposed on every call
-            d = normed.shape[-1]
-            flat = normed.reshape(-1, d)
             hidden = mlp.act_fn(torch.mm(flat, mlp.W_gate))
             hidden.mul_(torch.mm(flat, mlp.W_in)).add_(mlp.b_in)
-            out = torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
         else:
-            out = mlp(normed)
+            hidden = None
+        out = mlp(normed) if hidden is None else torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
         return block.ln2_post(out) if self.heads_normed else out
 
     def unembed(self, rows: torch.Tensor) -> torch.Tensor:

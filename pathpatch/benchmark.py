@@ -264,6 +264,10 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
     (2/n forwards) of the two cached runs. `progress(phase)` is called as each of the
     BENCH_PHASES phases starts (minutes on CPU).
     """
+    counts = (dict(n_hypotheses) if isinstance(n_hypotheses, Mapping)
+              else dict.fromkeys(FAMILIES, n_hypotheses))
+    if set(counts) != set(FAMILIES):  # before any model is built or timed
+        raise PathPatchError(f"n_hypotheses: give a count for each of {', '.join(FAMILIES)}")
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)
     model = model if model is not None else gpt2_small_shaped(seed)
@@ -286,10 +290,6 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
         return forward.best(lambda: model(xr))
 
     first_forward_s = time_forward()
-    counts = (dict(n_hypotheses) if isinstance(n_hypotheses, Mapping)
-              else dict.fromkeys(FAMILIES, n_hypotheses))
-    if set(counts) != set(FAMILIES):
-        raise PathPatchError(f"n_hypotheses: give a count for each of {', '.join(FAMILIES)}")
     families = {name: make(graph, counts[name], rng) for name, make in FAMILIES.items()}
     result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
                                     ("n_layers", "n_heads", "n_key_value_heads", "d_model",
