@@ -167,10 +167,12 @@ class Adapter:
 
     def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, the `run_hooks` activations) of one plain forward. The logits come from
-        `unembed`, as every mixed copy's do (TransformerLens's own copies W_U transposed)."""
+        `unembed` and the MLPs from `mlp`'s products, as every mixed copy's do
+        (TransformerLens's own modules copy W_U and a gated MLP's weights transposed)."""
         names = self.run_hooks()
-        _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names,
-                                             return_type=None)
+        with self._mlps_by_products():
+            _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names,
+                                                 return_type=None)
         cache = dict(cache.items())
         final = cache[self.output_input_hook()]
         logits = self.unembed(final.reshape(-1, final.shape[-1]))
@@ -253,20 +255,22 @@ class Adapter:
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The MLP node's output from its input rows x [..., pos, d_model] (norm included)."""
         block = self.model.blocks[layer]
-        normed = _call(getattr(block, "ln2", None), x)
-        mlp = block.mlp
-        flat = normed.reshape(-1, normed.shape[-1])
-        if type(mlp).__name__ == "MLP" and mlp.cfg.act_fn in _TANH_GELU:
-            # TransformerLens's gelu_new is four elementwise passes; torch's fused one is equal
-            hidden = F.gelu(torch.addmm(mlp.b_in, flat, mlp.W_in), approximate="tanh")
-        elif type(mlp).__name__ == "GatedMLP" and not mlp.cfg.is_layer_norm_activation():
-            # its own forward copies W_gate, W_in and W_out transposed on every call
-            hidden = mlp.act_fn(torch.mm(flat, mlp.W_gate))
-            hidden.mul_(torch.mm(flat, mlp.W_in)).add_(mlp.b_in)
-        else:
-            hidden = None
-        out = mlp(normed) if hidden is None else torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
+        out = _mlp_products(block.mlp, _call(getattr(block, "ln2", None), x))
         return block.ln2_post(out) if self.heads_normed else out
+
+    @contextlib.contextmanager
+    def _mlps_by_products(self) -> Iterator[None]:
+        """Within: the model's MLP modules compute through `_mlp_products` (the hooks inside an
+        MLP are then not called; the cached runs keep none of them)."""
+        swapped = [block.mlp for block in self.model.blocks
+                   if self.has_mlp and _has_products(block.mlp)]
+        for mlp in swapped:  # an instance attribute shadows the class's forward
+            mlp.forward = lambda x, mlp=mlp: _mlp_products(mlp, x)
+        try:
+            yield
+        finally:
+            for mlp in swapped:
+                del mlp.forward
 
     def unembed(self, rows: torch.Tensor) -> torch.Tensor:
         """Logits [rows, vocab] of residual rows [rows, d_model] (final norm and soft cap
@@ -275,6 +279,28 @@ class Adapter:
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
         logits = torch.addmm(unembed.b_U, normed, unembed.W_U)
         return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
+
+
+def _has_products(mlp) -> bool:
+    """Whether `_mlp_products` computes this MLP module with plain products."""
+    kind = type(mlp).__name__
+    return ((kind == "MLP" and mlp.cfg.act_fn in _TANH_GELU)
+            or (kind == "GatedMLP" and not mlp.cfg.is_layer_norm_activation()))
+
+
+def _mlp_products(mlp, x: torch.Tensor) -> torch.Tensor:
+    """mlp(x) for normed rows x [..., d_model]: plain products where TransformerLens's forward is
+    slow (its gelu_new is four elementwise passes where torch's fused tanh GELU is equal; its
+    gated MLP copies W_gate, W_in and W_out transposed on every call), else the module itself."""
+    if not _has_products(mlp):
+        return mlp(x)
+    flat = x.reshape(-1, x.shape[-1])
+    if type(mlp).__name__ == "MLP":
+        hidden = F.gelu(torch.addmm(mlp.b_in, flat, mlp.W_in), approximate="tanh")
+    else:
+        hidden = mlp.act_fn(torch.mm(flat, mlp.W_gate))
+        hidden.mul_(torch.mm(flat, mlp.W_in)).add_(mlp.b_in)
+    return torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
 
 
 def _call(norm, x: torch.Tensor) -> torch.Tensor:
