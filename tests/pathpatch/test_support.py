@@ -330,6 +330,24 @@ def test_an_unexamined_transformer_lens_option_is_refused_unless_at_its_default(
         check_supported(NewerConfig(**BASE, brand_new_option=True))
 
 
+@pytest.mark.parametrize("feature", ["gated MLP", "RMSPre, gelu_new (fused GELU)", "mixture of experts"])
+def test_cached_runs_equal_transformer_lens_runs_and_leave_the_model_as_it_was(feature):
+    """The cached runs compute MLPs through the adapter's products, not the modules' forwards
+    (which copy weights): every kept activation and the logits equal TransformerLens's own run."""
+    from pathpatch.arch import Adapter
+
+    model = _model(**FEATURES[feature])
+    xr, _ = _tokens(model)
+    arch = Adapter.of(model)
+    logits, cache = arch.run(xr)
+    want_logits, want = model.run_with_cache(xr)
+    assert set(cache) == arch.run_hooks()
+    for name, act in cache.items():
+        torch.testing.assert_close(act, want[name], rtol=1e-10, atol=1e-10, msg=name)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-10, atol=1e-10)
+    assert all("forward" not in vars(block.mlp) for block in model.blocks)  # the classes' again
+
+
 def test_hooks_left_on_a_model_are_refused():
     model = _model()
     model.blocks[0].attn.hook_z.add_hook(lambda z, hook: z * 0, is_permanent=True)
