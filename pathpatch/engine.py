@@ -23,7 +23,7 @@ from pathpatch.graph import Graph
 from pathpatch.metrics import DEFAULT_METRIC, get_metric
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
-from pathpatch.stacking import GroupEvaluator, GroupPlan
+from pathpatch.stacking import SHARED_HEADS_PRODUCTS, GroupEvaluator, GroupPlan
 
 DEFAULT_MAX_MIXED_COPIES = 4096
 
@@ -237,8 +237,9 @@ class MemoryBudget:
     Per example: both cached runs, the counterfactual deviation bank (every node), and, per
     stacked hypothesis, its bank of mixed-copy deviations, its widest stage's input rows and
     its output logits. The bank is held once (`Runs.cf_bank` writes it in place); a stage's
-    widest input rows count three times, for its working copies (`tests/pathpatch/test_memory.py`
-    measures the peak under the budget).
+    widest input rows count twice for its working copies, and `SHARED_HEADS_PRODUCTS` times for
+    the head stages whose inputs one product builds together, held until the last of them
+    (`tests/pathpatch/test_memory.py` measures the peak under the budget).
     """
 
     model: object
@@ -273,7 +274,8 @@ class MemoryBudget:
             key = (copy.node.layer, copy.node.kind)
             by_stage[key] = by_stage.get(key, 0) + sum(len(ci.versions) for ci in copy.inputs)
         widest = max(by_stage.values(), default=0)
-        elements = (cg.n_mixed + 3 * widest) * T * cfg.d_model + widest * T * T + 2 * T * cfg.d_vocab
+        rows = cg.n_mixed + (2 + SHARED_HEADS_PRODUCTS) * widest
+        elements = rows * T * cfg.d_model + widest * T * T + 2 * T * cfg.d_vocab
         return elements * self._itemsize
 
     def schedule(self, copy_graphs: Sequence[CopyGraph], n_examples: int, batch_size: int | None,

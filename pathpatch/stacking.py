@@ -38,6 +38,9 @@ _RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.HEADS_SUM: 2, NodeKind.ML
 _RESIDUAL = (NodeKind.HEAD, NodeKind.MLP, NodeKind.OUTPUT)
 """Stages whose inputs are residual streams (a HEADS_SUM's input is a sum of heads)."""
 _MAX_COMPARISONS = 4_000_000  # previous-stage bases are searched only up to this much work
+SHARED_HEADS_PRODUCTS = 3
+"""Head stages whose mixing products over the bank entries they all read are one product
+(`GroupPlan._share_heads_products`)."""
 
 
 def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -79,6 +82,9 @@ class _Mixing:
     sliced: slice | None = None  # entries of its own bank read in place, second product
     sliced_coef: torch.Tensor | None = None
     in_place: int = 0  # own-bank entries [0, in_place) read by the main product, after scratch
+    # rows the main product also computes for later head stages: (stage, first row, rows)
+    carries: list[tuple[int, int, int]] = field(default_factory=list)
+    carried: bool = False  # its inputs were begun by an earlier stage's product (`carries`)
 
     @property
     def n_sources(self) -> int:
@@ -264,12 +270,43 @@ class GroupPlan:
             previous = stage
         for stage in self.stages:
             stage.vectors, stage.distinct = {}, {}  # only needed while planning
+        self._share_heads_products()
         # scratch rows before each bank: the most main-product sources a fused product copies
         self.scratch = [0] * len(copy_graphs)
         for stage in mixed_stages:
             for h, mixing in stage.mixing.items():
                 if mixing.in_place:
                     self.scratch[h] = max(self.scratch[h], mixing.n_sources)
+
+    def _share_heads_products(self) -> None:
+        """Build head stages' inputs `SHARED_HEADS_PRODUCTS` stages at a time: the first stage's
+        product also computes the later stages' terms over the bank entries it reads in place
+        anyway, and each later stage adds only its bases and newer entries to those rows. The
+        same terms, regrouped: one product of a few dozen more rows over the same entries, which
+        runs at up to 1.5x the FLOP rate of a thin one on CPU (docs/MEASUREMENTS.md)."""
+        heads = [i for i, stage in enumerate(self.stages) if stage.kind is NodeKind.HEAD]
+        for b in range(0, len(heads), SHARED_HEADS_PRODUCTS):
+            first = self.stages[heads[b]]
+            for h, ms in first.mixing.items():
+                if not ms.in_place:
+                    continue
+                extra, n_rows = [], ms.stop - ms.start
+                for t in heads[b + 1:b + SHARED_HEADS_PRODUCTS]:
+                    mt = self.stages[t].mixing.get(h)
+                    if mt is None or not mt.in_place:
+                        continue
+                    upto, n_src = min(ms.in_place, mt.in_place), mt.n_sources
+                    rows = ms.coef.new_zeros(mt.stop - mt.start, ms.coef.shape[1])
+                    rows[:, ms.n_sources:ms.n_sources + upto] = mt.coef[:, n_src:n_src + upto]
+                    ms.carries.append((t, n_rows, len(rows)))
+                    extra.append(rows)
+                    n_rows += len(rows)
+                    if upto < mt.in_place:
+                        mt.sliced = slice(upto, mt.in_place)
+                        mt.sliced_coef = mt.coef[:, n_src + upto:n_src + mt.in_place].contiguous()
+                    mt.coef, mt.in_place, mt.carried = mt.coef[:, :n_src].contiguous(), 0, True
+                if extra:
+                    ms.coef = torch.cat([ms.coef, *extra])
 
     def _distinct_inputs(self, stage: _Stage) -> None:
         """Number the rows and merge equal ones into distinct inputs, per hypothesis.
@@ -458,12 +495,13 @@ class GroupEvaluator:
             if cg.root in (CLEAN, CF):
                 out[h] = runs.logits["r" if cg.root == CLEAN else "c"]
         previous: tuple[_Stage, torch.Tensor] | None = None
-        for stage in plan.stages:
+        carried: dict[tuple[int, int], torch.Tensor] = {}  # (stage, hypothesis) -> begun inputs
+        for position, stage in enumerate(plan.stages):
             if stage.kind is NodeKind.INPUT:
                 self._input_stage(stage, banks)
                 continue
             self.passes += 1
-            x = self._mix(stage, storage, cf_bank, previous)
+            x = self._mix(stage, storage, cf_bank, previous, carried, position)
             previous = (stage, x)
             if stage.kind is NodeKind.HEAD:
                 self._head_stage(stage, x, banks)
@@ -477,8 +515,9 @@ class GroupEvaluator:
                     out[cr.hypothesis] = lg
         return out
 
-    def _mix(self, stage: _Stage, storage, cf_bank, previous) -> _Inputs:
-        """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_mixing`)."""
+    def _mix(self, stage: _Stage, storage, cf_bank, previous, carried, position: int) -> _Inputs:
+        """Each distinct input: its base plus its chosen terms (see `GroupPlan._plan_mixing`),
+        added to the rows an earlier stage's product began where it did (`carried`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
         B, T, d = clean.shape
         rows = {"r": clean, "c": self.runs.residual_at(stage.kind, stage.layer, "c")}
@@ -506,7 +545,11 @@ class GroupEvaluator:
             block = mix(mixing.coef.to(source), source)
             if mixing.sliced is not None:
                 mix_add_(block, mixing.sliced_coef.to(bank), bank[:, mixing.sliced])
-            x.blocks[h] = block
+            if mixing.carried:  # a strided view: added once, not a product's output
+                block.add_(carried.pop((position, h)))
+            for target, first, n in mixing.carries:
+                carried[target, h] = block[:, first:first + n]
+            x.blocks[h] = block[:, :mixing.stop - mixing.start] if mixing.carries else block
         return x
 
     def _input_stage(self, stage: _Stage, banks) -> None:

@@ -136,17 +136,20 @@ def _circuit_hook_run(model, kept: set[str], xr, xc) -> torch.Tensor:
 
 
 def test_dense_circuits_match_an_independent_hook_run():
-    """Random half-edge circuits (every node mixed: fused products, carried partial inputs and
-    previous-stage bases all in play) equal TransformerLens hooks applying the circuit rule."""
+    """Random half-edge circuits (every node mixed: fused products, carried partial inputs,
+    previous-stage bases and head stages' shared products all in play) equal TransformerLens
+    hooks applying the circuit rule."""
     from pathpatch.benchmark import random_circuits
 
-    model = tiny_model("mlp", n_layers=3, n_heads=4)
+    model = tiny_model("mlp", n_layers=6, n_heads=4)
     graph = Graph.from_model(model)
     xr, xc = _tokens(model, torch.Generator().manual_seed(3))
     hyps = random_circuits(graph, 6, random.Random(1))
     plan = GroupPlan(graph, [h.compile(graph) for h in hyps])
-    assert any(m.in_place for s in plan.stages for m in s.mixing.values())  # fused products
+    mixings = [m for s in plan.stages for m in s.mixing.values()]
+    assert any(m.in_place for m in mixings)  # fused products
     assert any(len(r) == 0 for s in plan.stages for r in _readers(s).values())  # carried inputs
+    assert any(m.carries for m in mixings) and any(m.carried for m in mixings)  # shared products
     positions = PositionContext({}, B, T, torch.device("cpu"))
     got = GroupEvaluator(model, plan, Runs(model, xr, xc), positions).logits()
     clean, patched = model(xr), model(xc)
