@@ -11,6 +11,7 @@ import torch
 
 from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.graph import Graph, NodeKind
+from pathpatch.kernels import bmm_into
 
 
 class Runs:
@@ -93,7 +94,8 @@ class Runs:
                 if node.kind is NodeKind.HEAD and node.head == 0:  # the layer's heads, in order
                     dz = self.z(layer, "c") - self.z(layer, "r")  # [batch, pos, head, d_head]
                     W_O = self.arch.W_O(layer)  # [head, d_head, d_model]
-                    bank[:, :, i:i + dz.shape[2]] = torch.einsum("bphe,hed->bphd", dz, W_O)
+                    bmm_into(bank.view(B * T, len(nodes), d)[:, i:i + dz.shape[2]],
+                             dz.flatten(0, 1).transpose(0, 1), W_O)
                 elif node.kind is NodeKind.HEADS_SUM:
                     torch.sub(self.attn_out(layer, "c"), self.attn_out(layer, "r"), out=bank[:, :, i])
                 elif node.kind is NodeKind.MLP:

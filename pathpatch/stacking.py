@@ -30,7 +30,7 @@ from pathpatch.arch import Adapter
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph, for_evaluation
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
-from pathpatch.kernels import mix, mix_add_
+from pathpatch.kernels import bmm_into, mix, mix_add_
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 
@@ -643,8 +643,8 @@ class GroupEvaluator:
             heads = [cr.copy.node.head for cr in stage.copies[start:stop]]
             ref = self.runs.z(layer, self._reference_run(span.hypothesis))
             z_ref = ref[:, :, heads].permute(2, 0, 1, 3)
-            entries = torch.bmm((z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads])
-            banks[span.hypothesis][:, span.slot:span.slot + n] = entries.transpose(0, 1)
+            bmm_into(banks[span.hypothesis][:, span.slot:span.slot + n],
+                     (z[start:stop] - z_ref).reshape(n, B * T, -1), arch.W_O(layer)[heads])
 
     @staticmethod
     def _hidden(allowed: torch.Tensor | None, T: int, device) -> torch.Tensor:
