@@ -70,7 +70,9 @@ class _Mixing:
     and this one ("between") and previous-stage inputs (their indices). It writes the inputs
     once. A dense run of bank entries is read in place: when it starts at the bank's first
     entry, the main sources are copied into scratch rows just before the bank, so one product
-    reads both (`in_place` entries); otherwise by a second product.
+    reads both (`in_place` entries); otherwise by a second product. A head stage's in-place
+    product may also compute later head stages' rows over its entries (`carries`); those stages
+    then add the rows once to their own products' output (`carried`).
     """
 
     start: int  # its inputs' positions in the stage's input tensor
