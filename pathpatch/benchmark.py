@@ -1,7 +1,8 @@
 """The engine benchmark: cost per hypothesis against a plain forward and a careful hook baseline.
 
-Everything is measured side by side in one process on the same examples, so the printed ratios
-hold on a noisy machine where absolute times do not. Three families of 64 hypotheses: random
+Everything is measured side by side in one process on the same examples, each timed run between
+two timed forwards (`_SideBySide`), so the printed ratios hold on a noisy machine where absolute
+times do not. Three families of 64 hypotheses: random
 half-edge circuits, single-edge removals, and the induction families. The hook baseline is the
 careful TransformerLens way (per-head outputs from z, split q/k/v inputs, one run per
 hypothesis); its logits are checked against the engine's before any time is reported. It builds
@@ -17,6 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,13 +60,13 @@ BENCH_SETTINGS: dict[str, dict] = {
     "gpt2-small": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
     "pythia-160m": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
     # a 152k-token vocabulary: ~155 MB of logits per example and hypothesis
-    "qwen2.5-0.5b": dict(n_hypotheses=16, repeats=2, memory_budget=6 * 2**30,
+    "qwen2.5-0.5b": dict(n_hypotheses=16, repeats=2, forward_repeats=3, memory_budget=6 * 2**30,
                          baseline_hypotheses=4),
     # 6 GB of float32 weights: one hypothesis per group fits beside them on 24 GiB. A forward
     # takes 6-11 s here: 4 circuits (20-35 s each), more of the cheaper families (each family's
     # ratio carries 2/n forwards of the two cached runs)
     "llama-3.2-1b": dict(n_hypotheses={"circuits": 4, "edge_removal": 16, "induction": 8},
-                         repeats=1, forward_repeats=3, memory_budget=6 * 2**30,
+                         repeats=1, forward_repeats=2, memory_budget=6 * 2**30,
                          baseline_hypotheses=1),
 }
 """`bench engine --shape`'s defaults per shape, chosen to finish within about 10 minutes on a
@@ -123,6 +125,34 @@ class _Timer:
             _sync()
             times.append(time.perf_counter() - t0)
         return min(times)
+
+
+class _SideBySide:
+    """Each timed run between two timed forwards, divided by the faster of the two.
+
+    The machine's speed drifts by tens of percent within minutes here (the forward of one shape
+    took 7 s in one run and 11 s an hour later), so a figure is only a ratio to the forward
+    measured next to it; the faster neighbour leans against the engine.
+    """
+
+    def __init__(self, forward: Callable[[], Any], forward_repeats: int):
+        self._forward = _Timer(forward_repeats)
+        self._run = forward
+        self.forwards = [self._forward.best(forward)]  # each neighbouring forward, in order
+
+    def forwards_taken(self, fn: Callable[[], Any], repeats: int) -> float:
+        """The fewest forwards `fn` took over `repeats` runs, each run against its neighbours."""
+        best = float("inf")
+        for _ in range(repeats):
+            seconds = _Timer(1).best(fn)
+            self.forwards.append(self._forward.best(self._run))
+            best = min(best, seconds / min(self.forwards[-2:]))
+        return best
+
+    def report(self, result: dict) -> None:
+        """The fastest forward and the spread of all of them (how much the machine drifted)."""
+        result["forward_s"] = round(min(self.forwards), 4)
+        result["forward_s_slowest"] = round(max(self.forwards), 4)
 
 
 def _sync() -> None:
@@ -233,8 +263,8 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     return model.run_with_hooks(xr, fwd_hooks=hooks)
 
 
-def _engine_seconds(model, graph, hyps, xr, xc, masks, budget, timer) -> tuple[float, float, int]:
-    """(seconds for all hypotheses incl. both cache forwards, compile seconds, groups)."""
+def _engine_run(model, graph, hyps, xr, xc, masks, budget) -> tuple[Callable[[], None], float, int]:
+    """(a run of all hypotheses incl. both cache forwards, compile seconds, groups)."""
     t0 = time.perf_counter()
     copy_graphs = compile_all(graph, hyps, max_mixed_copies=10**6)
     batch_size, groups = MemoryBudget(model, xr.shape[1], budget).schedule(
@@ -249,7 +279,7 @@ def _engine_seconds(model, graph, hyps, xr, xc, masks, budget, timer) -> tuple[f
         for plan in plans:
             GroupEvaluator(model, plan, runs, positions, folded).logits()
 
-    return timer.best(run), compile_s, len(groups)
+    return run, compile_s, len(groups)
 
 
 @torch.inference_mode()
@@ -283,13 +313,6 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
         "prev_occurrence": (i[None, :] == (i[:, None] - seq_len // 2)).expand(batch, -1, -1),
         "repeat": (i >= seq_len // 2).expand(batch, -1),
     }
-    timer = _Timer(repeats)
-    forward = _Timer(max(forward_repeats, repeats))  # timed more often, before and after the engine
-
-    def time_forward() -> float:
-        return forward.best(lambda: model(xr))
-
-    first_forward_s = time_forward()
     families = {name: make(graph, counts[name], rng) for name, make in FAMILIES.items()}
     result: dict = {"model_shape": {k: getattr(model.cfg, k) for k in
                                     ("n_layers", "n_heads", "n_key_value_heads", "d_model",
@@ -299,18 +322,17 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
                     "batch": batch, "seq_len": seq_len, "n_hypotheses": n_hypotheses,
                     "torch_threads": torch.get_num_threads(),
                     **cpu_description()}
-    engine_s = {}
+    side_by_side = _SideBySide(lambda: model(xr), forward_repeats)
+    in_forwards = {}
     for name, hyps in families.items():
         step(f"engine: {name}")
-        total, compile_s, n_groups = _engine_seconds(model, graph, hyps, xr, xc, masks, memory_budget, timer)
-        engine_s[name] = total / len(hyps)
+        run, compile_s, n_groups = _engine_run(model, graph, hyps, xr, xc, masks, memory_budget)
+        in_forwards[name] = side_by_side.forwards_taken(run, repeats) / len(hyps)
         result[f"compile_s_per_hypothesis_{name}"] = round(compile_s / len(hyps), 4)
         result[f"groups_{name}"] = n_groups
-    # the fastest forward seen, before or after: the ratios lean against the engine
-    forward_s = min(first_forward_s, time_forward())
-    result["forward_s"] = round(forward_s, 4)
-    for name, seconds in engine_s.items():
-        result[f"engine_over_forward_{name}"] = round(seconds / forward_s, 3)
+    for name, forwards in in_forwards.items():
+        result[f"engine_over_forward_{name}"] = round(forwards, 3)
+    side_by_side.report(result)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["memory_budget_mib"] = round(memory_budget / 2**20, 1)
     if device.type == "cuda":
@@ -335,16 +357,17 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
         tolerance = 1e-3 if want.dtype in (torch.float32, torch.float64) else 1e-1  # half precision
         assert err < tolerance * max(1.0, want.abs().max().item()), f"hook baseline disagrees: {err}"
 
-        def baseline():
+    def baseline():  # within split inputs; the neighbouring forwards are plain ones
+        with Adapter.of(model).split_inputs():
             _, cache = model.run_with_cache(xc)  # its counterfactual cache, amortized like ours
             for kept in kept_sets:
                 hook_baseline(model, graph, kept, xr, cache)
 
-        base_s = timer.best(baseline)
-    engine_circuit_s = engine_s["circuits"]
-    result["hook_baseline_over_forward"] = round(base_s / len(circuits) / forward_s, 3)
-    result["hook_baseline_over_engine"] = round(base_s / len(circuits) / engine_circuit_s, 3)
+    baseline_forwards = side_by_side.forwards_taken(baseline, repeats) / len(circuits)
+    result["hook_baseline_over_forward"] = round(baseline_forwards, 3)
+    result["hook_baseline_over_engine"] = round(baseline_forwards / in_forwards["circuits"], 3)
     result["hook_baseline_hypotheses"] = len(circuits)
+    side_by_side.report(result)
     result["baseline_max_abs_diff"] = err
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if device.type == "cuda":
