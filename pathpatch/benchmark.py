@@ -130,9 +130,9 @@ class _Timer:
 class _SideBySide:
     """Each timed run between two timed forwards, divided by the faster of the two.
 
-    The machine's speed drifts by tens of percent within minutes here (the forward of one shape
-    took 7 s in one run and 11 s an hour later), so a figure is only a ratio to the forward
-    measured next to it; the faster neighbour leans against the engine.
+    The machine's speed drifts by tens of percent within minutes here (docs/MEASUREMENTS.md), so
+    a figure is only a ratio to the forwards measured next to it; the faster neighbour leans
+    against the engine.
     """
 
     def __init__(self, forward: Callable[[], Any], forward_repeats: int):

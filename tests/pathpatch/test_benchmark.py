@@ -1,9 +1,12 @@
 """`bench engine` runs end to end on a small model: every figure present, the hook baseline
 checked against the engine, and its phases announced (timings are not tested)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from pathpatch import benchmark
 from pathpatch.benchmark import BENCH_PHASES, hook_baseline, run_engine_benchmark
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Graph
@@ -24,6 +27,23 @@ def test_engine_benchmark_reports_every_ratio_and_its_phases():
     assert result["hook_baseline_over_engine"] > 0
     assert result["baseline_max_abs_diff"] < 1e-3
     assert result["model_shape"]["d_vocab"] == 11 and result["peak_rss_mib"] > 0
+
+
+def test_each_timed_run_is_divided_by_the_faster_of_the_forwards_next_to_it(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(seconds):
+        def run():
+            clock[0] += seconds.pop(0)
+        return run
+
+    side_by_side = benchmark._SideBySide(taking([2.0, 4.0, 3.0]), forward_repeats=1)
+    # runs of 10 s between forwards of 2 and 4 s, then 12 s between 4 and 3 s: 5 and 4 forwards
+    assert side_by_side.forwards_taken(taking([10.0, 12.0]), repeats=2) == 4.0
+    result = {}
+    side_by_side.report(result)
+    assert result == {"forward_s": 2.0, "forward_s_slowest": 4.0}
 
 
 def test_a_model_without_a_linear_hook_baseline_gets_the_engine_figures_and_says_why():
