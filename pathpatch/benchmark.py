@@ -2,12 +2,11 @@
 
 Everything is measured side by side in one process on the same examples, each timed run between
 two timed forwards (`_SideBySide`), so the printed ratios hold on a noisy machine where absolute
-times do not. Three families of 64 hypotheses: random
-half-edge circuits, single-edge removals, and the induction families. The hook baseline is the
-careful TransformerLens way (per-head outputs from z, split q/k/v inputs, one run per
-hypothesis); its logits are checked against the engine's before any time is reported. It builds
-its mixed inputs with the engine's own mixing kernel (`kernels.py`), so that the ratio compares
-methods, not kernels.
+times do not. Three families of 64 hypotheses: random half-edge circuits, single-edge removals,
+and the induction families. The hook baseline is the careful TransformerLens way (per-head
+outputs from z, split q/k/v inputs, one run per hypothesis); its logits are checked against the
+engine's before any time is reported. It builds its mixed inputs with the engine's own mixing
+kernel (`kernels.py`), so that the ratio compares methods, not kernels.
 """
 
 from __future__ import annotations
@@ -136,16 +135,16 @@ class _SideBySide:
     """
 
     def __init__(self, forward: Callable[[], Any], forward_repeats: int):
-        self._forward = _Timer(forward_repeats)
-        self._run = forward
-        self.forwards = [self._forward.best(forward)]  # each neighbouring forward, in order
+        self._forward = forward
+        self._forward_timer = _Timer(forward_repeats)
+        self.forwards = [self._forward_timer.best(forward)]  # each neighbouring forward, in order
 
     def forwards_taken(self, fn: Callable[[], Any], repeats: int) -> float:
         """The fewest forwards `fn` took over `repeats` runs, each run against its neighbours."""
         best = float("inf")
         for _ in range(repeats):
             seconds = _Timer(1).best(fn)
-            self.forwards.append(self._forward.best(self._run))
+            self.forwards.append(self._forward_timer.best(self._forward))
             best = min(best, seconds / min(self.forwards[-2:]))
         return best
 
