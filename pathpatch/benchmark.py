@@ -31,6 +31,7 @@ from pathpatch.kernels import mix
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
+from pathpatch.workspace import Workspace
 
 SHAPES: dict[str, dict] = {
     "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
@@ -274,9 +275,9 @@ def _engine_run(model, graph, hyps, xr, xc, masks, budget) -> tuple[Callable[[],
 
     def run():
         runs = Runs(model, xr, xc)
-        folded = FoldedWeights(model)
+        folded, workspace = FoldedWeights(model), Workspace()
         for plan in plans:
-            GroupEvaluator(model, plan, runs, positions, folded).logits()
+            GroupEvaluator(model, plan, runs, positions, folded, workspace=workspace).logits()
 
     return run, compile_s, len(groups)
 

@@ -24,6 +24,7 @@ from pathpatch.metrics import DEFAULT_METRIC, get_metric
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import SHARED_HEADS_PRODUCTS, GroupEvaluator, GroupPlan
+from pathpatch.workspace import Workspace
 
 DEFAULT_MAX_MIXED_COPIES = 4096
 
@@ -182,7 +183,7 @@ def evaluate(
     plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device
-    folded = FoldedWeights(model)
+    folded, workspace = FoldedWeights(model), Workspace()
     ue = torch.zeros(len(hypotheses), n, dtype=torch.float64)
     te = torch.zeros(n, dtype=torch.float64)
     values = metric.value is not None  # the metric's own statistic too: m, m_clean, m_cf
@@ -209,7 +210,7 @@ def evaluate(
                 m_runs[row, start:stop] = metric.value(runs.logits[run], batch).cpu()
         read = batch.scored.to(device) if metric.scored_only else None
         for group, plan in zip(groups, plans, strict=True):
-            outputs = GroupEvaluator(model, plan, runs, positions, folded, read).logits()
+            outputs = GroupEvaluator(model, plan, runs, positions, folded, read, workspace).logits()
             for i, logits in zip(group, outputs, strict=True):
                 ue[i, start:stop] = delta(logits).cpu()
                 if values:

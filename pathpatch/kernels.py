@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 
 
-def mix(coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """coef [M, K] applied at every position of source [P, K, d]: a new [P, M, d] tensor.
+def mix(coef: torch.Tensor, source: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """coef [M, K] applied at every position of source [P, K, d]: [P, M, d], written into `out`
+    (contiguous) when given, else a new tensor.
 
     `source` may be a strided view (a slice of a bank's slots): each position's [K, d] rows only
     need a unit stride along d."""
-    return torch.bmm(coef.expand(source.shape[0], *coef.shape), source)
+    return torch.bmm(coef.expand(source.shape[0], *coef.shape), source, out=out)
 
 
 def mix_add_(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

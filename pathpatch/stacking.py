@@ -33,6 +33,7 @@ from pathpatch.graph import Graph, NodeKind
 from pathpatch.kernels import bmm_into, mix, mix_add_
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
+from pathpatch.workspace import Workspace
 
 _RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.HEADS_SUM: 2, NodeKind.MLP: 3, NodeKind.OUTPUT: 4}
 _RESIDUAL = (NodeKind.HEAD, NodeKind.MLP, NodeKind.OUTPUT)
@@ -470,14 +471,17 @@ class GroupEvaluator:
     """Runs a GroupPlan on one cached batch; counts the stage passes it makes."""
 
     def __init__(self, model, plan: GroupPlan, runs: Runs, positions: PositionContext,
-                 folded: FoldedWeights | None = None, read: torch.Tensor | None = None):
+                 folded: FoldedWeights | None = None, read: torch.Tensor | None = None,
+                 workspace: Workspace | None = None):
         """`read`: [batch, pos] bool, the only positions whose logits are used (a metric's
-        scored positions); the others are not unembedded and come back NaN."""
+        scored positions); the others are not unembedded and come back NaN. `folded` and
+        `workspace`: share one of each across the groups of an evaluation."""
         self.arch = Adapter.of(model)
         self.plan = plan
         self.runs = runs
         self.positions = positions
         self.folded = folded or FoldedWeights(model)  # share one across groups: folded once
+        self.workspace = workspace or Workspace()  # banks and mixing outputs, reused
         self.read = read
         self.passes = 0
 
@@ -489,7 +493,7 @@ class GroupEvaluator:
         cf_bank = runs.cf_bank().view(B * T, nodes, d)
         # position-major like the cf bank: [batch * pos, slot, d_model]; every slot is written by
         # its stage before any later stage reads it
-        storage = [cf_bank.new_empty(B * T, n + len(order), d)
+        storage = [self.workspace.empty((B * T, n + len(order), d), cf_bank)
                    for n, order in zip(plan.scratch, plan.bank_order, strict=True)]
         banks = [st[:, n:] for n, st in zip(plan.scratch, storage, strict=True)]  # after scratch
         out: list[torch.Tensor | None] = [None] * len(plan.copy_graphs)
@@ -542,9 +546,13 @@ class GroupEvaluator:
                     storage[h][:, first:first + part.shape[1]] = part
                     first += part.shape[1]
                 source = storage[h][:, scratch - mixing.n_sources:scratch + mixing.in_place]
+            elif len(parts) > 1:
+                width = sum(part.shape[1] for part in parts)
+                source = torch.cat(parts, dim=1, out=self.workspace.empty((B * T, width, d), bank))
             else:
-                source = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-            block = mix(mixing.coef.to(source), source)
+                source = parts[0]
+            block = mix(mixing.coef.to(source), source,
+                        out=self.workspace.empty((B * T, len(mixing.coef), d), source))
             if mixing.sliced is not None:
                 mix_add_(block, mixing.sliced_coef.to(bank), bank[:, mixing.sliced])
             if mixing.carried:  # a strided view: added once, not a product's output
