@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 demo: setup
 	$(VENV)/bin/pathpatch demo
 
-# every test: the slow ones too (a plain `pytest` runs the fast part only, pyproject.toml)
+# every test: the slow ones too (a plain `pytest` runs the fast part only, pyproject.toml);
+# -X faulthandler: a native crash, even one after pytest's summary, prints every thread's stack
 test: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q -m "slow or not slow" tests
+	$(VENV)/bin/python -X faulthandler -m pytest -q -m "slow or not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check .

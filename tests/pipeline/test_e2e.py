@@ -212,8 +212,10 @@ def test_items_folder_holds_exactly_the_views_rows_across_spec_edits(tmp_path, c
     run_sweep(load_spec(spec_path), out, progress=False, backend="inprocess")
 
     def direct():
-        return duckdb.sql(f"SELECT hypothesis, example, ue, te, item, shard FROM "
-                          f"'{out}/items/*.parquet' ORDER BY hypothesis, example").to_arrow_table()
+        with duckdb.connect() as con:  # not duckdb.sql: its default connection lives to exit
+            return con.sql(f"SELECT hypothesis, example, ue, te, item, shard FROM "
+                           f"'{out}/items/*.parquet' ORDER BY hypothesis, "
+                           "example").to_arrow_table()
 
     assert sorted(p.name for p in (out / "superseded").iterdir())  # the removed group's files
     assert direct().equals(rows(out)) and direct().num_rows == 2 * 48
