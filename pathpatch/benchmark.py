@@ -142,12 +142,13 @@ class _SideBySide:
 
     def forwards_taken(self, fn: Callable[[], Any], repeats: int) -> float:
         """The fewest forwards `fn` took over `repeats` runs, each run against its neighbours."""
-        best = float("inf")
-        for _ in range(repeats):
-            seconds = _Timer(1).best(fn)
-            self.forwards.append(self._forward_timer.best(self._forward))
-            best = min(best, seconds / min(self.forwards[-2:]))
-        return best
+        return min(self.in_forwards(_Timer(1).best(fn)) for _ in range(repeats))
+
+    def in_forwards(self, seconds: float) -> float:
+        """`seconds` of a run that just ended, in forwards: times the forward after it and
+        divides by the faster of that one and the one before it."""
+        self.forwards.append(self._forward_timer.best(self._forward))
+        return seconds / min(self.forwards[-2:])
 
     def report(self, result: dict) -> None:
         """The fastest forward and the spread of all of them (how much the machine drifted)."""
@@ -412,20 +413,19 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
     scored = torch.zeros(batch, seq_len, dtype=torch.bool)
     scored[:, -1] = True
     data = PairDataset(xr, xc, scored, answer=answer, wrong_answer=(answer + 1) % model.cfg.d_vocab)
-    timer = _Timer(repeats)
     step("forward")
-    forward_s = _Timer(max(5, repeats)).best(lambda: model(xr.to(device)))
+    tokens = xr.to(device)
+    side_by_side = _SideBySide(lambda: model(tokens), max(5, repeats))
     result: dict = {"edges": len(graph.edges), "batch": batch, "seq_len": seq_len,
-                    "torch_threads": torch.get_num_threads(), **cpu_description(),
-                    "forward_s": round(forward_s, 4)}
+                    "torch_threads": torch.get_num_threads(), **cpu_description()}
     step("EAP")
-    eap_s = timer.best(lambda: edge_attributions(model, data, "logit_diff"))
+    eap = side_by_side.forwards_taken(lambda: edge_attributions(model, data, "logit_diff"),
+                                      repeats)
     step(f"EAP-IG ({steps} steps)")
-    ig_s = timer.best(lambda: edge_attributions(model, data, "logit_diff", steps=steps))
-    result["eap"] = {"seconds": round(eap_s, 4), "forwards": round(eap_s / forward_s, 2),
-                     "anchor": "2 forwards + 1 backward"}
-    result["eap_ig"] = {"steps": steps, "seconds": round(ig_s, 4),
-                        "forwards": round(ig_s / forward_s, 2),
+    ig = side_by_side.forwards_taken(
+        lambda: edge_attributions(model, data, "logit_diff", steps=steps), repeats)
+    result["eap"] = {"forwards": round(eap, 2), "anchor": "2 forwards + 1 backward"}
+    result["eap_ig"] = {"steps": steps, "forwards": round(ig, 2),
                         "anchor": f"2 forwards + {steps} forwards and backwards"}
     step(f"exact ranking: {exact_sample} edge removals")
     runs_cache: dict = {}
@@ -433,9 +433,9 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
              runs_cache=runs_cache)  # the shard's cached runs, as a worker holds them
     removals = random_edge_removals(graph, exact_sample, random.Random(seed))
     groups = [removals[i:i + 64] for i in range(0, len(removals), 64)]  # a sweep's items
-    exact_s = timer.best(lambda: [evaluate(model, data, g, "logit_diff", runs_cache=runs_cache)
-                                  for g in groups])
-    per_edge = exact_s / len(removals) / forward_s
+    per_edge = side_by_side.forwards_taken(
+        lambda: [evaluate(model, data, g, "logit_diff", runs_cache=runs_cache) for g in groups],
+        repeats) / len(removals)
     result["exact"] = {"sampled_edges": len(removals), "forwards_per_edge": round(per_edge, 3),
                        "forwards": round(per_edge * len(graph.edges)),
                        "anchor": "one single-edge removal per edge, 64 per work item"}
@@ -459,20 +459,21 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
                 search.record(candidates, {h.name: float(u) for h, u in zip(hyps, ue, strict=True)})
                 candidates_run += len(candidates)
             seconds = time.perf_counter() - start
+            per_eval = side_by_side.in_forwards(seconds) / candidates_run
             decided = len(search.steps)
             per_edge = candidates_run / decided
-            per_eval = seconds / candidates_run
             searches[f"{where}_window_{w}"] = {
                 "decisions": decided, "removed": sum(s.removed for s in search.steps),
                 "evaluations": candidates_run, "evaluations_per_edge": round(per_edge, 3),
-                "seconds_per_evaluation": round(per_eval, 4),
-                "forwards_per_evaluation": round(per_eval / forward_s, 3),
-                "forwards_per_edge": round(per_edge * per_eval / forward_s, 3),
+                "seconds_per_evaluation": round(seconds / candidates_run, 4),
+                "forwards_per_evaluation": round(per_eval, 3),
+                "forwards_per_edge": round(per_edge * per_eval, 3),
             }
     cheap = searches[f"into_out_window_{window}"]["forwards_per_edge"]
     dear = searches[f"into_layer_0_window_{window}"]["forwards_per_edge"]
     searches["whole_search_forwards_between"] = [round(cheap * len(graph.edges)),
                                                  round(dear * len(graph.edges))]
     result["search"] = {"tau": tau, "metric": "kl", **searches}
+    side_by_side.report(result)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return result
