@@ -481,7 +481,7 @@ class GroupEvaluator:
         self.runs = runs
         self.positions = positions
         self.folded = folded or FoldedWeights(model)  # share one across groups: folded once
-        self.workspace = workspace or Workspace()  # banks and mixing outputs, reused
+        self.workspace = workspace or Workspace()  # banks, mixing sources and outputs
         self.read = read
         self.passes = 0
 

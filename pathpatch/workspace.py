@@ -1,6 +1,7 @@
 """The engine's large temporaries, reused across stages and groups instead of freed.
 
-A stage's mixing output and a group's bank are hundreds of MB each on the larger models. Freed
+A group's bank, a stage's mixing sources (bases and bank entries stacked for one product)
+and its mixing output are hundreds of MB each on the larger models. Freed
 and allocated again, blocks that large come back from glibc as fresh pages (it maps every block
 of 32 MiB and more on its own), and where the process hands freed memory back to the OS
 (`pipeline/allocator.py` does when keeping it would not fit) or a VM's balloon takes freed pages
