@@ -19,10 +19,14 @@ def test_engine_benchmark_reports_every_ratio_and_its_phases():
     result = run_engine_benchmark(model, n_hypotheses=3, batch=2, seq_len=8, repeats=1,
                                   progress=phases.append)
     assert phases == ["engine: circuits", "engine: edge_removal", "engine: induction",
-                      "hook baseline"]
+                      "cached runs", "hook baseline"]
     assert len(phases) == BENCH_PHASES
+    assert result["cached_runs_forwards"] > 0
     for family in ("circuits", "edge_removal", "induction"):
         assert result[f"engine_over_forward_{family}"] > 0
+        # less by the family's share (3 hypotheses) of the cached runs, timed apart
+        assert result[f"engine_over_forward_{family}_beyond_cached_runs"] < result[
+            f"engine_over_forward_{family}"]
         assert result[f"groups_{family}"] >= 1
     assert result["hook_baseline_over_engine"] > 0
     assert result["baseline_max_abs_diff"] < 1e-3

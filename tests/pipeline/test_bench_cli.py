@@ -13,9 +13,10 @@ def test_bench_engine_prints_json_and_its_phases(capsys):
     result = json.loads(captured.out)
     assert result["model_shape"]["n_layers"] == 2 and result["n_hypotheses"] == 2
     assert {"engine_over_forward_circuits", "engine_over_forward_edge_removal",
-            "engine_over_forward_induction", "hook_baseline_over_engine"} <= result.keys()
-    assert "bench engine: hook baseline (3/4 done" in captured.err
-    assert "bench engine: done (4/4 done" in captured.err
+            "engine_over_forward_induction", "hook_baseline_over_engine",
+            "cached_runs_forwards"} <= result.keys()
+    assert "bench engine: hook baseline (4/5 done" in captured.err
+    assert "bench engine: done (5/5 done" in captured.err
 
 
 def test_bench_scan_plans_the_whole_scan_and_runs_a_sample(tmp_path):
