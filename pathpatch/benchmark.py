@@ -293,8 +293,8 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
 
     `n_hypotheses`: per family, or one count for all; each family's ratio includes its share
     (2/n forwards) of the two cached runs, which are also timed alone (`cached_runs_forwards`)
-    for the figures beyond them (`..._beyond_cached_runs`). `progress(phase)` is called as each of the
-    BENCH_PHASES phases starts (minutes on CPU).
+    for the figures beyond them (`..._beyond_cached_runs`). `progress(phase)` is called as
+    each of the BENCH_PHASES phases starts (minutes on CPU).
     """
     counts = (dict(n_hypotheses) if isinstance(n_hypotheses, Mapping)
               else dict.fromkeys(FAMILIES, n_hypotheses))
@@ -393,15 +393,16 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
                             progress: Callable[[str], None] | None = None) -> dict:
     """The cost of each way to rank or find edges, in forwards of the same batch.
 
-    EAP and EAP-IG: one call of `attribution.edge_attributions` (its runs included) over a
-    plain forward. The exact ranking: `exact_sample` random single-edge removals in groups of
-    64 (a sweep's items) with the batch's cached runs, per edge and for all edges. The greedy
-    search: `decisions` edges decided for real on the engine, one candidate at a time and
-    `window` at a time, with the batch's cached runs reused as a worker reuses them per shard,
-    at both ends of the visiting order (edges into `out`, whose candidates recompute the least;
-    edges into layer 0, which recompute everything after it): evaluations per decided edge,
-    forwards per evaluation, and the forwards a whole search would take between those two
-    rates (receivers nothing reads are skipped, so fewer).
+    Every figure is divided by the faster of the plain forwards timed just before and after it.
+    EAP and EAP-IG: one call of `attribution.edge_attributions` (its runs included). The exact
+    ranking: `exact_sample` random single-edge removals in groups of 64 (a sweep's items) with
+    the batch's cached runs, per edge and for all edges. The greedy search: `decisions` edges
+    decided for real on the engine, one candidate at a time and `window` at a time, with the
+    batch's cached runs reused as a worker reuses them per shard, at both ends of the visiting
+    order (edges into `out`, whose candidates recompute the least; edges into layer 0, which
+    recompute everything after it): evaluations per decided edge, forwards per evaluation, and
+    the forwards a whole search would take between those two rates (receivers nothing reads are
+    skipped, so fewer).
     """
     from pathpatch.attribution import edge_attributions
     from pathpatch.circuits import circuit_hypothesis
