@@ -1,13 +1,13 @@
 """The engine's large temporaries, reused across stages and groups instead of freed.
 
-A group's bank, a stage's mixing sources (bases and bank entries stacked for one product)
-and its mixing output are hundreds of MB each on the larger models. Freed and allocated again,
-blocks that large come back from glibc as fresh pages (it maps every block of 32 MiB and more
-on its own), and where the process hands freed memory back to the OS
-(`pipeline/allocator.py` does when keeping it would not fit) or a VM's balloon takes freed pages
-back, touching fresh pages costs more than the product written into them (docs/MEASUREMENTS.md).
-A `Workspace` keeps the large buffers it handed out and hands one out again once no tensor
-views its memory any more: it never holds more than its largest set of buffers in use at once.
+A group's bank, a stage's mixing sources (bases and bank entries stacked for one product) and
+its mixing output are hundreds of MB each on the larger models. Freed and allocated again,
+blocks that large come back from glibc as fresh pages (it maps every block of 32 MiB and more on
+its own), and where the process hands freed memory back to the OS (`pipeline/allocator.py` does
+when keeping it would not fit) or a VM's balloon takes freed pages back, touching fresh pages
+costs more than the product written into them (docs/MEASUREMENTS.md). A `Workspace` keeps the
+large buffers it handed out and hands one out again once no tensor views its memory any more: it
+never holds more than its largest set of buffers in use at once.
 """
 
 from __future__ import annotations
