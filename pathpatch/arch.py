@@ -56,6 +56,19 @@ class QKVWeights:
         return self.W_Q.shape[0] // self.W_K.shape[0]
 
 
+@dataclass(frozen=True)
+class UnitCosts:
+    """Multiply-adds per token of each computation a mixed copy repeats, on one model at one
+    sequence length: what the cost estimate (`copies.estimate_cost`) counts copies in."""
+
+    projection: int  # one q, k or v row of one head: d_model x d_head
+    attention: tuple[float, ...]  # per layer: one head's scores (or weighted values) per query
+    head_output: int  # one head's z through W_O
+    mlp: int  # one MLP (gated: three matrices; mixture of experts: those a token uses)
+    unembed: int
+    mixing_term: int  # one bank entry added into one input row
+    forward: float  # a plain forward
+
 class Adapter:
     """One TransformerLens `HookedTransformer`, read the way the engine needs it."""
 
@@ -107,6 +120,28 @@ class Adapter:
             parts.append(("gated " if cfg.gated_mlp else "") + f"{cfg.act_fn} MLPs"
                          + (" in parallel with attention" if self.parallel else ""))
         return "architecture: " + "; ".join(parts)
+
+    def unit_costs(self, seq_len: int) -> UnitCosts:
+        """Per-token multiply-adds at `seq_len` (never `n_ctx`: Llama-3's is 131,072). A query
+        attends to (seq_len + 1) / 2 keys on average, fewer in a window (`allowed_keys`); a
+        forward projects k and v at kv size."""
+        cfg = self.model.cfg
+        d, dh = cfg.d_model, cfg.d_head
+        attention = []
+        for layer in range(self.n_layers):
+            allowed = self.allowed_keys(layer, seq_len, "cpu")  # None: plain causal
+            keys = (seq_len + 1) / 2 if allowed is None else int(allowed.sum()) / seq_len
+            attention.append(dh * keys)
+        mlp = 0
+        if self.has_mlp:
+            mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
+            if cfg.num_experts:
+                mlp = cfg.experts_per_token * mlp + d * cfg.num_experts  # and the router
+        per_layer = [(self.n_heads + 2 * self.n_kv_heads) * d * dh
+                     + self.n_heads * (2 * a + dh * d) + mlp for a in attention]
+        return UnitCosts(projection=d * dh, attention=tuple(attention), head_output=dh * d,
+                         mlp=mlp, unembed=d * cfg.d_vocab, mixing_term=d,
+                         forward=sum(per_layer) + d * cfg.d_vocab)
 
     # --- the cached runs -----------------------------------------------------------------------
 

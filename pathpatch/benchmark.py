@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from pathpatch.arch import EMBED_HOOK, Adapter
+from pathpatch.copies import estimate_cost
 from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
@@ -264,14 +265,18 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     return model.run_with_hooks(xr, fwd_hooks=hooks)
 
 
-def _engine_run(model, graph, hyps, xr, xc, masks, budget) -> tuple[Callable[[], None], float, int]:
-    """(a run of all hypotheses incl. both cache forwards, compile seconds, groups)."""
+def _engine_run(model, graph, hyps, xr, xc, masks, budget
+                ) -> tuple[Callable[[], None], float, int, float]:
+    """(a run of all hypotheses incl. both cache forwards, compile seconds, groups, the mean
+    estimated cost in forwards: the arithmetic, beyond the cached runs)."""
     t0 = time.perf_counter()
     copy_graphs = compile_all(graph, hyps, max_mixed_copies=10**6)
     batch_size, groups = MemoryBudget(model, xr.shape[1], budget).schedule(
         copy_graphs, xr.shape[0], xr.shape[0])
     plans = [GroupPlan(graph, [copy_graphs[i] for i in g]) for g in groups]
     compile_s = time.perf_counter() - t0
+    unit = Adapter.of(model).unit_costs(xr.shape[1])
+    estimated = sum(estimate_cost(cg, unit) for cg in copy_graphs) / len(copy_graphs)
     positions = PositionContext(masks, xr.shape[0], xr.shape[1], xr.device)
 
     def run():
@@ -280,7 +285,7 @@ def _engine_run(model, graph, hyps, xr, xc, masks, budget) -> tuple[Callable[[],
         for plan in plans:
             GroupEvaluator(model, plan, runs, positions, folded, workspace=workspace).logits()
 
-    return run, compile_s, len(groups)
+    return run, compile_s, len(groups), estimated
 
 
 @torch.inference_mode()
@@ -328,9 +333,11 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
     in_forwards = {}
     for name, hyps in families.items():
         step(f"engine: {name}")
-        run, compile_s, n_groups = _engine_run(model, graph, hyps, xr, xc, masks, memory_budget)
+        run, compile_s, n_groups, estimated = _engine_run(model, graph, hyps, xr, xc, masks,
+                                                          memory_budget)
         in_forwards[name] = side_by_side.forwards_taken(run, repeats) / len(hyps)
         result[f"compile_s_per_hypothesis_{name}"] = round(compile_s / len(hyps), 4)
+        result[f"estimated_forwards_{name}"] = round(estimated, 3)
         result[f"groups_{name}"] = n_groups
     # each family's figure carries 2/n forwards of the cached runs; a sweep shares them among
     # every hypothesis of a shard, so the rest is what each further hypothesis costs

@@ -12,11 +12,15 @@ rest ("mixed") are ever computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pathpatch.automaton import CompiledPattern
 from pathpatch.errors import PathPatchError
 from pathpatch.graph import Channel, Graph, Node, NodeKind
 from pathpatch.patterns import Restriction
+
+if TYPE_CHECKING:
+    from pathpatch.arch import UnitCosts
 
 CLEAN = -1
 """Copy id of a node copy equal to the clean run G(x_r): read from its cache."""
@@ -194,28 +198,40 @@ def read_by_output(copy_graph: CopyGraph) -> CopyGraph:
     return CopyGraph(copy_graph.graph, new_id[copy_graph.root], tuple(copies))
 
 
-def estimate_cost(copy_graph: CopyGraph, cfg) -> float:
-    """Rough FLOPs of computing the mixed copies, in units of one plain forward pass."""
-    d, dh, T = cfg.d_model, cfg.d_head, cfg.n_ctx
-    d_mlp = cfg.d_mlp or 0
-    per_head = 3 * d * dh + 2 * T * dh + dh * d
-    forward = cfg.n_layers * (cfg.n_heads * per_head + 2 * d * d_mlp) + d * cfg.d_vocab
-    cost = 0.0
-    for copy in copy_graph.copies:
-        sums = sum(
-            len(ci.versions) * sum(c != CLEAN for c in v) * d / 4
-            for ci in copy.inputs for v in ci.versions[:1]
-        )
-        if copy.node.kind is NodeKind.HEAD:
+def estimate_cost(copy_graph: CopyGraph, unit: UnitCosts) -> float:
+    """Multiply-adds of computing the mixed copies, in plain forwards at the sequence length
+    `unit` was made for (`Adapter.unit_costs`, once per model and length).
+
+    Counted: each copy's recomputation (its q/k/v rows, attention per k and v version, W_O; its
+    MLP; the unembedding) and the mixing, as the engine does it: per stage (a layer's heads, its
+    MLP, the output), each distinct input row times every sender copy that any of them reads
+    and that differs from the run the bank is relative to (counted against whichever of the two
+    leaves fewer). Not counted: elementwise work, the cached runs, the metric.
+    """
+    evaluated = for_evaluation(copy_graph)
+    work = 0.0
+    stages: dict[tuple, tuple[set, set, set]] = {}  # (layer, kind) -> rows, sources vs CLEAN / CF
+    for copy in evaluated.copies:
+        kind = copy.node.kind
+        if kind is NodeKind.INPUT:
+            continue  # the token embedding of x_r or x_c per position: no products
+        rows, not_clean, not_cf = stages.setdefault((copy.node.layer, kind), (set(), set(), set()))
+        for ci in copy.inputs:
+            for version in ci.versions:
+                rows.add(version)
+                not_clean.update((s, c) for s, c in enumerate(version) if c != CLEAN)
+                not_cf.update((s, c) for s, c in enumerate(version) if c != CF)
+        if kind is NodeKind.HEAD:
             q, k, v = (len(ci.versions) for ci in copy.inputs)
-            cost += (1 + k + v) * d * dh + (k + v) * T * dh + dh * d + sums
-        elif copy.node.kind is NodeKind.MLP:
-            cost += 2 * d * d_mlp + sums
-        elif copy.node.kind is NodeKind.OUTPUT:
-            cost += d * cfg.d_vocab + sums
-        else:
-            cost += d
-    return cost / forward
+            work += ((q + k + v) * unit.projection + (k + v) * unit.attention[copy.node.layer]
+                     + unit.head_output)
+        elif kind is NodeKind.MLP:
+            work += unit.mlp
+        elif kind is NodeKind.OUTPUT:
+            work += unit.unembed
+    terms = min(sum(len(rows) * len(sources[i]) for rows, *sources in stages.values())
+                for i in (0, 1))
+    return (work + terms * unit.mixing_term) / unit.forward
 
 
 def for_evaluation(copy_graph: CopyGraph) -> CopyGraph:

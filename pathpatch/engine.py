@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
+from pathpatch.arch import Adapter
 from pathpatch.copies import CopyGraph, for_evaluation
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
@@ -96,14 +97,20 @@ def check(
     *,
     max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES,
     dataset=None,
+    seq_len: int | None = None,
 ) -> list[HypothesisCost]:
-    """Validate hypotheses against a model (and dataset masks); report copies and cost."""
+    """Validate hypotheses against a model (and dataset masks); report copies and cost.
+
+    The cost is estimated at the dataset's sequence length, else at `seq_len`; with neither
+    (or a bare graph) it is NaN."""
     from pathpatch.copies import CF, CLEAN, estimate_cost
 
     graph = graph_or_model if isinstance(graph_or_model, Graph) else Graph.from_model(graph_or_model)
     if dataset is not None:
         _check_restrictions(hypotheses, dataset)
-    cfg = getattr(graph_or_model, "cfg", None)
+    seq_len = dataset.seq_len if dataset is not None else seq_len
+    unit = (None if isinstance(graph_or_model, Graph) or not seq_len
+            else Adapter.of(graph_or_model).unit_costs(seq_len))
     matches = {CF: "none", CLEAN: "all"}
     shared: dict[tuple, tuple[int, float, str]] = {}  # family members that cost the same
     out = []
@@ -111,8 +118,8 @@ def check(
         key = getattr(h, "shared_cost", None)
         if key is None or key not in shared:
             (cg,) = compile_all(graph, [h], max_mixed_copies)
-            report = (cg.n_mixed, estimate_cost(cg, cfg) if cfg is not None else float("nan"),
-                      matches.get(cg.root, "some"))
+            cost = float("nan") if unit is None else estimate_cost(cg, unit)
+            report = (cg.n_mixed, cost, matches.get(cg.root, "some"))
             if key is not None:
                 shared[key] = report
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pathpatch.arch import Adapter
 from pathpatch.automaton import CompiledPattern, ConstantLanguage, compile_pattern
 from pathpatch.copies import estimate_cost
 from pathpatch.errors import PathPatchError
@@ -144,7 +145,7 @@ def explain(model_or_graph, hypothesis, *, seq_len: int = 8, dataset=None, examp
     rng = random.Random(seed)
     samples = tuple(counter.sample(rng) for _ in range(n_samples)) if n_paths else ()
     copy_graph = hypothesis.compile(graph)
-    cfg = getattr(model_or_graph, "cfg", None)
-    cost = estimate_cost(copy_graph, cfg) if cfg is not None else float("nan")
+    cost = (float("nan") if isinstance(model_or_graph, Graph)
+            else estimate_cost(copy_graph, Adapter.of(model_or_graph).unit_costs(seq_len)))
     return Explanation(hypothesis.name, hypothesis.canonical, seq_len, n_paths, n_all, samples,
                        copy_graph.n_mixed, cost)

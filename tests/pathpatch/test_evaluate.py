@@ -104,7 +104,7 @@ def test_memory_budget_shrinks_batches_not_results():
 
 def test_check_reports_copies_and_cost():
     model = tiny_model("mlp")
-    costs = check(model, [Hypothesis("one", "~a0.0"), Hypothesis("circ", "remove(in->out)")])
+    costs = check(model, [Hypothesis("one", "~a0.0"), Hypothesis("circ", "remove(in->out)")], seq_len=5)
     assert [c.name for c in costs] == ["one", "circ"]
     assert costs[0].mixed_copies >= 2 and costs[1].mixed_copies == 1
     assert all(c.est_cost > 0 for c in costs)

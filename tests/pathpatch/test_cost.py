@@ -1,0 +1,61 @@
+"""The cost estimate: per-token multiply-adds read from the model's shape through the adapter,
+at the dataset's sequence length, never at n_ctx."""
+
+import pytest
+
+from pathpatch.arch import Adapter
+from pathpatch.copies import estimate_cost
+from pathpatch.engine import check
+from pathpatch.graph import Graph
+from pathpatch.hypotheses import Hypothesis
+from tests.pathpatch.conftest import tiny_model
+
+D, D_HEAD, D_MLP, VOCAB = 8, 4, 12, 7  # tiny_model's shape
+
+
+def test_unit_costs_follow_each_familys_shape():
+    plain, llama = (Adapter.of(tiny_model(f)).unit_costs(6) for f in ("mlp", "llama"))
+    keys = (1 + 2 + 3 + 4 + 5 + 6) / 6  # causal: query t sees t + 1 keys
+    assert plain.attention == (D_HEAD * keys,) * 2
+    assert plain.mlp == 2 * D * D_MLP and llama.mlp == 3 * D * D_MLP  # gated: three matrices
+    assert plain.projection == D * D_HEAD and plain.unembed == D * VOCAB
+    layer = (2 + 2 * 2) * D * D_HEAD + 2 * (2 * D_HEAD * keys + D_HEAD * D) + 2 * D * D_MLP
+    assert plain.forward == pytest.approx(2 * layer + D * VOCAB)
+    # grouped-query attention: a forward projects k and v once per kv head (1 for 2 heads)
+    gqa_layer = (2 + 2 * 1) * D * D_HEAD + 2 * (2 * D_HEAD * keys + D_HEAD * D) + 3 * D * D_MLP
+    assert llama.forward == pytest.approx(2 * gqa_layer + D * VOCAB)
+
+
+def test_a_window_caps_the_keys_a_query_attends_to():
+    window = Adapter.of(tiny_model("window")).unit_costs(6)  # a window of 2 in layer 0
+    assert window.attention == (D_HEAD * (1 + 2 * 5) / 6, D_HEAD * 21 / 6)
+
+
+def test_the_estimate_reads_the_sequence_length_not_n_ctx():
+    model = tiny_model("llama")
+    graph = Graph.from_model(model)
+    cg = Hypothesis("h", "~a0.0").compile(graph)
+    before = estimate_cost(cg, Adapter.of(model).unit_costs(5))
+    model.cfg.n_ctx = 131_072  # Llama-3's
+    assert estimate_cost(cg, Adapter.of(model).unit_costs(5)) == before
+    assert estimate_cost(cg, Adapter.of(model).unit_costs(500)) != before
+
+
+def test_a_mixed_output_costs_the_unembedding_and_one_mixing_term():
+    model = tiny_model("mlp")
+    graph = Graph.from_model(model)
+    unit = Adapter.of(model).unit_costs(5)
+    # only `out` is mixed; it reads x_c through `in` and the clean run elsewhere: against the
+    # clean run one term (in's counterfactual deviation), against x_c every other sender
+    cg = Hypothesis("h", "remove(in->out)").compile(graph)
+    assert cg.n_mixed == 1
+    assert estimate_cost(cg, unit) == pytest.approx((unit.unembed + D) / unit.forward)
+
+
+def test_check_estimates_at_the_datasets_length_else_none():
+    model = tiny_model("mlp")
+    hyps = [Hypothesis("one", "~a0.0")]
+    at_five = check(model, hyps, seq_len=5)[0].est_cost
+    assert at_five == estimate_cost(hyps[0].compile(Graph.from_model(model)),
+                                    Adapter.of(model).unit_costs(5))
+    assert check(model, hyps)[0].est_cost != check(model, hyps)[0].est_cost  # NaN: no length
