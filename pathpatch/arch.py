@@ -69,6 +69,7 @@ class UnitCosts:
     mixing_term: int  # one bank entry added into one input row
     forward: float  # a plain forward
 
+
 class Adapter:
     """One TransformerLens `HookedTransformer`, read the way the engine needs it."""
 
