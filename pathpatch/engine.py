@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 
 from pathpatch.arch import Adapter
-from pathpatch.copies import CopyGraph, for_evaluation
+from pathpatch.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
@@ -103,8 +103,6 @@ def check(
 
     The cost is estimated at the dataset's sequence length, else at `seq_len`; with neither
     (or a bare graph) it is NaN."""
-    from pathpatch.copies import CF, CLEAN, estimate_cost
-
     graph = graph_or_model if isinstance(graph_or_model, Graph) else Graph.from_model(graph_or_model)
     if dataset is not None:
         _check_restrictions(hypotheses, dataset)
