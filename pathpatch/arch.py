@@ -78,6 +78,7 @@ class Adapter:
         cfg = model.cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
+        self.d_vocab_out = cfg.d_vocab_out  # logits per position
         self.has_mlp = not cfg.attn_only
         self.parallel = bool(cfg.parallel_attn_mlp) and self.has_mlp
         """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
@@ -308,13 +309,16 @@ class Adapter:
             for mlp in swapped:
                 del mlp.forward
 
-    def unembed(self, rows: torch.Tensor) -> torch.Tensor:
+    def unembed(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [rows, vocab] of residual rows [rows, d_model] (final norm and soft cap
-        included)."""
+        included), written into `out` [rows, vocab] when given."""
         normed = _call(getattr(self.model, "ln_final", None), rows)
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
-        logits = torch.addmm(unembed.b_U, normed, unembed.W_U)
-        return apply_softcap(logits, self.model.cfg.output_logits_soft_cap)
+        logits = torch.addmm(unembed.b_U, normed, unembed.W_U, out=out)
+        cap = self.model.cfg.output_logits_soft_cap
+        if softcap_enabled(cap):  # TransformerLens's cap * tanh(x / cap), in place
+            logits.div_(cap).tanh_().mul_(cap)
+        return logits
 
 
 def _has_products(mlp) -> bool:

@@ -23,16 +23,14 @@ import torch
 
 from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.copies import estimate_cost
-from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, compile_all
+from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all
 from pathpatch.errors import PathPatchError
-from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph, NodeKind
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
 from pathpatch.kernels import mix
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
-from pathpatch.workspace import Workspace
 
 SHAPES: dict[str, dict] = {
     "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
@@ -265,10 +263,11 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     return model.run_with_hooks(xr, fwd_hooks=hooks)
 
 
-def _engine_run(model, graph, hyps, xr, xc, masks, budget
+def _engine_run(model, graph, hyps, xr, xc, masks, budget, state: ModelState
                 ) -> tuple[Callable[[], None], float, int, float]:
     """(a run of all hypotheses incl. both cache forwards, compile seconds, groups, the mean
-    estimated cost in forwards: the arithmetic, beyond the cached runs)."""
+    estimated cost in forwards: the arithmetic, beyond the cached runs). Each run keeps
+    `state` (folded weights, workspace), as a sweep's worker does item after item."""
     t0 = time.perf_counter()
     copy_graphs = compile_all(graph, hyps, max_mixed_copies=10**6)
     batch_size, groups = MemoryBudget(model, xr.shape[1], budget).schedule(
@@ -281,9 +280,9 @@ def _engine_run(model, graph, hyps, xr, xc, masks, budget
 
     def run():
         runs = Runs(model, xr, xc)
-        folded, workspace = FoldedWeights(model), Workspace()
         for plan in plans:
-            GroupEvaluator(model, plan, runs, positions, folded, workspace=workspace).logits()
+            GroupEvaluator(model, plan, runs, positions, state.folded,
+                           workspace=state.workspace).logits()
 
     return run, compile_s, len(groups), estimated
 
@@ -331,10 +330,13 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
                     **cpu_description()}
     side_by_side = _SideBySide(lambda: model(xr), forward_repeats)
     in_forwards = {}
+    state = ModelState(model)  # as a worker's after its first item: every layer folded
+    for layer in range(model.cfg.n_layers):
+        state.folded.qkv(layer)
     for name, hyps in families.items():
         step(f"engine: {name}")
         run, compile_s, n_groups, estimated = _engine_run(model, graph, hyps, xr, xc, masks,
-                                                          memory_budget)
+                                                          memory_budget, state)
         in_forwards[name] = side_by_side.forwards_taken(run, repeats) / len(hyps)
         result[f"compile_s_per_hypothesis_{name}"] = round(compile_s / len(hyps), 4)
         result[f"estimated_forwards_{name}"] = round(estimated, 3)

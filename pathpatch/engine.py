@@ -30,6 +30,19 @@ from pathpatch.workspace import Workspace
 DEFAULT_MAX_MIXED_COPIES = 4096
 
 
+class ModelState:
+    """What `evaluate` keeps across calls on one model, when the caller keeps this: the
+    LayerNorm-folded projections, computed once instead of per call (about a forward's time on
+    GPT-2 small), and the workspace, whose large buffers are then memory already touched, not
+    fresh pages (docs/MEASUREMENTS.md). The model's weights must not change while it is kept;
+    between calls it holds at most the buffers of the largest pass so far."""
+
+    def __init__(self, model):
+        self.model = model
+        self.folded = FoldedWeights(model)
+        self.workspace = Workspace()
+
+
 @dataclass(frozen=True)
 class HypothesisCost:
     """What validation reports per hypothesis before any data is touched."""
@@ -146,6 +159,7 @@ def evaluate(
     max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES,
     progress=None,
     runs_cache: dict | None = None,
+    state: ModelState | None = None,
 ):
     """Per-example unexplained and total effects of each hypothesis.
 
@@ -162,6 +176,8 @@ def evaluate(
             dataset is one batch, its cached clean and counterfactual runs are kept there and
             reused by the next call with other hypotheses (same numbers, two forwards saved).
             With it and no `batch_size`, the dataset is one batch whenever the budget allows.
+        state: a `ModelState` of this model, kept by a caller that evaluates it many times (a
+            worker, item after item).
 
     Returns:
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
@@ -177,6 +193,8 @@ def evaluate(
     if dataset.seq_len > model.cfg.n_ctx:
         raise PathPatchError(f"the dataset's sequences have {dataset.seq_len} positions, more "
                              f"than the model's context (n_ctx = {model.cfg.n_ctx})")
+    if state is not None and state.model is not model:
+        raise PathPatchError("evaluate: `state` is another model's ModelState")
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
     _check_restrictions(hypotheses, dataset)
     dataset.validate(model.cfg.d_vocab)
@@ -188,7 +206,8 @@ def evaluate(
     plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device
-    folded, workspace = FoldedWeights(model), Workspace()
+    state = state or ModelState(model)
+    folded, workspace = state.folded, state.workspace
     ue = torch.zeros(len(hypotheses), n, dtype=torch.float64)
     te = torch.zeros(n, dtype=torch.float64)
     values = metric.value is not None  # the metric's own statistic too: m, m_clean, m_cf
@@ -220,6 +239,7 @@ def evaluate(
                 ue[i, start:stop] = delta(logits).cpu()
                 if values:
                     m[i, start:stop] = metric.value(logits, batch).cpu()
+            del outputs, logits  # dropped before the next group: its logits reuse their buffer
         if progress is not None:
             progress(len(batch))
     examples = dataset.example_ids.to(torch.int64)

@@ -691,12 +691,17 @@ class GroupEvaluator:
         if self.read is not None:  # the unembedding is a third of a GPT-2 forward: only read rows
             where = self.read.reshape(-1).nonzero().squeeze(1)  # [k] flat positions
             rows = rows[:, where]  # [n, k, d]
-        logits = self.arch.unembed(rows.reshape(-1, d))  # [n * rows, vocab]
+        vocab = self.arch.d_vocab_out
+        # the logits are the largest tensors of a group: from the workspace, whose buffers are
+        # warm pages once the caller has dropped the previous group's logits
         if self.read is None:
-            return list(logits.view(n, B, T, -1))
-        full = logits.new_full((n, B * T, logits.shape[-1]), float("nan"))  # unread: NaN, loudly
+            logits = self.workspace.empty((n * B * T, vocab), rows)
+            self.arch.unembed(rows.reshape(-1, d), out=logits)
+            return list(logits.view(n, B, T, vocab))
+        logits = self.arch.unembed(rows.reshape(-1, d))  # [n * rows, vocab]
+        full = self.workspace.empty((n, B * T, vocab), rows).fill_(float("nan"))  # unread: NaN
         full[:, where] = logits.view(n, len(where), -1)
-        return list(full.view(n, B, T, -1))
+        return list(full.view(n, B, T, vocab))
 
 
 def evaluate_logits(

@@ -107,6 +107,7 @@ class Worker:
         self._shards: OrderedDict[str, PairDataset] = OrderedDict()
         # the engine's cached runs, per shard: the current one always, others while they fit
         self._runs: OrderedDict[str, dict] = OrderedDict()
+        self._engine_state = engine.ModelState(self.model)  # kept item after item
 
     def holds(self, shard_id: str) -> bool:
         return shard_id in self._shards
@@ -156,7 +157,7 @@ class Worker:
                 self.model, shard, list(task.hypotheses), self.config.metric,
                 batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
                 max_mixed_copies=self.config.max_mixed_copies,
-                runs_cache=self._runs_of(task.shard_id),
+                runs_cache=self._runs_of(task.shard_id), state=self._engine_state,
             )
             self._keep_runs_within_budget()
         info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,

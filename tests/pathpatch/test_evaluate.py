@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pathpatch.dataset import PairDataset
-from pathpatch.engine import check, evaluate
+from pathpatch.engine import ModelState, check, evaluate
 from pathpatch.errors import PathPatchError
 from pathpatch.explain import explain
 from pathpatch.graph import Graph
@@ -164,6 +164,31 @@ def test_runs_cache_reuses_both_runs_and_changes_nothing(monkeypatch):
     evaluate(model, other, [Hypothesis("a", "a0.*")], runs_cache=cache)
     assert len(cache) == 1 and len(built) == 4
     assert built[-1] == 0  # the old shard's runs were freed first: one batch's runs at a time
+
+
+def test_a_kept_model_state_changes_no_result_and_reuses_its_buffers(monkeypatch):
+    from pathpatch import workspace
+
+    monkeypatch.setattr(workspace, "LARGE_BYTES", 0)  # the tiny model's buffers go through it
+    model = tiny_model("mlp")
+    data = _dataset(model)
+    state = ModelState(model)
+    hyps = [Hypothesis("heads", "a0.* | a1.*"), Hypothesis("k", "a1.*[k]@mask=prev"),
+            Hypothesis("mlp", "~m0")]
+    budget = 400_000  # several groups and batches: each reuses the buffers before it
+    fresh = evaluate(model, data, hyps, batch_size=4, memory_budget=budget)
+    assert evaluate(model, data, hyps, batch_size=4, memory_budget=budget, state=state).equals(fresh)
+    for _ in range(2):  # buffers of a few sizes: what it holds settles within two calls
+        assert evaluate(model, data, hyps, batch_size=4, memory_budget=budget,
+                        state=state).equals(fresh)
+    held = state.workspace.nbytes
+    assert held > 0
+    assert evaluate(model, data, hyps, batch_size=4, memory_budget=budget, state=state).equals(fresh)
+    assert state.workspace.nbytes == held  # then a call touches no new memory
+    other = evaluate(model, data, [Hypothesis("b", "~a1.0")], state=state)
+    assert other.equals(evaluate(model, data, [Hypothesis("b", "~a1.0")]))
+    with pytest.raises(PathPatchError, match="another model's ModelState"):
+        evaluate(tiny_model("attn-only"), data, hyps, state=state)
 
 
 def test_with_a_runs_cache_a_large_shard_is_one_batch(monkeypatch):
