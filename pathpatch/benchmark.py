@@ -341,6 +341,8 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
         result[f"compile_s_per_hypothesis_{name}"] = round(compile_s / len(hyps), 4)
         result[f"estimated_forwards_{name}"] = round(estimated, 3)
         result[f"groups_{name}"] = n_groups
+    result["workspace_mib"] = round(state.workspace.nbytes / 2**20, 1)
+    del run, state  # its buffers go before the hook baseline, which no budget bounds
     # each family's figure carries 2/n forwards of the cached runs; a sweep shares them among
     # every hypothesis of a shard, so the rest is what each further hypothesis costs
     step("cached runs")
