@@ -316,7 +316,9 @@ class Adapter:
         unembed = self.model.unembed  # its own forward copies W_U transposed on every call
         logits = torch.addmm(unembed.b_U, normed, unembed.W_U, out=out)
         cap = self.model.cfg.output_logits_soft_cap
-        if softcap_enabled(cap):  # TransformerLens's cap * tanh(x / cap), in place
+        if out is None:  # out of place: attribution differentiates through it
+            return apply_softcap(logits, cap)
+        if softcap_enabled(cap):  # TransformerLens's cap * tanh(x / cap), in the caller's buffer
             logits.div_(cap).tanh_().mul_(cap)
         return logits
 
