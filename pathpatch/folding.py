@@ -104,7 +104,8 @@ class QKVProjection:
 class FoldedWeights:
     """Folded projections of one model, computed once per layer on first use.
 
-    Make one per evaluation (weights must not change while it lives) and hand it to every group.
+    Hand one to every group of an evaluation, and keep it across evaluations of one model
+    (`engine.ModelState`); the weights must not change while it lives.
     """
 
     def __init__(self, model):

@@ -32,8 +32,8 @@ _UNVIEWED = _storage_uses(torch.empty(1))
 class Workspace:
     """Buffers of large temporaries, each handed out again once nothing views it.
 
-    Make one per evaluation and hand it to every group (like `FoldedWeights`); what it holds is
-    freed with it.
+    Hand one to every group of an evaluation, and keep it across evaluations of one model
+    (`engine.ModelState`, with the `FoldedWeights`); what it holds is freed with it.
     """
 
     def __init__(self):
