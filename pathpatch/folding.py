@@ -9,9 +9,11 @@ than the projections. With W' = diag(w) W, u = 1^T W' and c = b_ln W + b_proj,
 
 which needs only two statistics per row and token on top of the product the forward does anyway.
 Rows that each read their own input (a dense circuit's) take the centering into the weights,
-x @ W' - mean(x) u = x @ (W' - u / d), with one more column 1 / d that gives the mean too: the
-product then leaves one pass over each row, for its norm. Half precision keeps TransformerLens's
-own LayerNorm (it upcasts; the folded form would cancel in low precision).
+x @ W' - mean(x) u = x @ (W' - u / d); each row's mean and norm are then two reductions, run
+in the position-major layout the mixing product wrote the rows in (over a transposed view they
+are slower, and so is a d_head + 1 column product that gives the mean too: docs/MEASUREMENTS.md).
+Half precision keeps TransformerLens's own LayerNorm (it upcasts; the folded form would cancel
+in low precision).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class QKVProjection:
     normalize_first: bool  # half precision: apply the model's LayerNorm, then the plain product
     n_keys: int  # 3 * heads
     index: torch.Tensor | None = None  # [n_keys] stored matrix of each key
-    centered: torch.Tensor | None = None  # [stored, d_model, d_head + 1]: W' - u / d, then 1 / d
+    centered: torch.Tensor | None = None  # [stored, d_model, d_head]: W' - u / d
 
     def stored(self, keys):
         """The stored matrices of `keys` (a slice or an index tensor of keys)."""
@@ -70,16 +72,17 @@ class QKVProjection:
         stored = self.stored(keys)
         if self.centered is None:
             return self.finish(torch.bmm(x, self.rows[stored]), keys, *self.stats(x))
-        p = torch.bmm(x, self.centered[stored])
-        proj, mean = p[..., :-1], p[..., -1:]
-        var = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])
-        inv = var.sub_(mean.square()).clamp_(min=0).add_(self.eps).rsqrt_()
-        return torch.mul(proj, inv).add_(self.c[stored][:, None, :])
+        _, inv = self.stats(x)
+        return torch.bmm(x, self.centered[stored]).mul_(inv).add_(self.c[stored][:, None, :])
 
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(mean, 1 / std) of each row and token of x [..., d_model], each [..., 1]."""
         if not self.scaled:
             return None, None
+        # rows given as a transposed view of position-major inputs are reduced in that layout
+        transposed = x.dim() == 3 and x.stride(0) < x.stride(1)
+        if transposed:
+            x = x.transpose(0, 1)
         # E[x^2] - mean^2: two fast reductions, where var_mean is much slower on CPU. Residual
         # streams have |mean| << std, so the cancellation is harmless in fp32 (`bench engine`
         # checks the result against TransformerLens's own LayerNorm)
@@ -88,7 +91,10 @@ class QKVProjection:
         if self.u is not None:
             mean = x.mean(dim=-1, keepdim=True)
             var.sub_(mean.square()).clamp_(min=0)
-        return mean, var.add_(self.eps).rsqrt_()
+        inv = var.add_(self.eps).rsqrt_()
+        if transposed:
+            return None if mean is None else mean.transpose(0, 1), inv.transpose(0, 1)
+        return mean, inv
 
     def finish(self, proj: torch.Tensor, keys, mean: torch.Tensor | None, inv: torch.Tensor | None
                ) -> torch.Tensor:
@@ -144,10 +150,7 @@ def _fold(weights: QKVWeights) -> QKVProjection:
         u = W.sum(dim=-2) if _CENTERING[norm] else None
         scaled = True
     rows = W.contiguous()
-    centered = None
-    if u is not None:
-        mean_column = torch.full((*rows.shape[:2], 1), 1 / d, dtype=rows.dtype, device=rows.device)
-        centered = torch.cat([rows - u[:, None, :] / d, mean_column], dim=-1)
+    centered = None if u is None else rows - u[:, None, :] / d
     return QKVProjection(
         rows=rows, joined=rows.permute(1, 0, 2).reshape(d, -1).contiguous(), u=u, c=c, eps=eps,
         scaled=scaled, normalize_first=half and norm is not None, n_keys=3 * H,
