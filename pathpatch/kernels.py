@@ -32,15 +32,8 @@ def mix_add_(out: torch.Tensor, coef: torch.Tensor, source: torch.Tensor) -> tor
     return out.baddbmm_(coef.expand(source.shape[0], *coef.shape), source)
 
 
-CHUNK_BYTES = 16 * 2**20
-"""Temporaries of `bmm_into` stay under this: below glibc's 32 MiB threshold for handing blocks
-back to the OS, they reuse freed memory instead of faulting in fresh pages."""
-
-
 def bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out [P, n, d] = a [n, P, k] @ b [n, k, d] with the n products' outputs side by side per
-    position (a bank's slots, a strided view), a few products at a time."""
-    n, P, _ = a.shape
-    step = max(1, CHUNK_BYTES // (P * b.shape[-1] * b.element_size()))
-    for i in range(0, n, step):
-        out[:, i:i + step] = torch.bmm(a[i:i + step], b[i:i + step]).transpose(0, 1)
+    position (a bank's slots, a strided view), written in place: no temporary, so no fresh pages
+    (docs/MEASUREMENTS.md)."""
+    torch.bmm(a, b, out=out.transpose(0, 1))

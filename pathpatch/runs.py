@@ -73,6 +73,7 @@ class Runs:
             return c[arch.mlp_input_hook(layer)]
         return c[arch.output_input_hook()]
 
+    @torch.no_grad()  # a bank is data for the engine and attribution, never differentiated
     def cf_bank(self) -> torch.Tensor:
         """[batch, pos, node, d_model] G(x_c) minus G(x_r) output of every node of the
         evaluation graph, by node order (a head's before any norm of its layer's sum). Position

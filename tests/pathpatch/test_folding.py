@@ -121,3 +121,66 @@ def test_grouped_kv_weights_are_stored_once_per_kv_head():
     some = torch.tensor([1, 4, 7, 11])  # k of heads 0, 1, 2 and v of head 3: one kv matrix
     picked = fold.finish(fold.project(x, some), some, mean, inv)
     torch.testing.assert_close(picked, want[some].to(picked.dtype))
+
+
+@pytest.mark.parametrize("norm", ["RMS", "LN"])
+def test_dense_rows_under_grouped_query_attention_read_each_kv_matrix_in_place(norm):
+    """A dense circuit's rows (one input per key, a slice of whole heads, given as the transposed
+    view of a position-major block) project with their own head's q and their kv head's k/v:
+    6 query heads in 2 groups of 3, whole and partial slices and an index of keys."""
+    cfg = HookedTransformerConfig(
+        n_layers=2, n_heads=6, n_key_value_heads=2, d_model=12, d_head=4, n_ctx=16, d_vocab=7,
+        d_mlp=8, act_fn="silu", gated_mlp=True, normalization_type=norm, dtype=torch.float64,
+        positional_embedding_type="rotary", rotary_dim=4, seed=3)
+    model = HookedTransformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # norm weights and biases away from 1 and 0
+    fold = FoldedWeights(model).qkv(1)
+    attn, ln = model.blocks[1].attn, model.blocks[1].ln1
+    H, tokens = cfg.n_heads, 5
+    block = torch.randn(tokens, 3 * H + 2, cfg.d_model, dtype=torch.float64) * 2 + 0.5
+    rows = block.transpose(0, 1)[1:3 * H + 1]  # [key, tokens, d_model], a strided view
+    W = {0: (attn.W_Q, attn.b_Q), 1: (attn.W_K, attn.b_K), 2: (attn.W_V, attn.b_V)}
+    want = torch.stack([ln(rows[key]) @ W[key % 3][0][key // 3] + W[key % 3][1][key // 3]
+                        for key in range(3 * H)])
+    for keys in (slice(0, 3 * H), slice(3, 15), slice(6, 9), torch.tensor([1, 4, 8, 11, 17])):
+        got = fold.project_rows(rows[keys], keys)
+        torch.testing.assert_close(got, want[keys], rtol=1e-12, atol=1e-12)
+
+
+def test_dense_circuit_under_grouped_query_attention_matches_the_hook_baseline():
+    """End to end: a circuit of a model with 4 query heads on 2 kv heads, keeping every edge into
+    `out` and the MLPs and half of those into q/k/v (so every head copy is mixed and reads its
+    own row per channel), equals the careful hook run on split, ungrouped inputs
+    (`benchmark.hook_baseline`)."""
+    import random
+
+    from pathpatch.arch import Adapter
+    from pathpatch.benchmark import hook_baseline
+    from pathpatch.engine import compile_all
+
+    cfg = HookedTransformerConfig(
+        n_layers=3, n_heads=4, n_key_value_heads=2, d_model=8, d_head=4, n_ctx=16, d_vocab=7,
+        d_mlp=12, act_fn="silu", gated_mlp=True, normalization_type="RMS", dtype=torch.float64,
+        positional_embedding_type="rotary", rotary_dim=4, seed=4)
+    model = HookedTransformer(cfg).eval()
+    graph = Graph.from_model(model)
+    gen = torch.Generator().manual_seed(4)
+    xr, xc = (torch.randint(0, 7, (2, 6), generator=gen) for _ in range(2))
+    rng = random.Random(4)
+    kept = {str(e) for e in graph.edges
+            if e.receiver.kind.value in ("output", "mlp") or rng.random() < 0.5}
+    circuit = Hypothesis("dense", "circuit(" + ", ".join(sorted(kept)) + ")")
+    plan = GroupPlan(graph, compile_all(graph, [circuit], max_mixed_copies=10**6))
+    # the last layer's heads (11 senders): every key its own row, a slice of all heads, which
+    # takes the in-place products; earlier layers (fewer senders) share some rows
+    stage = next(s for s in plan.stages if s.kind.value == "head" and s.layer == 2)
+    assert stage.projection[0].singles.keys == slice(0, 3 * cfg.n_heads)
+    with torch.no_grad():
+        (got,) = GroupEvaluator(model, plan, Runs(model, xr, xc),
+                                PositionContext({}, 2, 6, xr.device)).logits()
+        _, cf_cache = model.run_with_cache(xc)
+        with Adapter.of(model).split_inputs():
+            want = hook_baseline(model, graph, kept, xr, cf_cache)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
