@@ -70,6 +70,19 @@ class UnitCosts:
     forward: float  # a plain forward
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Elements per token that the engine holds for one model at one sequence length: what
+    `engine.MemoryBudget` counts bytes in (`Adapter.footprint`)."""
+
+    cached_run: int  # one cached run: the `run_hooks` activations, heads' sums where normed, logits
+    bank: int  # the counterfactual deviation bank: every node's output, d_model wide each
+    forward: int  # a forward's widest transient activations: MLP hidden, attention scores, logits
+    d_model: int
+    d_vocab: int  # logits per position
+    itemsize: int  # bytes per element, the weights' dtype
+
+
 class Adapter:
     """One TransformerLens `HookedTransformer`, read the way the engine needs it."""
 
@@ -78,7 +91,11 @@ class Adapter:
         cfg = model.cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
+        self.d_vocab = cfg.d_vocab  # token ids a dataset may hold
         self.d_vocab_out = cfg.d_vocab_out  # logits per position
+        self.n_ctx = cfg.n_ctx
+        """The longest sequence the model takes: a limit to check, never the sequence length
+        (Llama-3's is 131,072)."""
         self.has_mlp = not cfg.attn_only
         self.parallel = bool(cfg.parallel_attn_mlp) and self.has_mlp
         """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
@@ -144,6 +161,25 @@ class Adapter:
         return UnitCosts(projection=d * dh, attention=tuple(attention), head_output=dh * d,
                          mlp=mlp, unembed=d * cfg.d_vocab, mixing_term=d,
                          forward=sum(per_layer) + d * cfg.d_vocab)
+
+    def footprint(self, seq_len: int) -> Footprint:
+        """What the engine holds per token at `seq_len` (never `n_ctx`): the cached runs keep
+        exactly `run_hooks` (z per query head, every other hook d_model wide); the bank has a
+        slot per node of the evaluation graph (`in`, heads, MLPs, Gemma-2's heads' sums, `out`)."""
+        cfg = self.model.cfg
+        d = cfg.d_model
+        z_hooks = {self.z_hook(layer) for layer in range(self.n_layers)}
+        cached = sum(self.n_heads * cfg.d_head if hook in z_hooks else d
+                     for hook in self.run_hooks()) + self.d_vocab_out
+        if self.heads_normed:
+            cached += self.n_layers * d  # each layer's heads' sum (`Runs.residual_at`)
+        nodes = 2 + self.n_layers * (self.n_heads + self.has_mlp + self.heads_normed)
+        # TransformerLens keeps up to four d_mlp-wide tensors of an MLP (gated: gate, linear,
+        # activation, product), per expert a token uses
+        hidden = 4 * cfg.d_mlp * (cfg.experts_per_token or 1) if self.has_mlp else 0
+        forward = hidden + self.n_heads * seq_len + 2 * self.d_vocab_out
+        itemsize = next(self.model.parameters()).element_size()
+        return Footprint(cached, nodes * d, forward, d, self.d_vocab_out, itemsize)
 
     # --- the cached runs -----------------------------------------------------------------------
 

@@ -12,11 +12,12 @@ import gc
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import pyarrow as pa
 import torch
 
-from pathpatch.arch import Adapter
+from pathpatch.arch import Adapter, Footprint
 from pathpatch.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
@@ -190,14 +191,15 @@ def evaluate(
     names = [h.name for h in hypotheses]
     if len(set(names)) != len(names):
         raise PathPatchError(f"hypothesis names must be unique, got {names}")
-    if dataset.seq_len > model.cfg.n_ctx:
+    arch = Adapter.of(model)
+    if dataset.seq_len > arch.n_ctx:
         raise PathPatchError(f"the dataset's sequences have {dataset.seq_len} positions, more "
-                             f"than the model's context (n_ctx = {model.cfg.n_ctx})")
+                             f"than the model's context (n_ctx = {arch.n_ctx})")
     if state is not None and state.model is not model:
         raise PathPatchError("evaluate: `state` is another model's ModelState")
     copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
     _check_restrictions(hypotheses, dataset)
-    dataset.validate(model.cfg.d_vocab)
+    dataset.validate(arch.d_vocab)
     metric.check_dataset(dataset)
     copy_graphs = [for_evaluation(cg) for cg in copy_graphs]  # with any heads' sums to compute
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
@@ -272,37 +274,28 @@ class MemoryBudget:
     seq_len: int
     budget: int
 
-    @property
-    def _itemsize(self) -> int:
-        return next(self.model.parameters()).element_size()
+    @cached_property  # read once: `hypothesis_per_example` runs per hypothesis of a sweep
+    def _footprint(self) -> Footprint:
+        return Adapter.of(self.model).footprint(self.seq_len)
 
     def fixed_per_example(self) -> int:
-        cfg, T = self.model.cfg, self.seq_len
-        per_run = T * (cfg.n_layers * (3 * cfg.d_model + cfg.n_heads * cfg.d_head) + 2 * cfg.d_model
-                       + cfg.d_vocab)
-        n_nodes = 2 + cfg.n_layers * (cfg.n_heads + (0 if cfg.attn_only else 1))
-        if cfg.use_normalization_before_and_after:  # per run hook_attn_out and the heads' sum; banked
-            per_run += 2 * T * cfg.n_layers * cfg.d_model
-            n_nodes += cfg.n_layers
-        bank = n_nodes * T * cfg.d_model
-        # transient: a forward's widest activations; the metric's float64 rows (KL keeps the
-        # clean probabilities for the batch, one row per scored position, and works on two more
-        # at a time: at most 3 per position, 4 counted)
-        forward = T * (4 * (cfg.d_mlp or 0) + cfg.n_heads * T + 2 * cfg.d_vocab)
-        metric = 4 * T * cfg.d_vocab * 8
-        return (2 * per_run + bank + forward) * self._itemsize + metric
+        f, T = self._footprint, self.seq_len
+        # transient besides a forward's widest activations: the metric's float64 rows (KL keeps
+        # the clean probabilities for the batch, one row per scored position, and works on two
+        # more at a time: at most 3 per position, 4 counted)
+        metric = 4 * T * f.d_vocab * 8
+        return T * (2 * f.cached_run + f.bank + f.forward) * f.itemsize + metric
 
     def hypothesis_per_example(self, cg: CopyGraph) -> int:
-        cfg, T = self.model.cfg, self.seq_len
-        widest = 0
+        f, T = self._footprint, self.seq_len
         by_stage: dict = {}
         for copy in cg.copies:
             key = (copy.node.layer, copy.node.kind)
             by_stage[key] = by_stage.get(key, 0) + sum(len(ci.versions) for ci in copy.inputs)
         widest = max(by_stage.values(), default=0)
         rows = cg.n_mixed + (2 + SHARED_HEADS_PRODUCTS) * widest
-        elements = rows * T * cfg.d_model + widest * T * T + 2 * T * cfg.d_vocab
-        return elements * self._itemsize
+        elements = rows * T * f.d_model + widest * T * T + 2 * T * f.d_vocab
+        return elements * f.itemsize
 
     def schedule(self, copy_graphs: Sequence[CopyGraph], n_examples: int, batch_size: int | None,
                  whole: bool = False) -> tuple[int, list[list[int]]]:

@@ -56,3 +56,26 @@ def test_peak_memory_stays_under_the_budget_where_it_binds(family, pooled, monke
     full = evaluate(model, data, hyps)
     torch.testing.assert_close(torch.tensor(bounded_rows[0]["ue"].to_pylist()),
                                torch.tensor(full["ue"].to_pylist()), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["attn-only", "mlp", "llama", "neox", "gemma"])
+def test_the_footprint_counts_what_the_cached_runs_and_their_bank_hold(family):
+    """`Adapter.footprint`, which the budget counts in, is exactly the bytes `Runs` holds per
+    token: both runs' hooks and logits, the heads' sums where a norm follows attention, the
+    counterfactual deviation bank (attention-only, parallel and post-normed models differ)."""
+    from pathpatch.arch import Adapter
+    from pathpatch.graph import NodeKind
+    from pathpatch.runs import Runs
+
+    model = tiny_model(family, n_heads=3)
+    batch, T = 2, 5
+    xr, xc = torch.randint(0, 7, (2, batch, T), generator=torch.Generator().manual_seed(0))
+    runs = Runs(model, xr, xc)
+    runs.cf_bank()
+    arch = Adapter.of(model)
+    if arch.heads_normed:
+        for layer in range(arch.n_layers):
+            for run in "rc":
+                runs.residual_at(NodeKind.HEADS_SUM, layer, run)
+    footprint = arch.footprint(T)
+    assert runs.nbytes() == batch * T * (2 * footprint.cached_run + footprint.bank) * footprint.itemsize
