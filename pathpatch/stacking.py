@@ -62,6 +62,15 @@ def _span(indices: np.ndarray) -> slice | torch.Tensor:
     return torch.as_tensor(indices, dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class _Carry:
+    """Rows a head stage's product computes for a later head stage (`_Mixing.carries`)."""
+
+    stage: int  # the later stage's position in the plan
+    first: int  # its rows' first row in this product's output
+    rows: int
+
+
 @dataclass
 class _Mixing:
     """How one hypothesis's distinct inputs of a stage are built, in one product and maybe two.
@@ -85,8 +94,7 @@ class _Mixing:
     sliced: slice | None = None  # entries of its own bank read in place, second product
     sliced_coef: torch.Tensor | None = None
     in_place: int = 0  # own-bank entries [0, in_place) read by the main product, after scratch
-    # rows the main product also computes for later head stages: (stage, first row, rows)
-    carries: list[tuple[int, int, int]] = field(default_factory=list)
+    carries: list[_Carry] = field(default_factory=list)  # rows it computes for later head stages
     carried: bool = False  # its inputs were begun by an earlier stage's product (`carries`)
 
     @property
@@ -301,7 +309,7 @@ class GroupPlan:
                     upto, n_src = min(ms.in_place, mt.in_place), mt.n_sources
                     rows = ms.coef.new_zeros(mt.stop - mt.start, ms.coef.shape[1])
                     rows[:, ms.n_sources:ms.n_sources + upto] = mt.coef[:, n_src:n_src + upto]
-                    ms.carries.append((t, n_rows, len(rows)))
+                    ms.carries.append(_Carry(t, n_rows, len(rows)))
                     extra.append(rows)
                     n_rows += len(rows)
                     if upto < mt.in_place:
@@ -557,8 +565,8 @@ class GroupEvaluator:
                 mix_add_(block, mixing.sliced_coef.to(bank), bank[:, mixing.sliced])
             if mixing.carried:  # a strided view: added once, not a product's output
                 block.add_(carried.pop((position, h)))
-            for target, first, n in mixing.carries:
-                carried[target, h] = block[:, first:first + n]
+            for carry in mixing.carries:
+                carried[carry.stage, h] = block[:, carry.first:carry.first + carry.rows]
             x.blocks[h] = block[:, :mixing.stop - mixing.start] if mixing.carries else block
         return x
 
