@@ -280,11 +280,12 @@ class MemoryBudget:
 
     def fixed_per_example(self) -> int:
         f, T = self._footprint, self.seq_len
-        # transient besides a forward's widest activations: the metric's float64 rows (KL keeps
-        # the clean probabilities for the batch, one row per scored position, and works on two
-        # more at a time: at most 3 per position, 4 counted)
+        # transient: the widest activations of the forward that computes both runs (`Runs`:
+        # two examples each), and the metric's float64 rows (KL keeps the clean probabilities
+        # for the batch, one row per scored position, and works on two more at a time: at most 3
+        # per position, 4 counted)
         metric = 4 * T * f.d_vocab * 8
-        return T * (2 * f.cached_run + f.bank + f.forward) * f.itemsize + metric
+        return T * (2 * f.cached_run + f.bank + 2 * f.forward) * f.itemsize + metric
 
     def hypothesis_per_example(self, cg: CopyGraph) -> int:
         f, T = self._footprint, self.seq_len
