@@ -213,3 +213,18 @@ def test_evaluate_keeps_no_reference_to_the_model():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_both_cached_runs_from_one_forward_are_each_run_s_own(family):
+    """`Runs` computes x_r and x_c in one stacked forward: each half is exactly that run's plain
+    forward, logits and every cached activation, and x_r, x_c of different shapes are refused."""
+    model = tiny_model(family)
+    xr, xc = _tokens(model)
+    runs = Runs(model, xr, xc)
+    for run, tokens in (("r", xr), ("c", xc)):
+        logits, cache = model.run_with_cache(tokens)
+        torch.testing.assert_close(runs.logits[run], logits, rtol=1e-12, atol=1e-12)
+        for name, value in runs.cache[run].items():
+            torch.testing.assert_close(value, cache[name], rtol=1e-12, atol=1e-12, msg=name)
+    with pytest.raises(ValueError, match="one shape"):
+        Runs(model, xr, xc[:, :-1])
