@@ -86,20 +86,20 @@ class QKVProjection:
         """
         if self.index is None or not _whole_heads(keys):
             return torch.bmm(x, weights[self.stored(keys)])
-        n, tokens, d = x.shape
+        n, tokens, _ = x.shape
         first, stop = keys.start // 3, keys.stop // 3  # heads [first, stop)
-        n_heads = self.n_keys // 3
-        n_kv = (len(weights) - n_heads) // 2
-        group = n_heads // n_kv
+        group = int((self.index[1::3] == self.index[1]).sum())  # query heads per kv head
         out = x.new_empty(n, tokens, weights.shape[-1])
         x3, out3 = x.unflatten(0, (stop - first, 3)), out.unflatten(0, (stop - first, 3))
-        torch.bmm(x3[:, 0], weights[first:stop], out=out3[:, 0])  # q: a matrix per head
+        q = self.index[3 * first:3 * stop:3]  # one stored matrix per head, consecutive
+        torch.bmm(x3[:, 0], weights[int(q[0]):int(q[-1]) + 1], out=out3[:, 0])
         for kv in range(first // group, (stop - 1) // group + 1):
-            heads = slice(max(first, kv * group) - first, min(stop, (kv + 1) * group) - first)
-            for channel in (1, 2):
-                w = weights[n_heads + (channel - 1) * n_kv + kv]
-                torch.bmm(x3[heads, channel], w.expand(heads.stop - heads.start, *w.shape),
-                          out=out3[heads, channel])
+            heads = slice(max(first, kv * group), min(stop, (kv + 1) * group))
+            rows = slice(heads.start - first, heads.stop - first)
+            for channel in (1, 2):  # the kv head's matrix, read by each head of its group
+                w = weights[self.index[3 * heads.start + channel]]
+                torch.bmm(x3[rows, channel], w.expand(heads.stop - heads.start, *w.shape),
+                          out=out3[rows, channel])
         return out
 
     def stats(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

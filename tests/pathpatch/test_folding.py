@@ -1,9 +1,14 @@
 """LayerNorm folded into q/k/v, equal rows built once, residuals carried between stages."""
 
+import random
+
 import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from pathpatch.arch import Adapter
+from pathpatch.benchmark import hook_baseline
+from pathpatch.engine import compile_all
 from pathpatch.folding import FoldedWeights
 from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
@@ -154,12 +159,6 @@ def test_dense_circuit_under_grouped_query_attention_matches_the_hook_baseline()
     `out` and the MLPs and half of those into q/k/v (so every head copy is mixed and reads its
     own row per channel), equals the careful hook run on split, ungrouped inputs
     (`benchmark.hook_baseline`)."""
-    import random
-
-    from pathpatch.arch import Adapter
-    from pathpatch.benchmark import hook_baseline
-    from pathpatch.engine import compile_all
-
     cfg = HookedTransformerConfig(
         n_layers=3, n_heads=4, n_key_value_heads=2, d_model=8, d_head=4, n_ctx=16, d_vocab=7,
         d_mlp=12, act_fn="silu", gated_mlp=True, normalization_type="RMS", dtype=torch.float64,
