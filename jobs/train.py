@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pathpatch import tasks
 from pathpatch.errors import PathPatchError
-from pathpatch.models import INDUCTION_ARCH, MLP_ARCH, build_model, save_checkpoint
+from pathpatch.model.loading import INDUCTION_ARCH, MLP_ARCH, build_model, save_checkpoint
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "pathpatch" / "bundled"
 

@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Edge, Graph, NodeKind
 from pathpatch.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
+from pathpatch.model.adapter import EMBED_HOOK, Adapter
+from pathpatch.model.graph import Edge, Graph, NodeKind
 from pathpatch.runs import Runs
 
 METHODS = ("eap", "eap-ig")
@@ -52,8 +52,8 @@ def batch_for_budget(model, seq_len: int, memory_budget: int | None = None) -> i
     graph = Graph.from_model(model)
     channels = sum(len(n.channels) for n in graph.nodes[1:])
     nodes = len(graph.evaluation.nodes)
-    per_example = 4 * seq_len * (3 * model.cfg.d_vocab
-                                 + model.cfg.d_model * (2 * channels + 3 * nodes))
+    arch = Adapter.of(model)
+    per_example = 4 * seq_len * (3 * arch.d_vocab_out + arch.d_model * (2 * channels + 3 * nodes))
     return max(1, min(DEFAULT_BATCH, (memory_budget or DEFAULT_MEMORY_BUDGET) // per_example))
 
 
@@ -269,11 +269,11 @@ def _input_gradients(model, arch: Adapter, graph: Graph, xr, batch, statistic: S
         for p in frozen:  # no weight gradients: half of a backward's products saved
             p.requires_grad_(False)
         with arch.split_inputs(), torch.enable_grad():
-            resid = model.run_with_hooks(xr, fwd_hooks=hooks, stop_at_layer=graph.n_layers)
+            resid = arch.residual_with_hooks(xr, hooks)
             # logits at the scored positions only (all a built-in statistic reads), as the
             # engine unembeds them: the unembedding at every position is a third of GPT-2's
             rows, positions = batch.scored.to(resid.device).nonzero(as_tuple=True)
-            logits = resid.new_zeros((*batch.scored.shape, model.unembed.W_U.shape[-1]))
+            logits = resid.new_zeros((*batch.scored.shape, arch.d_vocab_out))
             logits[rows, positions] = arch.unembed(resid[rows, positions])  # in place: one copy
             statistic(logits, batch, clean).sum().backward()  # examples do not interact
     finally:

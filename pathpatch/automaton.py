@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Channel, Graph, Node, NodeKind
+from pathpatch.model.graph import Channel, Graph, Node, NodeKind
 from pathpatch.patterns import (
     Chain,
     Complement,

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from pathpatch.arch import EMBED_HOOK, Adapter
 from pathpatch.copies import estimate_cost
 from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph, NodeKind
 from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
 from pathpatch.kernels import mix
+from pathpatch.model.adapter import EMBED_HOOK, Adapter
+from pathpatch.model.graph import Graph, NodeKind
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
@@ -75,10 +75,9 @@ override them."""
 
 def shaped(name: str, seed: int = 0, n_ctx: int = 64):
     """A randomly initialized model of shape `name` (a key of SHAPES)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from pathpatch.model.loading import build_model
 
-    cfg = HookedTransformerConfig(**SHAPES[name], n_ctx=n_ctx, seed=seed)
-    return HookedTransformer(cfg).eval()
+    return build_model({**SHAPES[name], "n_ctx": n_ctx}, generator=torch.Generator().manual_seed(seed))
 
 
 def gpt2_small_shaped(seed: int = 0, n_ctx: int = 64):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Channel, Edge, Graph, NodeKind
 from pathpatch.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.model.graph import Channel, Edge, Graph, NodeKind
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The fractions of edges MIB's circuit-localization track evaluates."""

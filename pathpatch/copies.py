@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 from pathpatch.automaton import CompiledPattern
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Channel, Graph, Node, NodeKind
+from pathpatch.model.graph import Channel, Graph, Node, NodeKind
 from pathpatch.patterns import Restriction
 
 if TYPE_CHECKING:
-    from pathpatch.arch import UnitCosts
+    from pathpatch.model.adapter import UnitCosts
 
 CLEAN = -1
 """Copy id of a node copy equal to the clean run G(x_r): read from its cache."""

@@ -17,12 +17,12 @@ from functools import cached_property
 import pyarrow as pa
 import torch
 
-from pathpatch.arch import Adapter, Footprint
 from pathpatch.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation
 from pathpatch.errors import PathPatchError
 from pathpatch.folding import FoldedWeights
-from pathpatch.graph import Graph
 from pathpatch.metrics import DEFAULT_METRIC, get_metric
+from pathpatch.model.adapter import Adapter, Footprint
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import SHARED_HEADS_PRODUCTS, GroupEvaluator, GroupPlan
@@ -165,7 +165,7 @@ def evaluate(
     """Per-example unexplained and total effects of each hypothesis.
 
     Args:
-        model: a TransformerLens HookedTransformer (see `pathpatch.models.load_model`).
+        model: a pathpatch `Transformer` (see `pathpatch.model.loading.load_model`).
         dataset: a `PairDataset`; delta is read at its `scored` positions.
         hypotheses: `Hypothesis` objects (names unique).
         metric: "kl" (default), "loss", "logit_diff", "module:function" or a `Metric`.

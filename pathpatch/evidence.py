@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformer_lens import HookedTransformer
 
 from pathpatch import tasks
-from pathpatch.arch import Adapter
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
-from pathpatch.models import load_model
+from pathpatch.model.adapter import Adapter
+from pathpatch.model.loading import load_model
+from pathpatch.model.transformer import Transformer
 
 PREV_TOKEN_THRESHOLD = 0.4  # mean attention to t-1 that names a previous-token head
 INDUCTION_THRESHOLD = 0.4  # mean attention to (earlier occurrence + 1) that names an induction head
@@ -59,7 +59,7 @@ class InductionEvidence:
     repeat_loss_without_prev_token_heads: float | None  # all of them zeroed at once
 
 
-def _zero_heads(model: HookedTransformer, heads: Iterable[str]) -> list[Hook]:
+def _zero_heads(model: Transformer, heads: Iterable[str]) -> list[Hook]:
     """Hooks that zero the named heads' `z` (so their output, bias aside, is zero)."""
     by_layer: dict[int, list[int]] = {}
     for name in heads:
@@ -77,7 +77,7 @@ def _zero_heads(model: HookedTransformer, heads: Iterable[str]) -> list[Hook]:
 
 
 def _repeat_loss(
-    model: HookedTransformer, data: PairDataset, hooks: list[Hook] | None = None
+    model: Transformer, data: PairDataset, hooks: list[Hook] | None = None
 ) -> tuple[float, float, float]:
     """(repeat loss, fresh loss, repeat accuracy) on the reference sequences."""
     tokens = data.reference
@@ -92,7 +92,7 @@ def _repeat_loss(
     )
 
 
-def _patterns(model: HookedTransformer, tokens: torch.Tensor) -> list[torch.Tensor]:
+def _patterns(model: Transformer, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Attention patterns per layer, each [batch, head, dest, src]."""
     arch = Adapter.of(model)
     names = [arch.pattern_hook(layer) for layer in range(arch.n_layers)]
@@ -111,7 +111,7 @@ def _induction_scores(patterns: list[torch.Tensor], data: PairDataset) -> list[t
     return out
 
 
-def induction_evidence(model: HookedTransformer, n: int = 256, seed: int = 1234) -> InductionEvidence:
+def induction_evidence(model: Transformer, n: int = 256, seed: int = 1234) -> InductionEvidence:
     """Measure induction on fresh pair datasets (see the module docstring)."""
     common = {
         "seq_len": min(model.cfg.n_ctx, tasks.INDUCTION_SEQ_LEN),
@@ -173,7 +173,7 @@ class ModularSumEvidence:
     chance: float
 
 
-def modular_sum_evidence(model: HookedTransformer, n: int = 2048, seed: int = 1234) -> ModularSumEvidence:
+def modular_sum_evidence(model: Transformer, n: int = 2048, seed: int = 1234) -> ModularSumEvidence:
     """Accuracy on the modular-sum task, intact and with MLP outputs zero-ablated."""
     data = tasks.modular_sum_pairs(n, seed=seed, vocab_size=model.cfg.d_vocab)
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pathpatch.arch import Adapter
 from pathpatch.automaton import CompiledPattern, ConstantLanguage, compile_pattern
 from pathpatch.copies import estimate_cost
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Channel, Graph, Node, NodeKind
+from pathpatch.model.adapter import Adapter
+from pathpatch.model.graph import Channel, Graph, Node, NodeKind
 from pathpatch.positions import PositionContext
 
 

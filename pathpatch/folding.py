@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pathpatch.arch import Adapter, QKVWeights
+from pathpatch.model.adapter import Adapter, QKVWeights
 
 _CENTERING = {"LN": True, "LNPre": True, "RMS": False, "RMSPre": False}
 

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathpatch.automaton import EdgeSetLanguage, compile_pattern
 from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, circuit_copies, single_copy_graph
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Channel, Graph, NodeKind
+from pathpatch.model.graph import Channel, Graph, NodeKind
 from pathpatch.patterns import (
     Chain,
     Complement,

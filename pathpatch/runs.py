@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from pathpatch.arch import EMBED_HOOK, Adapter
-from pathpatch.graph import Graph, NodeKind
 from pathpatch.kernels import bmm_into
+from pathpatch.model.adapter import EMBED_HOOK, Adapter
+from pathpatch.model.graph import Graph, NodeKind
 
 
 class Runs:

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Edge, Graph, NodeKind
+from pathpatch.model.graph import Edge, Graph, NodeKind
 
 START = "search start"
 """The name of the first evaluation: the full model (d = 0 for the built-in metrics)."""

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathpatch.arch import Adapter
 from pathpatch.copies import CF, CLEAN, Copy, CopyGraph, for_evaluation
 from pathpatch.folding import FoldedWeights
-from pathpatch.graph import Graph, NodeKind
 from pathpatch.kernels import bmm_into, mix, mix_add_
+from pathpatch.model.adapter import Adapter
+from pathpatch.model.graph import Graph, NodeKind
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.workspace import Workspace

@@ -190,8 +190,8 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
 
     from pathpatch.benchmark import cpu_description
     from pathpatch.engine import compile_all
-    from pathpatch.graph import Graph
-    from pathpatch.models import build_model, save_checkpoint
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import build_model, save_checkpoint
     from pathpatch.stacking import GroupPlan
     from pipeline.store import SweepFolder
 

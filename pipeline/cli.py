@@ -77,7 +77,7 @@ def _failed_items(outcome, folder: Path) -> int:
 
 
 def _describe_search(resolved) -> str:
-    from pathpatch.graph import Graph
+    from pathpatch.model.graph import Graph
 
     search = resolved.spec.search
     graph = Graph.from_model(resolved.model)
@@ -243,7 +243,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if value is not None:
                 settings[key] = value
         if args.model != "gpt2-small-shape":
-            from pathpatch.models import load_model
+            from pathpatch.model.loading import load_model
 
             model = load_model(args.model)
         else:
@@ -295,9 +295,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from pathpatch.arch import Adapter
-    from pathpatch.graph import Graph, describe
-    from pathpatch.models import load_model
+    from pathpatch.model.adapter import Adapter
+    from pathpatch.model.graph import Graph, describe
+    from pathpatch.model.loading import load_model
 
     model = load_model(args.model)
     print(describe(Graph.from_model(model), edges=args.edges))
@@ -308,7 +308,7 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from pathpatch.explain import explain
     from pathpatch.hypotheses import Hypothesis
-    from pathpatch.models import load_model
+    from pathpatch.model.loading import load_model
 
     model = load_model(args.model)
     dataset = None
@@ -335,8 +335,8 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     import math
 
     from pathpatch.circuits import Ranking, prune, write_eap_json
-    from pathpatch.graph import Graph
-    from pathpatch.models import load_model
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import load_model
 
     if not 0 < args.fraction <= 1:
         raise PathPatchError(f"--fraction {args.fraction!r}: give a fraction of edges in (0, 1]")

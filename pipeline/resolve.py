@@ -18,10 +18,10 @@ from pathpatch import engine
 from pathpatch.attribution import Attribution
 from pathpatch.dataset import PairDataset, load_parquet
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import load_hypotheses
 from pathpatch.metrics import get_metric
-from pathpatch.models import load_model, model_digest
+from pathpatch.model.graph import Graph
+from pathpatch.model.loading import load_model, model_digest
 from pathpatch.tasks import make_dataset
 from pipeline.plan import HypothesisInfo, Plan, Shard, make_plan, shard_dataset
 from pipeline.spec import DTYPES, SweepSpec

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from pathpatch.atomic import atomic_write, atomic_write_bytes
 from pathpatch.circuits import circuit_hypothesis, write_eap_json
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
+from pathpatch.model.graph import Graph
 from pathpatch.search import Candidate, GreedySearch
 from pipeline.execution import Executor, ExecutorOptions
 from pipeline.plan import HypothesisInfo, WorkItem, make_plan

@@ -108,7 +108,7 @@ class SweepSpec:
 
     Attributes:
         name: label of the sweep (default: the file's stem).
-        model: model spec for `pathpatch.models.load_model` (paths made absolute).
+        model: model spec for `pathpatch.model.loading.load_model` (paths made absolute).
         dataset: the pairs.
         shard_size: examples per shard.
         group_size: hypotheses evaluated together in one work item.

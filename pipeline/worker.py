@@ -21,7 +21,7 @@ from pathpatch import engine
 from pathpatch.attribution import Attribution
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
-from pathpatch.models import load_model, model_digest
+from pathpatch.model.loading import load_model, model_digest
 from pipeline.allocator import fit_to_model
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine

@@ -22,8 +22,8 @@ sys.path.insert(0, ".")
 from pathpatch.benchmark import gpt2_small_shaped, random_circuits, random_edge_removals  # noqa: E402
 from pathpatch.dataset import PairDataset  # noqa: E402
 from pathpatch.engine import evaluate  # noqa: E402
-from pathpatch.graph import Graph  # noqa: E402
 from pathpatch.hypotheses import Hypothesis  # noqa: E402
+from pathpatch.model.graph import Graph  # noqa: E402
 
 
 def main() -> None:

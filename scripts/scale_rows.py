@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pathpatch.graph import Graph  # noqa: E402
+from pathpatch.model.graph import Graph  # noqa: E402
 from pipeline.plan import HypothesisInfo, Shard, make_plan  # noqa: E402
 from pipeline.store import SweepFolder, build_manifest  # noqa: E402
 

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from pathpatch.model.config import ModelConfig
+from pathpatch.model.transformer import Transformer
 
 FAMILIES = {
     "attn-only": dict(attn_only=True, normalization_type="LN"),
@@ -33,13 +35,13 @@ FAMILIES = {
 
 
 def tiny_model(family: str, *, n_layers=2, n_heads=2, d_model=8, d_vocab=7, seed=0,
-               dtype=torch.float64) -> HookedTransformer:
+               dtype=torch.float64) -> Transformer:
     """A random model whose weights are large enough that every path matters."""
-    cfg = HookedTransformerConfig(
+    cfg = ModelConfig(
         n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=4, n_ctx=16,
-        d_vocab=d_vocab, seed=seed, dtype=dtype, **FAMILIES[family],
+        d_vocab=d_vocab, dtype=dtype, **FAMILIES[family],
     )
-    model = HookedTransformer(cfg)
+    model = Transformer(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -54,7 +54,7 @@ def render(h) -> str:
 
 
 class Model:
-    """Weights in float64 and the graph structure, read straight from a HookedTransformer."""
+    """Weights in float64 and the graph structure, read straight from the model's state dict."""
 
     def __init__(self, tl_model):
         cfg = tl_model.cfg
@@ -121,18 +121,20 @@ class Model:
         return x * self.w[f"{prefix}.w"] + self.w[f"{prefix}.b"]
 
     def rotate(self, x, layer: int, p: int):
-        """x [d_head] (a q or k vector) rotated by position p, from the model's own tables."""
+        """x [d_head] (a q or k vector) rotated by position p: pairs (i, i + n/2), or adjacent,
+        turned by p * base^(-2i/n), computed here in float64 (default rotation only)."""
         if not self.rotary:
             return x
         n = self.cfg.rotary_dim
         rot, rest = x[:n], x[n:]
+        angle = p / self.cfg.rotary_base ** (torch.arange(0, n, 2, dtype=torch.float64) / n)
         if self.cfg.rotary_adjacent_pairs:
             flip = torch.stack([-rot[1::2], rot[::2]], dim=-1).reshape(-1)
+            angle = angle.repeat_interleave(2)
         else:
             flip = torch.cat([-rot[n // 2:], rot[:n // 2]])
-        cos = self.w[f"blocks.{layer}.attn.rotary_cos"][p]
-        sin = self.w[f"blocks.{layer}.attn.rotary_sin"][p]
-        return torch.cat([rot * cos + flip * sin, rest])
+            angle = torch.cat([angle, angle])
+        return torch.cat([rot * angle.cos() + flip * angle.sin(), rest])
 
     def qk_norm(self, x, layer: int, channel: str):
         """A head's q or k vector through its RMS norm (Qwen3), when the model has one."""

@@ -7,9 +7,9 @@ import torch
 from pathpatch.attribution import Attribution, edge_attributions
 from pathpatch.dataset import PairDataset
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
 from pathpatch.metrics import get_metric, loss_value
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits

@@ -9,7 +9,7 @@ import torch
 from pathpatch import benchmark
 from pathpatch.benchmark import BENCH_PHASES, hook_baseline, run_engine_benchmark
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
+from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 
 

@@ -21,8 +21,8 @@ from pathpatch.circuits import (
     write_eap_json,
 )
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, StructuralHypothesis, load_hypotheses
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits
@@ -239,7 +239,7 @@ def test_the_family_reads_its_ranking_file(tmp_path):
 
 
 def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys):
-    from pathpatch.models import load_model
+    from pathpatch.model.loading import load_model
     from pipeline.cli import main
 
     graph = Graph.from_model(load_model("mlp-2l"))

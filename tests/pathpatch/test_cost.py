@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from pathpatch.arch import Adapter
 from pathpatch.copies import estimate_cost
 from pathpatch.engine import check
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
+from pathpatch.model.adapter import Adapter
+from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 
 D, D_HEAD, D_MLP, VOCAB = 8, 4, 12, 7  # tiny_model's shape
@@ -38,7 +38,7 @@ def test_the_estimate_reads_the_sequence_length_not_n_ctx():
     graph = Graph.from_model(model)
     cg = Hypothesis("h", "~a0.0").compile(graph)
     before = estimate_cost(cg, Adapter.of(model).unit_costs(5))
-    model.cfg.n_ctx = 131_072  # Llama-3's
+    model.cfg = model.cfg.replace(n_ctx=131_072)  # Llama-3's
     assert estimate_cost(cg, Adapter.of(model).unit_costs(5)) == before
     assert estimate_cost(cg, Adapter.of(model).unit_costs(500)) != before
 

@@ -5,8 +5,8 @@ import torch
 from transformer_lens import patching
 
 from pathpatch.copies import CF, CLEAN
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, edge_removal, node_removal
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits
@@ -111,7 +111,8 @@ def _edge_hook_run(model, edge, xr, xc, scale: float = 1.0, embed_alpha: float |
             return cache[f"blocks.{s.layer}.hook_mlp_out"]
         return cache[f"blocks.{s.layer}.attn.hook_z"][:, :, s.head] @ model.blocks[s.layer].attn.W_O[s.head]
 
-    if s.kind.value == "head" and model.cfg.use_normalization_before_and_after:
+    if s.kind.value == "head" and (model.cfg.use_normalization_before_and_after
+                                   or model.cfg.post_norm_only):
         # the head's term is its layer's normalized sum with only this head from x_c, minus the
         # clean one: TransformerLens's own hook_attn_out with hook_z patched for that head
         def patch(z, hook):

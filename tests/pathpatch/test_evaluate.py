@@ -7,9 +7,9 @@ from pathpatch.dataset import PairDataset
 from pathpatch.engine import ModelState, check, evaluate
 from pathpatch.errors import PathPatchError
 from pathpatch.explain import explain
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, load_hypotheses
 from pathpatch.metrics import Metric, get_metric, summarize
+from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 
 

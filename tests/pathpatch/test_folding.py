@@ -4,14 +4,15 @@ import random
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from pathpatch.arch import Adapter
 from pathpatch.benchmark import hook_baseline
 from pathpatch.engine import compile_all
 from pathpatch.folding import FoldedWeights
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
+from pathpatch.model.adapter import Adapter
+from pathpatch.model.config import ModelConfig
+from pathpatch.model.graph import Graph
+from pathpatch.model.transformer import Transformer
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan
@@ -19,12 +20,12 @@ from tests.pathpatch.conftest import tiny_model
 
 
 def _random_model(normalization_type, dtype=torch.float64, attn_only=True, seed=0, act_fn="gelu"):
-    cfg = HookedTransformerConfig(
+    cfg = ModelConfig(
         n_layers=2, n_heads=2, d_model=8, d_head=4, n_ctx=16, d_vocab=7, attn_only=attn_only,
         d_mlp=None if attn_only else 12, act_fn=None if attn_only else act_fn,
-        normalization_type=normalization_type, dtype=dtype, seed=seed,
+        normalization_type=normalization_type, dtype=dtype,
     )
-    model = HookedTransformer(cfg)
+    model = Transformer(cfg)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -133,11 +134,11 @@ def test_dense_rows_under_grouped_query_attention_read_each_kv_matrix_in_place(n
     """A dense circuit's rows (one input per key, a slice of whole heads, given as the transposed
     view of a position-major block) project with their own head's q and their kv head's k/v:
     6 query heads in 2 groups of 3, whole and partial slices and an index of keys."""
-    cfg = HookedTransformerConfig(
+    cfg = ModelConfig(
         n_layers=2, n_heads=6, n_key_value_heads=2, d_model=12, d_head=4, n_ctx=16, d_vocab=7,
         d_mlp=8, act_fn="silu", gated_mlp=True, normalization_type=norm, dtype=torch.float64,
-        positional_embedding_type="rotary", rotary_dim=4, seed=3)
-    model = HookedTransformer(cfg).eval()
+        positional_embedding_type="rotary", rotary_dim=4)
+    model = Transformer(cfg, generator=torch.Generator().manual_seed(3)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)  # norm weights and biases away from 1 and 0
@@ -159,11 +160,11 @@ def test_dense_circuit_under_grouped_query_attention_matches_the_hook_baseline()
     `out` and the MLPs and half of those into q/k/v (so every head copy is mixed and reads its
     own row per channel), equals the careful hook run on split, ungrouped inputs
     (`benchmark.hook_baseline`)."""
-    cfg = HookedTransformerConfig(
+    cfg = ModelConfig(
         n_layers=3, n_heads=4, n_key_value_heads=2, d_model=8, d_head=4, n_ctx=16, d_vocab=7,
         d_mlp=12, act_fn="silu", gated_mlp=True, normalization_type="RMS", dtype=torch.float64,
-        positional_embedding_type="rotary", rotary_dim=4, seed=4)
-    model = HookedTransformer(cfg).eval()
+        positional_embedding_type="rotary", rotary_dim=4)
+    model = Transformer(cfg, generator=torch.Generator().manual_seed(4)).eval()
     graph = Graph.from_model(model)
     gen = torch.Generator().manual_seed(4)
     xr, xc = (torch.randint(0, 7, (2, 6), generator=gen) for _ in range(2))

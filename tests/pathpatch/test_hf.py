@@ -10,9 +10,9 @@ import transformers as tr
 
 from pathpatch.engine import evaluate
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
-from pathpatch.models import load_model
+from pathpatch.model.graph import Graph
+from pathpatch.model.loading import load_model
 from tests.pathpatch.test_engine import _edge_hook_run
 from tests.pathpatch.test_support import _engine, _patched
 
@@ -48,6 +48,24 @@ CONFIGS = {
         **SMALL, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
         attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager"),
     "gpt2": lambda: tr.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    # Gemma-3: q/k norms per head (1 + weight), a rotary base of its own in local layers, linear
+    # scaling in global ones, windows, the logits' soft cap (its attention keeps a cap in its
+    # config that transformers never applies: set here, so that following it would fail)
+    "gemma3 text, q/k norms, local rotary base, windows, soft caps": lambda: tr.Gemma3TextConfig(
+        **SMALL, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "rope_theta": 5000.0,
+                                            "factor": 2.0}},
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, attn_implementation="eager"),
+    # Phi-3: fused q/k/v and gate/up projections, GQA, a window over every layer
+    "phi3, fused projections, window": lambda: tr.Phi3Config(
+        **SMALL, num_key_value_heads=2, sliding_window=4, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2),
+    # SmolLM3: its second layer does not rotate
+    "smollm3, a layer without rotary": lambda: tr.SmolLM3Config(
+        **SMALL, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2),
 }
 
 
@@ -85,8 +103,8 @@ def test_loaded_model_equals_the_hf_model(saved):
     with torch.no_grad():
         want = hf(xr).logits
     torch.testing.assert_close(model(xr), want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{family}: {m}")
-    assert model.tokenizer is None  # no tokenizer: no padding-derived rotary offsets
-    from pathpatch.arch import Adapter
+    assert not hasattr(model, "tokenizer")  # no tokenizer: no padding-derived rotary offsets
+    from pathpatch.model.adapter import Adapter
 
     summary = Adapter.of(model).describe()
     assert ("rotary" in summary) == (family != "gpt2")
@@ -163,8 +181,12 @@ def test_graph_follows_the_wiring():
     (lambda: tr.LlamaConfig(**SMALL, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,
                                                       "factor": 2.0}),
      "rope_type='yarn': this rotary scaling"),
-    (lambda: tr.Gemma3TextConfig(**SMALL, head_dim=8, num_key_value_heads=2),
-     "model_type 'gemma3_text' is not supported yet: Gemma-3's configs"),
+    (lambda: tr.MixtralConfig(**SMALL, num_local_experts=2),
+     "MixtralForCausalLM is not supported: mixture-of-experts MLPs"),
+    (lambda: tr.MambaConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2),
+     "MambaForCausalLM is not supported: not a transformer"),
+    (lambda: tr.Gemma3TextConfig(**SMALL, head_dim=8, use_bidirectional_attention=True),
+     "use_bidirectional_attention=True: bidirectional attention is not computed exactly"),
 ])
 def test_what_is_not_computed_exactly_is_refused_by_name(config, message, tmp_path):
     folder = tmp_path / "gemma-or-llama"
@@ -172,6 +194,29 @@ def test_what_is_not_computed_exactly_is_refused_by_name(config, message, tmp_pa
     config().save_pretrained(folder)  # the config alone: refused before any weight is read
     with pytest.raises(PathPatchError, match=message):
         load_model(str(folder))
+
+
+OLMO = {
+    "olmo2": lambda: tr.Olmo2Config(**SMALL, num_key_value_heads=2),
+    "olmo3, windows": lambda: tr.Olmo3Config(
+        **SMALL, num_key_value_heads=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", list(OLMO))
+def test_olmo_loads_equal_to_its_hf_model_and_the_engine_refuses_it_by_name(family, tmp_path):
+    """OLMo-2/3's norms after the sublayers and q/k norms over all heads: the model computes them
+    (its logits equal the HF model's); the engine refuses the q/k norm over heads by name."""
+    hf = _random_hf(OLMO[family]())
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    xr, _ = _tokens()
+    with torch.no_grad():
+        want = hf(xr).logits
+    torch.testing.assert_close(model(xr), want, atol=2e-5, rtol=2e-5)
+    with pytest.raises(PathPatchError, match="qk_norm_over_heads=True: a q/k norm over all heads"):
+        Graph.from_model(model)
 
 
 def test_an_edge_the_parallel_wiring_lacks_is_an_error_that_says_why():

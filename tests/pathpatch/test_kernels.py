@@ -6,7 +6,7 @@ import torch
 
 from pathpatch import kernels
 from pathpatch.benchmark import random_circuits
-from pathpatch.graph import Graph
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan

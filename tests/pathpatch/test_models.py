@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer
 
-from pathpatch import evidence, models
+from pathpatch import evidence
 from pathpatch.errors import PathPatchError
-from pathpatch.models import bundled_models, load_model, model_digest
+from pathpatch.model import loading as models
+from pathpatch.model.loading import bundled_models, load_model, model_digest
+from pathpatch.model.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ARCH = {
@@ -31,7 +32,7 @@ TINY_ARCH = {
 }
 
 
-def _tiny(seed: int = 0) -> HookedTransformer:
+def _tiny(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     return models.build_model(TINY_ARCH)
 
@@ -49,7 +50,7 @@ def test_bundled_models_load_and_match_their_digest(name: str) -> None:
     assert name in bundled_models()
     model = load_model(name)
     config = models.bundled_config(name)
-    assert isinstance(model, HookedTransformer) and not model.training
+    assert isinstance(model, Transformer) and not model.training
     assert model_digest(model) == config["digest"]
     for key, value in config["architecture"].items():
         assert getattr(model.cfg, key) == value
@@ -105,7 +106,7 @@ def test_safetensors_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_torch_checkpoint_with_bare_config(tmp_path: Path) -> None:
     model = _tiny(1)
     torch.save(dict(model.named_parameters()), tmp_path / "m.pt")
-    (tmp_path / "m.json").write_text(json.dumps(TINY_ARCH))  # a bare HookedTransformerConfig dict
+    (tmp_path / "m.json").write_text(json.dumps(TINY_ARCH))  # a bare dict of config fields
     assert model_digest(load_model(str(tmp_path / "m.pt"))) == model_digest(model)
 
 
@@ -154,8 +155,8 @@ def test_hf_gpt2_directory_with_inner_dim_and_layer_scaling(tmp_path: Path) -> N
 
 def test_unsupported_or_incomplete_directories_are_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(PathPatchError, match="model_type 'bert' is not supported.*gpt2, gpt_neox, "
-                                             "llama, mistral, qwen2, qwen3"):
+    with pytest.raises(PathPatchError, match="BertLMHeadModel is not supported: an encoder.*"
+                                             "gemma2, gemma3_text, gpt2, gpt_neox, llama"):
         load_model(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(PathPatchError, match="the weights could not be loaded"):
@@ -182,8 +183,7 @@ def test_pretrained_unreachable_fails_fast(monkeypatch, tmp_path: Path) -> None:
     def never(*args, **kwargs):  # failing fast: refused before any loader or download starts
         raise AssertionError("a loader was started for a model that is not cached")
 
-    monkeypatch.setattr(models.HookedTransformer, "from_pretrained_no_processing", never)
-    monkeypatch.setattr(models, "_snapshot_of_mapped_family", never)
+    monkeypatch.setattr(models, "load_hf_directory", never)
     with pytest.raises(PathPatchError, match="not in the Hugging Face cache.*cannot be reached"):
         load_model("gpt2")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -209,7 +209,7 @@ _CACHED_GPT2 = textwrap.dedent(
     hf.save_pretrained(snap)
     (snap / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(50)}))
     (snap / "merges.txt").write_text("#version: 0.2\\n")
-    from pathpatch.models import load_model
+    from pathpatch.model.loading import load_model
     model = load_model("gpt2")
     tokens = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
@@ -299,7 +299,8 @@ def test_bundled_models_load_from_a_built_wheel(tmp_path: Path) -> None:
             f"pathpatch/bundled/{model}.safetensors" in names and f"pathpatch/bundled/{model}.json" in names
         )
     check = (
-        "import pathpatch, sys; from pathpatch.models import load_model, model_digest, bundled_config\n"
+        "import pathpatch, sys\n"
+        "from pathpatch.model.loading import load_model, model_digest, bundled_config\n"
         "assert pathpatch.__file__.startswith(sys.argv[1]), pathpatch.__file__\n"
         "m = load_model('attn-only-2l'); assert model_digest(m) == bundled_config('attn-only-2l')['digest']"
     )

@@ -5,8 +5,8 @@ import random
 import pytest
 import torch
 
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits

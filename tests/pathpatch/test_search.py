@@ -8,7 +8,7 @@ import random
 import pytest
 
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
+from pathpatch.model.graph import Graph
 from pathpatch.search import START, GreedySearch, visiting_order
 from tests.pathpatch.conftest import tiny_model
 

@@ -4,8 +4,8 @@ import random
 
 import torch
 
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, edge_removal, node_removal
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import GroupEvaluator, GroupPlan

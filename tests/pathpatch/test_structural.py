@@ -7,8 +7,8 @@ import torch
 from pathpatch.automaton import compile_pattern
 from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies
 from pathpatch.engine import check
-from pathpatch.graph import Graph
 from pathpatch.hypotheses import Hypothesis, StructuralHypothesis, edge_removal, node_removal, through_node
+from pathpatch.model.graph import Graph
 from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.stacking import evaluate_logits

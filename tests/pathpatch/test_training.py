@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pathpatch.models import load_model, model_digest
+from pathpatch.model.loading import load_model, model_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pathpatch.models import INDUCTION_ARCH, build_model, save_checkpoint
+from pathpatch.model.loading import INDUCTION_ARCH, build_model, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHPATCH = [sys.executable, "-m", "pipeline.cli"]

@@ -192,7 +192,7 @@ def test_spec_paths_and_syntax(work, capsys):
 
 
 def test_bad_model_files(work, capsys):
-    from pathpatch.models import INDUCTION_ARCH, build_model, save_checkpoint
+    from pathpatch.model.loading import INDUCTION_ARCH, build_model, save_checkpoint
 
     save_checkpoint(build_model(INDUCTION_ARCH), INDUCTION_ARCH, work / "good.safetensors")
     shutil.copy(work / "good.json", work / "cut.json")
@@ -276,7 +276,7 @@ def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path):
     notebook = subprocess.run(
         [sys.executable, "-c", textwrap.dedent("""\
             import pathpatch, pipeline
-            from pathpatch.models import load_model
+            from pathpatch.model.loading import load_model
             print(pathpatch.__file__, pipeline.__file__, load_model("attn-only-2l").cfg.n_layers)
         """)], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
     assert notebook.returncode == 0, notebook.stderr

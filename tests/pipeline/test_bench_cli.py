@@ -20,8 +20,8 @@ def test_bench_engine_prints_json_and_its_phases(capsys):
 
 
 def test_bench_scan_plans_the_whole_scan_and_runs_a_sample(tmp_path):
-    from pathpatch.graph import Graph
-    from pathpatch.models import build_model
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import build_model
     from pipeline.bench import bench_scan
 
     arch = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=64, n_ctx=32,
@@ -55,10 +55,10 @@ def test_bench_scan_refuses_a_device_it_cannot_use(tmp_path):
 
 def test_bench_engine_shapes_are_the_ones_its_help_names(capsys):
     import pytest
-    from transformer_lens import HookedTransformerConfig
 
     from pathpatch.benchmark import SHAPES
-    from pathpatch.support import check_supported
+    from pathpatch.model.config import ModelConfig
+    from pathpatch.model.support import check_supported
 
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
@@ -67,4 +67,4 @@ def test_bench_engine_shapes_are_the_ones_its_help_names(capsys):
     assert main(["bench", "engine", "--shape", "no-such-shape"]) == 2
     assert "the shapes are gpt2-small, pythia-160m" in capsys.readouterr().err
     for fields in SHAPES.values():  # each a valid config the engine computes exactly
-        check_supported(HookedTransformerConfig(**fields, n_ctx=8))
+        check_supported(ModelConfig(**fields, n_ctx=8))

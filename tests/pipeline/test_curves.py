@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from pathpatch.graph import Graph
-from pathpatch.models import load_model
+from pathpatch.model.graph import Graph
+from pathpatch.model.loading import load_model
 from pipeline.cli import main
 from pipeline.query import open_sweeps
 

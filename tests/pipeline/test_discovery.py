@@ -15,8 +15,8 @@ import pytest
 from pathpatch.attribution import edge_attributions
 from pathpatch.circuits import circuit_hypothesis, edge_of, pathpatch_name
 from pathpatch.errors import PathPatchError
-from pathpatch.graph import Graph
-from pathpatch.models import load_model
+from pathpatch.model.graph import Graph
+from pathpatch.model.loading import load_model
 from pathpatch.tasks import make_dataset
 from pipeline.cli import main
 from pipeline.query import open_sweeps

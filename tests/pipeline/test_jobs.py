@@ -33,9 +33,8 @@ def test_pretrained_sweeps_fail_fast_and_clearly_without_their_weights(name, cap
     """Refused from the cache check alone: no network probe that could wait, no download, no
     loader started, nothing written."""
     from huggingface_hub import try_to_load_from_cache
-    from transformer_lens import HookedTransformer
 
-    from pathpatch import models
+    from pathpatch.model import loading as models
 
     model, repo = PRETRAINED[name]
     if isinstance(try_to_load_from_cache(repo, "config.json"), str):
@@ -45,8 +44,7 @@ def test_pretrained_sweeps_fail_fast_and_clearly_without_their_weights(name, cap
         raise AssertionError("a loader or download was started for a model that is not cached")
 
     monkeypatch.setattr(models, "_hub_reachable", lambda: False)  # this machine: no hub
-    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", never)
-    monkeypatch.setattr(models, "_snapshot_of_mapped_family", never)
+    monkeypatch.setattr(models, "load_hf_directory", never)
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(JOBS / name), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -61,8 +59,8 @@ def test_a_curve_job_plans_once_its_ranking_exists_and_says_what_is_missing_befo
     """Run from a copy of jobs/ beside a sweeps/ folder, as in a checkout."""
     import shutil
 
-    from pathpatch.graph import Graph
-    from pathpatch.models import load_model
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import load_model
 
     (tmp_path / "jobs").mkdir()
     shutil.copy(JOBS / name, tmp_path / "jobs" / name)
@@ -84,8 +82,8 @@ def test_a_gpt2_curve_job_reads_its_ranking_then_fails_fast_without_gpt2(name, c
 
     from huggingface_hub import try_to_load_from_cache
 
-    from pathpatch import models
-    from pathpatch.graph import Graph
+    from pathpatch.model import loading as models
+    from pathpatch.model.graph import Graph
 
     if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
         pytest.skip("gpt2 is in the local cache here: the sweep would run")

@@ -2,20 +2,21 @@
 
 A spec is one of
   (a) a bundled name (`bundled_models()`: `attn-only-2l`, `mlp-2l`), read from package data;
-  (b) a TransformerLens pretrained name such as `gpt2` (only where the weights are cached or the
-      Hugging Face hub is reachable; otherwise a fast error, never a hang);
+  (b) a TransformerLens pretrained name such as `gpt2` (TransformerLens 4's aliases resolve it to
+      its Hugging Face repository; only where the weights are cached or the hub is reachable,
+      otherwise a fast error, never a hang);
   (c) a directory holding a Hugging Face model (`config.json` plus weights) of a family
-      `pathpatch/hf.py` maps: GPT-2, Llama, Mistral, Qwen2, Qwen3, GPT-NeoX (Pythia);
+      `pathpatch/model/families.py` maps (`pathpatch models` lists them);
   (d) a checkpoint file (`.safetensors`, or `.pt`/`.pth` read with `weights_only=True`) next to
       a JSON config of the same stem (`model.safetensors` + `model.json`).
 
-Nothing is ever unpickled. All models are `HookedTransformer`s with unfolded LayerNorm and
-uncentred weights: the weights are exactly those stored, so `model_digest` identifies them.
+Nothing is ever unpickled. Every model is a `Transformer` (`transformer.py`) with unfolded norms
+and uncentred weights: the weights are those stored, in the dtype asked for, so `model_digest`
+identifies them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.resources
 import json
@@ -29,13 +30,15 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from pathpatch.errors import PathPatchError
+from pathpatch.model.config import ModelConfig
+from pathpatch.model.families import read_hf_directory
+from pathpatch.model.transformer import Transformer
 
 CHECKPOINT_FORMAT = "pathpatch-checkpoint/1"
 
-# Architectures of the bundled models (HookedTransformerConfig keyword arguments). The training
+# Architectures of the bundled models (ModelConfig fields, TransformerLens's names). The training
 # scripts in jobs/ build from these, and each shipped JSON repeats the one it was trained with.
 INDUCTION_ARCH: dict[str, Any] = {
     "n_layers": 2,
@@ -64,10 +67,6 @@ MLP_ARCH: dict[str, Any] = {
 }
 BUNDLED_ARCHS: dict[str, dict[str, Any]] = {"attn-only-2l": INDUCTION_ARCH, "mlp-2l": MLP_ARCH}
 
-_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(HookedTransformerConfig))
-# Set by load_model's arguments, or (seed) a side effect we refuse: HookedTransformerConfig
-# reseeds torch/numpy/random globally when given a seed.
-_IGNORED_FIELDS = frozenset({"device", "dtype", "seed", "init_weights"})
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 _HUB_PROBE_TIMEOUT_S = 3.0
 
@@ -78,34 +77,26 @@ def bundled_models() -> list[str]:
 
 
 def build_model(
-    arch: Mapping[str, Any],
+    arch: Mapping[str, Any] | ModelConfig,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
-) -> HookedTransformer:
-    """A fresh HookedTransformer from HookedTransformerConfig keyword arguments.
+    generator: torch.Generator | None = None,
+) -> Transformer:
+    """A fresh `Transformer` from ModelConfig fields (TransformerLens's names) or a ModelConfig.
 
-    Weights are initialised from torch's global RNG (seed it first for reproducible training);
-    pass init_weights=False when a state dict is loaded right after, to skip the work.
+    Weights are drawn from `generator`, or torch's global RNG (seed it first for reproducible
+    training); pass init_weights=False when a state dict is loaded right after, to skip the work.
     """
-    unknown = sorted(set(arch) - _CONFIG_FIELDS)
-    if unknown:
-        raise PathPatchError(
-            f"unknown model config field(s) {', '.join(unknown)}: expected HookedTransformerConfig "
-            "fields such as n_layers, d_model, n_heads, d_head, d_mlp, n_ctx, d_vocab, attn_only"
-        )
-    kwargs = {k: v for k, v in arch.items() if k not in _IGNORED_FIELDS}
-    try:
-        cfg = HookedTransformerConfig(**kwargs, device=str(device), dtype=dtype, init_weights=init_weights)
-    except (TypeError, ValueError, AssertionError) as err:
-        raise PathPatchError(f"invalid model config {kwargs}: {err}") from err
-    model = HookedTransformer(cfg, move_to_device=True)
-    model.eval()
-    return model
+    if isinstance(arch, ModelConfig):
+        cfg = arch.replace(device=str(device), dtype=dtype)
+    else:
+        cfg = ModelConfig.from_dict(dict(arch), device=str(device), dtype=dtype)
+    return Transformer(cfg, init=init_weights, generator=generator).eval()
 
 
-def _load_weights(model: HookedTransformer, state_dict: Mapping[str, torch.Tensor], src: str) -> None:
+def _load_weights(model: Transformer, state_dict: Mapping[str, torch.Tensor], src: str) -> None:
     """Load parameters strictly: every parameter present with its shape; buffers may be absent."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state_dict))
@@ -121,15 +112,15 @@ def _load_weights(model: HookedTransformer, state_dict: Mapping[str, torch.Tenso
                 f"weights in {src}: {name} has shape {tuple(tensor.shape)}, the config expects "
                 f"{tuple(params[name].shape)}; check that the JSON config belongs to these weights"
             )
-    dtype = model.cfg.dtype
-    with torch.no_grad():
+    with torch.no_grad():  # a copy in the model's dtype, straight from the stored one
         for name, tensor in state_dict.items():
             if name in params:
-                params[name].copy_(tensor.to(dtype))
+                params[name].copy_(tensor)
 
 
 def _arch_from_json(config: Mapping[str, Any], src: str) -> dict[str, Any]:
-    """The architecture part of a checkpoint JSON (ours, or a bare HookedTransformerConfig dict)."""
+    """The architecture part of a checkpoint JSON (ours, or a bare dict of ModelConfig fields, as
+    TransformerLens 3's HookedTransformerConfig named them)."""
     if config.get("format") == CHECKPOINT_FORMAT:
         return dict(config["architecture"])
     if "format" in config:
@@ -140,7 +131,7 @@ def _arch_from_json(config: Mapping[str, Any], src: str) -> dict[str, Any]:
 
 
 def save_checkpoint(
-    model: HookedTransformer,
+    model: Transformer,
     arch: Mapping[str, Any],
     path: str | Path,
     metadata: Mapping[str, Any] | None = None,
@@ -170,8 +161,7 @@ def save_checkpoint(
 def model_digest(model: torch.nn.Module) -> str:
     """sha256 over the parameters (name, dtype, shape, bytes) in sorted-name order.
 
-    Buffers are left out: TransformerLens fills its causal-mask buffer lazily, so they change
-    with use while the model does not.
+    Buffers are left out (the model keeps none that a checkpoint defines).
     """
     return _digest(dict(model.named_parameters()))
 
@@ -193,7 +183,7 @@ def _check_digest(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tens
         raise PathPatchError(
             f"{src}: the weights do not match the digest in their JSON ({str(want)[:12]}...): "
             "the .json belongs to other weights or the weights file changed; save the "
-            "checkpoint again (pathpatch.models.save_checkpoint)")
+            "checkpoint again (pathpatch.model.loading.save_checkpoint)")
 
 
 def bundled_config(name: str) -> dict[str, Any]:
@@ -209,7 +199,7 @@ def bundled_config(name: str) -> dict[str, Any]:
     return json.loads(res.read_text())
 
 
-def _load_bundled(name: str, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
+def _load_bundled(name: str, device: str | torch.device, dtype: torch.dtype) -> Transformer:
     config = bundled_config(name)
     res = importlib.resources.files("pathpatch") / "bundled" / f"{name}.safetensors"
     state_dict = safetensors.torch.load(res.read_bytes())
@@ -219,12 +209,12 @@ def _load_bundled(name: str, device: str | torch.device, dtype: torch.dtype) -> 
     return model
 
 
-def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
+def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
     json_path = path.with_suffix(".json")
     if not json_path.is_file():
         raise PathPatchError(
             f"checkpoint {path} has no config: expected {json_path} holding the "
-            "HookedTransformerConfig fields (or a pathpatch checkpoint JSON)"
+            "ModelConfig fields (or a pathpatch checkpoint JSON)"
         )
     try:
         config = json.loads(json_path.read_text())
@@ -289,14 +279,20 @@ def _hub_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
-def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) -> HookedTransformer:
-    """A TransformerLens pretrained model: from the cache when the hub is off or unreachable,
-    a fast error when it is in neither. Families `pathpatch/hf.py` maps load through it.
+def load_hf_directory(path: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
+    """A `Transformer` with the weights of the Hugging Face model saved in directory `path`,
+    converted from the checkpoint's dtype straight to `dtype` (`families.py`)."""
+    arch, state_dict = read_hf_directory(path, dtype)
+    model = build_model(arch, device=device, dtype=dtype, init_weights=False)
+    _load_weights(model, state_dict, str(path))
+    return model
 
-    Loaded without processing (LayerNorm unfolded, weights uncentred), like every other path.
-    """
-    from huggingface_hub import constants, try_to_load_from_cache
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) -> Transformer:
+    """A TransformerLens pretrained name: TransformerLens 4's alias table gives its Hugging Face
+    repository, whose snapshot loads as a local directory (`families.py`), from the cache when
+    the hub is off or unreachable, a fast error when it is in neither."""
+    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
 
     official = get_official_model_name(name)
     cache = constants.HF_HUB_CACHE
@@ -313,48 +309,37 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
         )
     try:
         with nullcontext() if online else _hub_offline():
-            folder = _snapshot_of_mapped_family(official)
-            if folder is not None:  # our own field-by-field mapping (pathpatch/hf.py)
-                from pathpatch.hf import load_hf_directory
-
-                return load_hf_directory(folder, device, dtype)
-            model = HookedTransformer.from_pretrained_no_processing(official, device=str(device), dtype=dtype)
-    except (OSError, ValueError, KeyError, AttributeError) as err:  # missing files, odd configs
+            folder = Path(snapshot_download(official, allow_patterns=["*.json", "*.safetensors"]))
+    except (OSError, ValueError) as err:  # missing files in a partial cache
         raise PathPatchError(
             f"could not load pretrained model {name!r} ({official}"
             f"{'' if online else ', from the cache only'}): {err}"
         ) from err
-    model.eval()
-    return model
+    return load_hf_directory(folder, device, dtype)
 
 
-def _snapshot_of_mapped_family(official: str) -> Path | None:
-    """The local snapshot of a pretrained model whose family `pathpatch/hf.py` maps (Llama,
-    Mistral, Qwen, Pythia, Gemma-2: TransformerLens's own mapping drops options they use), else
-    None."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+def get_official_model_name(name: str) -> str:
+    """The Hugging Face repository of a TransformerLens name or alias (TransformerLens 4's table;
+    case-insensitive); a PathPatchError for a name it does not know."""
+    from transformer_lens.supported_models import get_official_model_name as official
 
-    from pathpatch.hf import FAMILIES
-
-    config = json.loads(Path(hf_hub_download(official, "config.json")).read_text())
-    if config.get("model_type") not in FAMILIES or config.get("model_type") == "gpt2":
-        return None  # GPT-2 and the rest: TransformerLens's loader, as before
-    return Path(snapshot_download(official, allow_patterns=["*.json", "*.safetensors"]))
+    try:
+        return official(name)
+    except ValueError as err:
+        raise PathPatchError(str(err)) from None
 
 
 def _is_pretrained_name(spec: str) -> bool:
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-
     try:
         get_official_model_name(spec)
-    except ValueError:
+    except PathPatchError:
         return False
     return True
 
 
 def load_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> HookedTransformer:
+) -> Transformer:
     """Load a model by bundled name, TransformerLens name, HF model directory or checkpoint.
 
     Bundled names win over TransformerLens aliases (TransformerLens also calls
@@ -365,14 +350,12 @@ def load_model(
         device, dtype: where and in what precision the weights live.
 
     Returns:
-        A HookedTransformer in eval mode (LayerNorm unfolded, weights as stored).
+        A `Transformer` in eval mode (norms unfolded, weights as stored, in `dtype`).
     """
     if spec in BUNDLED_ARCHS:
         return _load_bundled(spec, device, dtype)
     path = Path(spec).expanduser()
     if path.is_dir():
-        from pathpatch.hf import load_hf_directory
-
         return load_hf_directory(path, device, dtype)
     if path.suffix in _CHECKPOINT_SUFFIXES:
         if not path.is_file():

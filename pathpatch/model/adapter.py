@@ -7,8 +7,8 @@ which hooks hold what, the q/k/v weights and the norm in front of them, the norm
 of q and k, the keys a query may see (causal, or a window), the attention scale and soft cap,
 each head's output matrix, the MLP with its norm, the final norm with the unembedding, and the
 graph's wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
-`folding.py` never read TransformerLens modules or hook names themselves, so another
-architecture, or another backend than TransformerLens's `HookedTransformer`, is one adapter.
+`folding.py` never read model modules or hook names themselves, so another architecture, or
+another backend than pathpatch's `Transformer`, is one adapter.
 
 What is computed exactly, and what is refused by name, is `support.py`'s table, which
 `Graph.from_model` applies before any adapter is used.
@@ -21,10 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from transformer_lens.utilities.activation_functions import apply_softcap, softcap_enabled
 
-_TANH_GELU = {"gelu_new", "gelu_pytorch_tanh"}  # exactly torch's tanh approximation
+from pathpatch.model.transformer import softcap
+
 EMBED_HOOK = "hook_embed"
 """The token embedding alone (the positional embedding, where there is one, is equal in both runs
 and cancels; rotary models have none)."""
@@ -45,7 +44,7 @@ class QKVWeights:
     b_Q: torch.Tensor  # [head, d_head]
     b_K: torch.Tensor  # [kv_head, d_head]
     b_V: torch.Tensor  # [kv_head, d_head]
-    norm: str | None  # "LN", "LNPre", "RMS", "RMSPre" or None
+    norm: str | None  # "LN", "RMS" or None
     norm_w: torch.Tensor | None  # [d_model]
     norm_b: torch.Tensor | None  # [d_model]
     eps: float
@@ -84,13 +83,14 @@ class Footprint:
 
 
 class Adapter:
-    """One TransformerLens `HookedTransformer`, read the way the engine needs it."""
+    """One pathpatch `Transformer`, read the way the engine needs it."""
 
     def __init__(self, model):
         self.model = model
         cfg = model.cfg
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
+        self.d_model = cfg.d_model
         self.d_vocab = cfg.d_vocab  # token ids a dataset may hold
         self.d_vocab_out = cfg.d_vocab_out  # logits per position
         self.n_ctx = cfg.n_ctx
@@ -99,17 +99,17 @@ class Adapter:
         self.has_mlp = not cfg.attn_only
         self.parallel = bool(cfg.parallel_attn_mlp) and self.has_mlp
         """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
-        self.rotary = cfg.positional_embedding_type == "rotary"
+        self.rotary = any(cfg.rotates(layer) for layer in range(cfg.n_layers))
         self.qk_norm = bool(cfg.use_qk_norm)
         self.transforms_qk = self.rotary or self.qk_norm
         """q and k rows change after their projection (`finish_qk`)."""
-        self.caps_scores = softcap_enabled(cfg.attn_scores_soft_cap)
+        self.caps_scores = cfg.attn_scores_soft_cap > 0
         """Attention scores go through cap * tanh(x / cap) before the mask (Gemma-2)."""
         self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
-        self.heads_normed = bool(cfg.use_normalization_before_and_after)
+        self.heads_normed = bool(cfg.use_normalization_before_and_after or cfg.post_norm_only)
         """A norm acts on the sum of each layer's heads, and another on each MLP's output, before
-        the residual stream (Gemma-2): the MLP's is part of its node (`mlp`), the heads' is
-        computed once per combination of head copies a receiver reads (`norm_heads_sum`)."""
+        the residual stream (Gemma-2, OLMo-2): the MLP's is part of its node (`mlp`), the heads'
+        is computed once per combination of head copies a receiver reads (`norm_heads_sum`)."""
 
     @classmethod
     def of(cls, model) -> Adapter:
@@ -122,7 +122,9 @@ class Adapter:
         cfg = self.model.cfg
         parts = [f"norm {cfg.normalization_type or 'none'}"]
         if self.rotary:
-            parts.append(f"rotary on {cfg.rotary_dim} of {cfg.d_head} head dims")
+            still = [layer for layer in range(self.n_layers) if not cfg.rotates(layer)]
+            parts.append(f"rotary on {cfg.rotary_dim} of {cfg.d_head} head dims"
+                         + (f" (none in layers {', '.join(map(str, still))})" if still else ""))
         if self.n_kv_heads != self.n_heads:
             parts.append(f"grouped-query attention ({self.n_kv_heads} kv heads for {self.n_heads})")
         local = [layer for layer in range(self.n_layers)
@@ -130,10 +132,11 @@ class Adapter:
         if local:
             parts.append(f"a window of {cfg.window_size} keys in layers {', '.join(map(str, local))}")
         if self.qk_norm:
-            parts.append("q/k norms")
+            parts.append("q/k norms" + (" over all heads" if cfg.qk_norm_over_heads else ""))
         if self.heads_normed:
-            parts.append("norms after attention and after the MLP")
-        if self.caps_scores or softcap_enabled(cfg.output_logits_soft_cap):
+            parts.append("norms after attention and after the MLP"
+                         + (" only" if cfg.post_norm_only else ""))
+        if self.caps_scores or cfg.output_logits_soft_cap > 0:
             parts.append("soft caps")
         if self.has_mlp:
             parts.append(("gated " if cfg.gated_mlp else "") + f"{cfg.act_fn} MLPs"
@@ -151,11 +154,7 @@ class Adapter:
             allowed = self.allowed_keys(layer, seq_len, "cpu")  # None: plain causal
             keys = (seq_len + 1) / 2 if allowed is None else int(allowed.sum()) / seq_len
             attention.append(dh * keys)
-        mlp = 0
-        if self.has_mlp:
-            mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp
-            if cfg.num_experts:
-                mlp = cfg.experts_per_token * mlp + d * cfg.num_experts  # and the router
+        mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp if self.has_mlp else 0
         per_layer = [(self.n_heads + 2 * self.n_kv_heads) * d * dh
                      + self.n_heads * (2 * a + dh * d) + mlp for a in attention]
         return UnitCosts(projection=d * dh, attention=tuple(attention), head_output=dh * d,
@@ -174,9 +173,9 @@ class Adapter:
         if self.heads_normed:
             cached += self.n_layers * d  # each layer's heads' sum (`Runs.residual_at`)
         nodes = 2 + self.n_layers * (self.n_heads + self.has_mlp + self.heads_normed)
-        # TransformerLens keeps up to four d_mlp-wide tensors of an MLP (gated: gate, linear,
-        # activation, product), per expert a token uses
-        hidden = 4 * cfg.d_mlp * (cfg.experts_per_token or 1) if self.has_mlp else 0
+        # an MLP keeps up to two d_mlp-wide tensors at once (gated: the activated gate and the
+        # up projection); four counted, as a margin for the allocator
+        hidden = 4 * cfg.d_mlp if self.has_mlp else 0
         forward = hidden + self.n_heads * seq_len + 2 * self.d_vocab_out
         itemsize = next(self.model.parameters()).element_size()
         return Footprint(cached, nodes * d, forward, d, self.d_vocab_out, itemsize)
@@ -221,7 +220,10 @@ class Adapter:
     def split_inputs(self) -> Iterator[None]:
         """Within: hook runs see each query head's own q, k and v input (k/v per query head under
         grouped-query attention, as the graph's channels are) and the MLP's input, at
-        `split_input_hook` and `mlp_split_input_hook`; the model is as before afterwards."""
+        `split_input_hook` and `mlp_split_input_hook`; the model is as before afterwards.
+
+        Warning:
+            Switches the model's hook points for the duration, restored in `finally`."""
         model = self.model
         grouped = self.n_kv_heads != self.n_heads
         model.set_use_split_qkv_input(True)
@@ -240,16 +242,19 @@ class Adapter:
 
     def run(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(logits, the `run_hooks` activations) of one plain forward. The logits come from
-        `unembed` and the MLPs from `mlp`'s products, as every mixed copy's do
-        (TransformerLens's own modules copy W_U and a gated MLP's weights transposed)."""
+        `unembed`, as every mixed copy's do."""
         names = self.run_hooks()
-        with self._mlps_by_products():
-            _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names,
-                                                 return_type=None)
+        _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names,
+                                             return_type=None)
         cache = dict(cache.items())
         final = cache[self.output_input_hook()]
         logits = self.unembed(final.reshape(-1, final.shape[-1]))
         return logits.view(*final.shape[:-1], -1), cache
+
+    def residual_with_hooks(self, tokens: torch.Tensor, hooks: list) -> torch.Tensor:
+        """[batch, pos, d_model] the residual stream `unembed` reads, from a forward with `hooks`
+        ((hook name, function) pairs) attached for its duration."""
+        return self.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="residual")
 
     def run_hooks(self) -> set[str]:
         """Every hook the cached runs keep."""
@@ -266,45 +271,41 @@ class Adapter:
 
     def qkv_weights(self, layer: int) -> QKVWeights:
         block = self.model.blocks[layer]
-        attn, ln = block.attn, getattr(block, "ln1", None)
-        # TransformerLens's grouped-query attention keeps kv-size weights under `_W_K`/`_W_V` and
-        # repeats them per query head in its `W_K`/`W_V` properties: read the unrepeated ones
-        kv = "_" if self.n_kv_heads != self.n_heads else ""
+        attn, ln = block.attn, block.ln1
+        W_K, W_V, b_K, b_V = attn.kv_weights()  # per kv head, never repeated
         return QKVWeights(
-            W_Q=attn.W_Q, W_K=getattr(attn, f"{kv}W_K"), W_V=getattr(attn, f"{kv}W_V"),
-            b_Q=attn.b_Q, b_K=getattr(attn, f"{kv}b_K"), b_V=getattr(attn, f"{kv}b_V"),
-            norm=self.model.cfg.normalization_type if ln is not None else None,
+            W_Q=attn.W_Q, W_K=W_K, W_V=W_V, b_Q=attn.b_Q, b_K=b_K, b_V=b_V,
+            norm=ln.kind if ln is not None else None,
             norm_w=getattr(ln, "w", None), norm_b=getattr(ln, "b", None),
             eps=float(getattr(ln, "eps", 0.0)),
         )
 
     def norm_before_heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The heads' norm as the model's own module (half precision: `folding.py`)."""
-        return _call(getattr(self.model.blocks[layer], "ln1", None), x)
+        return _call(self.model.blocks[layer].ln1, x)
 
     def finish_qk(self, layer: int, x: torch.Tensor, channel: str) -> torch.Tensor:
         """q or k rows [rows, batch, pos, d_head] as attention reads them: the head's q/k norm
-        (Qwen3), then rotation of each row by its own position. Both act per position, so they
-        commute with picking versions per destination (q) or per source (k) afterwards."""
+        (Qwen3, Gemma-3), then rotation of each row by its own position. Both act per position,
+        so they commute with picking versions per destination (q) or per source (k) afterwards."""
         attn = self.model.blocks[layer].attn
         if self.qk_norm:
             x = (attn.q_norm if channel == "q" else attn.k_norm)(x)
-        if self.rotary:
-            x = attn.apply_rotary(x.permute(1, 2, 0, 3), 0, None).permute(2, 0, 1, 3)
+        if attn.rotates:
+            x = attn.apply_rotary(x.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
         return x
 
     def allowed_keys(self, layer: int, n_pos: int, device) -> torch.Tensor | None:
         """[dest, src] bool, the keys a query may attend to in `layer`, from the model's own mask
         (local layers: a window); None where that is plain causal attention."""
         attn = self.model.blocks[layer].attn
-        if getattr(attn, "attn_type", "global") != "local":
+        if attn.attn_type != "local":
             return None
-        return attn._make_causal_mask(query_ctx_length=n_pos, key_ctx_length=n_pos,
-                                      past_kv_pos_offset=0, device=device)[0, 0]
+        return attn.allowed_keys(n_pos, device)
 
     def cap_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Attention scores (already divided by the scale) through the model's soft cap."""
-        return apply_softcap(scores, self.model.cfg.attn_scores_soft_cap)
+        return softcap(scores, self.model.cfg.attn_scores_soft_cap)
 
     def attn_scale(self, layer: int) -> float:
         return float(self.model.blocks[layer].attn.attn_scale)
@@ -320,65 +321,28 @@ class Adapter:
         return torch.einsum("bphe,hed->bpd", z, attn.W_O) + attn.b_O
 
     def norm_heads_sum(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The post-attention norm (Gemma-2's `post_attention_layernorm`) of heads' sums x."""
+        """The post-attention norm (Gemma's `post_attention_layernorm`, OLMo-2's) of heads' sums x."""
         return self.model.blocks[layer].ln1_post(x)
 
     # --- MLPs and the output -------------------------------------------------------------------
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The MLP node's output from its input rows x [..., pos, d_model] (norm included)."""
+        """The MLP node's output from its input rows x [..., pos, d_model] (norms included)."""
         block = self.model.blocks[layer]
-        out = _mlp_products(block.mlp, _call(getattr(block, "ln2", None), x))
-        return block.ln2_post(out) if self.heads_normed else out
-
-    @contextlib.contextmanager
-    def _mlps_by_products(self) -> Iterator[None]:
-        """Within: the model's MLP modules compute through `_mlp_products` (the hooks inside an
-        MLP are then not called; the cached runs keep none of them)."""
-        swapped = [block.mlp for block in self.model.blocks
-                   if self.has_mlp and _has_products(block.mlp)]
-        for mlp in swapped:  # an instance attribute shadows the class's forward
-            mlp.forward = lambda x, mlp=mlp: _mlp_products(mlp, x)
-        try:
-            yield
-        finally:
-            for mlp in swapped:
-                del mlp.forward
+        return _call(block.ln2_post, block.mlp(_call(block.ln2, x)))
 
     def unembed(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [rows, vocab] of residual rows [rows, d_model] (final norm and soft cap
         included), written into `out` [rows, vocab] when given."""
-        normed = _call(getattr(self.model, "ln_final", None), rows)
-        unembed = self.model.unembed  # its own forward copies W_U transposed on every call
+        normed = _call(self.model.ln_final, rows)
+        unembed = self.model.unembed
         logits = torch.addmm(unembed.b_U, normed, unembed.W_U, out=out)
         cap = self.model.cfg.output_logits_soft_cap
         if out is None:  # out of place: attribution differentiates through it
-            return apply_softcap(logits, cap)
-        if softcap_enabled(cap):  # TransformerLens's cap * tanh(x / cap), in the caller's buffer
+            return softcap(logits, cap)
+        if cap > 0:  # cap * tanh(x / cap), in the caller's buffer
             logits.div_(cap).tanh_().mul_(cap)
         return logits
-
-
-def _has_products(mlp) -> bool:
-    """Whether `_mlp_products` computes this MLP module with plain products."""
-    kind = type(mlp).__name__
-    return ((kind == "MLP" and mlp.cfg.act_fn in _TANH_GELU)
-            or (kind == "GatedMLP" and not mlp.cfg.is_layer_norm_activation()))
-
-
-def _mlp_products(mlp, x: torch.Tensor) -> torch.Tensor:
-    """mlp(x) for normed rows x [..., d_model]: plain products where TransformerLens's forward is
-    slow (its gelu_new is four elementwise passes where torch's fused tanh GELU is equal; its
-    gated MLP copies W_gate, W_in and W_out transposed on every call), else the module itself."""
-    if not _has_products(mlp):
-        return mlp(x)
-    flat = x.reshape(-1, x.shape[-1])
-    if type(mlp).__name__ == "MLP":
-        hidden = F.gelu(torch.addmm(mlp.b_in, flat, mlp.W_in), approximate="tanh")
-    else:
-        hidden = mlp.act_fn(torch.mm(flat, mlp.W_gate))
-        hidden.mul_(torch.mm(flat, mlp.W_in)).add_(mlp.b_in)
-    return torch.addmm(mlp.b_out, hidden, mlp.W_out).view(x.shape)
 
 
 def _call(norm, x: torch.Tensor) -> torch.Tensor:

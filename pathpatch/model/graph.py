@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
-from pathpatch.support import check_model
+from pathpatch.model.support import check_model
 
 
 class NodeKind(enum.Enum):
@@ -103,9 +103,9 @@ class Graph:
 
     @classmethod
     def from_model(cls, model) -> Graph:
-        """The graph of a TransformerLens HookedTransformer; refuses, by name, any feature the
-        engine does not compute exactly (`support.py`)."""
-        from pathpatch.arch import Adapter
+        """The graph of a pathpatch `Transformer`; refuses, by name, any feature the engine does
+        not compute exactly (`support.py`)."""
+        from pathpatch.model.adapter import Adapter
 
         check_model(model)  # every time: hooks may have been attached since the adapter was made
         arch = Adapter.of(model)
