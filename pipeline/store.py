@@ -169,10 +169,16 @@ class SweepFolder:
         differ = [f"{key} {manifest.get(key)!r} -> {value!r}"
                   for key, value in (identity or {}).items() if manifest.get(key) != value]
         if differ and not force:
+            why = ""
+            if [key for key in identity if manifest.get(key) != identity[key]] == ["model_digest"]:
+                why = (" The same model now has other weights: its files changed, or pathpatch "
+                       "loads them differently (since TransformerLens 4, a checkpoint is read in "
+                       "the dtype asked for, never rounded through float32 first), so the old "
+                       "rows are not comparable with new ones.")
             raise PathPatchError(
                 f"{str(root)!r} holds another sweep ({'; '.join(differ)}): its results would "
-                "drop out of the views; give --out a new folder, or --force to take the folder "
-                "over (its result files are kept in superseded/)")
+                f"drop out of the views.{why} Give --out a new folder, or --force to take the "
+                "folder over (its result files are kept in superseded/)")
 
     # --- spec, manifest, events -------------------------------------------------------------
 

@@ -132,6 +132,26 @@ def test_out_over_another_sweep_needs_force(work, capsys):
     assert {p.name for p in (work / "out" / "superseded").iterdir()} == old_items  # kept aside
 
 
+def test_a_sweep_made_before_its_model_digest_changed_is_refused_and_says_why(work, capsys):
+    """A folder whose rows came from other weights of the same model (as a float64 checkpoint
+    that TransformerLens 3 rounded through float32): refused, never mixed; --force keeps them."""
+    import json
+
+    spec = write(work, name="first", file="first.toml")
+    _sweep_folder(work / "out", spec)
+    capsys.readouterr()
+    manifest_path = work / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model_digest"] = "0" * 64  # the weights it was made with
+    manifest_path.write_text(json.dumps(manifest))
+    refused(work, ["run", str(spec), "--out", "out"], "holds another sweep",
+            "model_digest '000", "same model now has other weights", "--force", capsys=capsys)
+    old_items = {p.name for p in (work / "out" / "items").iterdir()}
+    assert main(["run", str(spec), "--out", "out", "--backend", "inprocess", "--no-progress",
+                 "--quiet", "--force"]) == 0
+    assert {p.name for p in (work / "out" / "superseded").iterdir()} == old_items
+
+
 @pytest.mark.parametrize("name", ["../../../x", "/tmp/abs", ".hidden", "a/b", "two\nlines"])
 def test_spec_name_cannot_leave_sweeps(work, name, capsys):
     spec = work / "spec.toml"
