@@ -226,3 +226,23 @@ def test_an_edge_the_parallel_wiring_lacks_is_an_error_that_says_why():
     with pytest.raises(PathPatchError, match=r"a1\.0->m1 matches no edge.*an MLP reads its "
                                              r"layer's input, beside the heads"):
         Hypothesis("x", "remove(a1.0->m1)").compile(graph)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_weights_are_read_in_the_dtype_asked_for_never_through_a_narrower_one(dtype, tmp_path):
+    """A float64 checkpoint loaded in float64 keeps its weights bit for bit (TransformerLens 3's
+    path rounded them through float32: W_Q off by ~3e-8); one copy is held, in that dtype."""
+    hf = _random_hf(CONFIGS["llama"]()).to(torch.float64)
+    with torch.no_grad():  # bits a float32 cannot hold
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+                   * 1e-3)
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    q = hf.model.layers[1].self_attn.q_proj.weight  # [(head, d_head), d_model]
+    want = q.reshape(4, 12, 32).transpose(1, 2).to(dtype)  # [head, d_model, d_head]
+    assert torch.equal(model.blocks[1].attn.W_Q, want)
+    if dtype == torch.float64:
+        assert not torch.equal(want, q.to(torch.float32).to(torch.float64).reshape(4, 12, 32)
+                               .transpose(1, 2))  # the float32 detour would have changed it
