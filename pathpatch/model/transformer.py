@@ -76,27 +76,28 @@ def _norm(cfg: ModelConfig, kind: str | None, length: int | None = None) -> Norm
     return None if kind is None else Norm(kind, length or cfg.d_model, cfg.eps, cfg.dtype)
 
 
-def rotary_angles(cfg: ModelConfig, layer: int, n_pos: int, dtype: torch.dtype) -> torch.Tensor:
-    """[pos, rotary_dim / 2] angles of `layer`'s rotation, in float64 for float64 models and
-    float32 otherwise (Hugging Face's `inv_freq` and scalings: default, linear, llama3)."""
-    high = torch.float64 if dtype == torch.float64 else torch.float32
+def rotary_angles(cfg: ModelConfig, layer: int, n_pos: int) -> torch.Tensor:
+    """[pos, rotary_dim / 2] angles of `layer`'s rotation, in float32 whatever the model's dtype,
+    as transformers computes them (its `inv_freq` and scalings: default, linear, llama3), so a
+    float64 checkpoint rotates exactly as its Hugging Face model does."""
     rd = cfg.rotary_dim
     local = cfg.is_local(layer)
-    base = cfg.rotary_base_local if local and cfg.rotary_base_local is not None else cfg.rotary_base
-    inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.int64).to(high) / rd))
-    if cfg.use_NTK_by_parts_rope and not (local and cfg.rotary_base_local is not None):
+    own_base = local and cfg.rotary_base_local is not None
+    base = cfg.rotary_base_local if own_base else cfg.rotary_base
+    inv_freq = 1.0 / (base ** (torch.arange(0, rd, 2, dtype=torch.int64).float() / rd))
+    if cfg.use_NTK_by_parts_rope and not own_base:
         factor = cfg.NTK_by_parts_factor
-        low, high_f = cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor
+        low, high = cfg.NTK_by_parts_low_freq_factor, cfg.NTK_by_parts_high_freq_factor
         old = cfg.NTK_original_ctx_len
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
-        smooth = (old / wavelen - low) / (high_f - low)
+        smooth = (old / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / high_f) * ~(wavelen > old / low)
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
         inv_freq = torch.where(medium, smoothed, scaled)
     elif cfg.rotary_scaling_factor != 1.0 and not local:
         inv_freq = inv_freq / cfg.rotary_scaling_factor
-    return torch.arange(n_pos, dtype=high)[:, None] * inv_freq[None, :]
+    return torch.arange(n_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
 
 
 class Attention(nn.Module):
@@ -156,12 +157,12 @@ class Attention(nn.Module):
     def rotary(self, n_pos: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [pos, rotary_dim] for the first n_pos positions."""
         if self._rotary is None or self._rotary[0].shape[0] < n_pos or self._rotary[0].dtype != dtype:
-            angles = rotary_angles(self.cfg, self.layer, max(n_pos, 64), dtype)
+            angles = rotary_angles(self.cfg, self.layer, max(n_pos, 64))
             if self.cfg.rotary_adjacent_pairs:
                 angles = angles.repeat_interleave(2, dim=-1)
             else:
                 angles = torch.cat([angles, angles], dim=-1)
-            self._rotary = (angles.cos().to(dtype), angles.sin().to(dtype))
+            self._rotary = (angles.cos().to(dtype), angles.sin().to(dtype))  # float32 values
         cos, sin = self._rotary
         return cos[:n_pos].to(device), sin[:n_pos].to(device)
 

@@ -122,19 +122,21 @@ class Model:
 
     def rotate(self, x, layer: int, p: int):
         """x [d_head] (a q or k vector) rotated by position p: pairs (i, i + n/2), or adjacent,
-        turned by p * base^(-2i/n), computed here in float64 (default rotation only)."""
+        turned by p * base^(-2i/n) (default rotation only), the angle's cosine and sine taken in
+        float32 as transformers takes them, then applied in float64."""
         if not self.rotary:
             return x
         n = self.cfg.rotary_dim
         rot, rest = x[:n], x[n:]
-        angle = p / self.cfg.rotary_base ** (torch.arange(0, n, 2, dtype=torch.float64) / n)
+        angle = p * (1.0 / self.cfg.rotary_base ** (torch.arange(0, n, 2).float() / n))
         if self.cfg.rotary_adjacent_pairs:
             flip = torch.stack([-rot[1::2], rot[::2]], dim=-1).reshape(-1)
             angle = angle.repeat_interleave(2)
         else:
             flip = torch.cat([-rot[n // 2:], rot[:n // 2]])
             angle = torch.cat([angle, angle])
-        return torch.cat([rot * angle.cos() + flip * angle.sin(), rest])
+        cos, sin = angle.cos().double(), angle.sin().double()
+        return torch.cat([rot * cos + flip * sin, rest])
 
     def qk_norm(self, x, layer: int, channel: str):
         """A head's q or k vector through its RMS norm (Qwen3), when the model has one."""

@@ -138,6 +138,80 @@ def test_engine_on_the_loaded_model_equals_transformer_lens_patching(saved):
                                    msg=lambda m, h=h: f"{family}, {h.name}: {m}")
 
 
+def _hf_layers(hf):
+    net = getattr(hf, "model", None) or getattr(hf, "transformer", None) or hf.gpt_neox
+    return getattr(net, "layers", None) or net.h
+
+
+# where each family's modules hold a head's output (the input columns of the output projection)
+# and an MLP node's output (after Gemma's and OLMo's norm after the MLP)
+_HEADS_INTO = ("self_attn.o_proj", "attn.c_proj", "attention.dense")
+
+
+def _hf_patched(hf, xr, xc, layer: int, head: int | None, d_head: int) -> torch.Tensor:
+    """The Hugging Face model's own run on x_r with one node's output from x_c, by PyTorch hooks
+    on its modules (neither pathpatch's model nor TransformerLens is involved)."""
+    block = _hf_layers(hf)[layer]
+    if head is None:
+        module = getattr(block, "post_feedforward_layernorm", None) or block.mlp
+    else:
+        module = next(m for path in _HEADS_INTO if (m := _submodule(block, path)) is not None)
+    saved = {}
+    if head is None:
+        handle = module.register_forward_hook(lambda m, args, out: saved.setdefault("x", out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, args: saved.setdefault("x", args[0]))
+    hf(xc)
+    handle.remove()
+    cf = saved["x"]
+    if head is None:
+        handle = module.register_forward_hook(lambda m, args, out: cf)
+    else:
+        columns = slice(head * d_head, (head + 1) * d_head)
+
+        def patch(m, args):
+            x = args[0].clone()
+            x[..., columns] = cf[..., columns]
+            return (x,)
+        handle = module.register_forward_pre_hook(patch)
+    try:
+        return hf(xr).logits
+    finally:
+        handle.remove()
+
+
+def _submodule(module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def test_node_removals_equal_the_hf_models_own_patched_runs(saved):
+    """Each head of the last layer and each MLP removed: the engine on the loaded model (float32)
+    equals the Hugging Face model patched by hooks on its own modules (the output projection's
+    input columns of that head; the MLP's output after its norm)."""
+    family, _, folder = saved
+    hf = tr.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    model = load_model(str(folder))
+    xr, xc = _tokens()
+    hyps, want = [], []
+    with torch.no_grad():
+        clean = hf(xr).logits
+        for head in range(model.cfg.n_heads):
+            hyps.append(Hypothesis(f"~a1.{head}", f"~a1.{head}"))
+            want.append(_hf_patched(hf, xr, xc, 1, head, model.cfg.d_head))
+        for layer in range(model.cfg.n_layers):
+            hyps.append(Hypothesis(f"~m{layer}", f"~m{layer}"))
+            want.append(_hf_patched(hf, xr, xc, layer, None, model.cfg.d_head))
+        outs, _ = _engine(model, hyps, xr, xc)
+    for h, out, ref in zip(hyps, outs, want, strict=True):
+        assert (ref - clean).abs().max() > 0.01, h.name  # a real patch
+        torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5,
+                                   msg=lambda m, h=h: f"{family}, {h.name}: {m}")
+
+
 def test_equal_inputs_give_the_clean_run_and_bfloat16_runs(saved):
     from pathpatch.dataset import PairDataset
 
