@@ -30,6 +30,20 @@ INERT_TL3_FIELDS = frozenset({
     "ungroup_grouped_query_attention", "n_devices", "attention_dir",
 })
 
+# TransformerLens 3 options that change the forward and that pathpatch does not compute: refused
+# by name unless at TransformerLens 3's default (then they change nothing)
+REFUSED_TL3_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_attention_sinks": (False, "attention sinks (a learned extra softmax column)"),
+    "use_logn_attn": (False, "log-n scaling of queries by position"),
+    "clip_qkv": (None, "q/k/v clamped after the projection"),
+    "num_experts": (None, "mixture-of-experts MLPs"),
+    "experts_per_token": (None, "mixture-of-experts MLPs"),
+    "use_yarn_rope": (False, "YaRN rotary scaling"),
+    "use_dynamic_ntk_rope": (False, "dynamic NTK rotary scaling"),
+    "post_embedding_ln": (False, "a norm of the token embedding"),
+    "load_in_4bit": (False, "4-bit quantized weights"),
+}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -125,7 +139,12 @@ class ModelConfig:
         """A config from JSON-like fields (TransformerLens 3 names accepted; its inert ones
         ignored); unknown fields are an error naming them."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "dtype", "device"}
-        unknown = sorted(set(fields) - known - INERT_TL3_FIELDS)
+        refused = [f"{name}={fields[name]!r}: {why} is not computed exactly"
+                   for name, (default, why) in REFUSED_TL3_FIELDS.items()
+                   if name in fields and fields[name] != default]
+        if refused:
+            raise PathPatchError("unsupported model architecture: " + "; ".join(refused))
+        unknown = sorted(set(fields) - known - INERT_TL3_FIELDS - set(REFUSED_TL3_FIELDS))
         if unknown:
             raise PathPatchError(
                 f"unknown model config field(s) {', '.join(unknown)}: expected fields such as "

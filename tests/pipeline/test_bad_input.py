@@ -4,6 +4,7 @@ no traceback, and leaves every file on disk as it was (nothing written, nothing 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -133,19 +134,18 @@ def test_out_over_another_sweep_needs_force(work, capsys):
 
 
 def test_a_sweep_made_before_its_model_digest_changed_is_refused_and_says_why(work, capsys):
-    """A folder whose rows came from other weights of the same model (as a float64 checkpoint
-    that TransformerLens 3 rounded through float32): refused, never mixed; --force keeps them."""
-    import json
+    """The same model path now holding other weights (as a float64 checkpoint that TransformerLens
+    3 rounded through float32 reads differently now): refused, never mixed; --force keeps the old
+    rows in superseded/."""
+    from pathpatch.model.loading import INDUCTION_ARCH, build_model, save_checkpoint
 
-    spec = write(work, name="first", file="first.toml")
+    save_checkpoint(build_model(INDUCTION_ARCH), INDUCTION_ARCH, work / "m.safetensors")
+    spec = write(work, model=str(work / "m.safetensors"), file="m.toml")
     _sweep_folder(work / "out", spec)
     capsys.readouterr()
-    manifest_path = work / "out" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["model_digest"] = "0" * 64  # the weights it was made with
-    manifest_path.write_text(json.dumps(manifest))
-    refused(work, ["run", str(spec), "--out", "out"], "holds another sweep",
-            "model_digest '000", "same model now has other weights", "--force", capsys=capsys)
+    save_checkpoint(build_model(INDUCTION_ARCH), INDUCTION_ARCH, work / "m.safetensors")
+    refused(work, ["run", str(spec), "--out", "out"], "holds another sweep", "model_digest '",
+            "same model now has other weights", "--force", capsys=capsys)
     old_items = {p.name for p in (work / "out" / "items").iterdir()}
     assert main(["run", str(spec), "--out", "out", "--backend", "inprocess", "--no-progress",
                  "--quiet", "--force"]) == 0
@@ -224,8 +224,11 @@ def test_bad_model_files(work, capsys):
     shutil.copy(work / "good.json", work / "other.json")  # a JSON that belongs to other weights
     refused(work, ["run", str(write(work, model=str(work / "other.safetensors"))), "--dry-run"],
             "do not match the digest in their JSON", capsys=capsys)
-    sinks = dict(INDUCTION_ARCH, use_attention_sinks=True)
-    save_checkpoint(build_model(sinks), sinks, work / "sinks.safetensors")
+    # a TransformerLens 3 checkpoint JSON naming a feature pathpatch does not compute
+    shutil.copy(work / "good.safetensors", work / "sinks.safetensors")
+    config = json.loads((work / "good.json").read_text())
+    config["architecture"]["use_attention_sinks"] = True
+    (work / "sinks.json").write_text(json.dumps(config))
     refused(work, ["graph", str(work / "sinks.safetensors")],
             "use_attention_sinks=True: attention sinks (a learned extra softmax column) is not "
             "computed exactly", capsys=capsys)
