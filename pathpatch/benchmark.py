@@ -306,12 +306,12 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)
     model = model if model is not None else gpt2_small_shaped(seed)
-    graph = Graph.from_model(model)
+    graph, arch = Graph.from_model(model), Adapter.of(model)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    xr = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen).to(device)
-    xc = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen).to(device)
+    xr = torch.randint(0, arch.d_vocab, (batch, seq_len), generator=gen).to(device)
+    xc = torch.randint(0, arch.d_vocab, (batch, seq_len), generator=gen).to(device)
     i = torch.arange(seq_len, device=device)
     masks = {  # shapes of the induction task's masks, at fixed plausible places
         "after_prev_occurrence": (i[None, :] == (i[:, None] - seq_len // 2 + 1)).expand(batch, -1, -1),
@@ -330,7 +330,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
     side_by_side = _SideBySide(lambda: model(xr), forward_repeats)
     in_forwards = {}
     state = ModelState(model)  # as a worker's after its first item: every layer folded
-    for layer in range(model.cfg.n_layers):
+    for layer in range(arch.n_layers):
         state.folded.qkv(layer)
     for name, hyps in families.items():
         step(f"engine: {name}")
@@ -423,15 +423,15 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)
     model = model if model is not None else gpt2_small_shaped(seed)
-    graph = Graph.from_model(model)
+    graph, vocab = Graph.from_model(model), Adapter.of(model).d_vocab
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    xr = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
-    xc = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
-    answer = torch.randint(0, model.cfg.d_vocab, (batch,), generator=gen)
+    xr = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    xc = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    answer = torch.randint(0, vocab, (batch,), generator=gen)
     scored = torch.zeros(batch, seq_len, dtype=torch.bool)
     scored[:, -1] = True
-    data = PairDataset(xr, xc, scored, answer=answer, wrong_answer=(answer + 1) % model.cfg.d_vocab)
+    data = PairDataset(xr, xc, scored, answer=answer, wrong_answer=(answer + 1) % vocab)
     step("forward")
     tokens = xr.to(device)
     side_by_side = _SideBySide(lambda: model(tokens), max(5, repeats))

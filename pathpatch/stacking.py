@@ -607,12 +607,33 @@ class GroupEvaluator:
             if plan.singles is not None:
                 n, rows, keys = plan.singles.n, plan.singles.rows, plan.singles.keys
                 proj[rows] = fold.project_rows(flat[:n], keys)
+                if self.arch.qk_norm_over_heads:
+                    self._norm_over_heads(stage.layer, proj, rows, keys, flat[:n])
             for shared in plan.shared:
                 i, rows, keys = shared.input, shared.rows, shared.keys
                 p = fold.project(flat[i], keys)  # keys None: every head and channel reads it
                 keys = slice(0, fold.n_keys) if keys is None else keys
                 proj[rows] = fold.finish(p, keys, *fold.stats(flat[i]))
+                if self.arch.qk_norm_over_heads:
+                    self._norm_over_heads(stage.layer, proj, rows, keys, flat[i])
         return proj
+
+    def _norm_over_heads(self, layer: int, proj: torch.Tensor, rows, keys, inputs: torch.Tensor
+                         ) -> None:
+        """OLMo-2's q/k norm over all heads, in place on the q and k rows just projected: `rows`
+        and `keys` (slices or index tensors) as `_Singles` / `_Shared` give them; `inputs`
+        [rows, tokens, d_model] one per row, or [tokens, d_model] shared by all of them."""
+        rows = torch.arange(proj.shape[0])[rows] if isinstance(rows, slice) else rows.cpu()
+        keys = torch.arange(3 * self.arch.n_heads)[keys] if isinstance(keys, slice) else keys.cpu()
+        for channel, name in ((0, "q"), (1, "k")):
+            pick = (keys % 3 == channel).nonzero().flatten()
+            if len(pick) == 0:
+                continue
+            x = inputs[pick.to(inputs.device)] if inputs.dim() == 3 else inputs
+            if not self.folded.qkv(layer).normalize_first:  # the projection reads normed rows
+                x = self.arch.norm_before_heads(layer, x)
+            target = rows[pick].to(proj.device)
+            proj[target] = self.arch.norm_over_heads(layer, proj[target], x, name, keys[pick] // 3)
 
     def _head_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         arch, layer = self.arch, stage.layer

@@ -101,6 +101,9 @@ class Adapter:
         """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
         self.rotary = any(cfg.rotates(layer) for layer in range(cfg.n_layers))
         self.qk_norm = bool(cfg.use_qk_norm)
+        self.qk_norm_over_heads = self.qk_norm and bool(cfg.qk_norm_over_heads)
+        """The q/k norm acts on all heads' projection of a row's input (OLMo-2): `project_rows`
+        callers scale each q/k row by `over_heads_inv_rms` of its own input (`norm_over_heads`)."""
         self.transforms_qk = self.rotary or self.qk_norm
         """q and k rows change after their projection (`finish_qk`)."""
         self.caps_scores = cfg.attn_scores_soft_cap > 0
@@ -289,11 +292,31 @@ class Adapter:
         (Qwen3, Gemma-3), then rotation of each row by its own position. Both act per position,
         so they commute with picking versions per destination (q) or per source (k) afterwards."""
         attn = self.model.blocks[layer].attn
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_over_heads:
             x = (attn.q_norm if channel == "q" else attn.k_norm)(x)
         if attn.rotates:
             x = attn.apply_rotary(x.permute(1, 2, 0, 3)).permute(2, 0, 1, 3)
         return x
+
+    def norm_over_heads(self, layer: int, rows: torch.Tensor, x: torch.Tensor, channel: str,
+                        heads: torch.Tensor) -> torch.Tensor:
+        """q or k rows [rows, tokens, d_head] of heads `heads` [rows] (query heads; k: their kv
+        heads are read) under OLMo-2's norm over all heads: each row times the inverse RMS of its
+        own input's projection through every head (x [rows, tokens, d_model], or [tokens,
+        d_model] shared by all rows), times its head's slice of the norm weight."""
+        attn = self.model.blocks[layer].attn
+        if channel == "q":
+            W, b, norm = attn.W_Q, attn.b_Q, attn.q_norm
+        else:
+            W, _, b, _ = attn.kv_weights()
+            norm = attn.k_norm
+            heads = heads // (self.n_heads // self.n_kv_heads)
+        full = x @ W.permute(1, 0, 2).flatten(1) + b.flatten()  # [..., tokens, heads * d_head]
+        if full.dtype not in (torch.float32, torch.float64):
+            full = full.float()
+        inv = torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + norm.eps).to(rows.dtype)
+        weight = norm.w.view(W.shape[0], -1)[heads.to(norm.w.device)]  # [rows, d_head]
+        return rows * inv * weight[:, None, :]
 
     def allowed_keys(self, layer: int, n_pos: int, device) -> torch.Tensor | None:
         """[dest, src] bool, the keys a query may attend to in `layer`, from the model's own mask

@@ -165,7 +165,7 @@ def _layer_flags(c, n_layers: int, where: str) -> dict[str, Any]:
 
 
 def _windows(c, n_layers: int) -> dict[str, Any]:
-    """Sliding-window layers as TransformerLens local attention (Mistral, Qwen2, Qwen3)."""
+    """Sliding-window layers as local attention (Mistral, Qwen2, Qwen3, Gemma, Phi-3, OLMo-3)."""
     window = getattr(c, "sliding_window", None)
     layer_types = getattr(c, "layer_types", None)
     if layer_types is not None:
@@ -228,17 +228,6 @@ def _olmo2_arch(c, where: str) -> dict[str, Any]:
     of the MLP), q/k norms over all heads' projection; OLMo-3 adds windowed layers."""
     arch = _llama_arch(c, where)
     return {**arch, "post_norm_only": True, "use_qk_norm": True, "qk_norm_over_heads": True}
-
-
-def _phi3_arch(c, where: str) -> dict[str, Any]:
-    """Phi-3: the Llama layout with fused q/k/v and gate/up projections (split on loading), a
-    window over every layer where one is set."""
-    arch = _llama_arch(c, where)
-    window = getattr(c, "sliding_window", None)
-    if window is not None:
-        arch.update(use_local_attn=True, window_size=int(window),
-                    attn_types=["local"] * c.num_hidden_layers)
-    return arch
 
 
 def _smollm3_arch(c, where: str) -> dict[str, Any]:
@@ -455,7 +444,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3_text": Family(_gemma3_arch, _gemma3_weights),
     "olmo2": Family(_olmo2_arch, _olmo2_weights),
     "olmo3": Family(_olmo2_arch, _olmo2_weights),
-    "phi3": Family(_phi3_arch, _phi3_weights),
+    "phi3": Family(_llama_arch, _phi3_weights),  # a window over every layer, as Mistral's
     "smollm3": Family(_smollm3_arch, _llama_weights),
 }
 REFUSED_FAMILIES = {
@@ -483,8 +472,7 @@ COMPUTED = {
     "Phi3ForCausalLM": "phi3", "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
 }
-"""Architectures loaded by a `FAMILIES` entry (OLMo-2/3 load; the engine refuses their q/k norm
-over all heads by name, `support.py`)."""
+"""Architectures loaded by a `FAMILIES` entry, all computed exactly."""
 
 REFUSED: dict[str, str] = {
     **dict.fromkeys([

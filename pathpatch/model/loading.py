@@ -96,8 +96,12 @@ def build_model(
     return Transformer(cfg, init=init_weights, generator=generator).eval()
 
 
-def _load_weights(model: Transformer, state_dict: Mapping[str, torch.Tensor], src: str) -> None:
-    """Load parameters strictly: every parameter present with its shape; buffers may be absent."""
+def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], src: str) -> None:
+    """Load parameters strictly: every parameter present with its shape; buffers may be absent.
+
+    Warning:
+        Consumes `state_dict`: each tensor is dropped once copied, so a checkpoint's storage is
+        freed as the model's fills and loading holds about one copy of the weights, not two."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(model.state_dict()))
@@ -113,9 +117,11 @@ def _load_weights(model: Transformer, state_dict: Mapping[str, torch.Tensor], sr
                 f"{tuple(params[name].shape)}; check that the JSON config belongs to these weights"
             )
     with torch.no_grad():  # a copy in the model's dtype, straight from the stored one
-        for name, tensor in state_dict.items():
+        for name in list(state_dict):
+            tensor = state_dict.pop(name)
             if name in params:
                 params[name].copy_(tensor)
+            del tensor
 
 
 def _arch_from_json(config: Mapping[str, Any], src: str) -> dict[str, Any]:
@@ -240,7 +246,7 @@ def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype)
     _check_digest(config, state_dict, str(path))
     arch = _arch_from_json(config, str(json_path))
     model = build_model(arch, device=device, dtype=dtype, init_weights=False)
-    _load_weights(model, state_dict, str(path))
+    _load_weights(model, dict(state_dict), str(path))
     return model
 
 

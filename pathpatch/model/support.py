@@ -110,10 +110,11 @@ FIELDS: dict[str, Rule] = {
     "attn_types": _exact("which layers are local (adapter.allowed_keys)"),
     "use_qk_norm": _exact("q/k norms inside each head (Qwen3, Gemma-3): applied to q and k rows "
                           "after the projection (adapter.finish_qk)"),
-    "qk_norm_over_heads": _only(
-        "False", lambda value, cfg: not value,
-        "a q/k norm over all heads' projection together (OLMo-2/3): head h's query depends on "
-        "every head's projection of h's own input version, which the engine does not compute yet"),
+    "qk_norm_over_heads": _exact(
+        "a q/k norm over all heads' projection together (OLMo-2/3): each q/k row is scaled by "
+        "the RMS of its own input version's projection through every head, times its head's "
+        "slice of the weight (adapter.norm_over_heads), which is the model itself when every "
+        "head reads the same input"),
     "attn_scores_soft_cap": _exact("cap * tanh(scores / cap) before the mask (Gemma-2), "
                                    "the model's own function (adapter.cap_scores)"),
     "output_logits_soft_cap": _exact("cap * tanh(logits / cap) after the unembedding (Gemma-2)"),

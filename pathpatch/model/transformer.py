@@ -189,6 +189,22 @@ class Attention(nn.Module):
             return norm(x.flatten(-2)).view(x.shape)
         return norm(x)
 
+    def norm_over_heads(self, x: torch.Tensor, channel: str) -> torch.Tensor:
+        """q or k [batch, pos, n, d_head] of split inputs x [batch, pos, n, d_model] under a norm
+        over all heads (OLMo-2): head h's row is the h-th slice of the norm of the projection of
+        h's own input through every head, which is the model itself when all inputs are equal.
+        n: query heads (q), kv heads or query heads (k, grouped or not)."""
+        if channel == "q":
+            W, b, norm = self.W_Q, self.b_Q, self.q_norm
+        else:
+            W, _, b, _ = self.kv_weights()
+            norm = self.k_norm
+        n, heads = x.shape[2], W.shape[0]
+        full = torch.einsum("bpnd,jde->bpnje", x, W) + b  # [batch, pos, n, heads, d_head]
+        own = torch.arange(n, device=x.device) // (n // heads)  # the head (kv head) row i feeds
+        normed = norm(full.flatten(-2)).view(full.shape)
+        return normed[:, :, torch.arange(n, device=x.device), own]  # [batch, pos, n, d_head]
+
     def allowed_keys(self, n_pos: int, device) -> torch.Tensor:
         """[dest, src] bool: causal, within the window in local layers."""
         pos = torch.arange(n_pos, device=device)
@@ -206,7 +222,10 @@ class Attention(nn.Module):
         W_K, W_V, b_K, b_V = self.kv_weights()
         k = self.hook_k(self._project(k_in, W_K, b_K))  # [batch, pos, kv or head, d_head]
         v = self.hook_v(self._project(v_in, W_V, b_V))
-        if cfg.use_qk_norm:
+        if cfg.use_qk_norm and cfg.qk_norm_over_heads and q_in.ndim == 4:
+            q = self.norm_over_heads(q_in, "q")  # each head's own input version, all heads
+            k = self.norm_over_heads(k_in, "k")
+        elif cfg.use_qk_norm:
             q, k = self.norm_qk(q, "q"), self.norm_qk(k, "k")
         if self.rotates:
             q = self.hook_rot_q(self.apply_rotary(q))

@@ -28,6 +28,15 @@ FAMILIES = {
                   attn_types=["local", "global"], use_normalization_before_and_after=True,
                   attn_scale=3.0, attn_scores_soft_cap=1.5, output_logits_soft_cap=2.0,
                   final_rms=True),
+    # OLMo-2 / SmolLM3 / Gemma-3 style: norms after the sublayers only, q/k norms over all heads'
+    # projection, one kv head for two, layer 1 without rotation, a window and a rotary base of
+    # its own in layer 0
+    "olmo": dict(attn_only=False, normalization_type="RMS", d_mlp=12, act_fn="silu",
+                 gated_mlp=True, positional_embedding_type="rotary", rotary_dim=4,
+                 n_key_value_heads=1, post_norm_only=True, use_qk_norm=True,
+                 qk_norm_over_heads=True, rotary_layers=[True, False], use_local_attn=True,
+                 window_size=2, attn_types=["local", "global"], rotary_base_local=50.0,
+                 final_rms=True),
     # Pythia / GPT-NeoX style: parallel attention + MLP, partial rotary
     "neox": dict(attn_only=False, normalization_type="LN", d_mlp=12, act_fn="gelu",
                  parallel_attn_mlp=True, positional_embedding_type="rotary", rotary_dim=2),
@@ -36,12 +45,14 @@ FAMILIES = {
 
 def tiny_model(family: str, *, n_layers=2, n_heads=2, d_model=8, d_vocab=7, seed=0,
                dtype=torch.float64) -> Transformer:
-    """A random model whose weights are large enough that every path matters."""
-    cfg = ModelConfig(
-        n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=4, n_ctx=16,
-        d_vocab=d_vocab, dtype=dtype, **FAMILIES[family],
-    )
-    model = Transformer(cfg)
+    """A random model whose weights are large enough that every path matters (per-layer
+    options repeat their pattern over `n_layers`)."""
+    options = {key: [value[layer % len(value)] for layer in range(n_layers)]
+               if key in ("attn_types", "rotary_layers") else value
+               for key, value in FAMILIES[family].items()}
+    cfg = ModelConfig(n_layers=n_layers, n_heads=n_heads, d_model=d_model, d_head=4, n_ctx=16,
+                      d_vocab=d_vocab, dtype=dtype, **options)
+    model = Transformer(cfg, init=False)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -72,7 +72,10 @@ class Model:
         self.act = {"gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu,
                     "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
                     }[cfg.act_fn] if self.mlp else None
-        self.post = bool(cfg.use_normalization_before_and_after)  # norms after attention and MLP
+        self.post = bool(cfg.use_normalization_before_and_after or cfg.post_norm_only)  # norms after
+        self.pre = not cfg.post_norm_only  # norms before attention and MLP (OLMo-2: none)
+        self.rotates = [self.rotary and (cfg.rotary_layers is None or cfg.rotary_layers[layer])
+                        for layer in range(cfg.n_layers)]  # SmolLM3: some layers do not rotate
         self.scale = cfg.attn_scale if cfg.use_attn_scale else 1.0
         self._senders: dict[str, list[str]] = {}  # memo only: `senders` is a pure function
 
@@ -111,6 +114,10 @@ class Model:
             return ["q", "k", "v"]
         return ["resid"] if name != "in" else []
 
+    def pre_norm(self, x, prefix):
+        """The norm in front of a sublayer, where the model has one."""
+        return self.layernorm(x, prefix) if self.pre else x
+
     def layernorm(self, x, prefix):
         if self.norm is None:
             return x
@@ -124,11 +131,14 @@ class Model:
         """x [d_head] (a q or k vector) rotated by position p: pairs (i, i + n/2), or adjacent,
         turned by p * base^(-2i/n) (default rotation only), the angle's cosine and sine taken in
         float32 as transformers takes them, then applied in float64."""
-        if not self.rotary:
+        if not self.rotates[layer]:
             return x
         n = self.cfg.rotary_dim
         rot, rest = x[:n], x[n:]
-        angle = p * (1.0 / self.cfg.rotary_base ** (torch.arange(0, n, 2).float() / n))
+        base = self.cfg.rotary_base
+        if self.local[layer] and self.cfg.rotary_base_local is not None:  # Gemma-3's local layers
+            base = self.cfg.rotary_base_local
+        angle = p * (1.0 / base ** (torch.arange(0, n, 2).float() / n))
         if self.cfg.rotary_adjacent_pairs:
             flip = torch.stack([-rot[1::2], rot[::2]], dim=-1).reshape(-1)
             angle = angle.repeat_interleave(2)
@@ -138,12 +148,23 @@ class Model:
         cos, sin = angle.cos().double(), angle.sin().double()
         return torch.cat([rot * cos + flip * sin, rest])
 
-    def qk_norm(self, x, layer: int, channel: str):
-        """A head's q or k vector through its RMS norm (Qwen3), when the model has one."""
+    def qk_norm(self, x, layer: int, channel: str, head: int, inp):
+        """A head's q or k vector x through its RMS norm (Qwen3), when the model has one; a norm
+        over all heads (OLMo-2) takes the RMS of the projection of the same input `inp` through
+        every head (every kv head for k) and this head's slice of the weight."""
         if not self.cfg.use_qk_norm:
             return x
         w = self.w[f"blocks.{layer}.attn.{channel}_norm.w"]
-        return x / torch.sqrt((x * x).mean() + self.cfg.eps) * w
+        if not self.cfg.qk_norm_over_heads:
+            return x / torch.sqrt((x * x).mean() + self.cfg.eps) * w
+        name = "W_Q" if channel == "q" else "W_K"
+        bias = "b_Q" if channel == "q" else "b_K"
+        heads = range(self.H) if channel == "q" else range(0, self.H, self.group)  # one per kv head
+        full = torch.cat([inp @ self.kv_weight(layer, name, h) + self.kv_weight(layer, bias, h)
+                          for h in heads])
+        own = head if channel == "q" else head // self.group
+        dh = x.shape[-1]
+        return x / torch.sqrt((full * full).mean() + self.cfg.eps) * w[own * dh:(own + 1) * dh]
 
     def kv_weight(self, layer: int, name: str, head: int):
         """W_K / W_V / b_K / b_V of a query head: its kv head's, under grouped-query attention."""
@@ -261,7 +282,7 @@ class Oracle:
 
         if node.startswith("m"):
             layer = int(node[1:])
-            x = m.layernorm(reads("resid", p, p), f"blocks.{layer}.ln2")
+            x = m.pre_norm(reads("resid", p, p), f"blocks.{layer}.ln2")
             if m.post:  # the MLP's own norm after it, its bias inside
                 return m.layernorm(m.mlp_out(x, layer) + w[f"blocks.{layer}.mlp.b_out"],
                                    f"blocks.{layer}.ln2_post")
@@ -269,16 +290,17 @@ class Oracle:
         layer, head = (int(t) for t in node[1:].split("."))
         pre = f"blocks.{layer}"
         ln = f"{pre}.ln1"
-        q = m.layernorm(reads("q", p, p), ln) @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
-        q = m.rotate(m.qk_norm(q, layer, "q"), layer, p)
+        q_in = m.pre_norm(reads("q", p, p), ln)
+        q = q_in @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
+        q = m.rotate(m.qk_norm(q, layer, "q", head, q_in), layer, p)
         scores, values = [], []
         first = max(0, p - m.cfg.window_size + 1) if m.local[layer] else 0
         for j in range(first, p + 1):
-            k = m.layernorm(reads("k", p, j), ln) @ m.kv_weight(layer, "W_K", head) \
-                + m.kv_weight(layer, "b_K", head)
-            v = m.layernorm(reads("v", p, j), ln) @ m.kv_weight(layer, "W_V", head) \
+            k_in = m.pre_norm(reads("k", p, j), ln)
+            k = k_in @ m.kv_weight(layer, "W_K", head) + m.kv_weight(layer, "b_K", head)
+            v = m.pre_norm(reads("v", p, j), ln) @ m.kv_weight(layer, "W_V", head) \
                 + m.kv_weight(layer, "b_V", head)
-            k = m.rotate(m.qk_norm(k, layer, "k"), layer, j)
+            k = m.rotate(m.qk_norm(k, layer, "k", head, k_in), layer, j)
             scores.append(m.cap(q @ k / m.scale, m.cfg.attn_scores_soft_cap))
             values.append(v)
         attn = torch.softmax(torch.stack(scores), dim=0)

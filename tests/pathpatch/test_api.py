@@ -47,11 +47,12 @@ def test_nothing_imports_a_name_transformer_lens_4_removed():
 
 
 def test_only_the_model_layer_imports_transformer_lens_or_transformers_modelling_code():
-    """Tests build their references with transformers; `tasks.py` reads tokenizers only."""
+    """Tests and scripts build their Hugging Face references with transformers; `tasks.py` reads
+    tokenizers only."""
     outside = []
     for path in _python_files():
         rel = path.relative_to(ROOT)
-        if rel.parts[:2] == ("pathpatch", "model") or rel.parts[0] == "tests":
+        if rel.parts[:2] == ("pathpatch", "model") or rel.parts[0] in ("tests", "scripts"):
             continue
         for module, name in _imports(path):
             top = module.split(".")[0]

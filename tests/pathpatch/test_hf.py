@@ -62,6 +62,12 @@ CONFIGS = {
     "phi3, fused projections, window": lambda: tr.Phi3Config(
         **SMALL, num_key_value_heads=2, sliding_window=4, pad_token_id=0, bos_token_id=1,
         eos_token_id=2),
+    # OLMo-2: norms after the sublayers only, q/k norms over all heads' projection, GQA
+    "olmo2, q/k norms over all heads": lambda: tr.Olmo2Config(**SMALL, num_key_value_heads=2),
+    # OLMo-3: OLMo-2's layout with a window in its first layer
+    "olmo3, windows": lambda: tr.Olmo3Config(
+        **SMALL, num_key_value_heads=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"]),
     # SmolLM3: its second layer does not rotate
     "smollm3, a layer without rotary": lambda: tr.SmolLM3Config(
         **SMALL, num_key_value_heads=2, no_rope_layers=[1, 0], pad_token_id=0, bos_token_id=1,
@@ -268,29 +274,6 @@ def test_what_is_not_computed_exactly_is_refused_by_name(config, message, tmp_pa
     config().save_pretrained(folder)  # the config alone: refused before any weight is read
     with pytest.raises(PathPatchError, match=message):
         load_model(str(folder))
-
-
-OLMO = {
-    "olmo2": lambda: tr.Olmo2Config(**SMALL, num_key_value_heads=2),
-    "olmo3, windows": lambda: tr.Olmo3Config(
-        **SMALL, num_key_value_heads=2, sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"]),
-}
-
-
-@pytest.mark.parametrize("family", list(OLMO))
-def test_olmo_loads_equal_to_its_hf_model_and_the_engine_refuses_it_by_name(family, tmp_path):
-    """OLMo-2/3's norms after the sublayers and q/k norms over all heads: the model computes them
-    (its logits equal the HF model's); the engine refuses the q/k norm over heads by name."""
-    hf = _random_hf(OLMO[family]())
-    hf.save_pretrained(tmp_path)
-    model = load_model(str(tmp_path))
-    xr, _ = _tokens()
-    with torch.no_grad():
-        want = hf(xr).logits
-    torch.testing.assert_close(model(xr), want, atol=2e-5, rtol=2e-5)
-    with pytest.raises(PathPatchError, match="qk_norm_over_heads=True: a q/k norm over all heads"):
-        Graph.from_model(model)
 
 
 def test_an_edge_the_parallel_wiring_lacks_is_an_error_that_says_why():
