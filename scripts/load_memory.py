@@ -4,8 +4,9 @@ bfloat16, against the size of the weights themselves (docs/MEASUREMENTS.md).
     python scripts/load_memory.py FOLDER     makes FOLDER (random weights, bfloat16 like the real
                                              checkpoint, about 2.5 GB) if it does not exist
 
-Each load runs in a fresh process; the figure is its peak RSS (ru_maxrss) minus the RSS after the
-imports, so the interpreter, torch and transformers are not counted.
+Each load runs in a fresh process; the figure is its peak RSS (VmHWM) minus the RSS after the
+imports, so the interpreter, torch and transformers are not counted. The weights' own size is
+the checkpoint's parameters (tied embeddings counted once) in the dtype asked for.
 """
 
 from __future__ import annotations
@@ -23,16 +24,23 @@ LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                      "original_max_position_embeddings": 8192})
 
 _CHILD = """
-import json, resource, sys, torch
+import json, sys, torch
 import transformers, pathpatch
 from pathpatch.model.loading import load_model
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+base = status("VmRSS")
 dtype = getattr(torch, sys.argv[2])
 model = load_model(sys.argv[1], dtype=dtype)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-weights = sum(p.numel() * p.element_size() for p in model.parameters())
+peak, after = status("VmHWM"), status("VmRSS")
+storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+weights = sum(storages.values())
 print(json.dumps({"dtype": sys.argv[2], "weights_gb": weights / 1e9,
                   "peak_rss_beyond_imports_gb": (peak - base) / 1e9,
+                  "rss_after_loading_beyond_imports_gb": (after - base) / 1e9,
                   "ratio": (peak - base) / weights}))
 """
 

@@ -96,14 +96,15 @@ def build_model(
     return Transformer(cfg, init=init_weights, generator=generator).eval()
 
 
-def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], src: str) -> None:
+def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], src: str,
+                  tied: frozenset[str] = frozenset()) -> None:
     """Load parameters strictly: every parameter present with its shape; buffers may be absent.
 
     Warning:
         Consumes `state_dict`: each tensor is dropped once copied, so a checkpoint's storage is
         freed as the model's fills and loading holds about one copy of the weights, not two."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(state_dict))
+    missing = sorted(set(params) - set(state_dict) - tied)  # tied: views of another parameter
     unexpected = sorted(set(state_dict) - set(model.state_dict()))
     if missing or unexpected:
         raise PathPatchError(
@@ -290,7 +291,14 @@ def load_hf_directory(path: Path, device: str | torch.device, dtype: torch.dtype
     converted from the checkpoint's dtype straight to `dtype` (`families.py`)."""
     arch, state_dict = read_hf_directory(path, dtype)
     model = build_model(arch, device=device, dtype=dtype, init_weights=False)
-    _load_weights(model, state_dict, str(path))
+    W_U, W_E = state_dict["unembed.W_U"], state_dict["embed.W_E"]
+    if W_U.data_ptr() == W_E.data_ptr() and W_U.shape == W_E.t().shape:  # the checkpoint ties them
+        del state_dict["unembed.W_U"], W_U, W_E
+        model.tie_unembedding()
+        _load_weights(model, state_dict, str(path), tied=frozenset({"unembed.W_U"}))
+    else:
+        del W_U, W_E
+        _load_weights(model, state_dict, str(path))
     return model
 
 

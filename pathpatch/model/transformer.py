@@ -384,6 +384,11 @@ class Transformer(HookedRootModule):
         if init:
             self.init_weights(generator)
 
+    def tie_unembedding(self) -> None:
+        """W_U becomes a view of W_E transposed (a checkpoint that ties them, as GPT-2 and
+        Llama-3.2 do): one copy of the embedding held, not two."""
+        self.unembed.W_U = nn.Parameter(self.embed.W_E.t(), requires_grad=self.embed.W_E.requires_grad)
+
     def init_weights(self, generator: torch.Generator | None = None, std: float | None = None) -> None:
         """Random weights: normal(0, std) matrices (std 0.8 / sqrt(d_model) by default, as
         TransformerLens initialized), zero biases, unit norm weights."""
