@@ -8,83 +8,28 @@ on some input → output path (what EAP-IG's `Graph.prune` keeps), and built fro
 directly (`StructuralHypothesis` kind "circuit"), so a curve of 20 circuits of 10^5 edges each
 compiles in seconds.
 
-Edge names map both ways: pathpatch's `in->a0.3.q`, `a0.3->a1.5.k`, `m11->out` are EAP-IG's
-`input->a0.h3<q>`, `a0.h3->a1.h5<k>`, `m11->logits`.
+Edge names map both ways (`pathpatch.model.names`): pathpatch's `in->a0.3.q`, `a0.3->a1.5.k`,
+`m11->out` are EAP-IG's `input->a0.h3<q>`, `a0.h3->a1.h5<k>`, `m11->logits`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
 from pathpatch.hypotheses import Hypothesis, StructuralHypothesis
-from pathpatch.model.graph import Channel, Edge, Graph, NodeKind
+from pathpatch.model.graph import Edge, Graph, NodeKind
+from pathpatch.model.names import eap_name, eap_node_name, edge_names, edge_of, pathpatch_name
+
+__all__ = ["MIB_FRACTIONS", "Ranking", "circuit_curve", "circuit_hypothesis", "eap_name", "edge_of",
+           "pathpatch_name", "prune", "read_eap_graph", "write_eap_json"]
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """The fractions of edges MIB's circuit-localization track evaluates."""
-
-
-# --- names -----------------------------------------------------------------------------------
-
-
-def _eap_node(name: str) -> str:
-    if name == "in":
-        return "input"
-    if name == "out":
-        return "logits"
-    if name.startswith("a"):
-        layer, head = name[1:].split(".")
-        return f"a{layer}.h{head}"
-    return name
-
-
-def eap_name(edge: Edge) -> str:
-    """The EAP-IG name of an edge: `a0.h3->a1.h5<k>`, `input->m0`, `m11->logits`."""
-    sender, receiver = _eap_node(edge.sender.name), _eap_node(edge.receiver.name)
-    if edge.channel is Channel.RESID:
-        return f"{sender}->{receiver}"
-    return f"{sender}->{receiver}<{edge.channel.value}>"
-
-
-def pathpatch_name(name: str) -> str:
-    """An edge name in pathpatch's naming, from either naming, by its text alone (no graph:
-    whether the edge exists is `edge_of`'s check): `a0.h3->a1.h5<k>` -> `a0.3->a1.5.k`."""
-    name = name.strip()
-    channel = ""
-    if name.endswith(">") and "<" in name:
-        name, channel = name[:-1].split("<", 1)
-        channel = "." + channel
-    sender, _, receiver = name.partition("->")
-    nodes = {"input": "in", "logits": "out"}
-
-    def node(n: str) -> str:
-        n = nodes.get(n, n)
-        return re.sub(r"^a(\d+)\.h(\d+)$", r"a\1.\2", n)
-
-    return f"{node(sender)}->{node(receiver)}{channel}"
-
-
-def edge_of(graph: Graph, name: str, where: str = "ranking") -> Edge:
-    """The edge a name in either naming denotes, or an error naming it."""
-    found = _names(graph).get(name.strip())
-    if found is None:
-        raise PathPatchError(
-            f"{where}: edge {name!r} is not an edge of this model ({len(graph.edges):,} edges, "
-            f"named like {graph.edges[0]} or {eap_name(graph.edges[0])}); "
-            f"{graph.describe_nodes()}")
-    return found
-
-
-@functools.lru_cache(maxsize=8)
-def _names(graph: Graph) -> dict[str, Edge]:
-    """Both names of every edge (built once per graph shape)."""
-    return {name: e for e in graph.edges for name in (str(e), eap_name(e))}
 
 
 # --- rankings --------------------------------------------------------------------------------
@@ -239,7 +184,7 @@ def read_eap_graph(graph: Graph, path: str | Path) -> tuple[dict[Edge, float], s
         if missing:
             raise PathPatchError(f"{where}: missing keys {sorted(missing)}")
         _check_cfg(graph, d["cfg"], where)
-        names = _names(graph)
+        names = edge_names(graph)
         scores, in_graph = {}, set()
         for i, src in enumerate(d["src_nodes"]):
             for j, dst in enumerate(d["dst_nodes"]):
@@ -279,7 +224,7 @@ def write_eap_json(graph: Graph, path: str | Path, scores: Mapping[Edge, float],
 
     kept = set(in_graph)
     touched = {n for e in kept for n in (e.sender, e.receiver)}
-    nodes = {_eap_node(n.name): {"in_graph": n in touched or n.kind is NodeKind.OUTPUT}
+    nodes = {eap_node_name(n): {"in_graph": n in touched or n.kind is NodeKind.OUTPUT}
              for n in graph.nodes}
     edges = {eap_name(e): {"score": float(scores.get(e, 0.0)), "in_graph": e in kept}
              for e in graph.edges}

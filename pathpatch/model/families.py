@@ -79,9 +79,8 @@ def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[dict[str, Any], d
         raise PathPatchError(f"{path}: config.json could not be read as a {model_type} config: "
                              f"{err}") from None
     arch = family.arch(hf_config, str(path))
-    try:  # eager attention: the soft caps and windows as the checkpoint defines them
-        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                        attn_implementation="eager")
+    try:  # only its weights are read, in `dtype` straight from the checkpoint's own
+        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as err:  # weights missing or not matching the config
         raise PathPatchError(f"{path}: the weights could not be loaded: {err}") from None
     cfg = ModelConfig.from_dict(arch, dtype=dtype)
