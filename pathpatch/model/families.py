@@ -452,6 +452,59 @@ REFUSED_FAMILIES = {
 }
 
 
+# --- every option of the families' Hugging Face configs, classified --------------------------
+
+_SHAPE = "mapped: a shape"
+_WINDOWS = "mapped: which layers attend within a window, and its size"
+_WEIGHTS = "read through the weights: biases converted where the checkpoint has them"
+_DROPOUT = "inert: dropout (models are evaluated in eval mode)"
+_LABEL = "inert: ids, labels, bookkeeping or generation settings"
+HF_CONFIG_FIELDS: dict[str, str] = {
+    **dict.fromkeys(["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings", "n_embd", "n_head", "n_inner", "n_layer",
+                     "n_positions"], _SHAPE),
+    **dict.fromkeys(["rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"], "mapped: eps"),
+    **dict.fromkeys(["hidden_act", "hidden_activation", "activation_function"],
+                    "mapped: the MLP's activation (others refused)"),
+    "rope_parameters": "mapped: rotary base, partial rotary, scaling default/linear/llama3 "
+                       "(others refused), per layer type",
+    "original_max_position_embeddings": "inert: read only by rotary scalings that are refused "
+                                        "(Phi-3's longrope)",
+    **dict.fromkeys(["sliding_window", "layer_types", "use_sliding_window", "max_window_layers",
+                     "_sliding_window_pattern"], _WINDOWS),
+    "no_rope_layers": "mapped: layers that do not rotate (SmolLM3)",
+    "no_rope_layer_interval": "mapped: through no_rope_layers, which transformers derives from it",
+    "attention_bias": _WEIGHTS,
+    "mlp_bias": "refused: biases inside a gated MLP",
+    "query_pre_attn_scalar": "mapped: Gemma's attention scale",
+    "attn_logit_softcapping": "mapped: Gemma-2's attention soft cap (Gemma-3's transformers "
+                              "never applies its own)",
+    "final_logit_softcapping": "mapped: Gemma's logit soft cap",
+    "use_bidirectional_attention": "refused: bidirectional attention (Gemma-3)",
+    "use_parallel_residual": "mapped: GPT-NeoX's parallel attention and MLP",
+    "scale_attn_weights": "mapped: GPT-2's attention scale",
+    "scale_attn_by_inverse_layer_idx": "mapped: GPT-2's attention scale per layer",
+    "reorder_and_upcast_attn": "inert: GPT-2's attention computed in float32 (the same scores)",
+    "add_cross_attention": "refused: cross-attention (GPT-2 as a decoder of an encoder)",
+    "tie_word_embeddings": "read through the weights: a tied embedding stays one tensor",
+    "pretraining_tp": "inert: not read by transformers 5's Llama",
+    **dict.fromkeys(["attention_dropout", "attn_pdrop", "embd_pdrop", "resid_pdrop",
+                     "hidden_dropout", "classifier_dropout", "summary_first_dropout"], _DROPOUT),
+    **dict.fromkeys(["summary_activation", "summary_proj_to_labels", "summary_type",
+                     "summary_use_proj"], "inert: GPT-2's sequence-summary head, not the LM head"),
+    **dict.fromkeys(["bos_token_id", "eos_token_id", "pad_token_id", "id2label", "label2id",
+                     "problem_type", "architectures", "model_type", "_name_or_path",
+                     "transformers_version", "dtype", "use_cache", "return_dict",
+                     "output_attentions", "output_hidden_states", "is_decoder",
+                     "is_encoder_decoder", "chunk_size_feed_forward", "initializer_range"],
+                    _LABEL),
+}
+"""How each option of the computed families' transformers configs is treated: mapped to a
+`ModelConfig` field, read through the weights, refused at values not computed, or inert.
+`tests/pathpatch/test_support.py` fails when a family's config has an option this table lacks."""
+
+
 # --- every architecture TransformerLens 4's bridge supports, classified --------------------------
 
 _NOT_TRANSFORMER = "not a transformer (state-space or recurrent layers have no heads to patch)"

@@ -210,6 +210,22 @@ def test_every_model_config_field_is_classified():
         assert (rule.accepts is not None) == (rule.support is Support.REFUSED), name
 
 
+def test_every_option_of_each_familys_hf_config_is_classified():
+    """A newer transformers' option of a family computed here fails this test until it is mapped,
+    refused or shown inert in `families.HF_CONFIG_FIELDS`."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from tests.pathpatch.test_hf import CONFIGS
+
+    configs = [CONFIG_MAPPING[model_type]() for model_type in families.FAMILIES]
+    configs += [make() for make in CONFIGS.values()]
+    unclassified = {(c.model_type, key) for c in configs for key in c.to_dict()
+                    if key not in families.HF_CONFIG_FIELDS}
+    assert sorted(unclassified) == []
+    kinds = {why.split(":")[0] for why in families.HF_CONFIG_FIELDS.values()}
+    assert kinds == {"mapped", "refused", "inert", "read through the weights"}
+
+
 def test_every_architecture_the_bridge_supports_is_computed_or_refused_by_name():
     """TransformerLens 4's registry of bridge architectures: each one is a family pathpatch
     computes, or refused with its reason before any weights load."""
