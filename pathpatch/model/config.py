@@ -2,8 +2,8 @@
 
 Field names are TransformerLens's (`HookedTransformerConfig` in 3.x), so a checkpoint JSON written
 for TransformerLens 3 loads unchanged and the bundled models keep their weight names and digests.
-Every field changes the forward and is computed exactly (`support.py` classifies them); a value the
-engine does not compute is refused when the config is made, never approximated.
+`support.py` classifies every field (computed exactly, or an inert label); a value the model cannot
+be built with is refused when the config is made, never approximated.
 """
 
 from __future__ import annotations
