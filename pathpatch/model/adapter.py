@@ -133,7 +133,8 @@ class Adapter:
         local = [layer for layer in range(self.n_layers)
                  if getattr(self.model.blocks[layer].attn, "attn_type", "global") == "local"]
         if local:
-            parts.append(f"a window of {cfg.window_size} keys in layers {', '.join(map(str, local))}")
+            parts.append(f"a window of {cfg.window_size} keys in layer{'s' * (len(local) > 1)} "
+                         + ", ".join(map(str, local)))
         if self.qk_norm:
             parts.append("q/k norms" + (" over all heads" if cfg.qk_norm_over_heads else ""))
         if self.heads_normed:
