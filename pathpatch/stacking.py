@@ -35,6 +35,9 @@ from pathpatch.positions import PositionContext
 from pathpatch.runs import Runs
 from pathpatch.workspace import Workspace
 
+_NORM_CHUNK_BYTES = 64 * 2**20
+"""The largest transient of OLMo-2's q/k norm over all heads (`GroupEvaluator._norm_over_heads`)."""
+
 _RANK = {NodeKind.INPUT: 0, NodeKind.HEAD: 1, NodeKind.HEADS_SUM: 2, NodeKind.MLP: 3, NodeKind.OUTPUT: 4}
 _RESIDUAL = (NodeKind.HEAD, NodeKind.MLP, NodeKind.OUTPUT)
 """Stages whose inputs are residual streams (a HEADS_SUM's input is a sum of heads)."""
@@ -625,15 +628,19 @@ class GroupEvaluator:
         [rows, tokens, d_model] one per row, or [tokens, d_model] shared by all of them."""
         rows = torch.arange(proj.shape[0])[rows] if isinstance(rows, slice) else rows.cpu()
         keys = torch.arange(3 * self.arch.n_heads)[keys] if isinstance(keys, slice) else keys.cpu()
+        # each row's full projection is a transient [rows, tokens, heads * d_head]: a few rows
+        # at a time, so that it stays under _NORM_CHUNK_BYTES
+        full_row = proj.shape[1] * self.arch.n_heads * proj.shape[2] * proj.element_size()
+        step = max(1, _NORM_CHUNK_BYTES // full_row)
         for channel, name in ((0, "q"), (1, "k")):
-            pick = (keys % 3 == channel).nonzero().flatten()
-            if len(pick) == 0:
-                continue
-            x = inputs[pick.to(inputs.device)] if inputs.dim() == 3 else inputs
-            if not self.folded.qkv(layer).normalize_first:  # the projection reads normed rows
-                x = self.arch.norm_before_heads(layer, x)
-            target = rows[pick].to(proj.device)
-            proj[target] = self.arch.norm_over_heads(layer, proj[target], x, name, keys[pick] // 3)
+            picked = (keys % 3 == channel).nonzero().flatten()
+            for pick in picked.split(step):
+                x = inputs[pick.to(inputs.device)] if inputs.dim() == 3 else inputs
+                if not self.folded.qkv(layer).normalize_first:  # the projection reads normed rows
+                    x = self.arch.norm_before_heads(layer, x)
+                target = rows[pick].to(proj.device)
+                proj[target] = self.arch.norm_over_heads(layer, proj[target], x, name,
+                                                         keys[pick] // 3)
 
     def _head_stage(self, stage: _Stage, x: _Inputs, banks) -> None:
         arch, layer = self.arch, stage.layer

@@ -60,7 +60,7 @@ class UnitCosts:
     """Multiply-adds per token of each computation a mixed copy repeats, on one model at one
     sequence length: what the cost estimate (`copies.estimate_cost`) counts copies in."""
 
-    projection: int  # one q, k or v row of one head: d_model x d_head
+    projection: float  # one q, k or v row of one head: d_model x d_head (on average over q, k, v)
     attention: tuple[float, ...]  # per layer: one head's scores (or weighted values) per query
     head_output: int  # one head's z through W_O
     mlp: int  # one MLP (gated: three matrices; mixture of experts: those a token uses)
@@ -161,7 +161,10 @@ class Adapter:
         mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp if self.has_mlp else 0
         per_layer = [(self.n_heads + 2 * self.n_kv_heads) * d * dh
                      + self.n_heads * (2 * a + dh * d) + mlp for a in attention]
-        return UnitCosts(projection=d * dh, attention=tuple(attention), head_output=dh * d,
+        projection = d * dh
+        if self.qk_norm_over_heads:  # a q (k) row also projects its input through every (kv) head
+            projection = d * dh * (3 + self.n_heads + self.n_kv_heads) / 3
+        return UnitCosts(projection=projection, attention=tuple(attention), head_output=dh * d,
                          mlp=mlp, unembed=d * cfg.d_vocab, mixing_term=d,
                          forward=sum(per_layer) + d * cfg.d_vocab)
 

@@ -352,3 +352,19 @@ def test_docs_list_every_field_with_its_class():
     for support, n in counts.items():
         assert f"**{support.name.lower()} ({n})**" in text
     assert f"({len(FIELDS)} fields)" in text
+
+
+def test_the_norm_over_heads_a_few_rows_at_a_time_equals_all_at_once(monkeypatch):
+    """OLMo-2's q/k norm over all heads bounds its transient by projecting a few rows at a time:
+    one row at a time gives the same logits as all at once."""
+    import pathpatch.stacking
+
+    model = _model(**FEATURES["OLMo-2-like (norms after only, q/k norms over all heads, GQA)"])
+    xr, xc = _tokens(model)
+    hyps = [Hypothesis("~a1.0", "~a1.0"), Hypothesis("remove", f"remove({EDGES[0]}, {EDGES[1]})")]
+    whole, cgs = _engine(model, hyps, xr, xc)
+    monkeypatch.setattr(pathpatch.stacking, "_NORM_CHUNK_BYTES", 1)
+    one_by_one, _ = _engine(model, hyps, xr, xc)
+    for a, b, cg in zip(whole, one_by_one, cgs, strict=True):
+        assert cg.n_mixed > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
