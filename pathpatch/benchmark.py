@@ -191,7 +191,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
     q/k/v inputs, and per layer one matrix product that subtracts, for every removed edge,
     (patched - counterfactual) sender output from the receiver's input. Linear in the heads'
     outputs, so refused where a norm acts on each layer's heads' sum (Gemma-2)."""
-    cfg, arch = model.cfg, Adapter.of(model)
+    arch = Adapter.of(model)
     if arch.heads_normed:
         raise PathPatchError("the hook baseline adds head outputs linearly; this model normalizes "
                              "each layer's heads' sum (Gemma-2), so it has no hook baseline")
@@ -234,7 +234,7 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
         return z
 
     def on_qkv(x, hook, layer, channel):  # [batch, pos, head, d_model]
-        heads = [graph.node(f"a{layer}.{h}") for h in range(cfg.n_heads)]
+        heads = [graph.node(f"a{layer}.{h}") for h in range(arch.n_heads)]
         return fix((layer, channel), heads, channel, x)
 
     def on_mlp_in(x, hook, layer):
@@ -246,10 +246,10 @@ def hook_baseline(model, graph: Graph, kept: set[str], xr, cf_cache) -> torch.Te
         return x
 
     def on_final(x, hook):
-        return fix((cfg.n_layers, "out"), [graph.output], "resid", x[:, :, None])[:, :, 0]
+        return fix((arch.n_layers, "out"), [graph.output], "resid", x[:, :, None])[:, :, 0]
 
     hooks = [(EMBED_HOOK, on_embed)]
-    for layer in range(cfg.n_layers):
+    for layer in range(arch.n_layers):
         for ch in ("q", "k", "v"):
             hooks.append((arch.split_input_hook(layer, ch),
                           lambda x, hook, l=layer, c=ch: on_qkv(x, hook, l, c)))
