@@ -108,7 +108,7 @@ class Adapter:
         """q and k rows change after their projection (`finish_qk`)."""
         self.caps_scores = cfg.attn_scores_soft_cap > 0
         """Attention scores go through cap * tanh(x / cap) before the mask (Gemma-2)."""
-        self.n_kv_heads = cfg.n_key_value_heads or cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
         self.heads_normed = bool(cfg.use_normalization_before_and_after or cfg.post_norm_only)
         """A norm acts on the sum of each layer's heads, and another on each MLP's output, before
         the residual stream (Gemma-2, OLMo-2): the MLP's is part of its node (`mlp`), the heads'
@@ -308,17 +308,14 @@ class Adapter:
         heads are read) under OLMo-2's norm over all heads: each row times the inverse RMS of its
         own input's projection through every head (x [rows, tokens, d_model], or [tokens,
         d_model] shared by all rows), times its head's slice of the norm weight."""
-        attn = self.model.blocks[layer].attn
-        if channel == "q":
-            W, b, norm = attn.W_Q, attn.b_Q, attn.q_norm
-        else:
-            W, _, b, _ = attn.kv_weights()
-            norm = attn.k_norm
+        W, b, norm = self.model.blocks[layer].attn.qk_projection(channel)
+        if channel == "k":
             heads = heads // (self.n_heads // self.n_kv_heads)
-        full = x @ W.permute(1, 0, 2).flatten(1) + b.flatten()  # [..., tokens, heads * d_head]
+        # every head's projection of each input, W read in place: [..., heads, tokens, d_head]
+        full = torch.matmul(x.unsqueeze(-3), W) + b.unsqueeze(-2)
         if full.dtype not in (torch.float32, torch.float64):
             full = full.float()
-        inv = torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + norm.eps).to(rows.dtype)
+        inv = torch.rsqrt(full.pow(2).mean((-3, -1)).unsqueeze(-1) + norm.eps).to(rows.dtype)
         weight = norm.w.view(W.shape[0], -1)[heads.to(norm.w.device)]  # [rows, d_head]
         return rows * inv * weight[:, None, :]
 

@@ -9,7 +9,7 @@ be built with is refused when the config is made, never approximated.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,8 +92,6 @@ class ModelConfig:
     original_architecture: str | None = None  # a label: the Hugging Face class it came from
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    """Labels that travel with the config (never read by the forward)."""
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
@@ -138,7 +136,7 @@ class ModelConfig:
     def from_dict(cls, fields: dict[str, Any], **overrides: Any) -> ModelConfig:
         """A config from JSON-like fields (TransformerLens 3 names accepted; its inert ones
         ignored); unknown fields are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "dtype", "device"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "device"}
         refused = [f"{name}={fields[name]!r}: {why} is not computed exactly"
                    for name, (default, why) in REFUSED_TL3_FIELDS.items()
                    if name in fields and fields[name] != default]
@@ -156,16 +154,6 @@ class ModelConfig:
             return cls(**kwargs)
         except TypeError as err:
             raise PathPatchError(f"invalid model config {fields}: {err}") from None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields that describe the architecture, JSON-ready (no dtype, device or labels)."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name in ("extra", "dtype", "device"):
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -45,8 +45,8 @@ class Family:
     """(HF model, ModelConfig) -> state dict in pathpatch's (TransformerLens's) names."""
 
 
-def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(ModelConfig fields, state dict) of the HF model saved in directory `path`, its weights in
+def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(ModelConfig, state dict) of the HF model saved in directory `path`, its weights in
     `dtype`. Refuses an unsupported architecture from config.json alone, before any weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -86,7 +86,7 @@ def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[dict[str, Any], d
     cfg = ModelConfig.from_dict(arch, dtype=dtype)
     with torch.no_grad():
         state_dict = {k: v.detach() for k, v in family.weights(hf_model, cfg).items()}
-    return arch, state_dict
+    return cfg, state_dict
 
 
 # --- configs ---------------------------------------------------------------------------------

@@ -289,8 +289,8 @@ def _hub_offline() -> Iterator[None]:
 def load_hf_directory(path: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
     """A `Transformer` with the weights of the Hugging Face model saved in directory `path`,
     converted from the checkpoint's dtype straight to `dtype` (`families.py`)."""
-    arch, state_dict = read_hf_directory(path, dtype)
-    model = build_model(arch, device=device, dtype=dtype, init_weights=False)
+    cfg, state_dict = read_hf_directory(path, dtype)
+    model = build_model(cfg, device=device, dtype=dtype, init_weights=False)
     W_U, W_E = state_dict["unembed.W_U"], state_dict["embed.W_E"]
     if W_U.data_ptr() == W_E.data_ptr() and W_U.shape == W_E.t().shape:  # the checkpoint ties them
         del state_dict["unembed.W_U"], W_U, W_E

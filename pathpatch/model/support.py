@@ -134,7 +134,6 @@ FIELDS: dict[str, Rule] = {
     # labels
     "original_architecture": _inert("a label: the Hugging Face class the weights came from"),
     "device": _inert("where the weights live; the engine computes on the model's device"),
-    "extra": _inert("labels that travel with the config"),
 }
 
 _SUPPORTED = (

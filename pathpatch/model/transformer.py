@@ -189,16 +189,20 @@ class Attention(nn.Module):
             return norm(x.flatten(-2)).view(x.shape)
         return norm(x)
 
+    def qk_projection(self, channel: str) -> tuple[torch.Tensor, torch.Tensor, Norm]:
+        """(W [heads, d_model, d_head], b [heads, d_head], norm) of channel "q" or "k" (k per
+        kv head)."""
+        if channel == "q":
+            return self.W_Q, self.b_Q, self.q_norm
+        W_K, _, b_K, _ = self.kv_weights()
+        return W_K, b_K, self.k_norm
+
     def norm_over_heads(self, x: torch.Tensor, channel: str) -> torch.Tensor:
         """q or k [batch, pos, n, d_head] of split inputs x [batch, pos, n, d_model] under a norm
         over all heads (OLMo-2): head h's row is the h-th slice of the norm of the projection of
         h's own input through every head, which is the model itself when all inputs are equal.
         n: query heads (q), kv heads or query heads (k, grouped or not)."""
-        if channel == "q":
-            W, b, norm = self.W_Q, self.b_Q, self.q_norm
-        else:
-            W, _, b, _ = self.kv_weights()
-            norm = self.k_norm
+        W, b, norm = self.qk_projection(channel)
         n, heads = x.shape[2], W.shape[0]
         full = torch.einsum("bpnd,jde->bpnje", x, W) + b  # [batch, pos, n, heads, d_head]
         own = torch.arange(n, device=x.device) // (n // heads)  # the head (kv head) row i feeds

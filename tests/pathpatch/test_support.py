@@ -280,8 +280,7 @@ def test_disabled_soft_caps_are_accepted():
 
 
 # a value other than the default for every INERT field; None: cannot be changed offline here
-INERT_VALUES = {"original_architecture": "SomethingForCausalLM", "device": None,
-                "extra": {"label": 1}}
+INERT_VALUES = {"original_architecture": "SomethingForCausalLM", "device": None}
 # device: this machine has only a CPU
 
 
