@@ -211,8 +211,9 @@ def test_node_removals_equal_the_hf_models_own_patched_runs(saved):
         for layer in range(model.cfg.n_layers):
             hyps.append(Hypothesis(f"~m{layer}", f"~m{layer}"))
             want.append(_hf_patched(hf, xr, xc, layer, None, model.cfg.d_head))
-        outs, _ = _engine(model, hyps, xr, xc)
-    for h, out, ref in zip(hyps, outs, want, strict=True):
+        outs, cgs = _engine(model, hyps, xr, xc)
+    for h, out, ref, cg in zip(hyps, outs, want, cgs, strict=True):
+        assert cg.n_mixed > 0, h.name  # a real recomputation, not a cached run
         assert (ref - clean).abs().max() > 0.01, h.name  # a real patch
         torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5,
                                    msg=lambda m, h=h: f"{family}, {h.name}: {m}")
