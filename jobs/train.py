@@ -5,7 +5,7 @@
 
 Each writes `pathpatch/bundled/<name>.safetensors` and `<name>.json` (architecture, digest and
 training metadata: seed, steps, final losses). Data come from the samplers in
-`pathpatch.tasks`, the same code that builds the pair datasets, and every random draw comes
+`pathpatch.data.tasks`, the same code that builds the pair datasets, and every random draw comes
 from the seed, so a rerun with the same seed and thread count gives the same weights.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pathpatch import tasks
+from pathpatch.data import tasks
 from pathpatch.errors import PathPatchError
 from pathpatch.model.loading import INDUCTION_ARCH, MLP_ARCH, build_model, save_checkpoint
 

@@ -13,18 +13,19 @@ below are the stable public API (the README's Python example); the modules behin
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from pathpatch.dataset import PairDataset, load_parquet, save_parquet
-from pathpatch.engine import evaluate
+from pathpatch.data.pairs import PairDataset, load_parquet, save_parquet
+from pathpatch.data.tasks import make_dataset
+from pathpatch.engine.evaluation import evaluate
+from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import Hypothesis
-from pathpatch.metrics import BUILTIN_METRICS, Metric, get_metric, summarize
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.config import ModelConfig
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import bundled_models, load_model, model_digest
 from pathpatch.model.transformer import Transformer
-from pathpatch.tasks import make_dataset
 
 __version__ = "0.1.0"
 
@@ -35,11 +36,16 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """`open_sweeps`, the one name from `pipeline/`: imported on first use, so `import pathpatch`
-    loads neither DuckDB nor Ray."""
-    if name == "open_sweeps":
-        from pipeline.query import open_sweeps
+_FROM_PIPELINE = {"open_sweeps": "pipeline.query", "summarize": "pipeline.intervals"}
+"""Names the public API takes from `pipeline/` (results, not the method): imported on first use,
+so `import pathpatch` loads neither DuckDB nor Ray, and the method's packages never import them."""
 
-        return open_sweeps
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_PIPELINE:
+        return getattr(importlib.import_module(_FROM_PIPELINE[name]), name)
     raise AttributeError(f"module 'pathpatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_FROM_PIPELINE])

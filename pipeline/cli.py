@@ -14,7 +14,7 @@ from pipeline.allocator import fit_to_model, keep_freed_memory
 
 
 def _cmd_evidence(args: argparse.Namespace) -> int:
-    from pathpatch.evidence import main as evidence_main
+    from pathpatch.tools.evidence import main as evidence_main
 
     return evidence_main(args.model)
 
@@ -232,7 +232,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "engine":
-        from pathpatch.benchmark import BENCH_PHASES, BENCH_SETTINGS, SHAPES, run_engine_benchmark, shaped
+        from pathpatch.tools.engine_benchmarks import (
+            BENCH_PHASES,
+            BENCH_SETTINGS,
+            SHAPES,
+            run_engine_benchmark,
+            shaped,
+        )
         from pipeline.progress import Phases
 
         if args.shape not in SHAPES:
@@ -257,7 +263,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             phases.close()
         result["allocator_keeps_freed_memory"] = keeps_freed_memory
     elif args.what == "discovery":
-        from pathpatch.benchmark import DISCOVERY_PHASES, SHAPES, run_discovery_benchmark, shaped
+        from pathpatch.tools.engine_benchmarks import (
+            DISCOVERY_PHASES,
+            SHAPES,
+            run_discovery_benchmark,
+            shaped,
+        )
         from pipeline.progress import Phases
 
         if args.shape not in SHAPES:
@@ -271,7 +282,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         finally:
             phases.close()
     elif args.what == "scan":
-        from pipeline.bench import SCAN_PHASES, bench_scan
+        from pipeline.pipeline_benchmark import SCAN_PHASES, bench_scan
         from pipeline.progress import Phases
 
         phases = Phases(SCAN_PHASES, "bench scan")
@@ -282,7 +293,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         finally:
             phases.close()
     else:
-        from pipeline.bench import bench_phases, bench_pipeline
+        from pipeline.pipeline_benchmark import bench_phases, bench_pipeline
         from pipeline.progress import Phases
 
         phases = Phases(bench_phases(), "bench pipeline")
@@ -306,14 +317,14 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from pathpatch.explain import explain
-    from pathpatch.hypotheses import Hypothesis
+    from pathpatch.language.hypotheses import Hypothesis
     from pathpatch.model.loading import load_model
+    from pathpatch.tools.explain import explain
 
     model = load_model(args.model)
     dataset = None
     if args.dataset:
-        from pathpatch.tasks import make_dataset
+        from pathpatch.data.tasks import make_dataset
 
         dataset = make_dataset(args.dataset, n=1)
     print(explain(model, Hypothesis(args.name, args.pattern), seq_len=args.seq_len, dataset=dataset))
@@ -334,7 +345,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     """A ranking's top-k circuit as an EAP-IG / MIB graph JSON (for MIB submissions)."""
     import math
 
-    from pathpatch.circuits import Ranking, prune, write_eap_json
+    from pathpatch.discovery.circuits import Ranking, prune, write_eap_json
     from pathpatch.model.graph import Graph
     from pathpatch.model.loading import load_model
 

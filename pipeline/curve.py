@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pathpatch.atomic import atomic_write_bytes
+from pathpatch.data.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
 from pipeline.query import open_sweeps
 from pipeline.store import SweepFolder

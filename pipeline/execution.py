@@ -1,7 +1,7 @@
 """How work items are executed, as a contract: the `Executor` protocol, its options and stats,
 the scheduling policy every executor shares (`Schedule`: pure, no Ray and no clock, so it is
 tested on its own), and the in-process executor. The Ray executor is
-`pipeline.executor.RayExecutor`, the only Ray code.
+`pipeline.ray_executor.RayExecutor`, the only Ray code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
 from pipeline.spec import Execution, Resources
 from pipeline.worker import Task, TaskInfo, Worker
 

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
 
 IDENTITY_VERSION = "pathpatch-item/1"

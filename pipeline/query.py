@@ -47,9 +47,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from pathpatch.attribution import importance_sign
+from pathpatch.discovery.attribution import importance_sign
+from pathpatch.engine.metrics import MIN_ATE
 from pathpatch.errors import PathPatchError
-from pathpatch.metrics import MIN_ATE
 from pipeline.store import STEP_SCHEMA, SweepFolder, item_status
 
 Z95 = 1.959963984540054
@@ -62,13 +62,13 @@ _EMPTY_RESULTS = pa.schema([
     ("m", pa.float64()), ("m_clean", pa.float64()), ("m_cf", pa.float64()),
 ])
 """Every column `results` always has: the metric's own statistic (`m`, `m_clean`, `m_cf`) is
-NULL in sweeps whose metric has none (`pathpatch.metrics.Metric.value`)."""
+NULL in sweeps whose metric has none (`pathpatch.engine.metrics.Metric.value`)."""
 
 _EMPTY_ATTRIBUTIONS = pa.schema([
     ("method", pa.string()), ("example", pa.int64()), ("edge", pa.string()),
     ("score", pa.float64()), ("item", pa.string()), ("shard", pa.int32()),
 ])
-"""Every column `attributions` always has (`pathpatch.attribution.ROW_SCHEMA` plus the store's)."""
+"""Every column `attributions` always has (`pathpatch.discovery.attribution.ROW_SCHEMA` plus the store's)."""
 
 BOOTSTRAP_REPLICATES = 1000
 """Replicates of the paired bootstrap behind `faithfulness` and `curve_scores`."""

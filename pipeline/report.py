@@ -1,8 +1,8 @@
 """`pathpatch report DIR`: a PNG and an HTML page of a sweep's scores, next to its results.
 
 Scores are recomputed from the per-example rows with the method's seeded paired bootstrap
-(`pathpatch.metrics.summarize`), so the figure's intervals are the bootstrap ones; the SQL
-`scores` view gives the delta-method interval instead. Drawing lives in `pathpatch.figures`.
+(`pipeline.intervals.summarize`), so the figure's intervals are the bootstrap ones; the SQL
+`scores` view gives the delta-method interval instead. Drawing lives in `pipeline.figures`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import io
 import json
 from pathlib import Path
 
-from pathpatch.atomic import atomic_write_bytes
+from pathpatch.data.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
-from pathpatch.figures import least_explained, report_figure
-from pathpatch.metrics import summarize
+from pipeline.figures import least_explained, report_figure
+from pipeline.intervals import summarize
 from pipeline.query import open_sweeps, rank_agreement
 
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
@@ -28,7 +28,7 @@ TABLE_ROWS = 50
 def _per_example_ratios(con, names: list[str], limit: int = 5000) -> dict[str, list[float]]:
     """hypothesis -> each pair's 1 - UE/TE (pairs with |TE| < MIN_ATE left out), a seeded
     sample of at most `limit` pairs per hypothesis (a plot needs no more), for `names` only."""
-    from pathpatch.metrics import MIN_ATE
+    from pathpatch.engine.metrics import MIN_ATE
 
     out: dict[str, list[float]] = {}
     table = con.sql(f"""
@@ -64,7 +64,7 @@ def _curve(con, folder: Path, manifest: dict):
                                                                  default=None)
     circuit = None
     if chosen is not None:
-        from pathpatch.hypotheses import edge_parts
+        from pathpatch.language.hypotheses import edge_parts
 
         names = patterns[_member(chosen)][len("circuit("):-1].split(", ")
         scores = _ranking_scores(folder, chosen["ranking"])
@@ -79,7 +79,7 @@ def _curve(con, folder: Path, manifest: dict):
 
 
 def _member(point: dict) -> str:
-    """The curve member's hypothesis name (`pathpatch.circuits.circuit_curve`)."""
+    """The curve member's hypothesis name (`pathpatch.discovery.circuits.circuit_curve`)."""
     return (f"curve {point['ranking']} {point['ordering']} k={point['k']:g} "
             f"n={point['n_edges']} pruned={point['n_pruned']}")
 
@@ -90,7 +90,7 @@ def _ranking_scores(folder: Path, ranking: str) -> dict[str, float]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from pathpatch.circuits import pathpatch_name
+    from pathpatch.discovery.circuits import pathpatch_name
     from pipeline.sweep import load_sweep_spec
 
     try:

@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from pathpatch import engine
-from pathpatch.attribution import Attribution
-from pathpatch.dataset import PairDataset, load_parquet
+from pathpatch.data.pairs import PairDataset, load_parquet
+from pathpatch.data.tasks import make_dataset
+from pathpatch.discovery.attribution import Attribution
+from pathpatch.engine import evaluation as engine
+from pathpatch.engine.metrics import get_metric
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import load_hypotheses
-from pathpatch.metrics import get_metric
+from pathpatch.language.hypotheses import load_hypotheses
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import load_model, model_digest
-from pathpatch.tasks import make_dataset
 from pipeline.plan import HypothesisInfo, Plan, Shard, make_plan, shard_dataset
 from pipeline.spec import DTYPES, SweepSpec
 
@@ -39,8 +39,8 @@ class Resolved:
         model: the model as loaded on the driver (CPU).
         dataset: all pairs.
         shards: `pipeline.plan.Shard`s, in order.
-        hypotheses: `pathpatch.hypotheses.Hypothesis` objects, in spec order (opaque here).
-        attributions: `pathpatch.attribution.Attribution` methods, in spec order.
+        hypotheses: `pathpatch.language.hypotheses.Hypothesis` objects, in spec order (opaque here).
+        attributions: `pathpatch.discovery.attribution.Attribution` methods, in spec order.
         plan: the work items.
         warnings: what is valid but likely not meant (a pattern that matches no path).
     """
@@ -158,7 +158,7 @@ def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:
     one-example probe measures the bytes per example, [dest, src] masks included)."""
     import inspect
 
-    from pathpatch.tasks import DATASETS
+    from pathpatch.data.tasks import DATASETS
 
     params = dict(spec.dataset_params())
     n = params.get("n")

@@ -1,7 +1,7 @@
 """`pathpatch run` of a spec with [search]: ACDC's exact greedy search, every evaluation an
 ordinary work item on the cluster.
 
-Each round, `pathpatch.search.GreedySearch` proposes up to `search.window` candidate circuits
+Each round, `pathpatch.discovery.greedy.GreedySearch` proposes up to `search.window` candidate circuits
 (one receiver's incoming edges, stacked as one hypothesis group); they run on every dataset
 shard like a sweep's items and land in `items/<identity>.parquet`, and the decisions they
 settle are written as `steps/<first edge index>.parquet`. A rerun of the same spec on the same
@@ -27,11 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pathpatch.atomic import atomic_write, atomic_write_bytes
-from pathpatch.circuits import circuit_hypothesis, write_eap_json
+from pathpatch.data.atomic import atomic_write, atomic_write_bytes
+from pathpatch.discovery.circuits import circuit_hypothesis, write_eap_json
+from pathpatch.discovery.greedy import Candidate, GreedySearch
 from pathpatch.errors import PathPatchError
 from pathpatch.model.graph import Graph
-from pathpatch.search import Candidate, GreedySearch
 from pipeline.execution import Executor, ExecutorOptions
 from pipeline.plan import HypothesisInfo, WorkItem, make_plan
 from pipeline.progress import SearchProgress

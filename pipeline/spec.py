@@ -19,9 +19,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pathpatch.engine import DEFAULT_MAX_MIXED_COPIES
+from pathpatch.engine.evaluation import DEFAULT_MAX_MIXED_COPIES
+from pathpatch.engine.metrics import DEFAULT_METRIC
 from pathpatch.errors import PathPatchError
-from pathpatch.metrics import DEFAULT_METRIC
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 """Precisions a sweep may evaluate in (torch dtype names)."""
@@ -78,7 +78,7 @@ class DatasetSpec:
     """Where the pairs come from: a generator with parameters, or a Parquet file.
 
     Attributes:
-        kind: generator name for `pathpatch.tasks.make_dataset` (None for a file).
+        kind: generator name for `pathpatch.data.tasks.make_dataset` (None for a file).
         params: generator parameters as sorted (key, value) pairs (lists become tuples).
         path: absolute path of a Parquet file of pairs (None for a generator).
     """
@@ -90,7 +90,7 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """An exact greedy circuit search (`pathpatch.search`): the spec's [search] table.
+    """An exact greedy circuit search (`pathpatch.discovery.greedy`): the spec's [search] table.
 
     Attributes:
         tau: remove an edge when the mean metric rises by less than this (ACDC's threshold).
@@ -115,7 +115,7 @@ class SweepSpec:
         metric: metric spec ("kl", "loss", "logit_diff" or "module:function").
         hypotheses: the [[hypotheses]] entries, each as sorted (key, value) pairs.
         attributions: the [[attributions]] entries (method, steps, name), each as sorted
-            (key, value) pairs: approximate edge scores per example (`pathpatch.attribution`).
+            (key, value) pairs: approximate edge scores per example (`pathpatch.discovery.attribution`).
         search: the [search] table: an exact greedy circuit search instead of hypotheses.
         seed: seed of the dataset generator (unless it sets its own) and of the bootstrap.
         dtype: evaluation precision.
@@ -340,7 +340,7 @@ def _search(value: Any, where: str) -> SearchSpec:
 
 
 def _attributions(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
-    from pathpatch.attribution import Attribution
+    from pathpatch.discovery.attribution import Attribution
 
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise PathPatchError(f"{where}: attributions must be an array of tables "

@@ -13,7 +13,7 @@ Layout (see docs/PIPELINE.md)::
       circuit.json, circuit.csv  the circuit a search found (EAP-IG format; a ranking)
       .lock                  flock'ed by the one driver allowed at a time
 
-A result file is written whole or not at all (`pathpatch.atomic`), and counts as
+A result file is written whole or not at all (`pathpatch.data.atomic`), and counts as
 done only if it reads back whole (row count and identity from its own metadata). Only the
 driver holding the lock writes; readers (status, sql) need no lock.
 """
@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pathpatch.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
+from pathpatch.data.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
 from pathpatch.errors import PathPatchError
 from pipeline.plan import Plan, WorkItem
 
@@ -51,7 +51,7 @@ STEP_SCHEMA = pa.schema([
     ("before", pa.float64()), ("after", pa.float64()), ("removed", pa.bool_()),
     ("evaluated", pa.bool_()), ("circuit_edges", pa.int64()),
 ])
-"""One row per decision (`pathpatch.search.Step`), the `search_steps` view's columns."""
+"""One row per decision (`pathpatch.discovery.greedy.Step`), the `search_steps` view's columns."""
 
 
 class SweepLocked(PathPatchError):

@@ -127,7 +127,7 @@ def run_sweep(
     resolved = resolved or resolve(spec)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if backend == "ray" and address:
-        from pipeline.executor import probe_address
+        from pipeline.ray_executor import probe_address
 
         probe_address(address)  # a wrong address fails here, before anything is written
     plan = resolved.plan
@@ -253,7 +253,7 @@ def open_executor(backend: str, resolved: Resolved, options: ExecutorOptions,
                         model=resolved.model)
         yield InProcessExecutor(worker, options, on_event=event)
         return
-    from pipeline.executor import RayExecutor, ray_session
+    from pipeline.ray_executor import RayExecutor, ray_session
 
     with ray_session(address, **ray_init):
         executor = RayExecutor(worker_config(resolved), options, on_event=event)

@@ -1,6 +1,6 @@
 """The worker: one loaded model that evaluates work items, with a small cache of shards.
 
-Plain Python (no Ray): the Ray actor in `pipeline.executor` wraps it, and the in-process
+Plain Python (no Ray): the Ray actor in `pipeline.ray_executor` wraps it, and the in-process
 backend uses it directly, so both run exactly the same code. A worker checks on start that its
 weights have the digest the plan was made with (a different file on another node would
 otherwise silently produce other numbers).
@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pathpatch import engine
-from pathpatch.attribution import Attribution
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
+from pathpatch.discovery.attribution import Attribution
+from pathpatch.engine import evaluation as engine
 from pathpatch.errors import PathPatchError
 from pathpatch.model.loading import load_model, model_digest
 from pipeline.allocator import fit_to_model
@@ -60,7 +60,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class Task:
     """One work item as shipped to a worker: the item id, its hypotheses (or one
-    `pathpatch.attribution.Attribution`) and its shard id."""
+    `pathpatch.discovery.attribution.Attribution`) and its shard id."""
 
     item_id: str
     shard_id: str

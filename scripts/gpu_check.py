@@ -21,11 +21,11 @@ import time
 import torch
 
 sys.path.insert(0, ".")
-from pathpatch.benchmark import gpt2_small_shaped, random_circuits, random_edge_removals  # noqa: E402
-from pathpatch.dataset import PairDataset  # noqa: E402
-from pathpatch.engine import evaluate  # noqa: E402
-from pathpatch.hypotheses import Hypothesis  # noqa: E402
+from pathpatch.data.pairs import PairDataset  # noqa: E402
+from pathpatch.engine.evaluation import evaluate  # noqa: E402
+from pathpatch.language.hypotheses import Hypothesis  # noqa: E402
 from pathpatch.model.graph import Graph  # noqa: E402
+from pathpatch.tools.engine_benchmarks import gpt2_small_shaped, random_circuits, random_edge_removals  # noqa: E402
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
 
 
 def bench(out: dict) -> None:
-    from pathpatch.benchmark import run_engine_benchmark
+    from pathpatch.tools.engine_benchmarks import run_engine_benchmark
 
     for dtype in (torch.float32, torch.bfloat16):
         m = gpt2_small_shaped(seed=0, n_ctx=64).to("cuda").to(dtype)
@@ -98,7 +98,7 @@ def bench(out: dict) -> None:
 
 def scan() -> None:
     """The scan on one GPU actor: 256 pairs (a shard per item), 6 sampled items of 64 edges."""
-    from pipeline.bench import bench_scan
+    from pipeline.pipeline_benchmark import bench_scan
 
     result = bench_scan(pairs=256, sample_items=6, device="cuda", memory_budget=32 * 2**30)
     print(json.dumps({"bench_scan": result}), flush=True)

@@ -4,15 +4,15 @@ differences per edge, and the exact single-edge effect where the model is linear
 import pytest
 import torch
 
-from pathpatch.attribution import Attribution, edge_attributions
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
+from pathpatch.discovery.attribution import Attribution, edge_attributions
+from pathpatch.engine.metrics import get_metric, loss_value
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import Hypothesis
-from pathpatch.metrics import get_metric, loss_value
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import evaluate_logits
 from tests.pathpatch.conftest import tiny_model
 from tests.pathpatch.test_engine import _edge_hook_run
 

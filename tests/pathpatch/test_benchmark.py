@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pathpatch import benchmark
-from pathpatch.benchmark import BENCH_PHASES, hook_baseline, run_engine_benchmark
 from pathpatch.errors import PathPatchError
 from pathpatch.model.graph import Graph
+from pathpatch.tools import engine_benchmarks as benchmark
+from pathpatch.tools.engine_benchmarks import BENCH_PHASES, hook_baseline, run_engine_benchmark
 from tests.pathpatch.conftest import tiny_model
 
 
@@ -74,7 +74,7 @@ def test_engine_benchmark_takes_a_count_per_family():
 
 
 def test_discovery_benchmark_reports_each_ranking_s_cost_and_the_search_s_rates():
-    from pathpatch.benchmark import DISCOVERY_PHASES, run_discovery_benchmark
+    from pathpatch.tools.engine_benchmarks import DISCOVERY_PHASES, run_discovery_benchmark
 
     model = tiny_model("mlp", n_layers=2, n_heads=2, d_vocab=11, dtype=torch.float32)
     phases: list[str] = []

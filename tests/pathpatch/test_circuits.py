@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pathpatch.circuits import (
+from pathpatch.discovery.circuits import (
     MIB_FRACTIONS,
     Ranking,
     circuit_curve,
@@ -20,12 +20,12 @@ from pathpatch.circuits import (
     read_eap_graph,
     write_eap_json,
 )
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import Hypothesis, StructuralHypothesis, load_hypotheses
+from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis, load_hypotheses
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import evaluate_logits
 from tests.pathpatch.conftest import tiny_model
 from tests.pathpatch.test_stacking import _circuit_hook_run
 from tests.pathpatch.test_structural import _shape, walked
@@ -258,7 +258,7 @@ def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys):
 def test_an_edge_list_reads_as_the_parser_reads_it():
     """`circuit(...)` / `remove(...)` skip the tokenizer; every text, well formed or not, gives
     the parser's pattern or the parser's error."""
-    from pathpatch.patterns import _Parser, parse
+    from pathpatch.language.patterns import _Parser, parse
 
     texts = ["circuit(a0.3->a1.5.k, in->m0, m1->out)", " remove ( a0.* -> a1.?.q ,m0->out ) ",
              "circuit(a0.0->a1.0.x)", "circuit(a0.0 -> a1.0, a0.0->a1.0)", "remove(in->a0.0.v)",

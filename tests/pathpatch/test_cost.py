@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from pathpatch.copies import estimate_cost
-from pathpatch.engine import check
-from pathpatch.hypotheses import Hypothesis
+from pathpatch.engine.evaluation import check
+from pathpatch.language.copies import estimate_cost
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model

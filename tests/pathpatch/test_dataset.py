@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pathpatch.dataset import (
+from pathpatch.data.pairs import (
     PairDataset,
     load_parquet,
     save_parquet,
@@ -189,7 +189,7 @@ TINY_DIGEST = "424cb19f6718432b7271aad2b916443206e35cb747c64929d14456652a600673"
 
 
 def test_digest_is_a_literal_constant_of_its_format_version():
-    from pathpatch.dataset import _DIGEST_VERSION
+    from pathpatch.data.pairs import _DIGEST_VERSION
 
     assert _DIGEST_VERSION == DIGEST_FORMAT
     assert tiny().digest() == TINY_DIGEST
@@ -383,6 +383,6 @@ def test_every_field_has_its_parquet_column():
     a column would be dropped by save_parquet silently."""
     import dataclasses
 
-    from pathpatch.dataset import _COLUMNS
+    from pathpatch.data.pairs import _COLUMNS
 
     assert list(_COLUMNS) != [] and set(_COLUMNS) == {f.name for f in dataclasses.fields(PairDataset)}

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformer_lens import patching
 
-from pathpatch.copies import CF, CLEAN
-from pathpatch.hypotheses import Hypothesis, edge_removal, node_removal
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import evaluate_logits
+from pathpatch.language.copies import CF, CLEAN
+from pathpatch.language.hypotheses import Hypothesis, edge_removal, node_removal
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import evaluate_logits
 from tests.pathpatch.conftest import tiny_model
 
 B, T = 3, 5
@@ -203,8 +203,8 @@ def test_evaluate_keeps_no_reference_to_the_model():
     import gc
     import weakref
 
-    from pathpatch.dataset import PairDataset
-    from pathpatch.engine import evaluate
+    from pathpatch.data.pairs import PairDataset
+    from pathpatch.engine.evaluation import evaluate
 
     model = tiny_model("llama")
     x = torch.randint(0, model.cfg.d_vocab, (2, 5), generator=torch.Generator().manual_seed(0))

@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from pathpatch.dataset import PairDataset
-from pathpatch.engine import ModelState, check, evaluate
+from pathpatch import summarize
+from pathpatch.data.pairs import PairDataset
+from pathpatch.engine.evaluation import ModelState, check, evaluate
+from pathpatch.engine.metrics import Metric, get_metric
 from pathpatch.errors import PathPatchError
-from pathpatch.explain import explain
-from pathpatch.hypotheses import Hypothesis, load_hypotheses
-from pathpatch.metrics import Metric, get_metric, summarize
+from pathpatch.language.hypotheses import Hypothesis, load_hypotheses
 from pathpatch.model.graph import Graph
+from pathpatch.tools.explain import explain
 from tests.pathpatch.conftest import tiny_model
 
 
@@ -141,7 +142,7 @@ def test_hypotheses_from_toml_tables():
 
 
 def test_runs_cache_reuses_both_runs_and_changes_nothing(monkeypatch):
-    import pathpatch.engine as engine
+    import pathpatch.engine.evaluation as engine
 
     model = tiny_model("attn-only")
     data = _dataset(model)
@@ -167,7 +168,7 @@ def test_runs_cache_reuses_both_runs_and_changes_nothing(monkeypatch):
 
 
 def test_a_kept_model_state_changes_no_result_and_reuses_its_buffers(monkeypatch):
-    from pathpatch import workspace
+    from pathpatch.engine import workspace
 
     monkeypatch.setattr(workspace, "LARGE_BYTES", 0)  # the tiny model's buffers go through it
     model = tiny_model("mlp")
@@ -194,7 +195,7 @@ def test_a_kept_model_state_changes_no_result_and_reuses_its_buffers(monkeypatch
 def test_with_a_runs_cache_a_large_shard_is_one_batch(monkeypatch):
     """More than 64 examples: one batch when a cache can keep its runs, so the next call
     reuses them; without a cache, batches of at most 64. Same numbers either way."""
-    import pathpatch.engine as engine
+    import pathpatch.engine.evaluation as engine
 
     model = tiny_model("attn-only")
     data = _dataset(model, n=100)
@@ -222,8 +223,8 @@ def test_built_in_metrics_unembed_only_the_scored_positions(name, monkeypatch):
     results equal those of the same metric as a user callable (complete logits) to 1e-12."""
     import dataclasses
 
-    import pathpatch.engine
-    from pathpatch.stacking import GroupEvaluator
+    import pathpatch.engine.evaluation
+    from pathpatch.engine.stacking import GroupEvaluator
 
     model = tiny_model("mlp")
     data = _dataset(model)
@@ -242,7 +243,7 @@ def test_built_in_metrics_unembed_only_the_scored_positions(name, monkeypatch):
             reads.append(self.read)
             return out
 
-    monkeypatch.setattr(pathpatch.engine, "GroupEvaluator", Recording)
+    monkeypatch.setattr(pathpatch.engine.evaluation, "GroupEvaluator", Recording)
     hyps = [Hypothesis("~a0.0", "~a0.0"), Hypothesis("half", "in -> a1.*[v] -> out | ~m1")]
     fast = evaluate(model, data, hyps, builtin)
     full = evaluate(model, data, hyps, as_user)

@@ -5,17 +5,17 @@ import random
 import pytest
 import torch
 
-from pathpatch.benchmark import hook_baseline
-from pathpatch.engine import compile_all
-from pathpatch.folding import FoldedWeights
-from pathpatch.hypotheses import Hypothesis
+from pathpatch.engine.evaluation import compile_all
+from pathpatch.engine.folding import FoldedWeights
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.config import ModelConfig
 from pathpatch.model.graph import Graph
 from pathpatch.model.transformer import Transformer
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import GroupEvaluator, GroupPlan
+from pathpatch.tools.engine_benchmarks import hook_baseline
 from tests.pathpatch.conftest import tiny_model
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from pathpatch.data.tasks import _NON_NUMBERS, _NUMBER_TEMPLATES, gpt2_numbers
 from pathpatch.errors import PathPatchError
-from pathpatch.tasks import _NON_NUMBERS, _NUMBER_TEMPLATES, gpt2_numbers
 from tests.pathpatch.conftest import train_tokenizer
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers as tr
 
-from pathpatch.engine import evaluate
+from pathpatch.engine.evaluation import evaluate
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import Hypothesis
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import load_model
 from tests.pathpatch.test_engine import _edge_hook_run
@@ -220,7 +220,7 @@ def test_node_removals_equal_the_hf_models_own_patched_runs(saved):
 
 
 def test_equal_inputs_give_the_clean_run_and_bfloat16_runs(saved):
-    from pathpatch.dataset import PairDataset
+    from pathpatch.data.pairs import PairDataset
 
     family, _, folder = saved
     model = load_model(str(folder), dtype=torch.float64)

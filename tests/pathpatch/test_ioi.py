@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from pathpatch.data.tasks import IOI_NAMES, IOI_TEMPLATES, ioi
 from pathpatch.errors import PathPatchError
-from pathpatch.tasks import IOI_NAMES, IOI_TEMPLATES, ioi
 from tests.pathpatch.conftest import train_tokenizer
 
 

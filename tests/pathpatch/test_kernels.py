@@ -4,12 +4,12 @@ import random
 
 import torch
 
-from pathpatch import kernels
-from pathpatch.benchmark import random_circuits
+from pathpatch.engine import kernels
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import GroupEvaluator, GroupPlan
+from pathpatch.tools.engine_benchmarks import random_circuits
 from tests.pathpatch.conftest import tiny_model
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pathpatch import workspace
-from pathpatch.benchmark import random_circuits
-from pathpatch.dataset import PairDataset
-from pathpatch.engine import evaluate
+from pathpatch.data.pairs import PairDataset
+from pathpatch.engine import workspace
+from pathpatch.engine.evaluation import evaluate
 from pathpatch.model.graph import Graph
+from pathpatch.tools.engine_benchmarks import random_circuits
 from tests.pathpatch.conftest import tiny_model
 
 
@@ -63,9 +63,9 @@ def test_the_footprint_counts_what_the_cached_runs_and_their_bank_hold(family):
     """`Adapter.footprint`, which the budget counts in, is exactly the bytes `Runs` holds per
     token: both runs' hooks and logits, the heads' sums where a norm follows attention, the
     counterfactual deviation bank (attention-only, parallel and post-normed models differ)."""
+    from pathpatch.engine.runs import Runs
     from pathpatch.model.adapter import Adapter
     from pathpatch.model.graph import NodeKind
-    from pathpatch.runs import Runs
 
     model = tiny_model(family, n_heads=3)
     batch, T = 2, 5

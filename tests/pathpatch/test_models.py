@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pathpatch import evidence
 from pathpatch.errors import PathPatchError
 from pathpatch.model import loading as models
 from pathpatch.model.loading import bundled_models, load_model, model_digest
 from pathpatch.model.transformer import Transformer
+from pathpatch.tools import evidence
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ARCH = {

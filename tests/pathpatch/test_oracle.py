@@ -5,11 +5,11 @@ import random
 import pytest
 import torch
 
-from pathpatch.hypotheses import Hypothesis
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import evaluate_logits
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import evaluate_logits
 from tests.pathpatch import oracle
 from tests.pathpatch.conftest import FAMILIES, tiny_model
 
@@ -88,8 +88,8 @@ def test_engine_matches_oracle_on_random_hypotheses(family):
 @pytest.mark.parametrize("family", ["attn-only", "mlp"])
 def test_path_counts_match_enumeration(family):
     """|P| by dynamic programming equals the oracle's naive enumeration, masks included."""
-    from pathpatch.dataset import PairDataset
-    from pathpatch.explain import explain
+    from pathpatch.data.pairs import PairDataset
+    from pathpatch.tools.explain import explain
 
     model = tiny_model(family, seed=2)
     graph = Graph.from_model(model)

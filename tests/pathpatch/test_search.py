@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from pathpatch.discovery.greedy import START, GreedySearch, visiting_order
 from pathpatch.errors import PathPatchError
 from pathpatch.model.graph import Graph
-from pathpatch.search import START, GreedySearch, visiting_order
 from tests.pathpatch.conftest import tiny_model
 
 

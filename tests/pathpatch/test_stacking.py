@@ -4,12 +4,12 @@ import random
 
 import torch
 
-from pathpatch.hypotheses import Hypothesis, edge_removal, node_removal
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
+from pathpatch.engine.workspace import Workspace
+from pathpatch.language.hypotheses import Hypothesis, edge_removal, node_removal
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import GroupEvaluator, GroupPlan
-from pathpatch.workspace import Workspace
 from tests.pathpatch import oracle
 from tests.pathpatch.conftest import tiny_model
 
@@ -48,7 +48,7 @@ def test_stacked_equals_one_at_a_time():
 def test_logits_a_caller_keeps_are_not_written_over_by_the_next_group(monkeypatch):
     """Each group's logits come from the shared workspace: a buffer is handed out again only
     once the caller has dropped every view of the logits in it."""
-    from pathpatch import workspace
+    from pathpatch.engine import workspace
 
     monkeypatch.setattr(workspace, "LARGE_BYTES", 0)
     model, graph, runs, positions = _setup()
@@ -162,7 +162,7 @@ def test_dense_circuits_match_an_independent_hook_run():
     """Random half-edge circuits (every node mixed: fused products, carried partial inputs,
     previous-stage bases and head stages' shared products all in play) equal TransformerLens
     hooks applying the circuit rule."""
-    from pathpatch.benchmark import random_circuits
+    from pathpatch.tools.engine_benchmarks import random_circuits
 
     model = tiny_model("mlp", n_layers=6, n_heads=4)
     graph = Graph.from_model(model)

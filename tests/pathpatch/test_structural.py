@@ -4,14 +4,20 @@ and the automaton: same canonical text, same copies, bitwise the same logits."""
 import pytest
 import torch
 
-from pathpatch.automaton import compile_pattern
-from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies
-from pathpatch.engine import check
-from pathpatch.hypotheses import Hypothesis, StructuralHypothesis, edge_removal, node_removal, through_node
+from pathpatch.engine.evaluation import check
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import evaluate_logits
+from pathpatch.language.automaton import compile_pattern
+from pathpatch.language.copies import CF, CLEAN, CopyGraph, build_copies
+from pathpatch.language.hypotheses import (
+    Hypothesis,
+    StructuralHypothesis,
+    edge_removal,
+    node_removal,
+    through_node,
+)
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import evaluate_logits
 from tests.pathpatch.conftest import tiny_model
 
 FAMILIES = (edge_removal, node_removal, through_node)

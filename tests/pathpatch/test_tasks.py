@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pathpatch import tasks
+from pathpatch.data import tasks
+from pathpatch.data.tasks import induction_pairs, make_dataset, modular_sum_pairs
 from pathpatch.errors import PathPatchError
-from pathpatch.tasks import induction_pairs, make_dataset, modular_sum_pairs
 
 
 def _same(a, b) -> bool:

@@ -3,8 +3,8 @@ what is in use at its fullest."""
 
 import torch
 
-from pathpatch import workspace
-from pathpatch.workspace import Workspace
+from pathpatch.engine import workspace
+from pathpatch.engine.workspace import Workspace
 
 LIKE = torch.empty(0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from pathpatch.metrics import get_metric
+from pathpatch.engine.metrics import get_metric
 
 _KL = get_metric("kl").per_example
 

@@ -22,7 +22,7 @@ def test_bench_engine_prints_json_and_its_phases(capsys):
 def test_bench_scan_plans_the_whole_scan_and_runs_a_sample(tmp_path):
     from pathpatch.model.graph import Graph
     from pathpatch.model.loading import build_model
-    from pipeline.bench import bench_scan
+    from pipeline.pipeline_benchmark import bench_scan
 
     arch = dict(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=64, n_ctx=32,
                 act_fn="gelu_new", normalization_type="LN")
@@ -43,7 +43,7 @@ def test_bench_scan_refuses_a_device_it_cannot_use(tmp_path):
     import pytest
     import torch
 
-    from pipeline.bench import bench_scan
+    from pipeline.pipeline_benchmark import bench_scan
 
     with pytest.raises(ValueError, match="device 'tpu'"):
         bench_scan(device="tpu", keep=tmp_path)
@@ -56,9 +56,9 @@ def test_bench_scan_refuses_a_device_it_cannot_use(tmp_path):
 def test_bench_engine_shapes_are_the_ones_its_help_names(capsys):
     import pytest
 
-    from pathpatch.benchmark import SHAPES
     from pathpatch.model.config import ModelConfig
     from pathpatch.model.support import check_supported
+    from pathpatch.tools.engine_benchmarks import SHAPES
 
     with pytest.raises(SystemExit):
         main(["bench", "--help"])

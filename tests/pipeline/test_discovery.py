@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pathpatch.attribution import edge_attributions
-from pathpatch.circuits import circuit_hypothesis, edge_of, pathpatch_name
+from pathpatch.data.tasks import make_dataset
+from pathpatch.discovery.attribution import edge_attributions
+from pathpatch.discovery.circuits import circuit_hypothesis, edge_of, pathpatch_name
 from pathpatch.errors import PathPatchError
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import load_model
-from pathpatch.tasks import make_dataset
 from pipeline.cli import main
 from pipeline.query import open_sweeps
 from pipeline.search import run_search
@@ -229,7 +229,7 @@ def test_a_worker_keeps_each_shard_s_runs_while_they_fit_half_the_budget(tmp_pat
     the least recently used shard's are dropped and computed again."""
     from dataclasses import replace
 
-    from pathpatch import engine
+    from pathpatch.engine import evaluation as engine
     from pipeline.resolve import resolve
     from pipeline.sweep import worker_config
     from pipeline.worker import Task, Worker

@@ -4,7 +4,7 @@ policy (shard affinity, queue depth, requeues, attempt accounting)."""
 from __future__ import annotations
 
 from pipeline.execution import ExecutorOptions, Schedule
-from pipeline.executor import size_pool
+from pipeline.ray_executor import size_pool
 from pipeline.spec import Resources
 from pipeline.worker import Task
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pathpatch.errors import PathPatchError
-from pathpatch.metrics import summarize
 from pipeline.cli import main
+from pipeline.intervals import summarize
 from pipeline.query import check_read_only, open_sweeps, run_query
 from pipeline.spec import load_spec
 from pipeline.sweep import run_sweep

@@ -52,7 +52,7 @@ def test_report_writes_a_png_and_a_page(sweep, capsys):
 
 
 def test_report_panels_follow_the_families(sweep):
-    from pathpatch.figures import node_matrix
+    from pipeline.figures import node_matrix
     from pipeline.query import open_sweeps
 
     rows = open_sweeps(sweep).sql("SELECT * FROM scores").arrow().read_all()
@@ -82,7 +82,7 @@ def test_graph_and_explain_commands(capsys):
 def test_edges_by_layer_shows_each_layer_pairs_largest_edge_effect():
     import matplotlib.pyplot as plt
 
-    from pathpatch.figures import edge_layers_axes
+    from pipeline.figures import edge_layers_axes
 
     scores = [{"hypothesis": h, "proportion_explained": pe} for h, pe in [
         ("remove in->a0.1.q", 0.9), ("remove in->a0.2.v", 0.4), ("remove a0.1->a1.0.k", 0.7),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
 from pipeline.plan import Shard, shard_dataset
 from tests.pathpatch.test_dataset import assert_same, fields, tiny

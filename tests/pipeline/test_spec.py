@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pathpatch.dataset import PairDataset, save_parquet
+from pathpatch.data.pairs import PairDataset, save_parquet
 from pipeline.cli import main
 from pipeline.spec import parse_spec
 from tests.pipeline.conftest import HYPOTHESES, write_spec

@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import torch
 
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
 
 # Induction task defaults: the bundled attn-only-2l model was trained on exactly these.

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pathpatch.benchmark import SHAPES
+from pathpatch.tools.engine_benchmarks import SHAPES
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec
 from pipeline.sweep import SweepOutcome, run_sweep
@@ -71,7 +71,7 @@ def machine_scaling(spec_path: str | Path, n_items: int = 8) -> float:
     """
     def run(copies: int) -> float:
         start_at = time.time() + 15  # after every process has loaded the model
-        code = (f"from pipeline.bench import _solo; _solo({str(spec_path)!r}, {n_items}, "
+        code = (f"from pipeline.pipeline_benchmark import _solo; _solo({str(spec_path)!r}, {n_items}, "
                 f"{start_at})")
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True) for _ in range(copies)]
@@ -97,7 +97,7 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
     (other load on the machine only ever slows a run down). `progress(phase)` is called as each
     of the `bench_phases(repeats)` phases starts.
     """
-    from pipeline.executor import ray_session
+    from pipeline.ray_executor import ray_session
 
     step = progress or (lambda phase: None)
     spec = load_spec(spec_path or DEFAULT_SPEC)
@@ -188,11 +188,11 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
     """
     import resource
 
-    from pathpatch.benchmark import cpu_description
-    from pathpatch.engine import compile_all
+    from pathpatch.engine.evaluation import compile_all
+    from pathpatch.engine.stacking import GroupPlan
     from pathpatch.model.graph import Graph
     from pathpatch.model.loading import build_model, save_checkpoint
-    from pathpatch.stacking import GroupPlan
+    from pathpatch.tools.engine_benchmarks import cpu_description
     from pipeline.store import SweepFolder
 
     if sample_items < 1 or pairs < 1:

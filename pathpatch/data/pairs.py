@@ -59,7 +59,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pathpatch.atomic import atomic_write
+from pathpatch.data.atomic import atomic_write
 from pathpatch.errors import PathPatchError
 
 MASK_PREFIX = "mask."
@@ -422,7 +422,7 @@ def _hash_tensor(h: hashlib._Hash, name: str, tensor: torch.Tensor | None) -> No
 def save_parquet(dataset: PairDataset, path: str | os.PathLike[str]) -> None:
     """Write `dataset` in the Parquet format described in this module's docstring.
 
-    The file appears whole or not at all (`pathpatch.atomic`). `load_parquet` reads it back
+    The file appears whole or not at all (`pathpatch.data.atomic`). `load_parquet` reads it back
     bit-exactly (same `digest`).
     """
     path = Path(path)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pathpatch.copies import ChannelInput
 from pathpatch.errors import PathPatchError
-from pathpatch.patterns import Restriction
+from pathpatch.language.copies import ChannelInput
+from pathpatch.language.patterns import Restriction
 
 
 @dataclass

@@ -3,7 +3,7 @@ the target, and the folder fsynced, so that a crash at any point leaves either t
 the new one, never half of one, and the rename itself survives a power cut.
 
 The one implementation for every file the project writes that a later run trusts: datasets
-(`pathpatch.dataset.save_parquet`) and a sweep folder's results, spec, manifest and reports
+(`pathpatch.data.pairs.save_parquet`) and a sweep folder's results, spec, manifest and reports
 (`pipeline.store`).
 """
 

@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathpatch.copies import CF, CLEAN, Copy, CopyGraph, for_evaluation
-from pathpatch.folding import FoldedWeights
-from pathpatch.kernels import bmm_into, mix, mix_add_
+from pathpatch.engine.folding import FoldedWeights
+from pathpatch.engine.kernels import bmm_into, mix, mix_add_
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.workspace import Workspace
+from pathpatch.language.copies import CF, CLEAN, Copy, CopyGraph, for_evaluation
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.graph import Graph, NodeKind
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.workspace import Workspace
 
 _NORM_CHUNK_BYTES = 64 * 2**20
 """The largest transient of OLMo-2's q/k norm over all heads (`GroupEvaluator._norm_over_heads`)."""

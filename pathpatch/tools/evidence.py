@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pathpatch import tasks
-from pathpatch.dataset import PairDataset
+from pathpatch.data import tasks
+from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.loading import load_model

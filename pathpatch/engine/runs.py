@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pathpatch.kernels import bmm_into
+from pathpatch.engine.kernels import bmm_into
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Graph, NodeKind
 

@@ -21,16 +21,16 @@ from typing import Any
 
 import torch
 
-from pathpatch.copies import estimate_cost
-from pathpatch.engine import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all
+from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all
+from pathpatch.engine.kernels import mix
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import Hypothesis, induction_initial, induction_refined
-from pathpatch.kernels import mix
+from pathpatch.language.copies import estimate_cost
+from pathpatch.language.hypotheses import Hypothesis, induction_initial, induction_refined
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Graph, NodeKind
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import GroupEvaluator, GroupPlan
 
 SHAPES: dict[str, dict] = {
     "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
@@ -414,11 +414,11 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
     the forwards a whole search would take between those two rates (receivers nothing reads are
     skipped, so fewer).
     """
-    from pathpatch.attribution import edge_attributions
-    from pathpatch.circuits import circuit_hypothesis
-    from pathpatch.dataset import PairDataset
-    from pathpatch.engine import evaluate
-    from pathpatch.search import START, GreedySearch
+    from pathpatch.data.pairs import PairDataset
+    from pathpatch.discovery.attribution import edge_attributions
+    from pathpatch.discovery.circuits import circuit_hypothesis
+    from pathpatch.discovery.greedy import START, GreedySearch
+    from pathpatch.engine.evaluation import evaluate
 
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)

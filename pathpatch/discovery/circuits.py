@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
-from pathpatch.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
 from pathpatch.model.graph import Edge, Graph, NodeKind
 from pathpatch.model.names import eap_name, eap_node_name, edge_names, edge_of, pathpatch_name
 
@@ -220,7 +220,7 @@ def write_eap_json(graph: Graph, path: str | Path, scores: Mapping[Edge, float],
                    in_graph: Iterable[Edge], d_model: int) -> None:
     """An EAP-IG / MIB graph JSON of this model: every edge with its score and whether it is in
     the circuit; a node is in the graph when an edge of the circuit touches it."""
-    from pathpatch.atomic import atomic_write_bytes
+    from pathpatch.data.atomic import atomic_write_bytes
 
     kept = set(in_graph)
     touched = {n for e in kept for n in (e.sender, e.receiver)}

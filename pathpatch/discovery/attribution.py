@@ -28,12 +28,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pathpatch.dataset import PairDataset
+from pathpatch.data.pairs import PairDataset
+from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
+from pathpatch.engine.runs import Runs
 from pathpatch.errors import PathPatchError
-from pathpatch.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Edge, Graph, NodeKind
-from pathpatch.runs import Runs
 
 METHODS = ("eap", "eap-ig")
 """Attribution methods: `eap` (gradient at x_r) and `eap-ig` (integrated over `steps` points)."""
@@ -47,7 +47,7 @@ def batch_for_budget(model, seq_len: int, memory_budget: int | None = None) -> i
     most DEFAULT_BATCH, at least 1. Per example (float32 estimate): the logits, their gradient
     and the clean ones; every receiver channel's gradient (twice while stacked); the
     counterfactual change of every node and both cached runs' residuals."""
-    from pathpatch.engine import DEFAULT_MEMORY_BUDGET
+    from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET
 
     graph = Graph.from_model(model)
     channels = sum(len(n.channels) for n in graph.nodes[1:])

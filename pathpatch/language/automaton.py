@@ -16,8 +16,7 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 from pathpatch.errors import PathPatchError
-from pathpatch.model.graph import Channel, Graph, Node, NodeKind
-from pathpatch.patterns import (
+from pathpatch.language.patterns import (
     Chain,
     Complement,
     EdgeSet,
@@ -29,6 +28,7 @@ from pathpatch.patterns import (
     Step,
     Union,
 )
+from pathpatch.model.graph import Channel, Graph, Node, NodeKind
 
 Atom = frozenset  # frozenset[Restriction]: the restrictions true at one step
 Symbol = tuple  # (Node, Channel | None, Atom)

@@ -17,16 +17,16 @@ from functools import cached_property
 import pyarrow as pa
 import torch
 
-from pathpatch.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation
+from pathpatch.engine.folding import FoldedWeights
+from pathpatch.engine.metrics import DEFAULT_METRIC, get_metric
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import SHARED_HEADS_PRODUCTS, GroupEvaluator, GroupPlan
+from pathpatch.engine.workspace import Workspace
 from pathpatch.errors import PathPatchError
-from pathpatch.folding import FoldedWeights
-from pathpatch.metrics import DEFAULT_METRIC, get_metric
+from pathpatch.language.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation
 from pathpatch.model.adapter import Adapter, Footprint
 from pathpatch.model.graph import Graph
-from pathpatch.positions import PositionContext
-from pathpatch.runs import Runs
-from pathpatch.stacking import SHARED_HEADS_PRODUCTS, GroupEvaluator, GroupPlan
-from pathpatch.workspace import Workspace
 
 DEFAULT_MAX_MIXED_COPIES = 4096
 

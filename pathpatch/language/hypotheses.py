@@ -10,11 +10,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
-from pathpatch.automaton import EdgeSetLanguage, compile_pattern
-from pathpatch.copies import CF, CLEAN, CopyGraph, build_copies, circuit_copies, single_copy_graph
 from pathpatch.errors import PathPatchError
-from pathpatch.model.graph import Channel, Graph, NodeKind
-from pathpatch.patterns import (
+from pathpatch.language.automaton import EdgeSetLanguage, compile_pattern
+from pathpatch.language.copies import CF, CLEAN, CopyGraph, build_copies, circuit_copies, single_copy_graph
+from pathpatch.language.patterns import (
     Chain,
     Complement,
     Intersection,
@@ -24,11 +23,12 @@ from pathpatch.patterns import (
     Union,
     parse,
 )
+from pathpatch.model.graph import Channel, Graph, NodeKind
 
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """P as a pattern over paths (see `pathpatch.patterns` for the grammar)."""
+    """P as a pattern over paths (see `pathpatch.language.patterns` for the grammar)."""
 
     name: str
     pattern: str
@@ -216,10 +216,10 @@ def induction_refined(
 def circuit_curve(graph: Graph, ranking: str, fractions: Sequence[float] | None = None,
                   orders: Sequence[str] = ("signed", "absolute")) -> list[Hypothesis]:
     """Circuits of the top k% of a ranking's edges, pruned, plus the empty circuit and the full
-    model (`pathpatch.circuits`). `ranking`: a Parquet/CSV (edge, score) table or an EAP-IG
+    model (`pathpatch.discovery.circuits`). `ranking`: a Parquet/CSV (edge, score) table or an EAP-IG
     graph file; a relative path is read from the spec's folder."""
-    from pathpatch.circuits import MIB_FRACTIONS, Ranking
-    from pathpatch.circuits import circuit_curve as curve
+    from pathpatch.discovery.circuits import MIB_FRACTIONS, Ranking
+    from pathpatch.discovery.circuits import circuit_curve as curve
 
     return curve(graph, Ranking.load(graph, ranking), tuple(fractions or MIB_FRACTIONS),
                  tuple(orders))

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pathpatch.automaton import CompiledPattern, ConstantLanguage, compile_pattern
-from pathpatch.copies import estimate_cost
+from pathpatch.engine.positions import PositionContext
 from pathpatch.errors import PathPatchError
+from pathpatch.language.automaton import CompiledPattern, ConstantLanguage, compile_pattern
+from pathpatch.language.copies import estimate_cost
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.graph import Channel, Graph, Node, NodeKind
-from pathpatch.positions import PositionContext
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pathpatch.automaton import CompiledPattern
 from pathpatch.errors import PathPatchError
+from pathpatch.language.automaton import CompiledPattern
+from pathpatch.language.patterns import Restriction
 from pathpatch.model.graph import Channel, Graph, Node, NodeKind
-from pathpatch.patterns import Restriction
 
 if TYPE_CHECKING:
     from pathpatch.model.adapter import UnitCosts

@@ -1,0 +1,1 @@
+"""Datasets of (reference, counterfactual) pairs and the synthetic tasks that generate them."""

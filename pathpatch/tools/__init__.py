@@ -1,0 +1,1 @@
+"""Tooling around the method, outside its core: benchmarks, evidence of the bundled models, explain."""
