@@ -345,7 +345,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     """A ranking's top-k circuit as an EAP-IG / MIB graph JSON (for MIB submissions)."""
     import math
 
-    from pathpatch.discovery.circuits import Ranking, prune, write_eap_json
+    from pathpatch.language.circuits import Ranking, prune, write_eap_json
     from pathpatch.model.graph import Graph
     from pathpatch.model.loading import load_model
 

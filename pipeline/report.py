@@ -79,7 +79,7 @@ def _curve(con, folder: Path, manifest: dict):
 
 
 def _member(point: dict) -> str:
-    """The curve member's hypothesis name (`pathpatch.discovery.circuits.circuit_curve`)."""
+    """The curve member's hypothesis name (`pathpatch.language.circuits.circuit_curve`)."""
     return (f"curve {point['ranking']} {point['ordering']} k={point['k']:g} "
             f"n={point['n_edges']} pruned={point['n_pruned']}")
 
@@ -90,7 +90,7 @@ def _ranking_scores(folder: Path, ranking: str) -> dict[str, float]:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from pathpatch.discovery.circuits import pathpatch_name
+    from pathpatch.language.circuits import pathpatch_name
     from pipeline.sweep import load_sweep_spec
 
     try:

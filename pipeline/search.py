@@ -28,9 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pathpatch.data.atomic import atomic_write, atomic_write_bytes
-from pathpatch.discovery.circuits import circuit_hypothesis, write_eap_json
 from pathpatch.discovery.greedy import Candidate, GreedySearch
 from pathpatch.errors import PathPatchError
+from pathpatch.language.circuits import circuit_hypothesis, write_eap_json
 from pathpatch.model.graph import Graph
 from pipeline.execution import Executor, ExecutorOptions
 from pipeline.plan import HypothesisInfo, WorkItem, make_plan

@@ -28,7 +28,8 @@ from pathpatch.engine.runs import Runs
 from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
 from pathpatch.errors import PathPatchError
 from pathpatch.language.copies import estimate_cost
-from pathpatch.language.hypotheses import Hypothesis, induction_initial, induction_refined
+from pathpatch.language.families import induction_initial, induction_refined
+from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Graph, NodeKind
 
@@ -416,9 +417,9 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
     """
     from pathpatch.data.pairs import PairDataset
     from pathpatch.discovery.attribution import edge_attributions
-    from pathpatch.discovery.circuits import circuit_hypothesis
     from pathpatch.discovery.greedy import START, GreedySearch
     from pathpatch.engine.evaluation import evaluate
+    from pathpatch.language.circuits import circuit_hypothesis
 
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)

@@ -9,7 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pathpatch.discovery.circuits import (
+from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.runs import Runs
+from pathpatch.engine.stacking import evaluate_logits
+from pathpatch.errors import PathPatchError
+from pathpatch.language.circuits import (
     MIB_FRACTIONS,
     Ranking,
     circuit_curve,
@@ -20,11 +24,8 @@ from pathpatch.discovery.circuits import (
     read_eap_graph,
     write_eap_json,
 )
-from pathpatch.engine.positions import PositionContext
-from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
-from pathpatch.errors import PathPatchError
-from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis, load_hypotheses
+from pathpatch.language.families import load_hypotheses
+from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 from tests.pathpatch.test_stacking import _circuit_hook_run

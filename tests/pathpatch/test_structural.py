@@ -10,13 +10,8 @@ from pathpatch.engine.runs import Runs
 from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.language.automaton import compile_pattern
 from pathpatch.language.copies import CF, CLEAN, CopyGraph, build_copies
-from pathpatch.language.hypotheses import (
-    Hypothesis,
-    StructuralHypothesis,
-    edge_removal,
-    node_removal,
-    through_node,
-)
+from pathpatch.language.families import edge_removal, node_removal, through_node
+from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 

@@ -14,8 +14,8 @@ import pytest
 
 from pathpatch.data.tasks import make_dataset
 from pathpatch.discovery.attribution import edge_attributions
-from pathpatch.discovery.circuits import circuit_hypothesis, edge_of, pathpatch_name
 from pathpatch.errors import PathPatchError
+from pathpatch.language.circuits import circuit_hypothesis, edge_of, pathpatch_name
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import load_model
 from pipeline.cli import main
