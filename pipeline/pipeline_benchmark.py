@@ -189,7 +189,7 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
     import resource
 
     from pathpatch.engine.evaluation import compile_all
-    from pathpatch.engine.stacking import GroupPlan
+    from pathpatch.engine.stage_plan import GroupPlan
     from pathpatch.model.graph import Graph
     from pathpatch.model.loading import build_model, save_checkpoint
     from pathpatch.tools.engine_benchmarks import cpu_description

@@ -18,10 +18,11 @@ import pyarrow as pa
 import torch
 
 from pathpatch.engine.folding import FoldedWeights
+from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.metrics import DEFAULT_METRIC, get_metric
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import SHARED_HEADS_PRODUCTS, GroupEvaluator, GroupPlan
+from pathpatch.engine.stage_plan import SHARED_HEADS_PRODUCTS, GroupPlan
 from pathpatch.engine.workspace import Workspace
 from pathpatch.errors import PathPatchError
 from pathpatch.language.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation

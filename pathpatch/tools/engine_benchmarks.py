@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all
+from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.kernels import mix
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
+from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.errors import PathPatchError
 from pathpatch.language.copies import estimate_cost
 from pathpatch.language.families import induction_initial, induction_refined

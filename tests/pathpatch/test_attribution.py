@@ -6,10 +6,10 @@ import torch
 
 from pathpatch.data.pairs import PairDataset
 from pathpatch.discovery.attribution import Attribution, edge_attributions
+from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.metrics import get_metric, loss_value
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.errors import PathPatchError
 from pathpatch.language.circuits import (
     MIB_FRACTIONS,

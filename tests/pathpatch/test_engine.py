@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformer_lens import patching
 
+from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.language.copies import CF, CLEAN
 from pathpatch.language.families import edge_removal, node_removal
 from pathpatch.language.hypotheses import Hypothesis

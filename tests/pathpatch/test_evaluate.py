@@ -225,7 +225,7 @@ def test_built_in_metrics_unembed_only_the_scored_positions(name, monkeypatch):
     import dataclasses
 
     import pathpatch.engine.evaluation
-    from pathpatch.engine.stacking import GroupEvaluator
+    from pathpatch.engine.group_evaluation import GroupEvaluator
 
     model = tiny_model("mlp")
     data = _dataset(model)

@@ -7,9 +7,10 @@ import torch
 
 from pathpatch.engine.evaluation import compile_all
 from pathpatch.engine.folding import FoldedWeights
+from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
+from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.config import ModelConfig

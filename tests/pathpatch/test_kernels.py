@@ -5,9 +5,10 @@ import random
 import torch
 
 from pathpatch.engine import kernels
+from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
+from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.model.graph import Graph
 from pathpatch.tools.engine_benchmarks import random_circuits
 from tests.pathpatch.conftest import tiny_model

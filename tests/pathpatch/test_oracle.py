@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
+from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph
 from tests.pathpatch import oracle

@@ -4,9 +4,10 @@ import random
 
 import torch
 
+from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import GroupEvaluator, GroupPlan
+from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.engine.workspace import Workspace
 from pathpatch.language.families import edge_removal, node_removal
 from pathpatch.language.hypotheses import Hypothesis
@@ -170,10 +171,11 @@ def test_dense_circuits_match_an_independent_hook_run():
     xr, xc = _tokens(model, torch.Generator().manual_seed(3))
     hyps = random_circuits(graph, 6, random.Random(1))
     plan = GroupPlan(graph, [h.compile(graph) for h in hyps])
-    mixings = [m for s in plan.stages for m in s.mixing.values()]
-    assert any(m.in_place for m in mixings)  # fused products
-    assert any(len(r) == 0 for s in plan.stages for r in _readers(s).values())  # carried inputs
-    assert any(m.carries for m in mixings) and any(m.carried for m in mixings)  # shared products
+    summary = plan.summary()
+    assert summary.fused_products > 0
+    assert summary.partial_inputs > 0  # the next stage's part, computed in the heads' product
+    assert summary.previous_stage_bases > 0
+    assert summary.shared_products > 0  # head stages' products, computing later stages' terms
     positions = PositionContext({}, B, T, torch.device("cpu"))
     got = GroupEvaluator(model, plan, Runs(model, xr, xc), positions).logits()
     clean, patched = model(xr), model(xc)
@@ -187,9 +189,3 @@ def test_dense_circuits_match_an_independent_hook_run():
     torch.testing.assert_close(_circuit_hook_run(model, every, xr, xc), clean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(_circuit_hook_run(model, set(), xr, xc), patched, rtol=1e-10, atol=1e-10)
 
-
-def _readers(stage) -> dict[int, list[int]]:
-    out = {i: [] for i in range(stage.n_inputs)}
-    for r, i in enumerate(stage.row_input):
-        out[i].append(r)
-    return out

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pathpatch.engine.evaluation import check
+from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.language.automaton import compile_pattern
 from pathpatch.language.copies import CF, CLEAN, CopyGraph, build_copies
 from pathpatch.language.families import edge_removal, node_removal, through_node

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stacking import evaluate_logits
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model import families
@@ -356,13 +356,13 @@ def test_docs_list_every_field_with_its_class():
 def test_the_norm_over_heads_a_few_rows_at_a_time_equals_all_at_once(monkeypatch):
     """OLMo-2's q/k norm over all heads bounds its transient by projecting a few rows at a time:
     one row at a time gives the same logits as all at once."""
-    import pathpatch.engine.stacking
+    import pathpatch.engine.group_evaluation
 
     model = _model(**FEATURES["OLMo-2-like (norms after only, q/k norms over all heads, GQA)"])
     xr, xc = _tokens(model)
     hyps = [Hypothesis("~a1.0", "~a1.0"), Hypothesis("remove", f"remove({EDGES[0]}, {EDGES[1]})")]
     whole, cgs = _engine(model, hyps, xr, xc)
-    monkeypatch.setattr(pathpatch.engine.stacking, "_NORM_CHUNK_BYTES", 1)
+    monkeypatch.setattr(pathpatch.engine.group_evaluation, "_NORM_CHUNK_BYTES", 1)
     one_by_one, _ = _engine(model, hyps, xr, xc)
     for a, b, cg in zip(whole, one_by_one, cgs, strict=True):
         assert cg.n_mixed > 0
