@@ -1,9 +1,10 @@
 """Exact treeified evaluation G_H(x_r, x_c) over a dataset: the public entry points.
 
 `evaluate` streams batches: per batch the clean and counterfactual runs are cached once
-(`runs.py`), hypotheses are evaluated in stacked groups (`stacking.py`), and delta is read at
-the scored positions (`metrics.py`). Only mixed copies are computed; nothing is approximated:
-a memory budget shrinks batches and groups, never precision.
+(`runs.py`), hypotheses are evaluated in stacked groups (`stage_plan.py` plans a group,
+`group_evaluation.py` runs it), and delta is read at the scored positions (`metrics.py`).
+Only mixed copies are computed; nothing is approximated: a memory budget shrinks batches and
+groups, never precision.
 """
 
 from __future__ import annotations

@@ -90,15 +90,15 @@ class GroupEvaluator:
             if cg.root in (CLEAN, CF):
                 out[h] = runs.logits["r" if cg.root == CLEAN else "c"]
         previous: tuple[Stage, StageInputs] | None = None
-        # per hypothesis: the output of the head-stage product later head stages share
-        # (`stage_plan.share_heads_products`), until the last of them has added its rows
-        shared: list[torch.Tensor | None] = [None] * len(plan.copy_graphs)
+        # per hypothesis: the output of the head-stage product whose rows later head stages
+        # add (`stage_plan.share_heads_products`), held until the last of them has
+        shared_products: list[torch.Tensor | None] = [None] * len(plan.copy_graphs)
         for stage in plan.stages:
             if stage.kind is NodeKind.INPUT:
                 self._input_stage(stage, banks)
                 continue
             self.passes += 1
-            x = self._mix(stage, storage, cf_bank, previous, shared)
+            x = self._mix(stage, storage, cf_bank, previous, shared_products)
             previous = (stage, x)
             if stage.kind is NodeKind.HEAD:
                 self._head_stage(stage, x, banks)
@@ -113,9 +113,9 @@ class GroupEvaluator:
         return out
 
     def _mix(self, stage: Stage, storage, cf_bank, previous: tuple[Stage, StageInputs] | None,
-             shared: list[torch.Tensor | None]) -> StageInputs:
+             shared_products: list[torch.Tensor | None]) -> StageInputs:
         """Each input: its base plus its remaining terms (`stage_plan.Mixing`), plus the rows an
-        earlier head stage's product computed for it (`shared`)."""
+        earlier head stage's product computed for it (`Mixing.earlier`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
         B, T, d = clean.shape
         residuals = {Residual.CLEAN: clean,
@@ -150,12 +150,12 @@ class GroupEvaluator:
                         out=self.workspace.empty((B * T, len(mixing.coef), d), source))
             if mixing.sliced is not None:
                 mix_add_(block, mixing.sliced_coef.to(bank), bank[:, mixing.sliced])
-            if mixing.shared is not None:  # a strided view: added once, not a product's output
-                block.add_(shared[h][:, mixing.shared.rows])
-                if mixing.shared.last:
-                    shared[h] = None
-            if mixing.later_rows:
-                shared[h] = block
+            if mixing.earlier is not None:  # a strided view: added once, not a product's output
+                block.add_(shared_products[h][:, mixing.earlier.rows])
+                if mixing.earlier.last:
+                    shared_products[h] = None
+            if mixing.later_rows:  # the rows after its own inputs are later stages' terms
+                shared_products[h] = block
                 block = block[:, :mixing.n_inputs]
             x.blocks[h] = block
         return x

@@ -122,7 +122,7 @@ class Mixing:
     before the bank so that one product reads both (entries [0, `in_place`)); otherwise by a
     second product (`sliced`, `sliced_coef`). A head stage's fused product may also compute
     `later_rows` rows of later head stages' inputs (`share_heads_products`); those stages add
-    them to their own product's output (`shared`).
+    them to their own product's output (`earlier`).
     """
 
     n_inputs: int
@@ -134,7 +134,7 @@ class Mixing:
     sliced: slice | None = None  # own-bank entries read in place by a second product
     sliced_coef: torch.Tensor | None = None  # [n_inputs, entries]
     later_rows: int = 0  # rows after its own inputs: later head stages' terms
-    shared: SharedRows | None = None  # its terms an earlier head stage's product computed
+    earlier: SharedRows | None = None  # its terms an earlier head stage's product computed
 
     @property
     def n_sources(self) -> int:
@@ -188,7 +188,8 @@ class Stage:
 
     @property
     def uses_previous(self) -> bool:
-        """Some input is built on one of the previous stage's inputs."""
+        """Some input is built on one of the previous stage's inputs (plus the clean residual
+        between the stages, `Residual.BETWEEN`)."""
         return any(Residual.BETWEEN in m.bases for m in self.mixing.values())
 
 
@@ -199,11 +200,11 @@ class PlanSummary:
     passes: int  # layer-stage passes per batch
     rows: int  # input rows over all stages
     inputs: int  # distinct inputs built (rows that come out equal are built once)
-    products: int  # mixing products (a fused or sliced read of a bank counts its own)
+    products: int  # mixing products (a second product over a slice of a bank counts)
     fused_products: int  # products reading their bank in place after their copied sources
     shared_products: int  # fused head-stage products that also compute later stages' terms
     partial_inputs: int  # inputs read by no row: the next stage's part computed by the heads'
-    previous_stage_bases: int  # inputs built on a previous stage's input
+    previous_stage_bases: int  # previous stages' inputs that inputs are built on
 
 
 class GroupPlan:
@@ -320,7 +321,17 @@ class _Draft:
 
 def plan_stages(graph: Graph, copy_graphs: tuple[CopyGraph, ...],
                 banks: tuple[BankLayout, ...]) -> tuple[Stage, ...]:
-    """The passes, each deciding one thing; the last ones turn drafts into finished stages."""
+    """The passes, in order, each deciding one thing (drafts carry what planning needs; the
+    finished `Stage`s only what evaluation reads):
+
+    - `sort_into_stages`: which copies each pass computes, and where they sit in their banks;
+    - `merge_equal_rows`: which rows are one input (equal coefficient vectors);
+    - `carry_partial_inputs`: which next-stage inputs a head stage's product begins;
+    - `order_inputs`: the order a product writes its hypothesis's inputs in;
+    - `choose_bases_and_products`: each input's base, and how each product reads the banks;
+    - `plan_projections`: which rows of a head stage project together;
+    - `share_heads_products`: which head stages' products over shared entries are one.
+    """
     drafts = sort_into_stages(graph, copy_graphs, banks)
     drafts = merge_equal_rows(drafts, graph, banks)
     drafts = carry_partial_inputs(drafts)
@@ -391,7 +402,7 @@ def merge_equal_rows(drafts: tuple[_Draft, ...], graph: Graph,
                     channel.append(n_rows)
                     n_rows += 1
                 rows.append(tuple(channel))
-            copies.append(dataclasses.replace(cr, rows=tuple(rows)))
+            copies.append(CopyRows(cr.hypothesis, cr.copy, tuple(rows)))
         out.append(dataclasses.replace(draft, copies=tuple(copies), senders=senders, n_rows=n_rows,
                                        inputs={h: s.done() for h, s in inputs.items()}))
     return tuple(out)
@@ -429,7 +440,7 @@ def order_inputs(drafts: tuple[_Draft, ...]) -> tuple[_Draft, ...]:
     several rows share, then partial inputs carried for the next stage; and each row's input."""
     out = []
     for draft in drafts:
-        inputs, where = {}, {}
+        inputs, where = {}, [0] * draft.n_rows  # row -> its input's index in its block
         for h, found in draft.inputs.items():
             readers = found.readers
 
@@ -439,9 +450,11 @@ def order_inputs(drafts: tuple[_Draft, ...]) -> tuple[_Draft, ...]:
             order = sorted(range(len(found.a)), key=rank)
             inputs[h] = _Inputs(tuple(found.a[i] for i in order), tuple(found.b[i] for i in order),
                                 tuple(readers[i] for i in order))
-            where.update({r: i for i, rows in enumerate(inputs[h].readers) for r in rows})
-        copies = tuple(dataclasses.replace(cr, inputs=tuple(tuple(where[r] for r in rows)
-                                                             for rows in cr.rows))
+            for i, rows in enumerate(inputs[h].readers):
+                for r in rows:
+                    where[r] = i
+        copies = tuple(CopyRows(cr.hypothesis, cr.copy, cr.rows,
+                                tuple(tuple([where[r] for r in rows]) for rows in cr.rows))
                        for cr in draft.copies)
         out.append(dataclasses.replace(draft, copies=copies, inputs=inputs))
     return tuple(out)
@@ -605,10 +618,10 @@ def share_heads_products(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
                 if upto < mt.in_place:  # its newer entries: a second product
                     sliced = slice(upto, mt.in_place)
                     sliced_coef = mt.coef[:, n_src + upto:n_src + mt.in_place].contiguous()
-                shared = SharedRows(slice(n_rows, n_rows + len(rows)), last=t == readers[-1])
+                earlier = SharedRows(slice(n_rows, n_rows + len(rows)), last=t == readers[-1])
                 _set_mixing(out, t, h, dataclasses.replace(
                     mt, coef=mt.coef[:, :n_src].contiguous(), in_place=0, sliced=sliced,
-                    sliced_coef=sliced_coef, shared=shared))
+                    sliced_coef=sliced_coef, earlier=earlier))
                 n_rows += len(rows)
             if extra:
                 _set_mixing(out, first, h, dataclasses.replace(

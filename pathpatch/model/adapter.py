@@ -6,8 +6,8 @@ counterfactual runs from hooks. Everything it needs from the model goes through 
 which hooks hold what, the q/k/v weights and the norm in front of them, the norms and rotation
 of q and k, the keys a query may see (causal, or a window), the attention scale and soft cap,
 each head's output matrix, the MLP with its norm, the final norm with the unembedding, and the
-graph's wiring (sequential, or attention and MLP in parallel). `stacking.py`, `runs.py` and
-`folding.py` never read model modules or hook names themselves, so another architecture, or
+graph's wiring (sequential, or attention and MLP in parallel). `group_evaluation.py`, `runs.py`
+and `folding.py` never read model modules or hook names themselves, so another architecture, or
 another backend than pathpatch's `Transformer`, is one adapter.
 
 What is computed exactly, and what is refused by name, is `support.py`'s table, which
