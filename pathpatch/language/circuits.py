@@ -198,8 +198,7 @@ def read_eap_graph(graph: Graph, path: str | Path) -> tuple[dict[Edge, float], s
         scores, in_graph = {}, set()
         for i, src in enumerate(d["src_nodes"]):
             for j, dst in enumerate(d["dst_nodes"]):
-                child, _, channel = dst.partition("<")
-                edge = names.get(f"{src}->{child}" + (f"<{channel}" if channel else ""))
+                edge = names.get(f"{src}->{dst}")  # dst names its channel: a1.h0<q>
                 if edge is None:
                     continue  # not a real edge (e.g. m10->m2): EAP-IG's matrix holds zeros there
                 scores[edge] = float(d["edges_scores"][i, j])
