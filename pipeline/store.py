@@ -26,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -46,6 +47,9 @@ from pipeline.plan import HypothesisInfo, Plan, WorkItem
 
 MANIFEST_FORMAT = "pathpatch-sweep/1"
 META_KEY = b"pathpatch.provenance"
+PLAN_KEY = b"pathpatch.plan"
+"""`hypotheses.parquet`'s metadata key: the digest of the plan's (name, canonical) pairs it
+describes, checked against the manifest's (a run stopped between writing the two)."""
 LIBRARIES = ("pathpatch", "torch", "transformer-lens", "pyarrow", "numpy", "ray", "duckdb")
 
 
@@ -236,9 +240,11 @@ class SweepFolder:
                            (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
     def write_hypotheses(self, plan: Plan) -> None:
-        """Write `hypotheses.parquet`: what each of the plan's hypotheses is (call with the
-        manifest, after it: the two describe the same plan)."""
+        """Write `hypotheses.parquet`: what each of the plan's hypotheses is (call right after
+        the manifest: its metadata names the plan both describe)."""
         table = hypotheses_table(plan.hypotheses)
+        digest = plan_digest([(h.name, h.canonical) for h in plan.hypotheses])
+        table = table.replace_schema_metadata({PLAN_KEY: digest.encode()})
         atomic_write(self.hypotheses_path,
                      lambda f: pq.write_table(table, f, compression="zstd"))
 
@@ -246,14 +252,24 @@ class SweepFolder:
         """Why this folder's `hypotheses` view cannot be built, or None when it can: its plan
         names hypotheses but the folder has no `hypotheses.parquet` (written by a pathpatch
         older than the table)."""
-        if self.hypotheses_path.is_file() or not any(
-                h.get("kind", "evaluation") == "evaluation" for h in manifest.get("hypotheses", [])):
+        planned = manifest.get("hypotheses", [])
+        fix = (f"`pathpatch resume {self.root}` writes the table from its spec without "
+               "recomputing any work item")
+        if self.hypotheses_path.is_file():
+            try:
+                written = (pq.read_schema(self.hypotheses_path).metadata or {}).get(PLAN_KEY)
+            except (OSError, pa.ArrowException):
+                written = None
+            if written == plan_digest([(h["name"], h["canonical"]) for h in planned]).encode():
+                return None
+            return (f"sweep folder {str(self.root)!r}: its hypotheses.parquet describes another "
+                    "plan than its manifest.json (a run stopped between writing the two): "
+                    + fix)
+        if not any(h.get("kind", "evaluation") == "evaluation" for h in planned):
             return None
         return (f"sweep folder {str(self.root)!r} has no hypotheses.parquet (the table of what "
                 "each hypothesis is: family, target edge or node, ranking, k, ...), which the "
-                "curve, edge and node views join on; it was written by an older pathpatch: "
-                f"`pathpatch resume {self.root}` writes the table from its spec without "
-                "recomputing any work item")
+                f"curve, edge and node views join on; it was written by an older pathpatch: {fix}")
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest; an error that says what to do when this is not a sweep folder."""
@@ -427,6 +443,12 @@ def build_manifest(plan: Plan, *, spec_name: str, spec_hash: str, spec_file: str
         "shards": [asdict(s) for s in plan.shards],
         "items": [item_record(item) for item in plan.items],
     }
+
+
+def plan_digest(hypotheses: list[tuple[str, str]]) -> str:
+    """sha256 (hex, 32 chars) of a plan's (name, canonical) pairs, in order."""
+    text = json.dumps(hypotheses, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _manifest_fields(h: HypothesisInfo) -> dict[str, Any]:

@@ -156,6 +156,22 @@ def test_a_folder_without_the_table_keeps_its_scores_and_says_how_to_get_it(
         assert con.sql(f"SELECT * EXCLUDE (sweep) FROM {view} ORDER BY ALL").fetchall() == rows
 
 
+def test_a_table_of_another_plan_is_refused_not_read(sweep, tmp_path):
+    """A run stopped between writing the manifest and the table leaves the old plan's table."""
+    import pyarrow.parquet as pq
+
+    from pipeline.store import PLAN_KEY
+
+    stale = tmp_path / "stale"
+    shutil.copytree(sweep, stale)
+    table = pq.read_table(stale / "hypotheses.parquet")
+    pq.write_table(table.replace_schema_metadata({PLAN_KEY: b"another plan"}),
+                   stale / "hypotheses.parquet")
+    with pytest.raises(PathPatchError, match="describes another plan than its manifest"):
+        run_query([stale], "SELECT * FROM faithfulness")
+    assert open_sweeps(stale).sql("SELECT count(*) FROM scores").fetchall() == [(98,)]
+
+
 def test_a_folder_that_plans_no_hypotheses_needs_no_table(tmp_path):
     spec = tmp_path / "eap.toml"
     spec.write_text('model = "attn-only-2l"\nmetric = "logit_diff"\n[dataset]\n'
