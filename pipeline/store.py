@@ -263,7 +263,8 @@ class SweepFolder:
             if written == plan_digest([(h["name"], h["canonical"]) for h in planned]).encode():
                 return None
             return (f"sweep folder {str(self.root)!r}: its hypotheses.parquet describes another "
-                    "plan than its manifest.json (a run stopped between writing the two): "
+                    "plan than its manifest.json (a run stopped between writing the two, or another "
+                    "version of pathpatch wrote it): "
                     + fix)
         if not any(h.get("kind", "evaluation") == "evaluation" for h in planned):
             return None
