@@ -1,15 +1,15 @@
 """Figures of localization scores: intervals per hypothesis, their spread over examples, node
 heatmaps, strongest edges, edges by layer, faithfulness curves and a circuit's drawing.
 
-Input is a scores table (hypothesis, proportion_explained, pe_boot_low/high or pe_low/high, ...);
-the node and edge figures read the names the removal families give (`remove a1.2`,
-`remove a0.3->a1.2.k`), which is why this lives with the method and not the pipeline.
+Input is a scores table (hypothesis, proportion_explained, pe_boot_low/high or pe_low/high, ...)
+joined with the `hypotheses` view's facts: the node and edge figures read a row's `kind`
+("remove_node", "remove_edge") and its target's `layer`, `head`, `sender`, `receiver` and
+`channel`, never its name. Node positions on a layout come from `pathpatch.model.names`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 import matplotlib
 
@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-_NODE = re.compile(r"^remove (a(\d+)\.(\d+)|m(\d+))$")
-_EDGE = re.compile(r"^remove ([\w.]+)->([\w.]+?)(?:\.([qkv]))?$")
+from pathpatch.model.graph import NodeKind  # noqa: E402
+from pathpatch.model.names import node_parts  # noqa: E402
 
 
 def _rows(scores) -> list[dict]:
@@ -91,12 +91,12 @@ def spread_axes(ax, scores, per_example: dict[str, list[float]], max_rows: int =
 
 
 def node_matrix(scores) -> tuple[list[list[float | None]], bool] | None:
-    """[layer][head (+ MLP column)] of AUE/ATE for node-removal hypotheses, or None."""
+    """[layer][head (+ MLP column)] of AUE/ATE for node-removal hypotheses (rows of kind
+    "remove_node", with their target's layer and head), or None."""
     found = {}
     for r in _rows(scores):
-        m = _NODE.match(r["hypothesis"])
-        if m:
-            key = (int(m.group(2)), int(m.group(3))) if m.group(2) else (int(m.group(4)), "mlp")
+        if r.get("kind") == "remove_node" and r.get("layer") is not None:
+            key = (r["layer"], "mlp" if r.get("head") is None else r["head"])
             found[key] = _effect(r)
     if not found:
         return None
@@ -135,14 +135,14 @@ def heatmap_axes(ax, scores) -> bool:
 
 
 def _node_xy(name: str, n_layers: int) -> tuple[float, float]:
-    if name == "in":
+    kind, layer, head = node_parts(name)
+    if kind is NodeKind.INPUT:
         return -1.0, 0.0
-    if name == "out":
+    if kind is NodeKind.OUTPUT:
         return float(n_layers), 0.0
-    if name.startswith("m"):
-        return int(name[1:]) + 0.5, 0.0
-    layer, head = name[1:].split(".")
-    return float(layer), int(head) - 1.5
+    if kind is NodeKind.MLP:
+        return layer + 0.5, 0.0
+    return float(layer), head - 1.5
 
 
 _CHANNEL_COLORS = {"q": "tab:green", "k": "tab:orange", "v": "tab:purple", None: "tab:blue"}
@@ -152,7 +152,7 @@ def _draw_edges(ax, edges: list[tuple[float, str, str, str | None]]) -> None:
     """(weight, sender, receiver, channel) arrows on the model's layout (nodes by layer), width
     by |weight|, colour by the receiver's channel."""
     names = {n for _, s, t, _ in edges for n in (s, t)}
-    n_layers = 1 + max((int(n[1:].split(".")[0]) for n in names if n[0] in "am"), default=0)
+    n_layers = 1 + max((layer for layer in map(_layer_of, names) if layer is not None), default=0)
     top = max((abs(e[0]) for e in edges), default=1.0) or 1.0
     for weight, s, t, ch in reversed(edges):
         (x0, y0), (x1, y1) = _node_xy(s, n_layers), _node_xy(t, n_layers)
@@ -172,11 +172,8 @@ def _draw_edges(ax, edges: list[tuple[float, str, str, str | None]]) -> None:
 
 def edges_axes(ax, scores, top_k: int = 20) -> bool:
     """The edges whose removal leaves the most effect unexplained, drawn on the model's layout."""
-    edges = []
-    for r in _rows(scores):
-        m = _EDGE.match(r["hypothesis"])
-        if m and _effect(r) is not None:
-            edges.append((_effect(r), m.group(1), m.group(2), m.group(3)))
+    edges = [(_effect(r), r["sender"], r["receiver"], _channel(r["channel"]))
+             for r in _edge_removals(scores) if _effect(r) is not None]
     if not edges:
         return False
     edges.sort(reverse=True)
@@ -222,21 +219,29 @@ def curve_axes(ax, points: list[dict], areas: list[dict]) -> None:
 
 def _layer_of(name: str) -> int | None:
     """Layer index of a node name; None for `in` (before layer 0) and `out` (after the last)."""
-    if name in ("in", "out"):
-        return None
-    return int(name[1:].split(".")[0])
+    return node_parts(name)[1]
+
+
+def _edge_removals(scores) -> list[dict]:
+    """The rows of single-edge removals (kind "remove_edge": sender, receiver, channel)."""
+    return [r for r in _rows(scores) if r.get("kind") == "remove_edge"]
+
+
+def _channel(channel: str | None) -> str | None:
+    """A receiver's channel as the drawing colours it: q, k, v, or None (the residual input)."""
+    return None if channel in (None, "resid") else channel
 
 
 def edge_layers_axes(ax, scores) -> bool:
     """Senders' layer x receivers' layer heat map of the largest effect a single edge's removal
     leaves unexplained: 32,491 edges of GPT-2 small in one readable panel."""
     cells: dict[tuple[str, str], float] = {}
-    for r in _rows(scores):
-        m = _EDGE.match(r["hypothesis"])
-        effect = _effect(r) if m else None
+    removals = _edge_removals(scores)
+    for r in removals:
+        effect = _effect(r)
         if effect is None:
             continue
-        s, t = _layer_of(m.group(1)), _layer_of(m.group(2))
+        s, t = _layer_of(r["sender"]), _layer_of(r["receiver"])
         key = ("in" if s is None else str(s), "out" if t is None else str(t))
         cells[key] = max(cells.get(key, float("-inf")), effect)
     if not cells:
@@ -253,8 +258,7 @@ def edge_layers_axes(ax, scores) -> bool:
     ax.set_xlabel("receiver's layer")
     ax.set_ylabel("sender's layer")
     ax.figure.colorbar(im, ax=ax, label="largest AUE / ATE of one edge removed")
-    ax.set_title(f"edges by layer ({sum(1 for r in _rows(scores) if _EDGE.match(r['hypothesis']))} "
-                 "removed one at a time)")
+    ax.set_title(f"edges by layer ({len(removals)} removed one at a time)")
     return True
 
 
@@ -262,7 +266,8 @@ def report_figure(scores, title: str = "", per_example: dict[str, list[float]] |
                   curve: tuple[list[dict], list[dict]] | None = None,
                   circuit: tuple[list[tuple[float, str, str, str | None]], str] | None = None
                   ) -> Figure:
-    """All panels that apply to these scores, in one figure (`per_example`: hypothesis ->
+    """All panels that apply to these scores (rows with their facts: see the module's
+    docstring), in one figure (`per_example`: hypothesis ->
     each pair's 1 - UE/TE, for the spread panel; `curve`: the `faithfulness` and
     `curve_scores` rows; `circuit`: one circuit's weighted edges and its title)."""
     rows = _rows(scores)
@@ -275,7 +280,7 @@ def report_figure(scores, title: str = "", per_example: dict[str, list[float]] |
         panels.append(lambda ax, rows: circuit_axes(ax, *circuit))
     if node_matrix(rows) is not None:
         panels.append(heatmap_axes)
-    if any(_EDGE.match(r["hypothesis"]) for r in rows):
+    if _edge_removals(rows):
         panels += [edges_axes, edge_layers_axes]
     height = max(4.0, 0.22 * min(SHOWN, len(rows)) + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), squeeze=False)

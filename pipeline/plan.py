@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
+from pathpatch.language.hypotheses import FREE_FORM, Facts
 
 IDENTITY_VERSION = "pathpatch-item/1"
 """Bump when the meaning of a result row changes, so old files are not mistaken for new."""
@@ -24,7 +25,8 @@ IDENTITY_VERSION = "pathpatch-item/1"
 
 @dataclass(frozen=True)
 class HypothesisInfo:
-    """One hypothesis as the pipeline sees it: opaque text plus validation's cost report.
+    """One hypothesis as the pipeline sees it: opaque text, validation's cost report, and what
+    its family knew of it (the sweep's `hypotheses` table).
 
     Attributes:
         name: unique label; the `hypothesis` column of result rows.
@@ -34,6 +36,8 @@ class HypothesisInfo:
         kind: "evaluation" (a hypothesis: rows of `results`) or "attribution" (a method's
             approximate edge scores: rows of `attributions`, one per edge).
         rows_per_example: result rows per example (an attribution: the model's edge count).
+        facts: the hypothesis's `Facts` (family, target, ranking, k, ...): data, never part
+            of an identity or the manifest; `pipeline.store.hypotheses_table` writes them.
     """
 
     name: str
@@ -42,6 +46,7 @@ class HypothesisInfo:
     est_cost: float = 0.0
     kind: str = "evaluation"
     rows_per_example: int = 1
+    facts: Facts = field(default=FREE_FORM, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

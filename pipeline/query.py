@@ -16,16 +16,23 @@ Views:
              partial (true while some of the hypothesis's work items are not done)
     items    sweep, item, group_index, shard, shard_id, n_examples, rows, hypotheses, status,
              attempts, error, path
+    hypotheses  sweep, hypothesis, family, kind, target, sender, receiver, channel, layer, head,
+             ranking, ordering, k, n_edges, n_pruned, edges: what each hypothesis of the plan
+             is, as its family recorded it (`pipeline.store.HYPOTHESES_SCHEMA`; NULL where a
+             fact does not apply, all NULL for a free-form pattern). The views below join on
+             it; none reads a hypothesis's name
     faithfulness  sweep, ranking, ordering, k, n_edges, n_pruned, n, faithfulness (MIB's f from
              the metric's m: logit_diff), its paired-bootstrap 95% interval, and the sweep
              metric's proportion explained with its interval, per member of a circuit_curve
+             (its ranking, ordering, k and edge counts from `hypotheses`)
     curve_scores  sweep, ranking, cpr, cmd (MIB's, with intervals), cpr_metric, cmd_metric
     attributions  sweep, item, shard, method, example, edge, score (every per-example row of an
              [[attributions]] method: the first-order change of the statistic m)
     edge_scores  sweep, method, edge, n, score (mean over examples), score_low, score_high,
              importance (oriented: higher = the edge matters more to the clean behaviour),
              importance_low, importance_high, rank (1 = most important), partial; method
-             'exact' holds the sweep's single-edge removals: score m(remove e) - m(clean), the
+             'exact' holds the sweep's single-edge removals (kind 'remove_edge' in
+             `hypotheses`, the edge its target): score m(remove e) - m(clean), the
              change EAP approximates, where the metric has a statistic m (logit_diff), else the
              mean unexplained effect
     search_steps  sweep, index, edge, receiver, before, after, removed, evaluated,
@@ -50,7 +57,7 @@ import pyarrow.dataset as pads
 from pathpatch.discovery.attribution import importance_sign
 from pathpatch.engine.metrics import MIN_ATE
 from pathpatch.errors import PathPatchError
-from pipeline.store import STEP_SCHEMA, SweepFolder, item_status
+from pipeline.store import HYPOTHESES_SCHEMA, STEP_SCHEMA, SweepFolder, item_status
 
 Z95 = 1.959963984540054
 FORMATS = ("table", "csv", "json")
@@ -73,16 +80,13 @@ _EMPTY_ATTRIBUTIONS = pa.schema([
 BOOTSTRAP_REPLICATES = 1000
 """Replicates of the paired bootstrap behind `faithfulness` and `curve_scores`."""
 
-_CURVE_NAME = r"^curve (.+) (signed|absolute) k=([0-9.e+-]+) n=([0-9]+) pruned=([0-9]+)$"
-
 _CURVE_SQL = f"""
 CREATE TEMP VIEW _curve_replicates AS
-WITH rows AS (  -- the members of circuit_curve families, their name taken apart
-    SELECT sweep, example, ue, te, m, m_clean, m_cf, c.ranking, c.ordering,
-           c.k::DOUBLE AS k, c.n_edges::BIGINT AS n_edges, c.n_pruned::BIGINT AS n_pruned
-    FROM (SELECT *, regexp_extract(hypothesis, '{_CURVE_NAME}',
-                                   ['ranking', 'ordering', 'k', 'n_edges', 'n_pruned']) AS c
-          FROM results WHERE regexp_full_match(hypothesis, '{_CURVE_NAME}'))
+WITH rows AS (  -- the members of circuit_curve families taken from a ranking (not its two ends)
+    SELECT r.sweep, r.example, r.ue, r.te, r.m, r.m_clean, r.m_cf, h.ranking, h.ordering, h.k,
+           h.n_edges, h.n_pruned
+    FROM results r JOIN hypotheses h USING (sweep, hypothesis)
+    WHERE h.family = 'circuit_curve' AND h.ordering IS NOT NULL
 ), examples AS (  -- each sweep's examples, numbered from 0
     SELECT sweep, example, row_number() OVER (PARTITION BY sweep ORDER BY example) - 1 AS j,
            count(*) OVER (PARTITION BY sweep) AS n
@@ -177,20 +181,21 @@ WITH attributed AS (
     SELECT DISTINCT sweep, hypotheses[1] AS method FROM items
     WHERE kind = 'attribution' AND status <> 'done'
 ), exact AS (  -- single-edge removals: m(remove) - m(clean) where the metric has m, else UE
-    SELECT r.sweep, hypothesis, regexp_extract(hypothesis, '^remove (.+)$', 1) AS edge,
-           count(*) AS n, coalesce(avg(m - m_clean), avg(ue)) AS score,
+    SELECT r.sweep, hypothesis, count(*) AS n, coalesce(avg(m - m_clean), avg(ue)) AS score,
            {Z95} * sqrt(coalesce(var_samp(m - m_clean), var_samp(ue)) / count(*)) AS half,
            CASE WHEN count(m) > 0 THEN any_value(o.sign) ELSE 1 END AS sign
     FROM results r JOIN _orientation o USING (sweep)
-    WHERE regexp_full_match(hypothesis, '^remove .+->.+$') GROUP BY r.sweep, hypothesis
+    WHERE (r.sweep, hypothesis) IN (SELECT (sweep, hypothesis) FROM hypotheses
+                                    WHERE kind = 'remove_edge')
+    GROUP BY r.sweep, hypothesis
 ), everything AS (
     SELECT sweep, method, edge, n, score, score - half AS score_low, score + half AS score_high,
            sign * score AS importance, sign, p.method IS NOT NULL AS partial
     FROM attributed LEFT JOIN pending p USING (sweep, method)
     UNION ALL BY NAME
-    SELECT sweep, 'exact' AS method, e.edge, e.n, e.score, e.score - e.half AS score_low,
+    SELECT sweep, 'exact' AS method, h.target AS edge, e.n, e.score, e.score - e.half AS score_low,
            e.score + e.half AS score_high, e.sign * e.score AS importance, e.sign, s.partial
-    FROM exact e JOIN scores s USING (sweep, hypothesis)
+    FROM exact e JOIN scores s USING (sweep, hypothesis) JOIN hypotheses h USING (sweep, hypothesis)
 )
 SELECT sweep, method, edge, n, score, score_low, score_high, importance,
        least(sign * score_low, sign * score_high) AS importance_low,
@@ -294,6 +299,7 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
              "path": r["path"]}
             for r in records
         ], schema=_ITEMS_SCHEMA))
+        parts.setdefault("hypotheses", []).append(_hypotheses_part(con, i, label, sweep, manifest))
         orientation.append({"sweep": label, "sign": importance_sign(manifest["metric"])})
         steps = sorted(sweep.steps_dir.glob("*.parquet")) if sweep.steps_dir.is_dir() else []
         con.register(f"_steps_{i}", pads.dataset([str(f) for f in steps], format="parquet")
@@ -308,6 +314,9 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
     parts["search_steps"].append("SELECT NULL::VARCHAR AS sweep, * FROM _steps_columns")
     con.execute("CREATE TEMP VIEW search_steps AS "
                 + " UNION ALL BY NAME ".join(parts["search_steps"]))
+    con.register("_hypotheses_columns", HYPOTHESES_SCHEMA.empty_table())
+    parts["hypotheses"].append("SELECT NULL::VARCHAR AS sweep, * FROM _hypotheses_columns")
+    con.execute("CREATE TEMP VIEW hypotheses AS " + " UNION ALL BY NAME ".join(parts["hypotheses"]))
     con.register("_items", pa.concat_tables(item_tables))
     con.register("_orientation", pa.Table.from_pylist(
         orientation, schema=pa.schema([("sweep", pa.string()), ("sign", pa.float64())])))
@@ -320,6 +329,28 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+_SQL_TYPES = {pa.string(): "VARCHAR", pa.int64(): "BIGINT", pa.float64(): "DOUBLE",
+              pa.list_(pa.string()): "VARCHAR[]"}
+
+
+def _hypotheses_part(con: duckdb.DuckDBPyConnection, i: int, label: str, sweep: SweepFolder,
+                     manifest: dict) -> str:
+    """One sweep's rows of the `hypotheses` view. A folder written before the table existed
+    gets one row whose every column raises the fix when read: its results, scores, items and
+    attributions still work; a view that needs its facts fails with the message, never
+    returns nothing silently."""
+    missing = sweep.missing_hypotheses(manifest)
+    if missing is not None:
+        fail = f"error('{_quote(missing)}')"
+        columns = ", ".join(f"CAST({fail} AS {_SQL_TYPES[f.type]}) AS {f.name}"
+                            for f in HYPOTHESES_SCHEMA)
+        return f"SELECT '{_quote(label)}' AS sweep, {columns} FROM range(1)"
+    data = (pads.dataset([str(sweep.hypotheses_path)], format="parquet")
+            if sweep.hypotheses_path.is_file() else HYPOTHESES_SCHEMA.empty_table())
+    con.register(f"_hypotheses_{i}", data)
+    return f"SELECT '{_quote(label)}' AS sweep, * FROM _hypotheses_{i}"
 
 
 _ITEMS_SCHEMA = pa.schema([
@@ -363,7 +394,7 @@ def check_read_only(query: str) -> list[str]:
             raise PathPatchError(
                 f"sql is read-only: {kind} statements are not allowed ({st.query.strip()[:80]!r});"
                 " only queries (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) over the views "
-                "results, scores and items; to export, use --format csv and redirect"
+                "results, scores, items, hypotheses, ...; to export, use --format csv and redirect"
             )
         out.append(st.query)
     return out

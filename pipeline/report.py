@@ -2,21 +2,24 @@
 
 Scores are recomputed from the per-example rows with the method's seeded paired bootstrap
 (`pipeline.intervals.summarize`), so the figure's intervals are the bootstrap ones; the SQL
-`scores` view gives the delta-method interval instead. Drawing lives in `pipeline.figures`.
+`scores` view gives the delta-method interval instead. What a hypothesis is (a node or edge
+removal, a curve's member and its circuit) comes from the `hypotheses` view, never from its
+name. Drawing lives in `pipeline.figures`.
 """
 
 from __future__ import annotations
 
 import html
 import io
-import json
 from pathlib import Path
 
 from pathpatch.data.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
+from pathpatch.model.names import edge_parts
 from pipeline.figures import least_explained, report_figure
 from pipeline.intervals import summarize
 from pipeline.query import open_sweeps, rank_agreement
+from pipeline.store import SweepFolder
 
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
@@ -46,27 +49,26 @@ CHOSEN_FAITHFULNESS = 0.8
 """The circuit drawn is the smallest of the signed curve's circuits at least this faithful."""
 
 
-def _curve(con, folder: Path, manifest: dict):
+def _curve(con, folder: Path):
     """(faithfulness rows, curve_scores rows, (the chosen circuit's weighted edges, title)), or
-    None when the sweep has no circuit_curve members."""
+    None when the sweep has no circuit_curve members. The circuit is drawn from the edges its
+    member recorded (the `hypotheses` view's `edges`)."""
     points = con.sql("SELECT ranking, ordering, k, n_edges, n_pruned, faithfulness, faithfulness_low, "
                      "faithfulness_high, proportion_explained FROM faithfulness "
                      "ORDER BY ranking, ordering, k").to_arrow_table().to_pylist()
     if not points:
         return None
     areas = con.sql("SELECT * FROM curve_scores ORDER BY ranking").to_arrow_table().to_pylist()
-    patterns = {h["name"]: h["canonical"] for h in manifest.get("hypotheses", [])}
     candidates = [p for p in points if p["ordering"] == "signed" and p["k"] < 1
-                  and p["faithfulness"] is not None
-                  and patterns.get(_member(p), "").startswith("circuit(")]
+                  and p["faithfulness"] is not None and p["n_pruned"] > 0]
     good = [p for p in candidates if p["faithfulness"] >= CHOSEN_FAITHFULNESS]
     chosen = min(good, key=lambda p: p["k"]) if good else max(candidates, key=lambda p: p["k"],
                                                                  default=None)
     circuit = None
     if chosen is not None:
-        from pathpatch.language.hypotheses import edge_parts
-
-        names = patterns[_member(chosen)][len("circuit("):-1].split(", ")
+        (names,), = con.sql(
+            "SELECT edges FROM hypotheses WHERE family = 'circuit_curve' AND ranking = ? "
+            "AND ordering = 'signed' AND k = ?", params=[chosen["ranking"], chosen["k"]]).fetchall()
         scores = _ranking_scores(folder, chosen["ranking"])
         edges = []
         for name in names:
@@ -76,12 +78,6 @@ def _curve(con, folder: Path, manifest: dict):
         circuit = (edges, f"circuit: {chosen['ranking']}, top k={chosen['k']:g} signed, "
                           f"{chosen['n_pruned']} edges, f = {chosen['faithfulness']:.3f}")
     return points, areas, circuit
-
-
-def _member(point: dict) -> str:
-    """The curve member's hypothesis name (`pathpatch.language.circuits.circuit_curve`)."""
-    return (f"curve {point['ranking']} {point['ordering']} k={point['k']:g} "
-            f"n={point['n_edges']} pruned={point['n_pruned']}")
 
 
 def _ranking_scores(folder: Path, ranking: str) -> dict[str, float]:
@@ -123,8 +119,14 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     """
     folder = Path(folder)
     con = open_sweeps(folder)
-    ranked = sorted(con.sql("SELECT hypothesis, n, aue, ate, proportion_explained FROM scores"
-                            ).arrow().read_all().to_pylist(), key=_pe_key, reverse=True)
+    manifest = SweepFolder(folder).read_manifest()
+    missing = SweepFolder(folder).missing_hypotheses(manifest)
+    if missing is not None:
+        raise PathPatchError(missing)
+    ranked = sorted(con.sql(
+        "SELECT hypothesis, n, aue, ate, proportion_explained, kind, target, sender, receiver, "
+        "channel, layer, head FROM scores LEFT JOIN hypotheses USING (sweep, hypothesis)"
+    ).arrow().read_all().to_pylist(), key=_pe_key, reverse=True)
     if not ranked:
         if con.sql("SELECT count(*) FROM attributions").fetchall()[0][0]:
             raise PathPatchError(
@@ -141,14 +143,13 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     scores = [{**r, **{k: v for k, v in boot.get(r["hypothesis"], {}).items() if "boot" in k}}
               for r in ranked]
     items = con.sql("SELECT status, count(*) AS n FROM items GROUP BY status").fetchall()
-    manifest = json.loads((folder / "manifest.json").read_text())
     counts = dict(items)
     total, done = sum(counts.values()), counts.get("done", 0)
     partial = f"PARTIAL ({done} of {total} work items done): " if done < total else ""
     title = (f"{partial}{manifest.get('name', folder.name)}: {manifest.get('model')} / "
              f"{manifest.get('metric')}")
     per_example = _per_example_ratios(con, figure)
-    curve = _curve(con, folder, manifest)
+    curve = _curve(con, folder)
     agreement = [dict(zip(("method_a", "method_b", "n_edges", "spearman", "spearman_abs"), r,
                           strict=True))
                  for r in con.sql("SELECT method_a, method_b, n_edges, spearman, spearman_abs "

@@ -129,7 +129,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
         raise PathPatchError(f"hypotheses: {err}") from None
     infos = tuple(
         HypothesisInfo(name=h.name, canonical=h.canonical, mixed_copies=int(c.mixed_copies),
-                       est_cost=float(c.est_cost))
+                       est_cost=float(c.est_cost), facts=h.facts)
         for h, c in zip(hypotheses, costs, strict=True)
     )
     step("plan work items")

@@ -119,6 +119,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
         manifest["search_tau"] = spec.search.tau  # part of the folder's identity
         manifest["search"] = {"tau": spec.search.tau, "window": spec.search.window}
         folder.write_manifest(manifest)
+        folder.write_hypotheses(plan)
         folder.write_spec(spec.source, spec.digest())
         folder.log("search_started", tau=spec.search.tau, window=spec.search.window)
         options = ExecutorOptions(resources=spec.resources, execution=spec.execution,

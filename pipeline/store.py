@@ -5,6 +5,8 @@ Layout (see docs/PIPELINE.md)::
     SWEEP/
       spec.toml              the spec as given (latest run); specs/<hash>.toml keeps each one
       manifest.json          the current plan: items, shards, hypotheses, provenance
+      hypotheses.parquet     what each hypothesis of the plan is (`HYPOTHESES_SCHEMA`): family,
+                             kind, target, ranking, k, ... (rewritten with the manifest)
       items/<id>.parquet     one file per work item of the current plan: per-example rows
       superseded/<id>.parquet  results of items the current spec no longer names
       failed/<id>.json       items that failed every attempt, with the error (cleared on success)
@@ -24,13 +26,14 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import importlib.metadata
 import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +42,14 @@ import pyarrow.parquet as pq
 
 from pathpatch.data.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
 from pathpatch.errors import PathPatchError
-from pipeline.plan import Plan, WorkItem
+from pathpatch.model.names import edge_parts, node_parts
+from pipeline.plan import HypothesisInfo, Plan, WorkItem
 
 MANIFEST_FORMAT = "pathpatch-sweep/1"
 META_KEY = b"pathpatch.provenance"
+PLAN_KEY = b"pathpatch.plan"
+"""`hypotheses.parquet`'s metadata key: the digest of the plan's (name, canonical) pairs it
+describes, checked against the manifest's (a run stopped between writing the two)."""
 LIBRARIES = ("pathpatch", "torch", "transformer-lens", "pyarrow", "numpy", "ray", "duckdb")
 
 
@@ -52,6 +59,42 @@ STEP_SCHEMA = pa.schema([
     ("evaluated", pa.bool_()), ("circuit_edges", pa.int64()),
 ])
 """One row per decision (`pathpatch.discovery.greedy.Step`), the `search_steps` view's columns."""
+
+
+HYPOTHESES_SCHEMA = pa.schema([
+    ("hypothesis", pa.string()), ("family", pa.string()), ("kind", pa.string()),
+    ("target", pa.string()), ("sender", pa.string()), ("receiver", pa.string()),
+    ("channel", pa.string()), ("layer", pa.int64()), ("head", pa.int64()),
+    ("ranking", pa.string()), ("ordering", pa.string()), ("k", pa.float64()),
+    ("n_edges", pa.int64()), ("n_pruned", pa.int64()), ("edges", pa.list_(pa.string())),
+])
+"""One row per hypothesis of the plan (`hypotheses.parquet`, the `hypotheses` view): its name
+and its `pathpatch.language.hypotheses.Facts`, with an edge target's sender, receiver and
+channel and a node target's layer and head (head NULL for an MLP) beside it. NULL where a
+fact does not apply; every fact NULL for a free-form hypothesis."""
+
+_FACTS = ("family", "kind", "target", "ranking", "ordering", "k", "n_edges", "n_pruned", "edges")
+
+
+def hypotheses_table(hypotheses: Sequence[HypothesisInfo]) -> pa.Table:
+    """The `HYPOTHESES_SCHEMA` table of a plan's evaluated hypotheses (attribution methods have
+    rows in `attributions`, not here), in plan order: one pass per column."""
+    evaluated = [h for h in hypotheses if h.kind == "evaluation"]
+    facts = [h.facts for h in evaluated]
+    columns: dict[str, list] = {"hypothesis": [h.name for h in evaluated]}
+    columns |= {name: [getattr(f, name) for f in facts] for name in _FACTS}
+    n = len(facts)
+    sender, receiver, channel, layer, head = ([None] * n for _ in range(5))
+    for i, f in enumerate(facts):  # the target's parts, by the one codec of names
+        if f.kind == "remove_edge":
+            sender[i], receiver[i], channel[i] = edge_parts(f.target)
+        elif f.kind in ("remove_node", "through_node"):
+            _, layer[i], head[i] = node_parts(f.target)
+    columns |= {"sender": sender, "receiver": receiver, "channel": channel, "layer": layer,
+                "head": head}
+    return pa.table({name: pa.array(columns[name], type) for name, type in
+                     zip(HYPOTHESES_SCHEMA.names, HYPOTHESES_SCHEMA.types, strict=True)},
+                    schema=HYPOTHESES_SCHEMA)
 
 
 class SweepLocked(PathPatchError):
@@ -94,6 +137,7 @@ class SweepFolder:
         self.steps_dir = self.root / "steps"
         self.failed_dir = self.root / "failed"
         self.manifest_path = self.root / "manifest.json"
+        self.hypotheses_path = self.root / "hypotheses.parquet"
         self.spec_path = self.root / "spec.toml"
         self.events_path = self.root / "events.jsonl"
         self.lock_path = self.root / ".lock"
@@ -194,6 +238,39 @@ class SweepFolder:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_bytes(self.manifest_path,
                            (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+
+    def write_hypotheses(self, plan: Plan) -> None:
+        """Write `hypotheses.parquet`: what each of the plan's hypotheses is (call right after
+        the manifest: its metadata names the plan both describe)."""
+        table = hypotheses_table(plan.hypotheses)
+        digest = plan_digest([(h.name, h.canonical) for h in plan.hypotheses])
+        table = table.replace_schema_metadata({PLAN_KEY: digest.encode()})
+        atomic_write(self.hypotheses_path,
+                     lambda f: pq.write_table(table, f, compression="zstd"))
+
+    def missing_hypotheses(self, manifest: dict[str, Any]) -> str | None:
+        """Why this folder's `hypotheses` view cannot be built, or None when it can: its plan
+        names hypotheses but the folder has no `hypotheses.parquet` (written by a pathpatch
+        older than the table)."""
+        planned = manifest.get("hypotheses", [])
+        fix = (f"`pathpatch resume {self.root}` writes the table from its spec without "
+               "recomputing any work item")
+        if self.hypotheses_path.is_file():
+            try:
+                written = (pq.read_schema(self.hypotheses_path).metadata or {}).get(PLAN_KEY)
+            except (OSError, pa.ArrowException):
+                written = None
+            if written == plan_digest([(h["name"], h["canonical"]) for h in planned]).encode():
+                return None
+            return (f"sweep folder {str(self.root)!r}: its hypotheses.parquet describes another "
+                    "plan than its manifest.json (a run stopped between writing the two, or another "
+                    "version of pathpatch wrote it): "
+                    + fix)
+        if not any(h.get("kind", "evaluation") == "evaluation" for h in planned):
+            return None
+        return (f"sweep folder {str(self.root)!r} has no hypotheses.parquet (the table of what "
+                "each hypothesis is: family, target edge or node, ranking, k, ...), which the "
+                f"curve, edge and node views join on; it was written by an older pathpatch: {fix}")
 
     def read_manifest(self) -> dict[str, Any]:
         """The manifest; an error that says what to do when this is not a sweep folder."""
@@ -362,11 +439,22 @@ def build_manifest(plan: Plan, *, spec_name: str, spec_hash: str, spec_file: str
         "dtype": plan.dtype,
         "seed": seed,
         "provenance": provenance,
-        "hypotheses": [dict(asdict(h), group=g) for g, group in enumerate(plan.groups)
+        "hypotheses": [dict(_manifest_fields(h), group=g) for g, group in enumerate(plan.groups)
                        for h in group],
         "shards": [asdict(s) for s in plan.shards],
         "items": [item_record(item) for item in plan.items],
     }
+
+
+def plan_digest(hypotheses: list[tuple[str, str]]) -> str:
+    """sha256 (hex, 32 chars) of a plan's (name, canonical) pairs, in order."""
+    text = json.dumps(hypotheses, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _manifest_fields(h: HypothesisInfo) -> dict[str, Any]:
+    """A hypothesis as the manifest lists it: all but its facts (`hypotheses.parquet`'s)."""
+    return {f.name: getattr(h, f.name) for f in fields(h) if f.name != "facts"}
 
 
 def item_record(item: WorkItem) -> dict[str, Any]:

@@ -153,6 +153,7 @@ def run_sweep(
         folder.write_manifest(build_manifest(
             plan, spec_name=spec.name, spec_hash=spec_hash, spec_file=spec_file,
             base_dir=spec.base_dir, model=spec.model, seed=spec.seed, provenance=provenance))
+        folder.write_hypotheses(plan)
         folder.write_spec(spec.source, spec_hash)
 
         pending: list[WorkItem] = []

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pathpatch.language.hypotheses import Facts  # noqa: E402
 from pathpatch.model.graph import Graph  # noqa: E402
 from pipeline.plan import HypothesisInfo, Shard, make_plan  # noqa: E402
 from pipeline.store import SweepFolder, build_manifest  # noqa: E402
@@ -30,9 +31,12 @@ from pipeline.store import SweepFolder, build_manifest  # noqa: E402
 def generate(folder: Path, n_hypotheses: int, n_examples: int, group_size: int,
              shard_size: int) -> dict:
     graph = Graph(n_layers=12, n_heads=12, has_mlp=True)  # GPT-2 small's graph: edge names
-    names = [f"remove {e}" for e in graph.edges][:n_hypotheses]
-    names += [f"h{i}" for i in range(len(names), n_hypotheses)]
-    hypotheses = tuple(HypothesisInfo(n, f"remove({n[7:]})", 40, 0.5) for n in names)
+    edges = [str(e) for e in graph.edges][:n_hypotheses]
+    hypotheses = tuple(HypothesisInfo(f"remove {e}", f"remove({e})", 40, 0.5,
+                                      facts=Facts("edge_removal", "remove_edge", e))
+                       for e in edges)
+    hypotheses += tuple(HypothesisInfo(f"h{i}", "remove()", 40, 0.5)
+                        for i in range(len(edges), n_hypotheses))
     shards = tuple(Shard(i, s, min(s + shard_size, n_examples), f"{i:064x}")
                    for i, s in enumerate(range(0, n_examples, shard_size)))
     plan = make_plan(model_digest="generated", shards=shards, hypotheses=hypotheses,
@@ -42,6 +46,7 @@ def generate(folder: Path, n_hypotheses: int, n_examples: int, group_size: int,
         sweep.write_manifest(build_manifest(plan, spec_name="scale", spec_hash="generated",
                                             spec_file="", base_dir=".", model="generated",
                                             seed=0, provenance={}))
+        sweep.write_hypotheses(plan)
         sweep.write_spec("# generated rows (scripts/scale_rows.py)\n", "generated")
         rng = np.random.default_rng(0)
         start = time.perf_counter()

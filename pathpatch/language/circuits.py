@@ -14,6 +14,7 @@ Edge names map both ways (`pathpatch.model.names`): pathpatch's `in->a0.3.q`, `a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pathpatch.errors import PathPatchError
-from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.language.hypotheses import FREE_FORM, Facts, Hypothesis, StructuralHypothesis
 from pathpatch.model.graph import Edge, Graph, NodeKind
 from pathpatch.model.names import eap_name, eap_node_name, edge_names, edge_of, pathpatch_name
 
@@ -116,23 +117,27 @@ def prune(graph: Graph, edges: Iterable[Edge]) -> list[Edge]:
     return [e for e in ordered if e.sender in from_input and e.receiver in to_output]
 
 
-def circuit_hypothesis(graph: Graph, name: str, edges: Sequence[Edge]) -> Hypothesis:
-    """`circuit(edges)` built from the graph directly; no edge is `none`, every edge `all`."""
+def circuit_hypothesis(graph: Graph, name: str, edges: Sequence[Edge],
+                       facts: Facts = FREE_FORM) -> Hypothesis:
+    """`circuit(edges)` built from the graph directly; no edge is `none`, every edge `all`.
+    Its facts are `facts` with kind "circuit" and the edges' names, in the graph's order."""
     kept = set(edges)
-    if not kept:
-        return Hypothesis(name, "none")
-    if len(kept) == len(graph.edges):
-        return Hypothesis(name, "all")
-    ordered = [e for e in graph.edges if e in kept]
-    return StructuralHypothesis(name, "circuit(" + ", ".join(map(str, ordered)) + ")", "circuit",
-                                edges=frozenset(str(e) for e in ordered))
+    names = tuple(str(e) for e in graph.edges if e in kept)
+    facts = dataclasses.replace(facts, kind="circuit", edges=names)
+    if not names:
+        return Hypothesis(name, "none", facts=facts)
+    if len(names) == len(graph.edges):
+        return Hypothesis(name, "all", facts=facts)
+    return StructuralHypothesis(name, "circuit(" + ", ".join(names) + ")", "circuit",
+                                edges=frozenset(names), facts=facts)
 
 
 def circuit_curve(graph: Graph, ranking: Ranking, fractions: Sequence[float] = MIB_FRACTIONS,
                   orders: Sequence[str] = ("signed", "absolute")) -> list[Hypothesis]:
     """For each order and fraction k: the circuit of the top ⌊k·|E|⌋ edges, pruned; then the
-    empty circuit and the full model. Names carry the ranking, order, k and both edge counts
-    (`curve <ranking> signed k=0.01 n=324 pruned=201`), which the `faithfulness` view reads."""
+    empty circuit and the full model. Each member's facts hold the ranking, order, k and both
+    edge counts (what the `faithfulness` view groups by); its name
+    (`curve <ranking> signed k=0.01 n=324 pruned=201`) only labels it."""
     for k in fractions:
         if not isinstance(k, int | float) or isinstance(k, bool) or not 0 < k <= 1:
             raise PathPatchError(f"circuit_curve: fraction {k!r} must be in (0, 1]")
@@ -147,9 +152,14 @@ def circuit_curve(graph: Graph, ranking: Ranking, fractions: Sequence[float] = M
             n = math.floor(k * total)
             kept = prune(graph, ranked[:n])
             name = f"curve {ranking.name} {order} k={k:g} n={n} pruned={len(kept)}"
-            out.append(circuit_hypothesis(graph, name, kept))
-    out.append(Hypothesis(f"curve {ranking.name} empty", "none"))
-    out.append(Hypothesis(f"curve {ranking.name} full", "all"))
+            facts = Facts("circuit_curve", ranking=ranking.name, ordering=order, k=float(k),
+                          n_edges=n, n_pruned=len(kept))
+            out.append(circuit_hypothesis(graph, name, kept, facts))
+    ends = (("empty", "none", ()), ("full", "all", tuple(str(e) for e in graph.edges)))
+    for end, pattern, names in ends:
+        out.append(Hypothesis(f"curve {ranking.name} {end}", pattern, facts=Facts(
+            "circuit_curve", "circuit", ranking=ranking.name, n_edges=len(names),
+            n_pruned=len(names), edges=names)))
     return out
 
 
@@ -188,8 +198,7 @@ def read_eap_graph(graph: Graph, path: str | Path) -> tuple[dict[Edge, float], s
         scores, in_graph = {}, set()
         for i, src in enumerate(d["src_nodes"]):
             for j, dst in enumerate(d["dst_nodes"]):
-                child, _, channel = dst.partition("<")
-                edge = names.get(f"{src}->{child}" + (f"<{channel}" if channel else ""))
+                edge = names.get(f"{src}->{dst}")  # dst names its channel: a1.h0<q>
                 if edge is None:
                     continue  # not a real edge (e.g. m10->m2): EAP-IG's matrix holds zeros there
                 scores[edge] = float(d["edges_scores"][i, j])

@@ -1,7 +1,8 @@
 """Hypothesis families (a spec's `[[hypotheses]] family = ...`) and the TOML form of hypotheses.
 
 A family generates its members from the model's graph: node and edge removals, paths through a
-node, the paper's induction hypotheses, a ranking's circuit curve.
+node, the paper's induction hypotheses, a ranking's circuit curve. Each member carries its
+`Facts` (family, kind, target, ...): what the sweep's `hypotheses` table records.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathpatch.errors import PathPatchError
 from pathpatch.language import circuits
 from pathpatch.language.automaton import compile_pattern
-from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.language.hypotheses import Facts, Hypothesis, StructuralHypothesis
 from pathpatch.language.patterns import parse
 from pathpatch.model.graph import Graph, NodeKind
 
@@ -22,18 +23,26 @@ def _node_names(graph: Graph, kinds=(NodeKind.HEAD, NodeKind.MLP)) -> list[str]:
 
 def node_removal(graph: Graph) -> list[Hypothesis]:
     """Each node removed: P = every path avoiding it (its output patched from x_c)."""
-    return [StructuralHypothesis(f"remove {n}", f"~{n}", "remove_node", n) for n in _node_names(graph)]
+    return [StructuralHypothesis(f"remove {n}", f"~{n}", "remove_node", n,
+                                 facts=Facts("node_removal", "remove_node", n))
+            for n in _node_names(graph)]
 
 
 def through_node(graph: Graph) -> list[Hypothesis]:
     """Each node alone: P = every path through it."""
-    return [StructuralHypothesis(f"through {n}", n, "through_node", n) for n in _node_names(graph)]
+    return [StructuralHypothesis(f"through {n}", n, "through_node", n,
+                                 facts=Facts("through_node", "through_node", n))
+            for n in _node_names(graph)]
 
 
 def edge_removal(graph: Graph) -> list[Hypothesis]:
     """Each edge removed: P = circuit of every edge but that one."""
-    return [StructuralHypothesis(f"remove {e}", f"remove({e})", "remove_edge", str(e))
-            for e in graph.edges]
+    out = []
+    for e in graph.edges:
+        name = str(e)
+        out.append(StructuralHypothesis(f"remove {name}", f"remove({name})", "remove_edge", name,
+                                        facts=Facts("edge_removal", "remove_edge", name)))
+    return out
 
 
 def _alternatives(globs: Sequence[str], fmt: str) -> str:
@@ -60,11 +69,12 @@ def induction_initial(
     prev_k = _alternatives(
         [f"in -> {p} -> {i}[k] -> out" for p in prev_heads for i in ind], "{}"
     )
+    facts = Facts("induction_initial")
     return [
-        Hypothesis("direct-V", direct_v),
-        Hypothesis("direct-Q", direct_q),
-        Hypothesis("previous-token-K", prev_k),
-        Hypothesis("initial (V | Q | K)", f"{direct_v} | {direct_q} | {prev_k}"),
+        Hypothesis("direct-V", direct_v, facts=facts),
+        Hypothesis("direct-Q", direct_q, facts=facts),
+        Hypothesis("previous-token-K", prev_k, facts=facts),
+        Hypothesis("initial (V | Q | K)", f"{direct_v} | {direct_q} | {prev_k}", facts=facts),
     ]
 
 
@@ -92,15 +102,17 @@ def induction_refined(
     )
     v_any = _alternatives(ind, "... -> {}[v]" + after + " -> out")
     q_all = _alternatives(ind, "in -> {}[q] -> out")
-    return [
-        Hypothesis("V at copied token", v),
-        Hypothesis("Q at repeat", q),
-        Hypothesis("K at copied token", k),
-        Hypothesis("K via previous-token V", k_strict),
-        Hypothesis("refined (V | Q | K)", f"{v} | {q} | {k}"),
-        Hypothesis("V by any route at copied token", v_any),
-        Hypothesis("refined, V by any route (V* | Q | K)", f"{v_any} | {q_all} | {k}"),
+    members = [
+        ("V at copied token", v),
+        ("Q at repeat", q),
+        ("K at copied token", k),
+        ("K via previous-token V", k_strict),
+        ("refined (V | Q | K)", f"{v} | {q} | {k}"),
+        ("V by any route at copied token", v_any),
+        ("refined, V by any route (V* | Q | K)", f"{v_any} | {q_all} | {k}"),
     ]
+    facts = Facts("induction_refined")
+    return [Hypothesis(name, pattern, facts=facts) for name, pattern in members]
 
 
 def circuit_curve(graph: Graph, ranking: str, fractions: Sequence[float] | None = None,

@@ -1,12 +1,14 @@
 """Named hypotheses: a pattern with a name, and the structural members families build.
 
 A hypothesis is data (name + pattern text), frozen and picklable; compiling it against a
-model's graph gives its automaton and its mixed copies.
+model's graph gives its automaton and its mixed copies. What a family knows about a member
+(which edge it removes, which ranking and k it comes from) travels beside it as `Facts`: the
+name is a label, never read back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
@@ -22,15 +24,57 @@ from pathpatch.language.patterns import (
     Union,
     parse,
 )
-from pathpatch.model.graph import Channel, Graph
+from pathpatch.model.graph import Graph
+from pathpatch.model.names import edge_parts
+
+__all__ = ["Facts", "Hypothesis", "StructuralHypothesis", "edge_parts"]
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a hypothesis is, as its family knew it when it built it: the columns of a sweep's
+    `hypotheses` table (`pipeline.store.HYPOTHESES_SCHEMA`), which the views join on.
+
+    A free-form hypothesis knows nothing (every field None); a family fills what applies.
+    """
+
+    family: str | None = None
+    """The family that generated it (`families.FAMILIES`' key, e.g. "edge_removal")."""
+    kind: str | None = None
+    """"remove_edge", "remove_node", "through_node" or "circuit" (a curve's member, `none`
+    and `all` included); None for a family whose members are free patterns (induction_*)."""
+    target: str | None = None
+    """The edge (remove_edge) or node (remove_node, through_node) it acts on."""
+    ranking: str | None = None
+    """circuit_curve: the ranking's name (its file's stem)."""
+    ordering: str | None = None
+    """circuit_curve: "signed" or "absolute" (by |score|); None for the curve's empty and full
+    ends, which no ranking chose."""
+    k: float | None = None
+    """circuit_curve: the fraction of the graph's edges taken from the ranking."""
+    n_edges: int | None = None
+    """circuit_curve: edges taken from the ranking (⌊k·|E|⌋), before pruning."""
+    n_pruned: int | None = None
+    """circuit_curve: edges in the circuit, after pruning (`len(edges)`)."""
+    edges: tuple[str, ...] | None = None
+    """circuit: the circuit's edge names, in the graph's edge order."""
+
+
+FREE_FORM = Facts()
+"""The facts of a hypothesis no family made: none."""
 
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """P as a pattern over paths (see `pathpatch.language.patterns` for the grammar)."""
+    """P as a pattern over paths (see `pathpatch.language.patterns` for the grammar).
+
+    `facts` (keyword only) records what its family knew; it is no part of the hypothesis's
+    identity (equality, hashing, a work item's hash all see name and pattern only).
+    """
 
     name: str
     pattern: str
+    facts: Facts = field(default=FREE_FORM, compare=False, repr=False, kw_only=True)
 
     @cached_property
     def ast(self) -> Pattern:
@@ -95,8 +139,8 @@ class StructuralHypothesis(Hypothesis):
         """Members with equal keys have equal copy counts and costs: single-edge removals into
         one receiver channel differ only in which sender reads x_c (validation compiles one)."""
         if self.kind == "remove_edge":
-            receiver = self.target.split("->")[1]
-            return (self.kind, receiver)
+            _, receiver, channel = edge_parts(self.target)
+            return (self.kind, receiver, channel)
         return None
 
     def compile(self, graph: Graph, max_states: int = 200_000) -> CopyGraph:
@@ -115,11 +159,3 @@ class StructuralHypothesis(Hypothesis):
             return single_copy_graph(graph, forced={node.order: CLEAN}, input_value=CF)
         raise ValueError(f"unknown structural hypothesis kind {self.kind!r}")
 
-
-def edge_parts(name: str) -> tuple[str, str, str]:
-    """'a0.3->a1.5.k' -> ('a0.3', 'a1.5', 'k'); 'a0.3->m1' -> ('a0.3', 'm1', 'resid')."""
-    sender, receiver = name.split("->")
-    if receiver.count(".") == 2:  # a head: a{L}.{H}.{channel}
-        receiver, channel = receiver.rsplit(".", 1)
-        return sender, receiver, channel
-    return sender, receiver, Channel.RESID.value

@@ -30,7 +30,7 @@ from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.errors import PathPatchError
 from pathpatch.language.copies import estimate_cost
 from pathpatch.language.families import induction_initial, induction_refined
-from pathpatch.language.hypotheses import Hypothesis
+from pathpatch.language.hypotheses import Facts, Hypothesis
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Graph, NodeKind
 
@@ -165,7 +165,8 @@ def random_circuits(graph: Graph, n: int, rng: random.Random) -> list[Hypothesis
     out = []
     for i in range(n):
         kept = [str(e) for e in graph.edges if rng.random() < 0.5]
-        out.append(Hypothesis(f"circuit {i}", "circuit(" + ", ".join(kept) + ")"))
+        out.append(Hypothesis(f"circuit {i}", "circuit(" + ", ".join(kept) + ")",
+                              facts=Facts(kind="circuit", edges=tuple(kept))))
     return out
 
 
@@ -369,7 +370,7 @@ def run_engine_benchmark(model=None, *, n_hypotheses: int | Mapping[str, int] = 
     circuits = families["circuits"][: baseline_hypotheses or counts["circuits"]]
     _, cf_cache = model.run_with_cache(xc)
     with Adapter.of(model).split_inputs():
-        kept_sets = [set(h.pattern[len("circuit("):-1].split(", ")) for h in circuits]
+        kept_sets = [set(h.facts.edges) for h in circuits]
         check_plan = GroupPlan(graph, compile_all(graph, circuits[:1], max_mixed_copies=10**6))
         want = GroupEvaluator(model, check_plan, Runs(model, xr, xc),
                               PositionContext({}, batch, seq_len, xr.device)).logits()[0]

@@ -21,6 +21,7 @@ from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.loading import load_model
+from pathpatch.model.names import node_parts
 from pathpatch.model.transformer import Transformer
 
 PREV_TOKEN_THRESHOLD = 0.4  # mean attention to t-1 that names a previous-token head
@@ -63,7 +64,7 @@ def _zero_heads(model: Transformer, heads: Iterable[str]) -> list[Hook]:
     """Hooks that zero the named heads' `z` (so their output, bias aside, is zero)."""
     by_layer: dict[int, list[int]] = {}
     for name in heads:
-        layer, head = map(int, name[1:].split("."))
+        _, layer, head = node_parts(name)
         by_layer.setdefault(layer, []).append(head)
     hooks: list[Hook] = []
     for layer, idx in by_layer.items():

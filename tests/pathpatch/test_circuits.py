@@ -47,6 +47,22 @@ def test_edge_names_map_both_ways():
         edge_of(GRAPH, "a1.h0->a0.h1<q>")
 
 
+def test_names_come_apart_only_through_the_codec():
+    from pathpatch.model.graph import NodeKind
+    from pathpatch.model.names import edge_parts, node_parts
+
+    for edge in GRAPH.edges:  # every edge's parts are its own, from its name alone
+        assert edge_parts(str(edge)) == (edge.sender.name, edge.receiver.name, edge.channel.value)
+    for node in GRAPH.nodes:
+        layer = node.layer if node.kind in (NodeKind.HEAD, NodeKind.MLP) else None
+        assert node_parts(node.name) == (node.kind, layer, node.head)
+    for bad in ("a0.1", "->a1.0.q", "in->a0.1.q->out"):
+        with pytest.raises(PathPatchError, match="expected sender->receiver"):
+            edge_parts(bad)
+    with pytest.raises(PathPatchError, match=r"node name 'a1': expected in"):
+        node_parts("a1")
+
+
 def _on_some_path(graph, edges) -> set:
     """Edges of the set used by some input -> output path: every path enumerated, naively."""
     out_of: dict = {}
@@ -129,6 +145,13 @@ def test_a_curve_has_every_fraction_both_orders_and_the_two_ends():
     assert by_name["curve random empty"].pattern == "none"
     assert by_name["curve random full"].pattern == "all"
     assert [h for h in members if "k=1 " in h.name][0].pattern == "all"  # every edge, nothing pruned
+    for h in members[:-2]:  # each member's facts, as data: nothing to read back from its name
+        f = h.facts
+        assert (f.family, f.kind, f.ranking) == ("circuit_curve", "circuit", "random")
+        assert h.name == f"curve random {f.ordering} k={f.k:g} n={f.n_edges} pruned={f.n_pruned}"
+        assert f.n_edges == int(f.k * total) and f.n_pruned == len(f.edges)
+    assert by_name["curve random full"].facts.edges == tuple(map(str, GRAPH.edges))
+    assert by_name["curve random empty"].facts.ordering is None
     signed = ranking.top(20, absolute=False)
     assert signed == sorted(signed, key=lambda e: -ranking.scores[e])
     assert ranking.top(20, absolute=True) != signed  # the orders differ on signed scores

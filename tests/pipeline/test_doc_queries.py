@@ -56,7 +56,7 @@ def test_the_documented_queries_run(folders):
         if "status = 'failed'" not in query:
             assert rows, query
     one = open_sweeps(folders[0])
-    heads = one.sql(next(q for q in examples if "regexp_extract" in q)).fetchall()
+    heads = one.sql(next(q for q in examples if q.startswith("SELECT layer, head"))).fetchall()
     assert [(r[0], r[1]) for r in heads] == [(l, h) for l in range(2) for h in range(4)]
     top = con.sql(examples[0]).fetchall()
     assert len(top) == 10 and top[0][2] >= top[-1][2]  # best first

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pathpatch.language.hypotheses import Facts
 from pipeline.plan import HypothesisInfo, Shard, describe, item_identity, make_plan
 
 SHARDS = tuple(Shard(index=i, start=4 * i, stop=4 * i + 4, digest=f"{i:064x}") for i in range(3))
@@ -37,6 +38,9 @@ def test_identity_depends_on_what_determines_rows():
     # cost estimates are reports, not identity
     cheap = tuple(replace(h, est_cost=9.0, mixed_copies=99) for h in HYPS)
     assert {i.id for i in plan(hypotheses=cheap).items} == base
+    # and so are a hypothesis's facts: recording them changed no item of any sweep
+    known = tuple(replace(h, facts=Facts("node_removal", "remove_node", h.canonical)) for h in HYPS)
+    assert {i.id for i in plan(hypotheses=known).items} == base and known == HYPS
 
 
 def test_appending_a_hypothesis_keeps_full_groups_and_shards():

@@ -55,7 +55,8 @@ def test_report_panels_follow_the_families(sweep):
     from pipeline.figures import node_matrix
     from pipeline.query import open_sweeps
 
-    rows = open_sweeps(sweep).sql("SELECT * FROM scores").arrow().read_all()
+    rows = open_sweeps(sweep).sql("SELECT * FROM scores JOIN hypotheses USING (sweep, hypothesis)"
+                                  ).arrow().read_all()
     matrix, has_mlp = node_matrix(rows)
     assert len(matrix) == 2 and len(matrix[0]) == 4 and not has_mlp
     # removing the previous-token head a0.3 loses most of the effect: the hottest cell
@@ -82,11 +83,20 @@ def test_graph_and_explain_commands(capsys):
 def test_edges_by_layer_shows_each_layer_pairs_largest_edge_effect():
     import matplotlib.pyplot as plt
 
+    from pathpatch.model.names import edge_parts
     from pipeline.figures import edge_layers_axes
 
-    scores = [{"hypothesis": h, "proportion_explained": pe} for h, pe in [
-        ("remove in->a0.1.q", 0.9), ("remove in->a0.2.v", 0.4), ("remove a0.1->a1.0.k", 0.7),
-        ("remove a0.1->out", 0.95), ("remove m0->out", None), ("remove a0.1", 0.0)]]
+    def row(target: str, pe: float | None) -> dict:  # a scores row with its facts
+        if "->" not in target:
+            return {"hypothesis": f"x {target}", "proportion_explained": pe, "kind": "remove_node",
+                    "target": target, "layer": 0, "head": 1}
+        sender, receiver, channel = edge_parts(target)
+        return {"hypothesis": f"x {target}", "proportion_explained": pe, "kind": "remove_edge",
+                "target": target, "sender": sender, "receiver": receiver, "channel": channel}
+
+    scores = [row(t, pe) for t, pe in [
+        ("in->a0.1.q", 0.9), ("in->a0.2.v", 0.4), ("a0.1->a1.0.k", 0.7),
+        ("a0.1->out", 0.95), ("m0->out", None), ("a0.1", 0.0)]]
     fig, ax = plt.subplots()
     assert edge_layers_axes(ax, scores)
     grid = ax.images[0].get_array()
