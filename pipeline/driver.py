@@ -82,8 +82,8 @@ class Rounds(Protocol):
     """Where a run's work items come from, round after round, and what becomes of them.
 
     `next_round` returns the next round's items (None: no more work); the driver reads back
-    or computes each, then calls `settle` with the tables it computed (items read back are
-    not in it) and the items that failed every attempt. A source may stop the run there by
+    or computes each, passing every table it computed to `computed` as it is written, then
+    calls `settle` with the items that failed every attempt. Rounds may stop the run there by
     raising.
     """
 
@@ -101,8 +101,10 @@ class Rounds(Protocol):
     def task(self, item: WorkItem) -> Task:
         """What a worker runs for `item`."""
 
-    def settle(self, items: Sequence[WorkItem], computed: dict[str, pa.Table],
-               failed: list[str]) -> None: ...
+    def computed(self, item: WorkItem, table: pa.Table) -> None:
+        """A result just written (keep it only if the round's decision needs its rows)."""
+
+    def settle(self, items: Sequence[WorkItem], failed: list[str]) -> None: ...
 
     def progress(self, pending: int, outcome: Outcome) -> Bar:
         """The run's bar, made once workers are up (or a round ended without them)."""
@@ -234,7 +236,6 @@ class _Loop:
                             backend=self.options.backend, items=len(items),
                             skipped=len(items) - len(pending), pending=len(pending), **log_start)
         self.pending = len(pending)
-        computed: dict[str, pa.Table] = {}
         failed: list[str] = []
         if pending:
             by_id = {item.id: item for item in pending}
@@ -247,7 +248,7 @@ class _Loop:
                     "shard": {"index": shard.index, "start": shard.start, "stop": shard.stop,
                               "digest": shard.digest},
                     "hypotheses": [[h.name, h.canonical] for h in item.hypotheses]})
-                computed[item.id] = table
+                self.rounds.computed(item, table)
                 self.outcome.examples += info.examples
                 self.outcome.rows += table.num_rows
                 self.outcome.nodes.add(info.node)
@@ -268,7 +269,7 @@ class _Loop:
             executor.run([self.rounds.task(item) for item in pending], self.shard_data,
                          on_done, on_failed)
         self._bar()
-        self.rounds.settle(items, computed, failed)
+        self.rounds.settle(items, failed)
 
     def _event(self, name: str, **fields: Any) -> None:
         if name != "submitted":

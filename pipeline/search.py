@@ -59,6 +59,7 @@ class SearchRounds:
         self.items: list[WorkItem] = []  # every round's, for the manifest at the end
         self.candidates: list[Candidate] = []
         self.hypotheses: dict[str, Any] = {}  # the round's, by name
+        self.tables: dict[str, pa.Table] = {}  # the round's rows computed now, by item id
         self.bar: SearchProgress | None = None
         self.folder: SweepFolder | None = None
 
@@ -82,6 +83,7 @@ class SearchRounds:
         hypotheses = [circuit_hypothesis(self.graph, c.name, c.circuit)
                       for c in self.candidates]
         self.hypotheses = {h.name: h for h in hypotheses}
+        self.tables = {}
         infos = tuple(HypothesisInfo(name=h.name, canonical=h.canonical) for h in hypotheses)
         plan = self.resolved.plan
         items = make_plan(model_digest=plan.model_digest, shards=self.resolved.shards,
@@ -94,8 +96,10 @@ class SearchRounds:
         return Evaluate(item.id, item.shard.id,
                         tuple(self.hypotheses[h.name] for h in item.hypotheses))
 
-    def settle(self, items: Sequence[WorkItem], computed: dict[str, pa.Table],
-               failed: list[str]) -> None:
+    def computed(self, item: WorkItem, table: pa.Table) -> None:
+        self.tables[item.id] = table  # its rows need not be read back from the file
+
+    def settle(self, items: Sequence[WorkItem], failed: list[str]) -> None:
         """Each candidate's mean metric over the whole dataset, then the decisions it
         settles."""
         if failed:
@@ -106,7 +110,7 @@ class SearchRounds:
                 f"({failed[0]}); fix the cause and run the same spec again: the search "
                 "resumes from the evaluations already written (if a stacked round ran out of "
                 "memory, a smaller search.window or resources.memory_budget stacks fewer)")
-        values = self._values(items, computed)
+        values = self._values(items)
         steps = self.search.record(self.candidates, values)
         self.outcome.candidates += len(self.candidates)
         decided = sum(1 for s in steps if s.evaluated)
@@ -119,11 +123,10 @@ class SearchRounds:
             self.bar.update(len(steps), circuit=len(self.search.circuit),
                             evaluated=self.outcome.evaluations, reused=self.outcome.reused)
 
-    def _values(self, items: Sequence[WorkItem], computed: dict[str, pa.Table]
-                ) -> dict[str, float]:
+    def _values(self, items: Sequence[WorkItem]) -> dict[str, float]:
         sums: dict[str, list[float]] = {name: [] for name in self.hypotheses}
         for item in items:  # shard order: the same sums whatever order items completed in
-            table = computed.get(item.id)  # rows computed now: not read back from their files
+            table = self.tables.get(item.id)
             if table is None:
                 assert self.folder is not None
                 table = pq.read_table(self.folder.item_path(item.id),

@@ -57,8 +57,10 @@ class SweepRounds:
             return Attribute(item.id, item.shard.id, self.attributions[names[0]])
         return Evaluate(item.id, item.shard.id, tuple(self.hypotheses[n] for n in names))
 
-    def settle(self, items: Sequence[WorkItem], computed: dict[str, pa.Table],
-               failed: list[str]) -> None:
+    def computed(self, item: WorkItem, table: pa.Table) -> None:
+        """Written, and no longer needed here."""
+
+    def settle(self, items: Sequence[WorkItem], failed: list[str]) -> None:
         """Nothing to decide: failures are recorded, the exit status reports them."""
 
     def progress(self, pending: int, outcome: Outcome) -> Progress:
