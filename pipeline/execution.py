@@ -47,23 +47,44 @@ class ExecutorOptions:
 
 
 @dataclass
-class ExecutionStats:
-    """What one run did: calls completed, retries, failures, and where work ran."""
+class Counts:
+    """What a driver run did, counted once: the executor counts the calls (evaluations,
+    failures, requeues, worker starts, nodes, seconds), the driver the files (reused, redone)
+    and the rows; a sweep's and a search's outcome are these counts and a few of their own.
+
+    Attributes:
+        evaluations: items computed and written in this run.
+        reused: items whose file was already whole (a sweep's "already done", a search's
+            "read back").
+        failed: items that failed every attempt.
+        requeues: retries (actor deaths, timeouts, errors).
+        redone: broken result files found and computed again.
+        worker_starts: workers started.
+        nodes: node ids that ran work.
+        seconds: time spent executing items (cluster start-up excluded).
+        examples, rows: examples evaluated (per item, summed) and result rows written.
+    """
 
     evaluations: int = 0
-    requeues: int = 0
+    reused: int = 0
     failed: int = 0
+    requeues: int = 0
+    redone: int = 0
     worker_starts: int = 0
     nodes: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    examples: int = 0
+    rows: int = 0
 
 
 class Executor(Protocol):
     """Runs every task once, retrying faults, and reports each outcome through callbacks;
-    `stats` accumulate over its runs."""
+    its `stats` (`Counts`, the caller's when it passes them) accumulate over its runs."""
 
-    def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
-            on_failed: OnFailed) -> ExecutionStats: ...
+    stats: Counts
+
+    def run(self, tasks: Sequence[Task], shard_data: ShardData, on_done: OnDone,
+            on_failed: OnFailed) -> Counts: ...
 
     def close(self) -> None:
         """Release the workers; `run` may be called many times before (a search's rounds)."""
@@ -146,14 +167,16 @@ class InProcessExecutor:
     """The same work, one item after another in this process (benchmarks, debugging)."""
 
     def __init__(self, worker: Worker, options: ExecutorOptions, *,
-                 on_event: Callable[..., None] | None = None):
+                 on_event: Callable[..., None] | None = None, stats: Counts | None = None):
         self.worker = worker
         self.options = options
         self.on_event = on_event or (lambda event, **fields: None)
-        self.stats = ExecutionStats(worker_starts=1, nodes={worker.node})
+        self.stats = stats if stats is not None else Counts()
+        self.stats.worker_starts += 1
+        self.stats.nodes.add(worker.node)
 
-    def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
-            on_failed: OnFailed) -> ExecutionStats:
+    def run(self, tasks: Sequence[Task], shard_data: ShardData, on_done: OnDone,
+            on_failed: OnFailed) -> Counts:
         start = time.perf_counter()
         schedule = Schedule(tasks, max_attempts=self.options.execution.max_attempts,
                             in_flight_per_worker=1)
@@ -162,7 +185,7 @@ class InProcessExecutor:
             task = schedule.tasks[item_id]
             try:
                 data = None if self.worker.holds(task.shard_id) else shard_data(task.shard_id)
-                table, info = self.worker.evaluate(task, data)
+                table, info = self.worker.run(task, data)
                 held = [task.shard_id]
                 on_done(task, table, info)
             except Exception as err:  # noqa: BLE001 -- recorded per item, the sweep goes on

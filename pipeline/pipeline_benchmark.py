@@ -25,14 +25,15 @@ from typing import Any
 import torch
 
 from pathpatch.tools.engine_benchmarks import SHAPES
+from pipeline.driver import Outcome
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec
-from pipeline.sweep import SweepOutcome, run_sweep
+from pipeline.sweep import run_sweep
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "bench.toml"
 
 
-def _rows_per_s(outcome: SweepOutcome) -> float:
+def _rows_per_s(outcome: Outcome) -> float:
     """Result rows (hypothesis x example) per second of execution."""
     return outcome.rows / max(outcome.seconds, 1e-9)
 
@@ -46,8 +47,8 @@ def _rows(folder: Path):
 
 def _solo(spec_path: str, n_items: int, start_at: float) -> None:
     """Subprocess body: evaluate the first items on one thread from `start_at`; print items/s."""
-    from pipeline.sweep import worker_config
-    from pipeline.worker import Task, Worker
+    from pipeline.driver import worker_config
+    from pipeline.worker import Evaluate, Worker
 
     torch.set_num_threads(1)
     resolved = resolve(load_spec(spec_path))
@@ -58,8 +59,8 @@ def _solo(spec_path: str, n_items: int, start_at: float) -> None:
     start = time.perf_counter()
     for item in items:
         names = tuple(h.name for h in item.hypotheses)
-        task = Task(item.id, item.shard.id, tuple(resolved.hypotheses_of(names)))
-        worker.evaluate(task, shards[item.shard.id].take(resolved.dataset))
+        task = Evaluate(item.id, item.shard.id, tuple(resolved.hypotheses_of(names)))
+        worker.run(task, shards[item.shard.id].take(resolved.dataset))
     print(json.dumps({"items_per_s": len(items) / (time.perf_counter() - start)}))
 
 
@@ -105,7 +106,7 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
     two = spec.with_resources(workers=2, threads_per_worker=1)
     resolved = resolve(one)
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pathpatch-bench-"))
-    runs: dict[str, list[SweepOutcome]] = {"inprocess": [], "ray1": [], "ray2": []}
+    runs: dict[str, list[Outcome]] = {"inprocess": [], "ray1": [], "ray2": []}
     threads = torch.get_num_threads()
     warm = {"warm_start": True}
     try:

@@ -49,6 +49,15 @@ class HypothesisInfo:
     facts: Facts = field(default=FREE_FORM, compare=False, repr=False)
 
 
+def attribution_info(*, name: str, method: str, steps: int, edges: int,
+                     forwards: float) -> HypothesisInfo:
+    """An attribution method as the plan lists it: a group of its own, `edges` rows per
+    example. Its identity text (the `canonical` of a hypothesis) is what determines its rows
+    beside model and metric: the method and its steps."""
+    return HypothesisInfo(name=name, canonical=f"attribution {method} steps={steps}",
+                          est_cost=forwards, kind="attribution", rows_per_example=edges)
+
+
 @dataclass(frozen=True)
 class Shard:
     """A contiguous range of examples [start, stop) of a dataset, identified by its content.

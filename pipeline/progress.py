@@ -102,5 +102,14 @@ class SearchProgress:
         self.bar.set_postfix(circuit=circuit, evaluated=evaluated, reused=reused, refresh=False)
         self.bar.update(decided)
 
+    def done(self, examples: int) -> None:
+        """Items are counted per round (`update`): the bar counts edges."""
+
+    def fail(self) -> None:
+        """A failed item stops the search (the driver reports it)."""
+
+    def requeue(self) -> None:
+        """Requeues are the event log's (`pathpatch status`)."""
+
     def close(self) -> None:
         self.bar.close()

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ import ray
 import ray.exceptions
 
 from pathpatch.errors import PathPatchError
-from pipeline.execution import ExecutionStats, ExecutorOptions, OnDone, OnFailed, Schedule, ShardData
+from pipeline.execution import Counts, ExecutorOptions, OnDone, OnFailed, Schedule, ShardData
 from pipeline.worker import Task, TaskInfo, Worker, WorkerConfig
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
@@ -48,13 +48,13 @@ class _Actor:
     def ready(self) -> tuple[str, int]:
         return self.node, os.getpid()
 
-    def evaluate(self, task: Task, shard_box: list) -> tuple[pa.Table, TaskInfo]:
+    def run(self, task: Task, shard_box: list) -> tuple[pa.Table, TaskInfo]:
         # The shard's ref travels inside a list so Ray does not fetch it for every call; only
         # an actor that does not hold the shard yet pulls it from the object store.
         data = None
         if not self.worker.holds(task.shard_id):
             data = ray.get(shard_box[0], timeout=GET_TIMEOUT_S)
-        return self.worker.evaluate(task, data)
+        return self.worker.run(task, data)
 
 
 _RemoteActor = ray.remote(max_restarts=0, max_task_retries=0)(_Actor)
@@ -150,12 +150,12 @@ class RayExecutor:
 
     def __init__(self, config: WorkerConfig, options: ExecutorOptions, *,
                  worker_factory: Callable[..., Any] | None = None,
-                 on_event: Callable[..., None] | None = None):
+                 on_event: Callable[..., None] | None = None, stats: Counts | None = None):
         self.config = config
         self.options = options
         self.worker_factory = worker_factory
         self.on_event = on_event or (lambda event, **fields: None)
-        self.stats = ExecutionStats()
+        self.stats = stats if stats is not None else Counts()
         # the state of one `run`, all of it (set afresh by `run`)
         self._schedule = Schedule([], max_attempts=options.execution.max_attempts,
                                   in_flight_per_worker=options.execution.in_flight_per_worker)
@@ -171,8 +171,8 @@ class RayExecutor:
 
     # --- public -----------------------------------------------------------------------------
 
-    def run(self, tasks: list[Task], shard_data: ShardData, on_done: OnDone,
-            on_failed: OnFailed) -> ExecutionStats:
+    def run(self, tasks: Sequence[Task], shard_data: ShardData, on_done: OnDone,
+            on_failed: OnFailed) -> Counts:
         """Evaluate every task once (retrying faults); return what happened.
 
         Args:
@@ -285,7 +285,7 @@ class RayExecutor:
         task = self._schedule.tasks[item_id]
         if task.shard_id not in self._shard_refs:
             self._shard_refs[task.shard_id] = ray.put(self._shard_data(task.shard_id))
-        ref = slot.handle.evaluate.remote(task, [self._shard_refs[task.shard_id]])
+        ref = slot.handle.run.remote(task, [self._shard_refs[task.shard_id]])
         if not slot.inflight:
             slot.head_since = time.monotonic()
         slot.inflight.append((ref, item_id))

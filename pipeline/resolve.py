@@ -23,7 +23,7 @@ from pathpatch.errors import PathPatchError
 from pathpatch.language.families import load_hypotheses
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import load_model, model_digest
-from pipeline.plan import HypothesisInfo, Plan, Shard, make_plan, shard_dataset
+from pipeline.plan import HypothesisInfo, Plan, Shard, attribution_info, make_plan, shard_dataset
 from pipeline.spec import DTYPES, SweepSpec
 
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -138,8 +138,8 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
         shards=shards,
         hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
         attributions=tuple(
-            HypothesisInfo(name=a.name, canonical=a.canonical, est_cost=a.est_cost,
-                           kind="attribution", rows_per_example=len(graph.edges))
+            attribution_info(name=a.name, method=a.method, steps=a.steps,
+                             edges=len(graph.edges), forwards=a.forwards)
             for a in attributions),
     )
     warnings = tuple(

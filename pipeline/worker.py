@@ -13,7 +13,7 @@ import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import torch
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # annotations only: result tables are built by the engine
 @dataclass(frozen=True)
 class WorkerConfig:
     """What every worker of a sweep is built from (picklable to actors). Built from a spec by
-    `pipeline.sweep` only, so no default is restated here.
+    `pipeline.driver` only, so no default is restated here.
 
     Attributes:
         model: model spec for `load_model`.
@@ -58,13 +58,39 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
-class Task:
-    """One work item as shipped to a worker: the item id, its hypotheses (or one
-    `pathpatch.discovery.attribution.Attribution`) and its shard id."""
+class Evaluate:
+    """A work item as shipped to a worker: a group of hypotheses evaluated on a shard, one
+    result row per (hypothesis, example).
+
+    Attributes:
+        item_id: the item's identity (its file's name).
+        shard_id: the shard's id (`pipeline.plan.Shard.id`).
+        hypotheses: `pathpatch.language.hypotheses.Hypothesis` objects, stacked in one pass.
+    """
 
     item_id: str
     shard_id: str
     hypotheses: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A work item as shipped to a worker: one attribution method's edge scores on a shard,
+    one row per (example, edge).
+
+    Attributes:
+        item_id: the item's identity (its file's name).
+        shard_id: the shard's id (`pipeline.plan.Shard.id`).
+        method: the method (`pathpatch.discovery.attribution.Attribution`).
+    """
+
+    item_id: str
+    shard_id: str
+    method: Attribution
+
+
+Task = Evaluate | Attribute
+"""What a worker runs: the executors schedule either kind by `item_id` and `shard_id` alone."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +160,9 @@ class Worker:
                 engine.cached_bytes(c) for c in list(self._runs.values())[:-1]) > limit:
             self._runs.popitem(last=False)
 
-    def evaluate(self, task: Task, data: PairDataset | None = None) -> tuple[pa.Table, TaskInfo]:
-        """Rows of one work item: `engine.evaluate` on the shard's examples.
+    def run(self, task: Task, data: PairDataset | None = None) -> tuple[pa.Table, TaskInfo]:
+        """Rows of one work item on the shard's examples: an `Evaluate` by `engine.evaluate`,
+        an `Attribute` by its method's `rows`.
 
         Args:
             task: the item.
@@ -148,18 +175,21 @@ class Worker:
         self._shards.move_to_end(task.shard_id)
         shard = self._shards[task.shard_id]
         start = time.perf_counter()
-        if isinstance(task.hypotheses[0], Attribution):  # an item is one method on its own
-            table = task.hypotheses[0].rows(self.model, shard, self.config.metric,
-                                            batch_size=self.config.batch_size,
-                                            memory_budget=self.config.memory_budget)
-        else:
-            table = engine.evaluate(
-                self.model, shard, list(task.hypotheses), self.config.metric,
-                batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
-                max_mixed_copies=self.config.max_mixed_copies,
-                runs_cache=self._runs_of(task.shard_id), state=self._engine_state,
-            )
-            self._keep_runs_within_budget()
+        match task:
+            case Evaluate(hypotheses=hypotheses):
+                table = engine.evaluate(
+                    self.model, shard, list(hypotheses), self.config.metric,
+                    batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
+                    max_mixed_copies=self.config.max_mixed_copies,
+                    runs_cache=self._runs_of(task.shard_id), state=self._engine_state,
+                )
+                self._keep_runs_within_budget()
+            case Attribute(method=method):
+                table = method.rows(self.model, shard, self.config.metric,
+                                    batch_size=self.config.batch_size,
+                                    memory_budget=self.config.memory_budget)
+            case _:
+                assert_never(task)
         info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,
                         examples=len(shard))
         return table, info

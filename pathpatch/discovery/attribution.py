@@ -88,12 +88,7 @@ class Attribution:
             object.__setattr__(self, "name", "eap" if steps == 0 else f"eap-ig-{steps}")
 
     @property
-    def canonical(self) -> str:
-        """What determines the rows (part of a work item's identity), beside model and metric."""
-        return f"attribution {self.method} steps={self.steps}"
-
-    @property
-    def est_cost(self) -> float:
+    def forwards(self) -> float:
         """Forward passes per batch: the runs it caches (EAP: the counterfactual one; EAP-IG:
         both) plus a forward and backward (~3 forwards) per point."""
         return 1.0 + 3.0 if self.steps == 0 else 2.0 + 3.0 * self.steps

@@ -97,7 +97,7 @@ def test_attribution_methods_are_work_items_with_a_row_per_example_and_edge(tmp_
     assert all(0 < s <= 1 and 0 < s_abs <= 1 for *_, s, s_abs in agreement)
     assert not any(p for (p,) in con.sql("SELECT DISTINCT partial FROM edge_scores").fetchall())
     again = run_sweep(spec, out, backend="inprocess", progress=False)
-    assert (again.evaluations, again.skipped) == (0, first.evaluations)
+    assert (again.evaluations, again.reused) == (0, first.evaluations)
 
 
 def test_attribution_and_search_spec_errors_name_the_key(tmp_path):
@@ -230,9 +230,9 @@ def test_a_worker_keeps_each_shard_s_runs_while_they_fit_half_the_budget(tmp_pat
     from dataclasses import replace
 
     from pathpatch.engine import evaluation as engine
+    from pipeline.driver import worker_config
     from pipeline.resolve import resolve
-    from pipeline.sweep import worker_config
-    from pipeline.worker import Task, Worker
+    from pipeline.worker import Evaluate, Worker
 
     built = []
     real = engine.Runs
@@ -245,7 +245,7 @@ def test_a_worker_keeps_each_shard_s_runs_while_they_fit_half_the_budget(tmp_pat
     def turns(worker: Worker) -> int:
         built.clear()
         for shard in (a, b, a, b):
-            worker.evaluate(Task("i", shard.id, (full,)), shard.take(resolved.dataset))
+            worker.run(Evaluate("i", shard.id, (full,)), shard.take(resolved.dataset))
         return len(built)
 
     config = worker_config(resolved, device="cpu")

@@ -47,7 +47,7 @@ def test_run_on_local_ray_then_rerun_skips_everything(ray_local, tmp_path, check
     spec = load_spec(write_spec(tmp_path, checkpoint))
     first = run_sweep(spec, tmp_path / "out", progress=False,
                       executor_options={"warm_start": True})
-    assert (first.evaluations, first.failed, first.skipped) == (6, 0, 0)
+    assert (first.evaluations, first.failed, first.reused) == (6, 0, 0)
     _same_rows(rows(tmp_path / "out"), reference)  # Ray == in process, bitwise
     # locality: an actor takes the next group of a shard it holds; it takes another's shard
     # only rather than sit idle (so 6 items cost at most 4 shard transfers here, not 6)
@@ -61,7 +61,7 @@ def test_run_on_local_ray_then_rerun_skips_everything(ray_local, tmp_path, check
     assert len(ran_on[0]) == len(ran_on[1]) == 1 and sum(map(len, ran_on.values())) <= 4
     assert len(set().union(*ran_on.values())) == 2  # and both actors worked
     again = run_sweep(spec, tmp_path / "out", progress=False)
-    assert (again.evaluations, again.skipped) == (0, 6)
+    assert (again.evaluations, again.reused) == (0, 6)
 
 
 def test_sigkill_driver_then_resume(ray_local, tmp_path, checkpoint):
@@ -117,7 +117,7 @@ def test_truncated_file_is_redone(ray_local, tmp_path, checkpoint, reference):
     victim.write_bytes(victim.read_bytes()[:100])
     (tmp_path / "out" / "items" / ".stale.parquet.tmp-1").write_bytes(b"x")
     again = run_sweep(spec, tmp_path / "out", progress=False)
-    assert (again.redone, again.evaluations, again.skipped) == (1, 1, 5)
+    assert (again.redone, again.evaluations, again.reused) == (1, 1, 5)
     _same_rows(rows(tmp_path / "out"), reference)
     assert not (tmp_path / "out" / "items" / ".stale.parquet.tmp-1").exists()
 
@@ -129,7 +129,7 @@ def test_adding_a_hypothesis_runs_only_its_items(ray_local, tmp_path, checkpoint
     extra = '\n[[hypotheses]]\nname = "only a1.1"\npattern = "in -> a1.1 -> out"\n'
     spec_path.write_text(spec_path.read_text() + extra)
     outcome = run_sweep(load_spec(spec_path), tmp_path / "out", progress=False)
-    assert (outcome.evaluations, outcome.skipped) == (3, 6)  # one new group x 3 shards
+    assert (outcome.evaluations, outcome.reused) == (3, 6)  # one new group x 3 shards
     after = rows(tmp_path / "out")
     assert after.num_rows == before.num_rows + 48
     old = after.filter(pc.not_equal(after["hypothesis"], "only a1.1"))
@@ -221,6 +221,6 @@ def test_items_folder_holds_exactly_the_views_rows_across_spec_edits(tmp_path, c
     assert direct().equals(rows(out)) and direct().num_rows == 2 * 48
     spec_path.write_text(full_text)  # the spec as it was: nothing to recompute
     again = run_sweep(load_spec(spec_path), out, progress=False, backend="inprocess")
-    assert (again.evaluations, again.skipped) == (0, 6)
+    assert (again.evaluations, again.reused) == (0, 6)
     assert list((out / "superseded").iterdir()) == []
     assert direct().equals(rows(out)) and direct().num_rows == 4 * 48

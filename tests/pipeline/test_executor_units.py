@@ -6,7 +6,7 @@ from __future__ import annotations
 from pipeline.execution import ExecutorOptions, Schedule
 from pipeline.ray_executor import size_pool
 from pipeline.spec import Resources
-from pipeline.worker import Task
+from pipeline.worker import Evaluate
 
 
 def test_pool_size_follows_gpus_then_cpus():
@@ -20,7 +20,7 @@ def test_pool_size_follows_gpus_then_cpus():
 
 
 def _schedule(layout: dict[str, int], max_attempts: int = 3, depth: int = 2) -> Schedule:
-    tasks = [Task(f"{shard}-{i}", shard, ()) for shard, n in layout.items() for i in range(n)]
+    tasks = [Evaluate(f"{shard}-{i}", shard, ()) for shard, n in layout.items() for i in range(n)]
     return Schedule(tasks, max_attempts=max_attempts, in_flight_per_worker=depth)
 
 
