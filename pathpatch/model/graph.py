@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
-from pathpatch.model.support import check_model
 
 
 class NodeKind(enum.Enum):
@@ -104,13 +103,11 @@ class Graph:
     @classmethod
     def from_model(cls, model) -> Graph:
         """The graph of a pathpatch `Transformer`; refuses, by name, any feature the engine does
-        not compute exactly (`support.py`)."""
+        not compute exactly (`support.check_model`). Made and checked once per model: the
+        model's adapter keeps it (`Adapter.of`, `Adapter.graph`)."""
         from pathpatch.model.adapter import Adapter
 
-        check_model(model)  # every time: hooks may have been attached since the adapter was made
-        arch = Adapter.of(model)
-        return cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
-                   parallel=arch.parallel, heads_normed=arch.heads_normed)
+        return Adapter.of(model).graph
 
     @cached_property
     def evaluation(self) -> Graph:
