@@ -39,8 +39,8 @@ class ModelState:
     between calls it holds at most the buffers of the largest pass so far.
 
     `prepared` is the model's store of compiled hypotheses and group plans (`Prepared.of`):
-    kept per model whether or not a caller keeps this, bounded by `DEFAULT_MAX_KEPT_COPIES`
-    mixed copies per table."""
+    kept per model whether or not a caller keeps this, bounded (`DEFAULT_MAX_KEPT_BYTES` per
+    table)."""
 
     def __init__(self, model):
         self.model = model
@@ -203,7 +203,7 @@ def evaluate(
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
     batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size,
                                          whole=runs_cache is not None)
-    plans = [prepared.plan(graph, [hypotheses[i] for i in group], [copy_graphs[i] for i in group])
+    plans = [prepared.plan(graph, [hypotheses[i] for i in group], [compiled[i] for i in group])
              for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device

@@ -8,9 +8,9 @@ every batch and call (a worker's next item of the same group, on another shard; 
 round), and `check`, whose compilations an `evaluate` in the same process (the in-process
 backend) then reuses.
 
-Bounded: each of the two tables holds at most `max_copies` mixed copies (a copy graph weighs its
-copies; a plan, its hypotheses' copies together), least recently used out first; the entry
-just made always stays, so what is held beyond the bound is at most what the current call
+Bounded: each of the two tables holds at most `max_bytes` (estimated from the copy graphs' sizes:
+`Compiled.nbytes`; a plan weighs its hypotheses' together), least recently used out first; the
+entry just made always stays, so what is held beyond the bound is at most what the current call
 needs anyway. Reused values are the very objects a fresh compilation would build (compiling is
 deterministic), so results are bitwise those of preparing anew.
 """
@@ -30,9 +30,9 @@ from pathpatch.language.copies import CopyGraph, for_evaluation
 from pathpatch.language.patterns import Restriction
 from pathpatch.model.graph import Graph
 
-DEFAULT_MAX_KEPT_COPIES = 200_000
-"""Mixed copies each table of a `Prepared` keeps (copy graphs; plans): on the order of a few
-hundred MB of small Python objects at most."""
+DEFAULT_MAX_KEPT_BYTES = 256 * 1024**2
+"""Bytes each table of a `Prepared` keeps (compiled hypotheses; group plans), as estimated by
+`Compiled.nbytes`: some 75,000 mixed copies of GPT-2 small's graph."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,16 @@ class Compiled:
     """On `graph.evaluation` (`copies.for_evaluation`): what `GroupPlan` and `MemoryBudget` read."""
     restrictions: frozenset[Restriction]
     """Its position restrictions, read off its pattern once (checked against each dataset)."""
+    nbytes: int
+    """Memory its copy graph holds, estimated from its copies, inputs and versions (within
+    about 1.5x of tracemalloc's count; its plan holds less again)."""
+
+
+def _nbytes(cg: CopyGraph) -> int:
+    """Estimated bytes of a copy graph's objects: per copy, per channel input, per version (a
+    tuple of one id per sender)."""
+    return sum(180 + sum(150 + sum(84 + 12 * len(v) for v in ci.versions) for ci in c.inputs)
+               for c in cg.copies)
 
 
 @contextmanager
@@ -110,9 +120,9 @@ class Prepared:
         plans_built: `GroupPlan`s built so far.
     """
 
-    def __init__(self, max_copies: int = DEFAULT_MAX_KEPT_COPIES):
-        self._compiled = _Lru(max_copies)
-        self._plans = _Lru(max_copies)
+    def __init__(self, max_bytes: int = DEFAULT_MAX_KEPT_BYTES):
+        self._compiled = _Lru(max_bytes)
+        self._plans = _Lru(max_bytes)
         self.compiles = 0
         self.plans_built = 0
 
@@ -142,9 +152,11 @@ class Prepared:
             self.compiles += 1
             check_mixed_copies(hypothesis, cg.n_mixed, max_mixed_copies)
             with gc_paused():
-                compiled = Compiled(cg.n_mixed, for_evaluation(cg), hypothesis.restrictions)
+                evaluated = for_evaluation(cg)
+                compiled = Compiled(cg.n_mixed, evaluated, hypothesis.restrictions,
+                                    _nbytes(evaluated))
             if key is not None:
-                self._compiled.put(key, compiled, compiled.copy_graph.n_mixed)
+                self._compiled.put(key, compiled, compiled.nbytes)
         check_mixed_copies(hypothesis, compiled.n_mixed, max_mixed_copies)
         return compiled
 
@@ -152,17 +164,16 @@ class Prepared:
                     max_mixed_copies: int) -> list[Compiled]:
         return [self.compile(graph, h, max_mixed_copies) for h in hypotheses]
 
-    def plan(self, graph: Graph, hypotheses: Sequence, copy_graphs: Sequence[CopyGraph]
-             ) -> GroupPlan:
-        """The stage plan of one group (`hypotheses` and their compiled `copy_graphs`, in
-        order), from the table or built now."""
+    def plan(self, graph: Graph, hypotheses: Sequence, compiled: Sequence[Compiled]) -> GroupPlan:
+        """The stage plan of one group (`hypotheses` and their `compiled`, in order), from the
+        table or built now."""
         key = _key(graph, tuple(hypotheses))
         plan = self._plans.get(key) if key is not None else None
         if plan is None:
-            plan = GroupPlan(graph, list(copy_graphs))
+            plan = GroupPlan(graph, [c.copy_graph for c in compiled])
             self.plans_built += 1
             if key is not None:
-                self._plans.put(key, plan, sum(cg.n_mixed for cg in copy_graphs))
+                self._plans.put(key, plan, sum(c.nbytes for c in compiled))
         return plan
 
     def clear(self) -> None:
