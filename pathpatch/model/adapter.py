@@ -19,12 +19,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
-from pathpatch.model.graph import Graph
-from pathpatch.model.support import check_model
 from pathpatch.model.transformer import softcap
 
 _KEPT = "_pathpatch_adapter"
@@ -94,6 +91,8 @@ class Adapter:
     def __init__(self, model):
         self.model = model
         self.cfg = cfg = model.cfg
+        self.graph = None
+        """The model's `Graph`, made and checked once by `Graph.from_model` and kept here."""
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
         self.d_model = cfg.d_model
@@ -131,21 +130,13 @@ class Adapter:
         holds only what its config says (shapes, flags) and reads weights, dtype and device
         from the model at each call, so `model.to(dtype)`, `load_state_dict` or training leave
         it valid; a model given another config (`model.cfg = ...`, a new frozen object) gets a
-        new adapter, checked again. A copy of the model (`copy.deepcopy`) carries a copy that
-        refers to the copy."""
+        new adapter, and so a new graph, checked again. A copy of the model (`copy.deepcopy`)
+        carries a copy that refers to the copy."""
         kept = model.__dict__.get(_KEPT)
         if kept is None or kept.cfg is not model.cfg:
             kept = cls(model)
             object.__setattr__(model, _KEPT, kept)  # a plain attribute, not a submodule
         return kept
-
-    @cached_property
-    def graph(self) -> Graph:
-        """The model's graph (`Graph.from_model`), made on first use after `check_model` refuses,
-        by name, what the engine does not compute exactly: once per model, not per call."""
-        check_model(self.model)
-        return Graph(n_layers=self.n_layers, n_heads=self.n_heads, has_mlp=self.has_mlp,
-                     parallel=self.parallel, heads_normed=self.heads_normed)
 
     def describe(self) -> str:
         """One line on how the model computes (what `pathpatch graph` prints under the graph)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
+from pathpatch.model.support import check_model
 
 
 class NodeKind(enum.Enum):
@@ -104,10 +105,16 @@ class Graph:
     def from_model(cls, model) -> Graph:
         """The graph of a pathpatch `Transformer`; refuses, by name, any feature the engine does
         not compute exactly (`support.check_model`). Made and checked once per model: the
-        model's adapter keeps it (`Adapter.of`, `Adapter.graph`)."""
+        model's adapter keeps it (`Adapter.of`); `engine.evaluate` checks for hooks attached
+        since on every call (`support.check_no_hooks`)."""
         from pathpatch.model.adapter import Adapter
 
-        return Adapter.of(model).graph
+        arch = Adapter.of(model)
+        if arch.graph is None:
+            check_model(model)
+            arch.graph = cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
+                             parallel=arch.parallel, heads_normed=arch.heads_normed)
+        return arch.graph
 
     @cached_property
     def evaluation(self) -> Graph:
