@@ -131,7 +131,11 @@ class Adapter:
         from the model at each call, so `model.to(dtype)`, `load_state_dict` or training leave
         it valid; a model given another config (`model.cfg = ...`, a new frozen object) gets a
         new adapter, and so a new graph, checked again. A copy of the model (`copy.deepcopy`)
-        carries a copy that refers to the copy."""
+        carries a copy that refers to the copy.
+
+        Warning:
+            Sets one plain attribute on the model (`_pathpatch_adapter`), kept for its life: no
+            parameter, buffer, hook or switch, so its forward and state dict are unchanged."""
         kept = model.__dict__.get(_KEPT)
         if kept is None or kept.cfg is not model.cfg:
             kept = cls(model)
