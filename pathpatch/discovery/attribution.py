@@ -34,6 +34,7 @@ from pathpatch.engine.runs import Runs
 from pathpatch.errors import PathPatchError
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Edge, Graph, NodeKind
+from pathpatch.model.support import check_no_hooks
 
 METHODS = ("eap", "eap-ig")
 """Attribution methods: `eap` (gradient at x_r) and `eap-ig` (integrated over `steps` points)."""
@@ -175,6 +176,7 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
         raise PathPatchError(f"steps = {steps!r}: give 0 (EAP) or a number of IG points >= 1")
     statistic = _statistic(metric, steps)
     graph = Graph.from_model(model)
+    check_no_hooks(model)  # `check_model` ran when the graph was made; hooks may come later
     arch = Adapter.of(model)
     if arch.heads_normed:
         raise PathPatchError("attribution adds head outputs linearly; this model normalizes each "

@@ -9,9 +9,7 @@ groups, never precision.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -22,13 +20,15 @@ from pathpatch.engine.folding import FoldedWeights
 from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.metrics import DEFAULT_METRIC, get_metric
 from pathpatch.engine.positions import PositionContext
+from pathpatch.engine.prepared import Prepared, check_mixed_copies, gc_paused
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stage_plan import SHARED_HEADS_PRODUCTS, GroupPlan
+from pathpatch.engine.stage_plan import SHARED_HEADS_PRODUCTS
 from pathpatch.engine.workspace import Workspace
 from pathpatch.errors import PathPatchError
-from pathpatch.language.copies import CF, CLEAN, CopyGraph, estimate_cost, for_evaluation
+from pathpatch.language.copies import CF, CLEAN, CopyGraph, estimate_cost
 from pathpatch.model.adapter import Adapter, Footprint
 from pathpatch.model.graph import Graph
+from pathpatch.model.support import check_no_hooks
 
 DEFAULT_MAX_MIXED_COPIES = 4096
 
@@ -38,12 +38,17 @@ class ModelState:
     LayerNorm-folded projections, computed once instead of per call (about a forward's time on
     GPT-2 small), and the workspace, whose large buffers are then memory already touched, not
     fresh pages (docs/MEASUREMENTS.md). The model's weights must not change while it is kept;
-    between calls it holds at most the buffers of the largest pass so far."""
+    between calls it holds at most the buffers of the largest pass so far.
+
+    `prepared` is the model's store of compiled hypotheses and group plans (`Prepared.of`):
+    kept per model whether or not a caller keeps this, bounded (`DEFAULT_MAX_KEPT_BYTES` per
+    table)."""
 
     def __init__(self, model):
         self.model = model
         self.folded = FoldedWeights(model)
         self.workspace = Workspace()
+        self.prepared = Prepared.of(model)
 
 
 @dataclass(frozen=True)
@@ -58,41 +63,26 @@ class HypothesisCost:
     """"none" (P = {}: G_H is the counterfactual run), "all" (the clean run) or "some" paths."""
 
 
-@contextmanager
-def _gc_paused():
-    """Compiling makes ~10^5 small objects per dense circuit and no garbage cycles; CPython's
-    cyclic collector would scan the heap every 700 of them (3/4 of a circuit's parse time)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def compile_all(
     graph: Graph, hypotheses: Sequence, max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES
 ) -> list[CopyGraph]:
-    """Compile every hypothesis; reject any over `max_mixed_copies`, naming it."""
+    """Compile every hypothesis anew (nothing kept: tools that time compiling); reject any over
+    `max_mixed_copies`, naming it. The engine's entry points compile through `Prepared`."""
     out = []
     for h in hypotheses:
-        with _gc_paused():
+        with gc_paused():
             cg = h.compile(graph)
-        if cg.n_mixed > max_mixed_copies:
-            raise PathPatchError(
-                f"hypothesis {h.name!r} needs {cg.n_mixed} mixed copies, over max_mixed_copies ="
-                f" {max_mixed_copies}; simplify it or raise max_mixed_copies"
-            )
+        check_mixed_copies(h, cg.n_mixed, max_mixed_copies)
         out.append(cg)
     return out
 
 
-def _check_restrictions(hypotheses: Sequence, dataset) -> None:
-    """Masks the dataset has, positions and offsets within its sequences."""
+def _check_restrictions(hypotheses: Sequence, restrictions: Sequence[frozenset], dataset) -> None:
+    """Masks the dataset has, positions and offsets within its sequences (`restrictions`: each
+    hypothesis's, as compiled)."""
     T = dataset.seq_len
-    for h in hypotheses:
-        for r in h.restrictions:
+    for h, used in zip(hypotheses, restrictions, strict=True):
+        for r in used:
             if r.kind == "mask" and r.value not in dataset.masks:
                 raise PathPatchError(
                     f"hypothesis {h.name!r} uses @mask={r.value} but the dataset has masks"
@@ -118,22 +108,26 @@ def check(
     """Validate hypotheses against a model (and dataset masks); report copies and cost.
 
     The cost is estimated at the dataset's sequence length, else at `seq_len`; with neither
-    (or a bare graph) it is NaN."""
-    graph = graph_or_model if isinstance(graph_or_model, Graph) else Graph.from_model(graph_or_model)
-    if dataset is not None:
-        _check_restrictions(hypotheses, dataset)
+    (or a bare graph) it is NaN. Given a model, what is compiled is kept in its `Prepared`
+    store (bounded), where a later `evaluate` in this process finds it; members of a family
+    that share their cost (`shared_cost`) are compiled once for all of them."""
+    bare = isinstance(graph_or_model, Graph)
+    graph = graph_or_model if bare else Graph.from_model(graph_or_model)
+    prepared = Prepared() if bare else Prepared.of(graph_or_model)  # a bare graph keeps nothing
     seq_len = dataset.seq_len if dataset is not None else seq_len
-    unit = (None if isinstance(graph_or_model, Graph) or not seq_len
-            else Adapter.of(graph_or_model).unit_costs(seq_len))
+    unit = None if bare or not seq_len else Adapter.of(graph_or_model).unit_costs(seq_len)
     matches = {CF: "none", CLEAN: "all"}
     shared: dict[tuple, tuple[int, float, str]] = {}  # family members that cost the same
+    if dataset is not None:  # restrictions first: they need no compiling
+        _check_restrictions(hypotheses, [h.restrictions for h in hypotheses], dataset)
     out = []
     for h in hypotheses:
         key = getattr(h, "shared_cost", None)
         if key is None or key not in shared:
-            (cg,) = compile_all(graph, [h], max_mixed_copies)
+            compiled = prepared.compile(graph, h, max_mixed_copies)
+            cg = compiled.copy_graph
             cost = float("nan") if unit is None else estimate_cost(cg, unit)
-            report = (cg.n_mixed, cost, matches.get(cg.root, "some"))
+            report = (compiled.n_mixed, cost, matches.get(cg.root, "some"))
             if key is not None:
                 shared[key] = report
         else:
@@ -199,15 +193,20 @@ def evaluate(
                              f"than the model's context (n_ctx = {arch.n_ctx})")
     if state is not None and state.model is not model:
         raise PathPatchError("evaluate: `state` is another model's ModelState")
-    copy_graphs = compile_all(graph, hypotheses, max_mixed_copies)
-    _check_restrictions(hypotheses, dataset)
+    check_no_hooks(model)  # the rest of `check_model` ran once, when the graph was made
+    # prepared once per process and model (`prepared.py`): compiled with any heads' sums to
+    # compute, restrictions read, group plans built
+    prepared = state.prepared if state is not None else Prepared.of(model)
+    compiled = prepared.compile_all(graph, hypotheses, max_mixed_copies)
+    _check_restrictions(hypotheses, [c.restrictions for c in compiled], dataset)
     dataset.validate(arch.d_vocab)
-    metric.check_dataset(dataset)
-    copy_graphs = [for_evaluation(cg) for cg in copy_graphs]  # with any heads' sums to compute
+    metric.check_dataset(dataset)  # once per call: each batch's `against` skips it
+    copy_graphs = [c.copy_graph for c in compiled]
     budget = MemoryBudget(model, dataset.seq_len, memory_budget or DEFAULT_MEMORY_BUDGET)
     batch_size, groups = budget.schedule(copy_graphs, len(dataset), batch_size,
                                          whole=runs_cache is not None)
-    plans = [GroupPlan(graph, [copy_graphs[i] for i in group]) for group in groups]
+    plans = [prepared.plan(graph, [hypotheses[i] for i in group], [compiled[i] for i in group])
+             for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device
     state = state or ModelState(model)
@@ -231,18 +230,20 @@ def evaluate(
         positions = PositionContext(
             {k: v.to(device) for k, v in batch.masks.items()}, len(batch), batch.seq_len, device
         )
-        delta = metric.against(runs.logits["r"], batch)  # the clean side once per batch
+        # the clean side once per batch; the dataset was checked above
+        delta = metric.against(runs.logits["r"], batch, checked=True)
         te[start:stop] = delta(runs.logits["c"]).cpu()
         if values:
+            value = metric.values(runs.logits["r"], batch)  # what it reads of the batch, once
             for row, run in enumerate(("r", "c")):
-                m_runs[row, start:stop] = metric.value(runs.logits[run], batch).cpu()
+                m_runs[row, start:stop] = value(runs.logits[run]).cpu()
         read = batch.scored.to(device) if metric.scored_only else None
         for group, plan in zip(groups, plans, strict=True):
             outputs = GroupEvaluator(model, plan, runs, positions, folded, read, workspace).logits()
             for i, logits in zip(group, outputs, strict=True):
                 ue[i, start:stop] = delta(logits).cpu()
                 if values:
-                    m[i, start:stop] = metric.value(logits, batch).cpu()
+                    m[i, start:stop] = value(logits).cpu()
             del outputs, logits  # dropped before the next group: its logits reuse their buffer
         if progress is not None:
             progress(len(batch))

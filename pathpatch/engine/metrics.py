@@ -56,7 +56,8 @@ class Metric:
             per batch instead of once per hypothesis. A plain fn(clean, other, batch) becomes
             this form through `Metric.from_fn`.
         check: optional dataset requirement (raises PathPatchError), run by
-            `check_dataset` before any model work and again by `against`.
+            `check_dataset` before any model work and again by `against` unless its caller
+            checked the whole dataset already (`engine.evaluate`: once per call).
         value: optional statistic of one output per example, signed (``logit_diff``: the
             answer's logit minus the wrong answer's at the last scored position, MIB's m).
             Where there is one, `engine.evaluate` stores it beside the deltas: columns `m`
@@ -65,6 +66,9 @@ class Metric:
         scored_only: the metric reads logits at the batch's scored positions only (built-ins),
             so the engine unembeds those positions only and leaves the others NaN. A user
             callable may read any position: its logits are complete.
+        value_of: optional `value` in the form of `against_clean`: (logits, batch) -> (logits
+            -> [batch]), what it reads of the batch (answers, positions) read and checked once
+            for every output of the batch (`values`).
     """
 
     name: str
@@ -72,6 +76,7 @@ class Metric:
     check: Callable[[PairDataset], None] | None = None
     scored_only: bool = False
     value: Callable[[torch.Tensor, PairDataset], torch.Tensor] | None = None
+    value_of: Against | None = None
 
     @classmethod
     def from_fn(cls, name: str, fn: MetricFn,
@@ -92,13 +97,14 @@ class Metric:
         return self.against(clean_logits, batch)(other_logits)
 
     def against(
-        self, clean_logits: torch.Tensor, batch: PairDataset
+        self, clean_logits: torch.Tensor, batch: PairDataset, *, checked: bool = False
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """delta(clean, ·) per example, for the many other outputs of one batch.
 
         Args:
             clean_logits: [batch, pos, vocab] logits of G(x_r).
             batch: the examples the logits belong to (scored positions, answers).
+            checked: the caller ran `check_dataset` on a dataset `batch` is part of.
 
         Returns:
             other_logits [batch, pos, vocab] (G_H(x_r, x_c) or G(x_c)) -> [batch] float64,
@@ -109,7 +115,8 @@ class Metric:
                 (user) metric returns the wrong shape, negative or non-finite values.
         """
         self._check_logits("clean_logits", clean_logits, batch)
-        self.check_dataset(batch)
+        if not checked:
+            self.check_dataset(batch)
         raw = self.against_clean(clean_logits, batch)
 
         def delta(other_logits: torch.Tensor) -> torch.Tensor:
@@ -122,6 +129,17 @@ class Metric:
             return self._checked(raw(other_logits), batch)
 
         return delta
+
+    def values(self, logits: torch.Tensor, batch: PairDataset
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The metric's `value` for the many outputs of one batch: logits [batch, pos, vocab]
+        -> [batch], with what it reads of the batch read once (`value_of`), from `logits`
+        (any output of the batch: only its shape and device are read)."""
+        if self.value is None:
+            raise PathPatchError(f"metric '{self.name}' has no value (a statistic of one output)")
+        if self.value_of is not None:
+            return self.value_of(logits, batch)
+        return lambda other: self.value(other, batch)
 
     def _check_logits(self, label: str, logits: torch.Tensor, batch: PairDataset) -> None:
         expected = (len(batch), batch.seq_len)
@@ -426,6 +444,6 @@ BUILTIN_METRICS: dict[str, Metric] = {
     "kl": Metric("kl", _kl_against, scored_only=True),
     "loss": Metric("loss", _loss_against, _check_loss, scored_only=True),
     "logit_diff": Metric("logit_diff", _logit_diff_against, _check_logit_diff, scored_only=True,
-                         value=_logit_diff_value),
+                         value=_logit_diff_value, value_of=_logit_diff_of),
 }
 """Built-in metrics by name; ``kl`` is the default."""

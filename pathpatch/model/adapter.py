@@ -24,6 +24,9 @@ import torch
 
 from pathpatch.model.transformer import softcap
 
+_KEPT = "_pathpatch_adapter"
+"""The model attribute `Adapter.of` keeps the model's adapter in."""
+
 EMBED_HOOK = "hook_embed"
 """The token embedding alone (the positional embedding, where there is one, is equal in both runs
 and cancels; rotary models have none)."""
@@ -87,7 +90,9 @@ class Adapter:
 
     def __init__(self, model):
         self.model = model
-        cfg = model.cfg
+        self.cfg = cfg = model.cfg
+        self.graph = None
+        """The model's `Graph`, made and checked once by `Graph.from_model` and kept here."""
         self.n_layers = cfg.n_layers
         self.n_heads = cfg.n_heads
         self.d_model = cfg.d_model
@@ -116,9 +121,26 @@ class Adapter:
 
     @classmethod
     def of(cls, model) -> Adapter:
-        """The adapter of `model`. Cheap (it reads the config), so not cached: a cache keyed by
-        the model would keep every model alive through the adapter's reference to it."""
-        return cls(model)
+        """The adapter of `model`: made once per model and kept on it, so every caller in a
+        process reads the same one (and `graph`, checked once, with it).
+
+        Kept on the model itself (an attribute), not in a table keyed by models: the adapter
+        refers to its model, so a table would keep every model alive; on the model the pair is
+        one garbage cycle that goes with it. It is safe while the model changes: the adapter
+        holds only what its config says (shapes, flags) and reads weights, dtype and device
+        from the model at each call, so `model.to(dtype)`, `load_state_dict` or training leave
+        it valid; a model given another config (`model.cfg = ...`, a new frozen object) gets a
+        new adapter, and so a new graph, checked again. A copy of the model (`copy.deepcopy`)
+        carries a copy that refers to the copy.
+
+        Warning:
+            Sets one plain attribute on the model (`_pathpatch_adapter`), kept for its life: no
+            parameter, buffer, hook or switch, so its forward and state dict are unchanged."""
+        kept = model.__dict__.get(_KEPT)
+        if kept is None or kept.cfg is not model.cfg:
+            kept = cls(model)
+            object.__setattr__(model, _KEPT, kept)  # a plain attribute, not a submodule
+        return kept
 
     def describe(self) -> str:
         """One line on how the model computes (what `pathpatch graph` prints under the graph)."""

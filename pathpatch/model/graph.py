@@ -104,13 +104,17 @@ class Graph:
     @classmethod
     def from_model(cls, model) -> Graph:
         """The graph of a pathpatch `Transformer`; refuses, by name, any feature the engine does
-        not compute exactly (`support.py`)."""
+        not compute exactly (`support.check_model`). Made and checked once per model: the
+        model's adapter keeps it (`Adapter.of`); `engine.evaluate` checks for hooks attached
+        since on every call (`support.check_no_hooks`)."""
         from pathpatch.model.adapter import Adapter
 
-        check_model(model)  # every time: hooks may have been attached since the adapter was made
         arch = Adapter.of(model)
-        return cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
-                   parallel=arch.parallel, heads_normed=arch.heads_normed)
+        if arch.graph is None:
+            check_model(model)
+            arch.graph = cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
+                             parallel=arch.parallel, heads_normed=arch.heads_normed)
+        return arch.graph
 
     @cached_property
     def evaluation(self) -> Graph:

@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import urllib.parse
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -168,9 +169,43 @@ def save_checkpoint(
 def model_digest(model: torch.nn.Module) -> str:
     """sha256 over the parameters (name, dtype, shape, bytes) in sorted-name order.
 
-    Buffers are left out (the model keeps none that a checkpoint defines).
+    Buffers are left out (the model keeps none that a checkpoint defines). Computed once per
+    model and kept with it (`load_model` keeps the one it checked the file with), so the driver
+    and a worker of the same process, or a worker's start after its load, never hash the
+    weights twice. The kept digest is read again only while every parameter has the storage,
+    dtype, shape and device it was computed on and an unchanged version counter (bumped by
+    every in-place change: `copy_`, `load_state_dict`, an optimizer step); `model.to(dtype)`,
+    a new state, training or any parameter replaced hashes the weights anew. Not seen: writes
+    through `param.data`, which has a version counter of its own.
     """
-    return _digest(dict(model.named_parameters()))
+    stamp = _stamp(model)
+    kept = _DIGESTS.get(model)
+    if stamp is not None and kept is not None and kept[0] == stamp:
+        return kept[1]
+    digest = _digest(dict(model.named_parameters()))
+    _keep_digest(model, digest, stamp)
+    return digest
+
+
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> (its parameters' stamp, its digest): a weak table, so it never keeps a model alive
+(the entry refers to no tensor)."""
+
+
+def _stamp(model: torch.nn.Module) -> tuple | None:
+    """What identifies the parameters' current values without reading them; None where it
+    cannot be read (parameters made under `torch.inference_mode` have no version counter)."""
+    try:
+        return tuple((name, p.data_ptr(), p._version, p.dtype, tuple(p.shape), str(p.device))
+                     for name, p in model.named_parameters())
+    except RuntimeError:
+        return None
+
+
+def _keep_digest(model: torch.nn.Module, digest: str, stamp: tuple | None = None) -> None:
+    stamp = _stamp(model) if stamp is None else stamp
+    if stamp is not None:
+        _DIGESTS[model] = (stamp, digest)
 
 
 def _digest(parameters: Mapping[str, torch.Tensor]) -> str:
@@ -183,14 +218,30 @@ def _digest(parameters: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _check_digest(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], src: str) -> None:
-    """A checkpoint JSON's digest must be that of the weights beside it (same pair, unchanged)."""
+def _check_digest(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor],
+                  src: str) -> str | None:
+    """A checkpoint JSON's digest must be that of the weights beside it (same pair, unchanged).
+    Returns that digest (None where the JSON has none)."""
     want = config.get("digest") if config.get("format") == CHECKPOINT_FORMAT else None
     if want is not None and _digest(state_dict) != want:
         raise PathPatchError(
             f"{src}: the weights do not match the digest in their JSON ({str(want)[:12]}...): "
             "the .json belongs to other weights or the weights file changed; save the "
             "checkpoint again (pathpatch.model.loading.save_checkpoint)")
+    return want
+
+
+def _load_checked(model: Transformer, state_dict: dict[str, torch.Tensor], src: str,
+                  digest: str | None) -> None:
+    """`_load_weights`, keeping the file's checked digest as the model's where the two are the
+    same bytes (every parameter stored, nothing else, each in the model's dtype): the weights
+    are then hashed once per load, not again by `model_digest`."""
+    params = dict(model.named_parameters())
+    same = digest is not None and set(state_dict) == set(params) and all(
+        t.dtype == params[name].dtype for name, t in state_dict.items())
+    _load_weights(model, state_dict, src)
+    if same:
+        _keep_digest(model, digest)
 
 
 def bundled_config(name: str) -> dict[str, Any]:
@@ -210,9 +261,9 @@ def _load_bundled(name: str, device: str | torch.device, dtype: torch.dtype) -> 
     config = bundled_config(name)
     res = importlib.resources.files("pathpatch") / "bundled" / f"{name}.safetensors"
     state_dict = safetensors.torch.load(res.read_bytes())
-    _check_digest(config, state_dict, f"bundled model {name!r}")
+    digest = _check_digest(config, state_dict, f"bundled model {name!r}")
     model = build_model(_arch_from_json(config, name), device=device, dtype=dtype, init_weights=False)
-    _load_weights(model, state_dict, f"bundled model {name!r}")
+    _load_checked(model, state_dict, f"bundled model {name!r}", digest)
     return model
 
 
@@ -244,10 +295,10 @@ def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype)
             ) from err
         if not isinstance(state_dict, Mapping):
             raise PathPatchError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
-    _check_digest(config, state_dict, str(path))
+    digest = _check_digest(config, state_dict, str(path))
     arch = _arch_from_json(config, str(json_path))
     model = build_model(arch, device=device, dtype=dtype, init_weights=False)
-    _load_weights(model, dict(state_dict), str(path))
+    _load_checked(model, dict(state_dict), str(path), digest)
     return model
 
 

@@ -184,9 +184,15 @@ def check_supported(cfg) -> None:
 
 
 def check_model(model) -> None:
-    """`check_supported` plus what a config cannot show: hooks left on the model change its
-    forward in the cached runs but not in the engine's recomputation."""
+    """`check_supported` plus `check_no_hooks`: run once per model, when its graph is first
+    made (`Adapter.graph`); `engine.evaluate` repeats the hooks' half on every call."""
     check_supported(model.cfg)
+    check_no_hooks(model)
+
+
+def check_no_hooks(model) -> None:
+    """Refuse a model with forward hooks left on it: they change its forward in the cached
+    runs but not in the engine's recomputation (a walk over its modules, no model work)."""
     hooked = sorted(
         name or "(model)" for name, module in model.named_modules()
         if module._forward_hooks or module._forward_pre_hooks
