@@ -113,7 +113,7 @@ def test_the_kept_compilations_are_bounded_least_recently_used_out(counted):
     model = tiny_model("mlp")
     graph = Graph.from_model(model)
     # single-edge removals into one receiver: copy graphs of one size
-    hyps = [h for h in edge_removal(graph) if h.shared_cost == ("remove_edge", "out")][:4]
+    hyps = [h for h in edge_removal(graph) if h.shared_cost == ("remove_edge", "out", "resid")][:4]
     sizes = {Prepared().compile(graph, h, 4096).nbytes for h in hyps}
     assert len(hyps) == 4 and len(sizes) == 1
     one = sizes.pop()

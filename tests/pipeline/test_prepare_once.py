@@ -10,7 +10,7 @@ from pathpatch.data.pairs import PairDataset
 from pathpatch.engine.evaluation import evaluate
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model import loading
-from pipeline.worker import Task, Worker, WorkerConfig
+from pipeline.worker import Evaluate, Worker, WorkerConfig
 
 
 def _shard(seed: int, first_id: int, n: int = 4, T: int = 6) -> PairDataset:
@@ -44,7 +44,7 @@ def test_a_worker_hashes_its_weights_once_and_prepares_each_group_once(monkeypat
     assert len(hashed) == 1  # the file's check at load; the start's comparison reuses it
     group = (Hypothesis("prev", "a1.*[k] -> a0.*"), Hypothesis("no-a1.0", "~a1.0"))
     shards = {"s0": _shard(0, 0), "s1": _shard(1, 4)}
-    tables = [worker.evaluate(Task(f"item-{sid}", sid, pickle.loads(pickle.dumps(group))), data)[0]
+    tables = [worker.run(Evaluate(f"item-{sid}", sid, pickle.loads(pickle.dumps(group))), data)[0]
               for sid, data in shards.items()]
     assert sorted(compiled) == ["no-a1.0", "prev"] and len(planned) == 1
     model = loading.load_model("attn-only-2l")  # a fresh model: nothing prepared, same rows
