@@ -24,11 +24,18 @@ from typing import Any
 
 import torch
 
-from pathpatch.tools.engine_benchmarks import SHAPES
-from pipeline.driver import Outcome
+from pathpatch.engine.evaluation import compile_all
+from pathpatch.engine.stage_plan import GroupPlan
+from pathpatch.model.graph import Graph
+from pathpatch.model.loading import build_model, save_checkpoint
+from pathpatch.tools.engine_benchmarks import SHAPES, cpu_description
+from pipeline.driver import Outcome, worker_config
+from pipeline.query import open_sweeps
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec
+from pipeline.store import SweepFolder
 from pipeline.sweep import run_sweep
+from pipeline.worker import Evaluate, Worker
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "bench.toml"
 
@@ -39,17 +46,12 @@ def _rows_per_s(outcome: Outcome) -> float:
 
 
 def _rows(folder: Path):
-    from pipeline.query import open_sweeps
-
     return open_sweeps(folder).sql("SELECT hypothesis, example, ue, te FROM results "
                                    "ORDER BY hypothesis, example").to_arrow_table()
 
 
 def _solo(spec_path: str, n_items: int, start_at: float) -> None:
     """Subprocess body: evaluate the first items on one thread from `start_at`; print items/s."""
-    from pipeline.driver import worker_config
-    from pipeline.worker import Evaluate, Worker
-
     torch.set_num_threads(1)
     resolved = resolve(load_spec(spec_path))
     worker = Worker(worker_config(resolved, device="cpu"), model=resolved.model)
@@ -188,13 +190,6 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
     SCAN_PHASES phases starts; `arch` replaces the GPT-2-small shape (tests use a tiny one).
     """
     import resource
-
-    from pathpatch.engine.evaluation import compile_all
-    from pathpatch.engine.stage_plan import GroupPlan
-    from pathpatch.model.graph import Graph
-    from pathpatch.model.loading import build_model, save_checkpoint
-    from pathpatch.tools.engine_benchmarks import cpu_description
-    from pipeline.store import SweepFolder
 
     if sample_items < 1 or pairs < 1:
         raise ValueError("sample_items and pairs must be >= 1")

@@ -14,12 +14,15 @@ import io
 from pathlib import Path
 
 from pathpatch.data.atomic import atomic_write_bytes
+from pathpatch.engine.metrics import MIN_ATE
 from pathpatch.errors import PathPatchError
+from pathpatch.language.circuits import pathpatch_name
 from pathpatch.model.names import edge_parts
 from pipeline.figures import least_explained, report_figure
 from pipeline.intervals import summarize
 from pipeline.query import open_sweeps, rank_agreement
 from pipeline.store import SweepFolder
+from pipeline.sweep import load_sweep_spec
 
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
@@ -31,8 +34,6 @@ TABLE_ROWS = 50
 def _per_example_ratios(con, names: list[str], limit: int = 5000) -> dict[str, list[float]]:
     """hypothesis -> each pair's 1 - UE/TE (pairs with |TE| < MIN_ATE left out), a seeded
     sample of at most `limit` pairs per hypothesis (a plot needs no more), for `names` only."""
-    from pathpatch.engine.metrics import MIN_ATE
-
     out: dict[str, list[float]] = {}
     table = con.sql(f"""
         SELECT hypothesis, 1 - ue / te AS ratio FROM (
@@ -85,9 +86,6 @@ def _ranking_scores(folder: Path, ranking: str) -> dict[str, float]:
     them that still exists; else none (the drawing then weighs every edge alike)."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
-
-    from pathpatch.language.circuits import pathpatch_name
-    from pipeline.sweep import load_sweep_spec
 
     try:
         entries = load_sweep_spec(folder).hypothesis_entries()

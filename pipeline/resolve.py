@@ -8,6 +8,7 @@ the hypotheses (nodes, patterns, mixed-copy bound) and the shards. Errors are
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from pathpatch.data.pairs import PairDataset, load_parquet
-from pathpatch.data.tasks import make_dataset
+from pathpatch.data.tasks import DATASETS, make_dataset
 from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine import evaluation as engine
 from pathpatch.engine.metrics import get_metric
@@ -156,10 +157,6 @@ def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:
     """What a generated dataset would allocate, checked before it is: the sequence length
     against the model's context, the pair count against this machine's free memory (a
     one-example probe measures the bytes per example, [dest, src] masks included)."""
-    import inspect
-
-    from pathpatch.data.tasks import DATASETS
-
     params = dict(spec.dataset_params())
     n = params.get("n")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine.evaluation import DEFAULT_MAX_MIXED_COPIES
 from pathpatch.engine.metrics import DEFAULT_METRIC
 from pathpatch.errors import PathPatchError
@@ -340,8 +341,6 @@ def _search(value: Any, where: str) -> SearchSpec:
 
 
 def _attributions(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], ...]:
-    from pathpatch.discovery.attribution import Attribution
-
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise PathPatchError(f"{where}: attributions must be an array of tables "
                              "([[attributions]] with method = \"eap\" or \"eap-ig\")")

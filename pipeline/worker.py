@@ -23,6 +23,7 @@ from pathpatch.engine import evaluation as engine
 from pathpatch.errors import PathPatchError
 from pathpatch.model.loading import load_model, model_digest
 from pipeline.allocator import fit_to_model
+from pipeline.resolve import TORCH_DTYPES
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
     import pyarrow as pa
@@ -108,8 +109,6 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, node: str | None = None, model: Any = None):
         """Load the model (or take `model`, already loaded, in the driver's process)."""
-        from pipeline.resolve import TORCH_DTYPES
-
         torch.set_num_threads(config.threads)
         device = config.device
         if device == "auto":

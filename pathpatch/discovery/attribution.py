@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from pathpatch.data.pairs import PairDataset
+from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET
 from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
 from pathpatch.engine.runs import Runs
 from pathpatch.errors import PathPatchError
@@ -48,8 +49,6 @@ def batch_for_budget(model, seq_len: int, memory_budget: int | None = None) -> i
     most DEFAULT_BATCH, at least 1. Per example (float32 estimate): the logits, their gradient
     and the clean ones; every receiver channel's gradient (twice while stacked); the
     counterfactual change of every node and both cached runs' residuals."""
-    from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET
-
     graph = Graph.from_model(model)
     channels = sum(len(n.channels) for n in graph.nodes[1:])
     nodes = len(graph.evaluation.nodes)

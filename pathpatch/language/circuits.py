@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pathpatch.data.atomic import atomic_write_bytes
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypotheses import FREE_FORM, Facts, Hypothesis, StructuralHypothesis
 from pathpatch.model.graph import Edge, Graph, NodeKind
@@ -229,8 +230,6 @@ def write_eap_json(graph: Graph, path: str | Path, scores: Mapping[Edge, float],
                    in_graph: Iterable[Edge], d_model: int) -> None:
     """An EAP-IG / MIB graph JSON of this model: every edge with its score and whether it is in
     the circuit; a node is in the graph when an edge of the circuit touches it."""
-    from pathpatch.data.atomic import atomic_write_bytes
-
     kept = set(in_graph)
     touched = {n for e in kept for n in (e.sender, e.receiver)}
     nodes = {eap_node_name(n): {"in_graph": n in touched or n.kind is NodeKind.OUTPUT}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
+from pathpatch.model.adapter import Adapter
 from pathpatch.model.support import check_model
 
 
@@ -107,8 +108,6 @@ class Graph:
         not compute exactly (`support.check_model`). Made and checked once per model: the
         model's adapter keeps it (`Adapter.of`); `engine.evaluate` checks for hooks attached
         since on every call (`support.check_no_hooks`)."""
-        from pathpatch.model.adapter import Adapter
-
         arch = Adapter.of(model)
         if arch.graph is None:
             check_model(model)

@@ -21,18 +21,23 @@ from typing import Any
 
 import torch
 
-from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all
+from pathpatch.data.pairs import PairDataset
+from pathpatch.discovery.attribution import edge_attributions
+from pathpatch.discovery.greedy import START, GreedySearch
+from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET, MemoryBudget, ModelState, compile_all, evaluate
 from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.kernels import mix
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
 from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.errors import PathPatchError
+from pathpatch.language.circuits import circuit_hypothesis
 from pathpatch.language.copies import estimate_cost
 from pathpatch.language.families import induction_initial, induction_refined
 from pathpatch.language.hypotheses import Facts, Hypothesis
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Graph, NodeKind
+from pathpatch.model.loading import build_model
 
 SHAPES: dict[str, dict] = {
     "gpt2-small": dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
@@ -77,8 +82,6 @@ override them."""
 
 def shaped(name: str, seed: int = 0, n_ctx: int = 64):
     """A randomly initialized model of shape `name` (a key of SHAPES)."""
-    from pathpatch.model.loading import build_model
-
     return build_model({**SHAPES[name], "n_ctx": n_ctx}, generator=torch.Generator().manual_seed(seed))
 
 
@@ -417,12 +420,6 @@ def run_discovery_benchmark(model=None, *, batch: int = 8, seq_len: int = 32, st
     the forwards a whole search would take between those two rates (receivers nothing reads are
     skipped, so fewer).
     """
-    from pathpatch.data.pairs import PairDataset
-    from pathpatch.discovery.attribution import edge_attributions
-    from pathpatch.discovery.greedy import START, GreedySearch
-    from pathpatch.engine.evaluation import evaluate
-    from pathpatch.language.circuits import circuit_hypothesis
-
     step = progress or (lambda phase: None)
     torch.manual_seed(seed)
     model = model if model is not None else gpt2_small_shaped(seed)
