@@ -77,7 +77,11 @@ class Model:
         self.rotates = [self.rotary and (cfg.rotary_layers is None or cfg.rotary_layers[layer])
                         for layer in range(cfg.n_layers)]  # SmolLM3: some layers do not rotate
         self.scale = cfg.attn_scale if cfg.use_attn_scale else 1.0
-        self._senders: dict[str, list[str]] = {}  # memo only: `senders` is a pure function
+        # memos only, of pure functions of their arguments (the same tensors, bit for bit)
+        self._senders: dict[str, list[str]] = {}
+        self._heads: dict[tuple, torch.Tensor] = {}
+        self._turns: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._constants: dict[str, torch.Tensor] = {}
 
     # graph, independently: which (sender, layer-rank) feeds what
     def rank(self, name: str) -> float:
@@ -135,18 +139,27 @@ class Model:
             return x
         n = self.cfg.rotary_dim
         rot, rest = x[:n], x[n:]
-        base = self.cfg.rotary_base
-        if self.local[layer] and self.cfg.rotary_base_local is not None:  # Gemma-3's local layers
-            base = self.cfg.rotary_base_local
-        angle = p * (1.0 / base ** (torch.arange(0, n, 2).float() / n))
         if self.cfg.rotary_adjacent_pairs:
             flip = torch.stack([-rot[1::2], rot[::2]], dim=-1).reshape(-1)
-            angle = angle.repeat_interleave(2)
         else:
             flip = torch.cat([-rot[n // 2:], rot[:n // 2]])
-            angle = torch.cat([angle, angle])
-        cos, sin = angle.cos().double(), angle.sin().double()
+        cos, sin = self.turn(layer, p)
         return torch.cat([rot * cos + flip * sin, rest])
+
+    def turn(self, layer: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of `rotate`'s angles at position p, one per rotated dimension."""
+        if (layer, p) not in self._turns:
+            n = self.cfg.rotary_dim
+            base = self.cfg.rotary_base
+            if self.local[layer] and self.cfg.rotary_base_local is not None:  # Gemma-3's local
+                base = self.cfg.rotary_base_local
+            angle = p * (1.0 / base ** (torch.arange(0, n, 2).float() / n))
+            if self.cfg.rotary_adjacent_pairs:
+                angle = angle.repeat_interleave(2)
+            else:
+                angle = torch.cat([angle, angle])
+            self._turns[layer, p] = angle.cos().double(), angle.sin().double()
+        return self._turns[layer, p]
 
     def qk_norm(self, x, layer: int, channel: str, head: int, inp):
         """A head's q or k vector x through its RMS norm (Qwen3), when the model has one; a norm
@@ -167,11 +180,14 @@ class Model:
         return x / torch.sqrt((full * full).mean() + self.cfg.eps) * w[own * dh:(own + 1) * dh]
 
     def kv_weight(self, layer: int, name: str, head: int):
-        """W_K / W_V / b_K / b_V of a query head: its kv head's, under grouped-query attention."""
-        key = f"blocks.{layer}.attn.{name}"
-        if key in self.w:
-            return self.w[key][head]
-        return self.w[f"blocks.{layer}.attn._{name}"][head // self.group]
+        """A head's W_Q / b_Q / W_O, or the W_K / W_V / b_K / b_V of its kv head under
+        grouped-query attention."""
+        if (layer, name, head) not in self._heads:
+            key = f"blocks.{layer}.attn.{name}"
+            self._heads[layer, name, head] = (
+                self.w[key][head] if key in self.w
+                else self.w[f"blocks.{layer}.attn._{name}"][head // self.group])
+        return self._heads[layer, name, head]
 
     def mlp_out(self, x, layer: int):
         w, pre = self.w, f"blocks.{layer}.mlp"
@@ -189,14 +205,16 @@ class Model:
     def constants(self, receiver: str) -> torch.Tensor:
         """Biases every run adds before `receiver` reads the residual stream (with norms after
         the sublayers, the biases sit inside those norms: `Oracle.gather`)."""
+        if receiver in self._constants:  # never changed in place: callers add to a copy
+            return self._constants[receiver]
         total = torch.zeros(self.cfg.d_model, dtype=torch.float64)
-        if self.post:
-            return total
-        for sender in self.senders(receiver):
-            if sender.startswith("a") and sender.endswith(".0"):  # b_O once per layer
-                total = total + self.w[f"blocks.{sender[1:].split('.')[0]}.attn.b_O"]
-            elif sender.startswith("m"):
-                total = total + self.w[f"blocks.{sender[1:]}.mlp.b_out"]
+        if not self.post:
+            for sender in self.senders(receiver):
+                if sender.startswith("a") and sender.endswith(".0"):  # b_O once per layer
+                    total = total + self.w[f"blocks.{sender[1:].split('.')[0]}.attn.b_O"]
+                elif sender.startswith("m"):
+                    total = total + self.w[f"blocks.{sender[1:]}.mlp.b_out"]
+        self._constants[receiver] = total
         return total
 
 
@@ -207,6 +225,7 @@ class Oracle:
         self.m, self.h, self.xr, self.xc, self.masks = model, hyp, xr, xc, masks
         self.T = len(xr)
         self._edge_sets: dict[int, set] = {}  # memo only, by the id of the hypothesis node
+        self._inside: dict[tuple, bool] = {}  # memo only: is a path in the hypothesis's P
 
     # ------------------------------------------------------------ the matcher
     def restriction_holds(self, r, step) -> bool:
@@ -252,6 +271,13 @@ class Oracle:
         return chosen if keep else all_edges - chosen
 
     def contains(self, h, path) -> bool:
+        if h is self.h:  # the tree's leaves and `count` ask the same question of every path
+            if path not in self._inside:
+                self._inside[path] = self._contains(h, path)
+            return self._inside[path]
+        return self._contains(h, path)
+
+    def _contains(self, h, path) -> bool:
         kind = h[0]
         if kind == "chain":
             return self.chain_matches(h[1], path)
@@ -291,7 +317,7 @@ class Oracle:
         pre = f"blocks.{layer}"
         ln = f"{pre}.ln1"
         q_in = m.pre_norm(reads("q", p, p), ln)
-        q = q_in @ w[f"{pre}.attn.W_Q"][head] + w[f"{pre}.attn.b_Q"][head]
+        q = q_in @ m.kv_weight(layer, "W_Q", head) + m.kv_weight(layer, "b_Q", head)
         q = m.rotate(m.qk_norm(q, layer, "q", head, q_in), layer, p)
         scores, values = [], []
         first = max(0, p - m.cfg.window_size + 1) if m.local[layer] else 0
@@ -305,7 +331,7 @@ class Oracle:
             values.append(v)
         attn = torch.softmax(torch.stack(scores), dim=0)
         z = sum(a * v for a, v in zip(attn, values))
-        return z @ w[f"{pre}.attn.W_O"][head]
+        return z @ m.kv_weight(layer, "W_O", head)
 
     def logits(self) -> torch.Tensor:
         """[pos, vocab] the treeified model's output."""

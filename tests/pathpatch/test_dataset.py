@@ -142,11 +142,20 @@ def test_example_without_scored_position_is_named():
     assert "row 3 (example_id 103) has no scored position" in str(err.value)
 
 
-def test_last_position_may_be_scored():
+def test_last_position_may_be_scored(tmp_path):
+    """Only the last position scored is a valid dataset (KL may read it; metric 'loss' refuses
+    it, tests/pathpatch/test_metrics.py): kept as given, through Parquet too."""
     ds = tiny()
     scored = torch.zeros_like(ds.scored)
     scored[:, -1] = True
-    PairDataset(**fields(ds, scored=scored)).validate(vocab_size=11)
+    last = PairDataset(**fields(ds, scored=scored))
+    last.validate(vocab_size=11)  # raises if refused
+    assert last.scored.tolist() == [[False, False, False, True]] * 5
+    assert last.digest() != ds.digest()  # the scored positions are part of the content
+    save_parquet(last, tmp_path / "last.parquet")
+    back = load_parquet(tmp_path / "last.parquet", vocab_size=11)
+    assert_same(back, last)
+    assert back.scored.tolist() == [[False, False, False, True]] * 5
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -45,21 +46,32 @@ def _same_rows(a, b) -> None:
 def test_run_on_local_ray_then_rerun_skips_everything(ray_local, tmp_path, checkpoint,
                                                       reference):
     spec = load_spec(write_spec(tmp_path, checkpoint))
-    first = run_sweep(spec, tmp_path / "out", progress=False,
+    submitted = []  # (item, actor, its pid), in the order the driver handed them out
+
+    def record(event, **fields):
+        if event == "submitted":
+            submitted.append((fields["item"], fields["worker"], fields["pid"]))
+
+    first = run_sweep(spec, tmp_path / "out", progress=False, on_event=record,
                       executor_options={"warm_start": True})
     assert (first.evaluations, first.failed, first.reused) == (6, 0, 0)
     _same_rows(rows(tmp_path / "out"), reference)  # Ray == in process, bitwise
     # locality: an actor takes the next group of a shard it holds; it takes another's shard
-    # only rather than sit idle (so 6 items cost at most 4 shard transfers here, not 6)
+    # only rather than sit idle. warm_start: both actors are up before the first fill, which
+    # queues 2 calls on each (6 items wait, more than 2 per actor): both groups of shard 0 on
+    # actor 0, both of shard 1 (nobody holds it) on actor 1; shard 2 goes to whichever is
+    # free first, so 6 items cost 3 or 4 shard transfers, not 6
     folder = SweepFolder(tmp_path / "out")
     shard_of = {i["id"]: i["shard"] for i in folder.read_manifest()["items"]}
-    ran_on = {}
-    for e in folder.events():
-        if e["event"] == "item_done":
-            ran_on.setdefault(shard_of[e["item"]], set()).add(e["pid"])
-    assert sorted(ran_on) == [0, 1, 2], ran_on
-    assert len(ran_on[0]) == len(ran_on[1]) == 1 and sum(map(len, ran_on.values())) <= 4
-    assert len(set().union(*ran_on.values())) == 2  # and both actors worked
+    assert [(shard_of[i], w) for i, w, _ in submitted[:4]] == [(0, 0), (0, 0), (1, 1), (1, 1)]
+    assert len(submitted) == 6 and [shard_of[i] for i, *_ in submitted[4:]] == [2, 2]
+    assert len({(w, shard_of[i]) for i, w, _ in submitted}) in (3, 4)
+    # two actor processes, and each item's rows came from the process it was handed to
+    pid_of = {w: pid for _, w, pid in submitted}
+    assert sorted(pid_of) == [0, 1] and len(set(pid_of.values())) == 2
+    assert all(pid_of[w] == pid for _, w, pid in submitted)
+    done_by = {e["item"]: e["pid"] for e in folder.events() if e["event"] == "item_done"}
+    assert done_by == {i: pid for i, _, pid in submitted}
     again = run_sweep(spec, tmp_path / "out", progress=False)
     assert (again.evaluations, again.reused) == (0, 6)
 
@@ -96,18 +108,31 @@ def rows_of_uninterrupted(tmp_path: Path, spec: Path):
 def test_actor_killed_mid_item_is_replaced_and_requeued(ray_local, tmp_path, checkpoint,
                                                         reference):
     spec = load_spec(write_spec(tmp_path, checkpoint))
-    killed = []
+    submitted = []  # (item, actor, its pid)
 
     def kill_first(event, **fields):
-        if event == "submitted" and not killed:
-            os.kill(fields["pid"], signal.SIGKILL)
-            killed.append(fields["item"])
+        if event == "submitted":
+            if not submitted:
+                os.kill(fields["pid"], signal.SIGKILL)
+            submitted.append((fields["item"], fields["worker"], fields["pid"]))
 
     outcome = run_sweep(spec, tmp_path / "out", progress=False, on_event=kill_first)
-    assert killed and outcome.requeues >= 1 and outcome.failed == 0
+    # the first actor up is handed 2 calls at once (6 items wait, more than 2 per actor): the
+    # killed one and the one queued behind it; both are requeued, and only the first is
+    # charged an attempt
+    (item, worker, pid), (queued, worker_2, _) = submitted[:2]
+    assert worker_2 == worker and queued != item
+    assert (outcome.evaluations, outcome.requeues, outcome.failed) == (6, 2, 0)
     _same_rows(rows(tmp_path / "out"), reference)
-    events = [e["event"] for e in SweepFolder(tmp_path / "out").events()]
-    assert "worker_lost" in events and "requeued" in events and "worker_replaced" in events
+    events = SweepFolder(tmp_path / "out").events()
+    lost = [e for e in events if e["event"] == "worker_lost"]
+    assert [(e["worker"], e["pid"], e["items"]) for e in lost] == [(worker, pid, [item, queued])]
+    assert [(e["item"], e["attempts"]) for e in events if e["event"] == "requeued"] == [
+        (item, 1), (queued, 0)]
+    assert [e["worker"] for e in events if e["event"] == "worker_replaced"] == [worker]
+    # the killed process ran nothing more; both items were done again by live actors
+    done_by = {e["item"]: e["pid"] for e in events if e["event"] == "item_done"}
+    assert pid not in done_by.values() and {item, queued} <= done_by.keys()
 
 
 def test_truncated_file_is_redone(ray_local, tmp_path, checkpoint, reference):
@@ -174,15 +199,26 @@ def test_hung_item_times_out_and_nothing_hangs(ray_local, tmp_path, checkpoint):
 
 
 def test_a_result_that_arrives_after_the_timeout_is_a_timeout(ray_local, tmp_path, checkpoint):
-    """item_timeout_s is enforced even when the call finishes between two deadline checks."""
+    """item_timeout_s is enforced even when the call finishes between two deadline checks.
+
+    No race: one actor, one call at a time, and a poll longer than the test, so the driver
+    checks deadlines only after each result has arrived; every call sleeps 0.15 s (slow_kl)
+    from its submission on, past its 0.05 s, so every result arrives late and is refused on
+    arrival (the deadline check's own path is test_hung_item_times_out_and_nothing_hangs)."""
     spec = load_spec(write_spec(tmp_path, checkpoint, metric="tests.pipeline.slow_metric:slow_kl",
-                                execution="max_attempts = 1\nitem_timeout_s = 0.05"))
-    outcome = run_sweep(spec, tmp_path / "out", progress=False)
-    assert (outcome.evaluations, outcome.failed) == (0, 6)
-    errors = [f["error"] for f in SweepFolder(tmp_path / "out").failures().values()]
-    # cut by the deadline check, or refused on arrival when it finished between two checks
-    assert len(errors) == 6 and all("timed out after 0.05 s" in e or "over item_timeout_s = 0.05 s"
-                                    in e for e in errors), errors
+                                workers=1, execution="max_attempts = 1\nitem_timeout_s = 0.05\n"
+                                                     "in_flight_per_worker = 1"))
+    outcome = run_sweep(spec, tmp_path / "out", progress=False,
+                        executor_options={"poll_s": 600.0})
+    assert (outcome.evaluations, outcome.failed, outcome.requeues) == (0, 6, 0)
+    folder = SweepFolder(tmp_path / "out")
+    errors = [f["error"] for f in folder.failures().values()]
+    assert len(errors) == 6 and all(
+        re.fullmatch(r"took \S+ s, over item_timeout_s = 0\.05 s", e) for e in errors), errors
+    assert all(float(e.split()[1]) >= 0.15 for e in errors), errors
+    # refused on arrival: its actor finished the call and lives on (none lost or replaced)
+    events = [e["event"] for e in folder.events()]
+    assert "worker_lost" not in events and "worker_replaced" not in events, events
 
 
 def test_cli_run_and_status_through_subprocess(ray_local, tmp_path, checkpoint):

@@ -44,7 +44,7 @@ def _wait_for_nodes(e: dict[str, str], gcs: str, n: int, timeout_s: float = 120)
         if probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
         assert time.monotonic() < deadline, probe.stdout[-1000:] + probe.stderr[-2000:]
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def _python() -> str:
@@ -92,7 +92,7 @@ def test_ray_job_submit_runs_a_sweep(tmp_path: Path, checkpoint: Path):
             if probe.returncode == 0:
                 break
             assert time.monotonic() < deadline, probe.stderr[-2000:]
-            time.sleep(2)
+            time.sleep(0.5)
         node_log = open(tmp_path / "node.log", "w")
         node = subprocess.Popen(  # a second node, joining with the same RAY_AUTH_MODE
             [_ray_bin(), "start", f"--address=127.0.0.2:{gcs}", "--block",
