@@ -21,7 +21,7 @@ from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine import evaluation as engine
 from pathpatch.engine.metrics import get_metric
 from pathpatch.errors import PathPatchError
-from pathpatch.language.families import load_hypotheses
+from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import load_model, model_digest
 from pipeline.plan import HypothesisInfo, Plan, Shard, attribution_info, make_plan, shard_dataset

@@ -33,8 +33,8 @@ from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.errors import PathPatchError
 from pathpatch.language.circuits import circuit_hypothesis
 from pathpatch.language.copies import estimate_cost
-from pathpatch.language.families import induction_initial, induction_refined
 from pathpatch.language.hypotheses import Facts, Hypothesis
+from pathpatch.language.hypothesis_families import induction_initial, induction_refined
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 from pathpatch.model.graph import Graph, NodeKind
 from pathpatch.model.loading import build_model

@@ -24,11 +24,11 @@ from pathpatch.language.circuits import (
     read_eap_graph,
     write_eap_json,
 )
-from pathpatch.language.families import load_hypotheses
 from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
-from tests.pathpatch.test_stacking import _circuit_hook_run
+from tests.pathpatch.test_group_evaluation import _circuit_hook_run
 from tests.pathpatch.test_structural import _shape, walked
 
 GRAPH = Graph(n_layers=2, n_heads=2, has_mlp=True)

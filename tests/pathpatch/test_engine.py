@@ -8,8 +8,8 @@ from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
 from pathpatch.language.copies import CF, CLEAN
-from pathpatch.language.families import edge_removal, node_removal
 from pathpatch.language.hypotheses import Hypothesis
+from pathpatch.language.hypothesis_families import edge_removal, node_removal
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 

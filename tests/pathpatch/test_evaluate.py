@@ -8,8 +8,8 @@ from pathpatch.data.pairs import PairDataset
 from pathpatch.engine.evaluation import ModelState, check, evaluate
 from pathpatch.engine.metrics import Metric, get_metric
 from pathpatch.errors import PathPatchError
-from pathpatch.language.families import load_hypotheses
 from pathpatch.language.hypotheses import Hypothesis
+from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
 from pathpatch.tools.explain import explain
 from tests.pathpatch.conftest import tiny_model

@@ -15,8 +15,8 @@ from pathpatch.engine.evaluation import ModelState, check, evaluate
 from pathpatch.engine.metrics import Metric, get_metric
 from pathpatch.engine.prepared import Prepared
 from pathpatch.errors import PathPatchError
-from pathpatch.language.families import edge_removal
 from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.language.hypothesis_families import edge_removal
 from pathpatch.model import loading
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.graph import Graph

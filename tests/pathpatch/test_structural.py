@@ -10,8 +10,8 @@ from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
 from pathpatch.language.automaton import compile_pattern
 from pathpatch.language.copies import CF, CLEAN, CopyGraph, build_copies
-from pathpatch.language.families import edge_removal, node_removal, through_node
 from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
+from pathpatch.language.hypothesis_families import edge_removal, node_removal, through_node
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 

@@ -9,8 +9,8 @@ from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
 from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.engine.workspace import Workspace
-from pathpatch.language.families import edge_removal, node_removal
 from pathpatch.language.hypotheses import Hypothesis
+from pathpatch.language.hypothesis_families import edge_removal, node_removal
 from pathpatch.model.graph import Graph
 from tests.pathpatch import oracle
 from tests.pathpatch.conftest import tiny_model
