@@ -316,7 +316,7 @@ def open_executor(backend: str, resolved: Resolved, options: ExecutorOptions,
                         model=resolved.model)
         yield InProcessExecutor(worker, options, on_event=event, stats=stats)
         return
-    from pipeline.ray_executor import RayExecutor, ray_session
+    from pipeline.ray_executor import RayExecutor, ray_session  # Ray loads only when a run uses it
 
     with ray_session(address, **ray_init):
         executor = RayExecutor(worker_config(resolved), options, on_event=event, stats=stats)

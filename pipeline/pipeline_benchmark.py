@@ -100,7 +100,7 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
     (other load on the machine only ever slows a run down). `progress(phase)` is called as each
     of the `bench_phases(repeats)` phases starts.
     """
-    from pipeline.ray_executor import ray_session
+    from pipeline.ray_executor import ray_session  # Ray loads only when a run uses it
 
     step = progress or (lambda phase: None)
     spec = load_spec(spec_path or DEFAULT_SPEC)

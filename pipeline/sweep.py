@@ -116,7 +116,7 @@ def run_sweep(
     resolved = resolved or resolve(spec)
     address = address or os.environ.get("RAY_ADDRESS") or None
     if backend == "ray" and address:
-        from pipeline.ray_executor import probe_address
+        from pipeline.ray_executor import probe_address  # Ray loads only when a run uses it
 
         probe_address(address)  # a wrong address fails here, before anything is written
     plan = resolved.plan

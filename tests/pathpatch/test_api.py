@@ -87,3 +87,22 @@ def test_model_package_has_no_import_cycle():
             if module.startswith("pathpatch.model."):
                 other = module.rsplit(".", 1)[-1]
                 assert order.index(other) < order.index(path.stem), (path.stem, other)
+
+
+def test_the_method_s_packages_import_downwards_only():
+    """model <- data <- language <- engine <- discovery <- tools (ARCHITECTURE.md): a package
+    imports only those before it, and none of pathpatch/ imports pipeline/ (but the public
+    API's two names from it, imported on first use by pathpatch/__init__.py)."""
+    order = ["model", "data", "language", "engine", "discovery", "tools"]
+    for package in order:
+        for path in (ROOT / "pathpatch" / package).glob("*.py"):
+            for module, _ in _imports(path):
+                assert not module.startswith("pipeline"), (path, module)
+                if module.startswith("pathpatch.") and module.split(".")[1] in order:
+                    other = module.split(".")[1]
+                    assert order.index(other) <= order.index(package), (path, module)
+
+
+def test_module_names_are_unique_across_the_project():
+    stems = [p.stem for p in _python_files() if p.stem not in ("__init__", "conftest")]
+    assert sorted(stems) == sorted(set(stems)), {s for s in stems if stems.count(s) > 1}
