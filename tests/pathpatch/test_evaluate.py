@@ -15,14 +15,14 @@ from pathpatch.tools.explain import explain
 from tests.pathpatch.conftest import tiny_model
 
 
-def _dataset(model, n=6, T=5, seed=0):
+def _dataset(model, n=6, T=5, seed=0, first_id=100):
     gen = torch.Generator().manual_seed(seed)
     xr = torch.randint(0, model.cfg.d_vocab, (n, T), generator=gen)
     xc = torch.randint(0, model.cfg.d_vocab, (n, T), generator=gen)
     scored = torch.zeros(n, T, dtype=torch.bool)
     scored[:, 2:] = True
     masks = {"prev": torch.ones(n, T, T, dtype=torch.bool).tril(-1).triu(-1)}
-    return PairDataset(xr, xc, scored, masks, example_ids=torch.arange(100, 100 + n))
+    return PairDataset(xr, xc, scored, masks, example_ids=torch.arange(first_id, first_id + n))
 
 
 @pytest.mark.parametrize("metric", ["kl", "loss"])
