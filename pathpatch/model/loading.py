@@ -31,6 +31,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from pathpatch.errors import PathPatchError
 from pathpatch.model.config import ModelConfig
@@ -172,15 +173,18 @@ def model_digest(model: torch.nn.Module) -> str:
     Buffers are left out (the model keeps none that a checkpoint defines). Computed once per
     model and kept with it (`load_model` keeps the one it checked the file with), so the driver
     and a worker of the same process, or a worker's start after its load, never hash the
-    weights twice. The kept digest is read again only while every parameter has the storage,
-    dtype, shape and device it was computed on and an unchanged version counter (bumped by
-    every in-place change: `copy_`, `load_state_dict`, an optimizer step); `model.to(dtype)`,
-    a new state, training or any parameter replaced hashes the weights anew. Not seen: writes
-    through `param.data`, which has a version counter of its own.
+    weights twice. The kept digest is read again only while every parameter still lives in the
+    storage it was computed on (a weak reference to it has not expired, so a round trip through
+    another dtype, whose new storage may reuse the old address, is seen), with the same dtype,
+    shape and device and an unchanged version counter (bumped by every in-place change:
+    `copy_`, `load_state_dict`, an optimizer step); `model.to(dtype)`, a new state, training or
+    any parameter replaced hashes the weights anew. Not seen: in-place writes through
+    `param.data`, which has a version counter of its own.
     """
     stamp = _stamp(model)
     kept = _DIGESTS.get(model)
-    if stamp is not None and kept is not None and kept[0] == stamp:
+    if stamp is not None and kept is not None and kept[0] == stamp \
+            and not any(storage.expired() for storage in kept[2]):
         return kept[1]
     digest = _digest(dict(model.named_parameters()))
     _keep_digest(model, digest, stamp)
@@ -188,8 +192,8 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> (its parameters' stamp, its digest): a weak table, so it never keeps a model alive
-(the entry refers to no tensor)."""
+"""model -> (its parameters' stamp, its digest, weak references to their storages): a weak
+table, so it never keeps a model alive (the entry refers to no tensor)."""
 
 
 def _stamp(model: torch.nn.Module) -> tuple | None:
@@ -205,7 +209,8 @@ def _stamp(model: torch.nn.Module) -> tuple | None:
 def _keep_digest(model: torch.nn.Module, digest: str, stamp: tuple | None = None) -> None:
     stamp = _stamp(model) if stamp is None else stamp
     if stamp is not None:
-        _DIGESTS[model] = (stamp, digest)
+        storages = tuple(StorageWeakRef(p.untyped_storage()) for p in model.parameters())
+        _DIGESTS[model] = (stamp, digest, storages)
 
 
 def _digest(parameters: Mapping[str, torch.Tensor]) -> str:
