@@ -120,7 +120,6 @@ class RunOptions:
     Attributes:
         backend: "ray" (a local cluster on demand, or `address`) or "inprocess".
         address: Ray cluster address (already probed by the caller).
-        progress: show the bar on stderr.
         on_event: called as on_event(event, **fields) for every scheduling event (tests).
         ray_init: extra `ray.init` arguments for a local cluster started here.
         executor_options: `ExecutorOptions` fields to override (e.g. warm_start=True).
@@ -129,7 +128,6 @@ class RunOptions:
 
     backend: str = "ray"
     address: str | None = None
-    progress: bool = True
     on_event: Callable[..., None] | None = None
     ray_init: dict[str, Any] | None = None
     executor_options: dict[str, Any] | None = None

@@ -60,7 +60,7 @@ class Counts:
         requeues: retries (actor deaths, timeouts, errors).
         redone: broken result files found and computed again.
         worker_starts: workers started.
-        nodes: node ids that ran work.
+        nodes: node ids that held a worker for the run (a Ray node once its actor is up).
         seconds: time spent executing items (cluster start-up excluded).
         examples, rows: examples evaluated (per item, summed) and result rows written.
     """

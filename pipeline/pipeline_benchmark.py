@@ -34,8 +34,8 @@ from pipeline.query import open_sweeps
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec
 from pipeline.store import SweepFolder
-from pipeline.sweep import run_sweep
-from pipeline.worker import Evaluate, Worker
+from pipeline.sweep import SweepRounds, run_sweep
+from pipeline.worker import Worker
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "bench.toml"
 
@@ -56,13 +56,12 @@ def _solo(spec_path: str, n_items: int, start_at: float) -> None:
     resolved = resolve(load_spec(spec_path))
     worker = Worker(worker_config(resolved, device="cpu"), model=resolved.model)
     shards = {s.id: s for s in resolved.shards}
+    rounds = SweepRounds(resolved, progress=False)
     items = resolved.plan.items[:n_items]
     time.sleep(max(0.0, start_at - time.time()))
     start = time.perf_counter()
     for item in items:
-        names = tuple(h.name for h in item.hypotheses)
-        task = Evaluate(item.id, item.shard.id, tuple(resolved.hypotheses_of(names)))
-        worker.run(task, shards[item.shard.id].take(resolved.dataset))
+        worker.run(rounds.task(item), shards[item.shard.id].take(resolved.dataset))
     print(json.dumps({"items_per_s": len(items) / (time.perf_counter() - start)}))
 
 
@@ -227,8 +226,9 @@ def bench_scan(*, pairs: int = 16, seq_len: int = 32, sample_items: int = 3, gro
         torch.set_num_threads(1)
         graph = Graph.from_model(resolved.model)
         compile_s = schedule_s = 0.0
+        rounds = SweepRounds(resolved, progress=False)
         for item in sample:
-            hyps = resolved.hypotheses_of(tuple(h.name for h in item.hypotheses))
+            hyps = rounds.task(item).hypotheses  # a scan's items are all evaluations
             t0 = time.perf_counter()
             copy_graphs = compile_all(graph, hyps)
             t1 = time.perf_counter()

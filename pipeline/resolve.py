@@ -55,10 +55,6 @@ class Resolved:
     warnings: tuple[str, ...] = ()
     attributions: tuple[Any, ...] = ()
 
-    def hypotheses_of(self, names: tuple[str, ...]) -> list[Any]:
-        """What a work item computes, by name: hypotheses, or one attribution method."""
-        by_name = {h.name: h for h in (*self.hypotheses, *self.attributions)}
-        return [by_name[n] for n in names]
 
 
 def _prefixed(key: str, value: object, err: PathPatchError) -> PathPatchError:

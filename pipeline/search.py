@@ -176,7 +176,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
     rounds = SearchRounds(resolved, outcome, progress=progress)
     outcome.total = len(rounds.search.order)
     return drive(resolved, folder, rounds, outcome,
-                 RunOptions(backend=backend, address=address, progress=progress,
+                 RunOptions(backend=backend, address=address,
                             ray_init=ray_init, executor_options=executor_options,
                             spec_file=spec_file))
 

@@ -52,10 +52,10 @@ class SweepRounds:
         return self.resolved.plan.items
 
     def task(self, item: WorkItem) -> Task:
-        names = [h.name for h in item.hypotheses]
-        if names[0] in self.attributions:  # an attribution method is an item on its own
-            return Attribute(item.id, item.shard.id, self.attributions[names[0]])
-        return Evaluate(item.id, item.shard.id, tuple(self.hypotheses[n] for n in names))
+        """What a worker runs for one of the plan's items (the benchmarks ask here too)."""
+        if item.kind == "attribution":  # an attribution method is an item on its own
+            return Attribute(item.id, item.shard.id, self.attributions[item.hypotheses[0].name])
+        return Evaluate(item.id, item.shard.id, tuple(self.hypotheses[h.name] for h in item.hypotheses))
 
     def computed(self, item: WorkItem, table: pa.Table) -> None:
         """Written, and no longer needed here."""
@@ -125,6 +125,6 @@ def run_sweep(
                          "metric": plan.metric, "dtype": plan.dtype}, force=force)
     outcome = Outcome(folder=folder.root, total=len(plan.items), metric=plan.metric)
     return drive(resolved, folder, SweepRounds(resolved, progress=progress), outcome,
-                 RunOptions(backend=backend, address=address, progress=progress,
+                 RunOptions(backend=backend, address=address,
                             on_event=on_event, ray_init=ray_init,
                             executor_options=executor_options, spec_file=spec_file))

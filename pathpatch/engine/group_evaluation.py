@@ -209,7 +209,7 @@ class GroupEvaluator:
     def _norm_over_heads(self, layer: int, proj: torch.Tensor, rows, keys, inputs: torch.Tensor
                          ) -> None:
         """OLMo-2's q/k norm over all heads, in place on the q and k rows just projected: `rows`
-        and `keys` (slices or index tensors) as `_Singles` / `_Shared` give them; `inputs`
+        and `keys` (slices or index tensors) as `Singles` / `SharedInput` give them; `inputs`
         [rows, tokens, d_model] one per row, or [tokens, d_model] shared by all of them."""
         rows = torch.arange(proj.shape[0])[rows] if isinstance(rows, slice) else rows.cpu()
         keys = torch.arange(3 * self.arch.n_heads)[keys] if isinstance(keys, slice) else keys.cpu()

@@ -27,7 +27,7 @@ from pathpatch.language.patterns import (
 from pathpatch.model.graph import Graph
 from pathpatch.model.names import edge_parts
 
-__all__ = ["Facts", "Hypothesis", "StructuralHypothesis", "edge_parts"]
+__all__ = ["Facts", "Hypothesis", "StructuralHypothesis"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Facts:
     """
 
     family: str | None = None
-    """The family that generated it (`families.FAMILIES`' key, e.g. "edge_removal")."""
+    """The family that generated it (`hypothesis_families.FAMILIES`' key, e.g. "edge_removal")."""
     kind: str | None = None
     """"remove_edge", "remove_node", "through_node" or "circuit" (a curve's member, `none`
     and `all` included); None for a family whose members are free patterns (induction_*)."""
