@@ -2,12 +2,13 @@
 
 EAP (Syed et al.): score(u -> v.c) = (a_u(x_c) - a_u(x_r)) . dm/d(input of v.c) at x_r, summed
 over positions, per example: the first-order change of the statistic m when the edge carries
-the counterfactual value. EAP-IG (Hanna et al.) averages that gradient over m = `steps` runs on
+the counterfactual value. EAP-IG (Hanna et al.) averages that gradient over `steps` runs on
 x_r's tokens whose token embedding (`hook_embed`, the one input the two runs differ in) is
 interpolated, e(α) = e(x_c) + α (e(x_r) - e(x_c)), at the points `points` names (`POINTS`):
-`left`, the default, α = k/m for k = 0..m-1 (x_c's embedding included, x_r's left out) as the
-EAP-IG repository's `get_scores_eap_ig` computes it; `right`, α = k/m for k = 1..m (x_r's
-included, x_c's left out), pathpatch's points before they were named. Same graph and edge names
+`left`, the default, α = k/steps for k = 0..steps-1 (x_c's embedding included, x_r's left out)
+as the EAP-IG repository's `get_scores_eap_ig` computes it; `right`, α = k/steps for
+k = 1..steps (x_r's included, x_c's left out), pathpatch's points before they were named.
+Same graph and edge names
 as the engine (q, k and v channels separately); unlike the engine these are approximations, and
 they are named as such (SPEC section 6). The exact single-edge effect is an `edge_removal`
 sweep.
