@@ -8,10 +8,9 @@ interpolated, e(α) = e(x_c) + α (e(x_r) - e(x_c)), at the points `points` name
 `left`, the default, α = k/steps for k = 0..steps-1 (x_c's embedding included, x_r's left out)
 as the EAP-IG repository's `get_scores_eap_ig` computes it; `right`, α = k/steps for
 k = 1..steps (x_r's included, x_c's left out), pathpatch's points before they were named.
-Same graph and edge names
-as the engine (q, k and v channels separately); unlike the engine these are approximations, and
-they are named as such (SPEC section 6). The exact single-edge effect is an `edge_removal`
-sweep.
+Same graph and edge names as the engine (q, k and v channels separately); unlike the engine
+these are approximations, and they are named as such (SPEC section 6). The exact single-edge
+effect is an `edge_removal` sweep.
 
 m, by the sweep's metric: `logit_diff`, its signed logit difference (`Metric.value`); `loss`,
 the signed next-token loss (`metrics.loss_value`); `kl`, KL(G(x_r) || G(point)) itself, which
