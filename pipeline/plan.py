@@ -50,11 +50,17 @@ class HypothesisInfo:
 
 
 def attribution_info(*, name: str, method: str, steps: int, edges: int,
-                     forwards: float) -> HypothesisInfo:
+                     forwards: float, points: str = "") -> HypothesisInfo:
     """An attribution method as the plan lists it: a group of its own, `edges` rows per
     example. Its identity text (the `canonical` of a hypothesis) is what determines its rows
-    beside model and metric: the method and its steps."""
-    return HypothesisInfo(name=name, canonical=f"attribution {method} steps={steps}",
+    beside model and metric: the method, its steps and EAP-IG's points. The `right` points
+    (α = 1/m..1) keep the text every EAP-IG item had before points were named, since they were
+    its points; the `left` ones (the default since) add `points=left`, so an EAP-IG result
+    written before is computed again, not read back as theirs. EAP's text is unchanged."""
+    canonical = f"attribution {method} steps={steps}"
+    if points and points != "right":
+        canonical += f" points={points}"
+    return HypothesisInfo(name=name, canonical=canonical,
                           est_cost=forwards, kind="attribution", rows_per_example=edges)
 
 

@@ -135,7 +135,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
         shards=shards,
         hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
         attributions=tuple(
-            attribution_info(name=a.name, method=a.method, steps=a.steps,
+            attribution_info(name=a.name, method=a.method, steps=a.steps, points=a.points,
                              edges=len(graph.edges), forwards=a.forwards)
             for a in attributions),
     )

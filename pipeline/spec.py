@@ -115,7 +115,7 @@ class SweepSpec:
         group_size: hypotheses evaluated together in one work item.
         metric: metric spec ("kl", "loss", "logit_diff" or "module:function").
         hypotheses: the [[hypotheses]] entries, each as sorted (key, value) pairs.
-        attributions: the [[attributions]] entries (method, steps, name), each as sorted
+        attributions: the [[attributions]] entries (method, steps, name, points), each as sorted
             (key, value) pairs: approximate edge scores per example (`pathpatch.discovery.attribution`).
         search: the [search] table: an exact greedy circuit search instead of hypotheses.
         seed: seed of the dataset generator (unless it sets its own) and of the bootstrap.
@@ -321,7 +321,7 @@ def _hypotheses(value: Any, base: Path, where: str) -> tuple[tuple[tuple[str, An
     return tuple(entries)
 
 
-ATTRIBUTION_KEYS = ("method", "steps", "name")
+ATTRIBUTION_KEYS = ("method", "steps", "name", "points")
 SEARCH_KEYS = ("tau", "window")
 
 
@@ -360,8 +360,10 @@ def _attributions(value: Any, where: str) -> tuple[tuple[tuple[str, Any], ...], 
             raise PathPatchError(f"{where}: {key}: a second attribution named {made.name!r}; "
                                  "give each a distinct name")
         names.add(made.name)
-        entries.append(tuple(sorted({"method": made.method, "steps": made.steps,
-                                     "name": made.name}.items())))
+        entry = {"method": made.method, "steps": made.steps, "name": made.name}
+        if made.points:  # eap-ig's only: an eap entry (and its spec's hash) stays as it was
+            entry["points"] = made.points
+        entries.append(tuple(sorted(entry.items())))
     return tuple(entries)
 
 

@@ -2,17 +2,21 @@
 
 EAP (Syed et al.): score(u -> v.c) = (a_u(x_c) - a_u(x_r)) . dm/d(input of v.c) at x_r, summed
 over positions, per example: the first-order change of the statistic m when the edge carries
-the counterfactual value. EAP-IG averages that gradient over `steps` points whose input
-embeddings are interpolated between x_c's and x_r's (Hanna et al.). Same graph and edge names
-as the engine (q, k and v channels separately); unlike the engine these are approximations, and
-they are named as such (SPEC section 6). The exact single-edge effect is an `edge_removal`
-sweep.
+the counterfactual value. EAP-IG (Hanna et al.) averages that gradient over `steps` runs on
+x_r's tokens whose token embedding (`hook_embed`, the one input the two runs differ in) is
+interpolated, e(α) = e(x_c) + α (e(x_r) - e(x_c)), at the points `points` names (`POINTS`):
+`left`, the default, α = k/steps for k = 0..steps-1 (x_c's embedding included, x_r's left out)
+as the EAP-IG repository's `get_scores_eap_ig` computes it; `right`, α = k/steps for
+k = 1..steps (x_r's included, x_c's left out), pathpatch's points before they were named.
+Same graph and edge names as the engine (q, k and v channels separately); unlike the engine
+these are approximations, and they are named as such (SPEC section 6). The exact single-edge
+effect is an `edge_removal` sweep.
 
 m, by the sweep's metric: `logit_diff`, its signed logit difference (`Metric.value`); `loss`,
 the signed next-token loss (`metrics.loss_value`); `kl`, KL(G(x_r) || G(point)) itself, which
 EAP-IG's interpolated points can differentiate but EAP cannot (its gradient vanishes at x_r,
-where KL has its minimum), so EAP with KL is refused by name, as are user metrics (no signed
-statistic to differentiate).
+where KL has its minimum), so EAP with KL is refused by name, as is EAP-IG whose only point is
+x_r (`right` with steps = 1), and user metrics (no signed statistic to differentiate).
 
 Cost per batch: EAP, the counterfactual run plus one forward and backward at x_r, which is the
 clean run too; EAP-IG, both runs plus one forward and backward per point (`pathpatch bench
@@ -40,6 +44,21 @@ from pathpatch.model.support import check_no_hooks
 METHODS = ("eap", "eap-ig")
 """Attribution methods: `eap` (gradient at x_r) and `eap-ig` (integrated over `steps` points)."""
 
+POINTS = ("left", "right")
+"""EAP-IG's interpolation points α (embedding e(x_c) + α (e(x_r) - e(x_c))), m = steps: `left`,
+k/m for k = 0..m-1, the EAP-IG repository's (the default); `right`, k/m for k = 1..m."""
+
+
+def ig_alphas(steps: int, points: str = "left") -> list[float]:
+    """EAP-IG's α values for `steps` points of convention `points` (see `POINTS`)."""
+    if points not in POINTS:
+        raise PathPatchError(f"eap-ig points = {points!r}: allowed are {', '.join(POINTS)} "
+                             "(left: α = 0, 1/m, ..., (m-1)/m as the EAP-IG repository; right: "
+                             "α = 1/m, ..., 1)")
+    first = 0 if points == "left" else 1
+    return [k / steps for k in range(first, first + steps)]
+
+
 DEFAULT_BATCH = 16
 """The most examples per backward pass when the sweep sets no `resources.batch_size`."""
 
@@ -65,11 +84,13 @@ ROW_SCHEMA = pa.schema([("method", pa.string()), ("example", pa.int64()),
 @dataclass(frozen=True)
 class Attribution:
     """One attribution method as a sweep computes it: a work item per shard, rows per
-    (example, edge). Named `eap` or `eap-ig-<steps>` unless the spec names it."""
+    (example, edge). Named `eap`, `eap-ig-<steps>` (left points) or `eap-ig-<steps>-right`
+    unless the spec names it. `points` is EAP-IG's convention (`POINTS`); EAP has none ("")."""
 
     method: str = "eap"
     steps: int = 0
     name: str = ""
+    points: str = ""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -84,8 +105,17 @@ class Attribution:
         if self.method == "eap-ig" and steps < 1:
             raise PathPatchError(f"attribution eap-ig: steps = {steps}: give the number of "
                                  "interpolation points, >= 1 (Hanna et al. use 5)")
+        if self.method == "eap" and self.points:
+            raise PathPatchError(f"attribution eap takes no points (got {self.points!r}); they "
+                                 "name eap-ig's interpolation points")
+        if self.method == "eap-ig":
+            if not self.points:
+                object.__setattr__(self, "points", "left")
+            ig_alphas(steps, self.points)  # a bad name is refused here, by name
         if not self.name:
-            object.__setattr__(self, "name", "eap" if steps == 0 else f"eap-ig-{steps}")
+            name = "eap" if steps == 0 else f"eap-ig-{steps}"
+            object.__setattr__(self, "name", name if self.points in ("", "left")
+                               else f"{name}-{self.points}")
 
     @property
     def forwards(self) -> float:
@@ -95,7 +125,7 @@ class Attribution:
 
     def check(self, model, metric: str | Metric) -> None:
         """Refuse, before any work, what this method cannot compute on `model` with `metric`."""
-        _statistic(get_metric(metric), self.steps)
+        _statistic(get_metric(metric), self.steps, self.points or "left")
         if Adapter.of(model).heads_normed:
             raise PathPatchError(
                 f"attribution {self.name}: scores add head outputs linearly, but this model "
@@ -114,7 +144,8 @@ class Attribution:
         parts = []
         for start in range(0, len(dataset), size):
             batch = dataset.select(slice(start, min(start + size, len(dataset))))
-            _, scores = edge_attributions(model, batch, metric, steps=self.steps)
+            _, scores = edge_attributions(model, batch, metric, steps=self.steps,
+                                          points=self.points or "left")
             parts.append(scores.cpu().numpy().reshape(-1))
         n = len(dataset)
         examples = dataset.example_ids.to(torch.int64).numpy().repeat(len(names))
@@ -141,7 +172,7 @@ Statistic = Callable[[torch.Tensor, PairDataset, torch.Tensor], torch.Tensor]
 """(logits, batch, clean logits) -> [batch]: what attribution differentiates."""
 
 
-def _statistic(metric: Metric, steps: int) -> Statistic:
+def _statistic(metric: Metric, steps: int, points: str = "left") -> Statistic:
     if metric.value is not None:
         value = metric.value
         return lambda logits, batch, clean: value(logits, batch)
@@ -153,11 +184,11 @@ def _statistic(metric: Metric, steps: int) -> Statistic:
                 "attribution eap with metric 'kl': KL(G(x_r) || .) has its minimum at x_r, so its "
                 "gradient there is 0 and every score would be 0; use method 'eap-ig' (its points "
                 "lie between x_c and x_r) or metric 'logit_diff' / 'loss'")
-        if steps == 1:
+        if steps == 1 and points == "right":
             raise PathPatchError(
-                "attribution eap-ig with metric 'kl' and steps = 1: the one point k / steps = 1 "
-                "is x_r itself, so the gradient is taken only at x_r, where KL's vanishes; give "
-                "steps >= 2")
+                "attribution eap-ig with metric 'kl', steps = 1 and points 'right': the one point "
+                "α = 1 is x_r itself, so the gradient is taken only at x_r, where KL's vanishes; "
+                "give steps >= 2 or points 'left' (α = 0, x_c's embedding)")
         against = metric.against_clean
         return lambda logits, batch, clean: against(clean, batch)(logits)
     raise PathPatchError(
@@ -166,14 +197,20 @@ def _statistic(metric: Metric, steps: int) -> Statistic:
         "'kl'")
 
 
-def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: int = 0
-                      ) -> tuple[tuple[Edge, ...], torch.Tensor]:
+def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: int = 0,
+                      points: str = "left") -> tuple[tuple[Edge, ...], torch.Tensor]:
     """(the graph's edges, [batch, edge] float64 scores): EAP when `steps` is 0, else EAP-IG
-    with `steps` interpolation points (k / steps for k = 1..steps, x_c's embedding at 0)."""
+    with m = `steps` points.
+
+    EAP-IG runs x_r's tokens with the token embedding e(α) = e(x_c) + α (e(x_r) - e(x_c)) and
+    averages each receiver channel's input gradient over the α of `points` (`ig_alphas`):
+    `"left"`, α = k/m for k = 0..m-1, as the EAP-IG repository computes it (x_c's embedding is a
+    point, x_r's is not); `"right"`, α = k/m for k = 1..m. `points` is unused by EAP."""
     metric = get_metric(metric)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise PathPatchError(f"steps = {steps!r}: give 0 (EAP) or a number of IG points >= 1")
-    statistic = _statistic(metric, steps)
+    alphas = ig_alphas(steps, points) if steps else [None]  # a bad `points` is refused by name
+    statistic = _statistic(metric, steps, points)
     graph = Graph.from_model(model)
     check_no_hooks(model)  # `check_model` ran when the graph was made; hooks may come later
     arch = Adapter.of(model)
@@ -192,13 +229,12 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
             runs = Runs(model, xr, xc)
             embeds = (runs.cache["r"][EMBED_HOOK], runs.cache["c"][EMBED_HOOK])
             clean = runs.logits["r"]
-    points = [None] if steps == 0 else [k / steps for k in range(1, steps + 1)]
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)  # half: sums in float32
     grads: dict[tuple[int, str], torch.Tensor] = {}
-    for alpha in points:
+    for alpha in alphas:
         for key, g in _input_gradients(model, arch, graph, xr, batch, statistic, clean, embeds,
                                        alpha, clean_cache).items():
-            g = g.to(dtype, copy=len(points) > 1)  # a sum of several is accumulated in place
+            g = g.to(dtype, copy=len(alphas) > 1)  # a sum of several is accumulated in place
             grads[key] = grads[key].add_(g) if key in grads else g
     if clean_cache is not None:
         runs = Runs.from_caches(model, {"c": cf_logits}, {"r": clean_cache, "c": cf_cache})
@@ -209,7 +245,7 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     # picked out of it (gathering each receiver's senders instead moved |E| x pos x d_model)
     channels = list(grads)
     column = {key: i for i, key in enumerate(channels)}
-    g = torch.stack([grads.pop(key) for key in channels]).div_(len(points))  # [R, b, p, d]
+    g = torch.stack([grads.pop(key) for key in channels]).div_(len(alphas))  # [R, b, p, d]
     d = delta.to(dtype)  # [b, p, node, d]
     senders = torch.tensor([e.sender.order for e in graph.edges], device=device)
     receivers = torch.tensor([column[(e.receiver.order, e.channel.value)] for e in graph.edges],

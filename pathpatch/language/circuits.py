@@ -39,7 +39,11 @@ MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 @dataclass(frozen=True)
 class Ranking:
-    """A score per edge (higher ranks first; by absolute value for CMD's ranking)."""
+    """A score per edge (higher ranks first; by absolute value for CMD's ranking).
+
+    Ties rank in the graph's edge order (`Graph.edges`), whatever order a file lists its rows
+    in: `from_pairs` and `load` keep `scores` in the graph's edge order, which `top` breaks ties
+    by (a `Ranking` made directly breaks them by its mapping's order)."""
 
     name: str
     scores: Mapping[Edge, float]
@@ -62,7 +66,7 @@ class Ranking:
             raise PathPatchError(
                 f"{where}: {len(missing):,} of the model's {len(graph.edges):,} edges have no "
                 f"score, e.g. {missing[0]} ({eap_name(missing[0])}); a ranking scores every edge")
-        return cls(name, scores)
+        return cls(name, {e: scores[e] for e in graph.edges})  # ties: the graph's edge order
 
     @classmethod
     def load(cls, graph: Graph, path: str | Path) -> Ranking:
@@ -75,7 +79,7 @@ class Ranking:
         suffix = path.suffix.lower()
         if suffix in (".json", ".pt"):
             scores, _ = read_eap_graph(graph, path)
-            return cls(path.stem, scores)
+            return cls(path.stem, {e: scores[e] for e in graph.edges})  # as in `from_pairs`
         if suffix not in (".parquet", ".csv"):
             raise PathPatchError(f"{where}: give a .parquet or .csv table (edge, score), or an "
                                  "EAP-IG graph (.json or .pt)")
@@ -92,7 +96,8 @@ class Ranking:
                                                     strict=True), where)
 
     def top(self, n: int, *, absolute: bool) -> list[Edge]:
-        """The n highest-scoring edges (ties in the graph's edge order)."""
+        """The n highest-scoring edges; ties in `scores`' order (the graph's edge order for a
+        ranking read by `from_pairs` or `load`)."""
         order = {e: i for i, e in enumerate(self.scores)}
         key = (lambda e: (-abs(self.scores[e]), order[e])) if absolute else \
             (lambda e: (-self.scores[e], order[e]))

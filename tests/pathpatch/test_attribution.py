@@ -55,12 +55,16 @@ def test_eap_is_the_first_order_change_of_each_edge(family):
     assert checked >= 4  # real gradients, not zeros
 
 
-@pytest.mark.parametrize(("metric", "steps"), [("loss", 0), ("loss", 2), ("kl", 3),
-                                              ("logit_diff", 2)])
-def test_every_statistic_s_scores_are_the_mean_first_order_change_over_the_points(metric, steps):
+@pytest.mark.parametrize(("metric", "steps", "points"),
+                         [("loss", 0, "left"), ("loss", 2, "left"), ("kl", 3, "left"),
+                          ("kl", 1, "left"), ("logit_diff", 2, "left"), ("kl", 3, "right"),
+                          ("logit_diff", 2, "right")])
+def test_every_statistic_s_scores_are_the_mean_first_order_change_over_the_points(
+        metric, steps, points):
     """Each point's score is d/dε m(point with the receiver's input + ε (a_u(x_c) - a_u(x_r)))
     at 0 (central differences), m the metric's statistic: the signed loss, KL against the
-    clean run, the logit difference; EAP-IG averages the points k / steps."""
+    clean run, the logit difference; EAP-IG averages the points α = k / steps, k = 0..steps-1
+    (`left`) or 1..steps (`right`)."""
     model = tiny_model("mlp", n_layers=2)
     batch = _batch(model, 2)
     scored = torch.zeros(B, T, dtype=torch.bool)
@@ -77,17 +81,18 @@ def test_every_statistic_s_scores_are_the_mean_first_order_change_over_the_point
             return m.against_clean(clean_logits, batch)(logits)
         return m.value(logits, batch)
 
-    edges, scores = edge_attributions(model, batch, metric, steps=steps)
+    edges, scores = edge_attributions(model, batch, metric, steps=steps, points=points)
     by_name = {str(e): i for i, e in enumerate(edges)}
-    points = [None] if steps == 0 else [k / steps for k in range(1, steps + 1)]
+    first = 0 if points == "left" else 1
+    alphas = [None] if steps == 0 else [k / steps for k in range(first, first + steps)]
     checked = 0
     for name in ("in->a0.1.q", "a0.0->a1.1.k", "a0.1->m1", "m0->out"):
         edge, eps = edges[by_name[name]], 1e-5
         want = 0
-        for alpha in points:
+        for alpha in alphas:
             runs = [_edge_hook_run(model, edge, batch.reference, batch.counterfactual,
                                    scale=s, embed_alpha=alpha) for s in (eps, -eps)]
-            want = want + (stat(runs[0]) - stat(runs[1])) / (2 * eps) / len(points)
+            want = want + (stat(runs[0]) - stat(runs[1])) / (2 * eps) / len(alphas)
         torch.testing.assert_close(scores[:, by_name[name]], want, rtol=1e-5, atol=1e-8,
                                    msg=lambda msg, name=name: f"{metric} {name}: {msg}")
         checked += bool(want.abs().max() > 1e-6)
@@ -132,8 +137,14 @@ def test_what_attribution_cannot_do_is_refused_by_name():
     batch = _batch(model)
     with pytest.raises(PathPatchError, match="gradient there is 0"):
         edge_attributions(model, batch, "kl")
-    with pytest.raises(PathPatchError, match="steps = 1 .* only at x_r"):
-        edge_attributions(model, batch, "kl", steps=1)
+    with pytest.raises(PathPatchError, match="steps = 1 and points 'right'.* only at x_r"):
+        edge_attributions(model, batch, "kl", steps=1, points="right")
+    with pytest.raises(PathPatchError, match="points = 'middle': allowed are left, right"):
+        edge_attributions(model, batch, steps=2, points="middle")
+    with pytest.raises(PathPatchError, match="points = 'middle': allowed are left, right"):
+        Attribution("eap-ig", 2, points="middle")
+    with pytest.raises(PathPatchError, match="eap takes no points"):
+        Attribution("eap", points="left")
     with pytest.raises(PathPatchError, match="user metric"):
         edge_attributions(model, batch, "tests.pipeline.slow_metric:slow_kl")
     with pytest.raises(PathPatchError, match="eap takes no steps"):
@@ -173,3 +184,104 @@ def test_a_model_with_a_known_circuit_ranks_its_edges_first(steps):
     assert torch.all(importance[known] > 1e-6)
     top = importance.argsort(descending=True)[:len(known)].tolist()
     assert set(top) == set(known)
+
+
+def _reference_eap_ig(model, batch, steps):
+    """EAP-IG as the EAP-IG repository computes it, written here with plain autograd on the
+    model's own hooks: run x_r's tokens with the token embedding e(x_c) + α (e(x_r) - e(x_c))
+    for α = k / steps, k = 0..steps-1; take the logit difference's gradient with respect to
+    every receiver channel's input (heads' split q/k/v inputs, the MLP's input, the final
+    residual stream); average over the points and take the product with each sender's
+    (corrupted - clean) output, summed over positions and d_model. Returns {edge name: [batch]}
+    (the repository then sums over examples and divides by their count; its sign differs)."""
+    cfg = model.cfg
+    _, rc = model.run_with_cache(batch.reference)
+    _, cc = model.run_with_cache(batch.counterfactual)
+
+    def output(cache, name):  # a sender's output, [batch, pos, d_model]
+        if name == "in":
+            return cache["hook_embed"]
+        if name.startswith("m"):
+            return cache[f"blocks.{name[1:]}.hook_mlp_out"]
+        layer, head = (int(x) for x in name[1:].split("."))
+        return cache[f"blocks.{layer}.attn.hook_z"][:, :, head] @ model.blocks[layer].attn.W_O[head]
+
+    receivers = [f"blocks.{layer}.hook_{c}_input" for layer in range(cfg.n_layers) for c in "qkv"]
+    receivers += [f"blocks.{layer}.hook_mlp_in" for layer in range(cfg.n_layers)]
+    receivers += [f"blocks.{cfg.n_layers - 1}.hook_resid_post"]
+    total = {name: 0 for name in receivers}
+    e_r, e_c = rc["hook_embed"], cc["hook_embed"]
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        kept = {}
+
+        def keep(x, hook):
+            x.retain_grad()
+            kept[hook.name] = x
+            return x
+
+        for k in range(steps):
+            point = (e_c + (k / steps) * (e_r - e_c)).detach().requires_grad_()
+            logits = model.run_with_hooks(
+                batch.reference, fwd_hooks=[("hook_embed", lambda x, hook, p=point: p)]
+                + [(name, keep) for name in receivers])
+            _m(model, logits, batch).sum().backward()
+            for name in receivers:
+                total[name] = total[name] + kept[name].grad / steps
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+    model.zero_grad(set_to_none=True)
+    scores = {}
+    senders = ["in"] + [f"{kind}{layer}" if kind == "m" else f"a{layer}.{h}"
+                        for layer in range(cfg.n_layers) for kind in ("a", "m")
+                        for h in (range(cfg.n_heads) if kind == "a" else [None])]
+    for sender in senders:
+        diff = output(cc, sender) - output(rc, sender)
+        src_layer = -1 if sender == "in" else int(sender[1:].split(".")[0])
+        for layer in range(cfg.n_layers):
+            for h in range(cfg.n_heads):
+                if src_layer < layer:
+                    for c in "qkv":
+                        grad = total[f"blocks.{layer}.hook_{c}_input"][:, :, h]
+                        scores[f"{sender}->a{layer}.{h}.{c}"] = (diff * grad).sum((1, 2))
+            if src_layer < layer or (src_layer == layer and sender.startswith("a")):
+                grad = total[f"blocks.{layer}.hook_mlp_in"]
+                scores[f"{sender}->m{layer}"] = (diff * grad).sum((1, 2))
+        scores[f"{sender}->out"] = (diff * total[receivers[-1]]).sum((1, 2))
+    return scores
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_eap_ig_is_the_reference_s_formula(steps):
+    """By default EAP-IG is the EAP-IG repository's: gradients averaged at α = 0, 1/m, ...,
+    (m-1)/m of the embedding interpolated from x_c's towards x_r's (the corrupted point in, the
+    clean one out), here written independently of the engine; float64, every edge."""
+    model = tiny_model("mlp", n_layers=2)
+    batch = _batch(model, 3)
+    edges, scores = edge_attributions(model, batch, steps=steps)
+    want = _reference_eap_ig(model, batch, steps)
+    assert sorted(want) == sorted(str(e) for e in edges)
+    for i, edge in enumerate(edges):
+        torch.testing.assert_close(scores[:, i], want[str(edge)], rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, edge=edge: f"{edge}: {m}")
+    assert float(scores.abs().max()) > 1e-3
+
+
+def test_the_right_points_reproduce_the_scores_before_points_were_named():
+    """`right` is α = 1/m, ..., 1: its scores are the mean of the gradients at those points,
+    the last of which is x_r itself (EAP); for m = 1 it is EAP, and it differs from `left`."""
+    model = tiny_model("mlp", n_layers=2)
+    batch = _batch(model, 3)
+    _, eap = edge_attributions(model, batch)
+    _, right1 = edge_attributions(model, batch, steps=1, points="right")
+    torch.testing.assert_close(right1, eap, rtol=1e-12, atol=1e-14)
+    _, left4 = edge_attributions(model, batch, steps=4)
+    _, right4 = edge_attributions(model, batch, steps=4, points="right")
+    # right's points are left's shifted by 1/m: the sums differ by (gradient at x_r - at x_c) / m
+    _, left1 = edge_attributions(model, batch, steps=1)  # x_c's point alone
+    torch.testing.assert_close(right4 - left4, (eap - left1) / 4, rtol=1e-9, atol=1e-11)
+    assert float((right4 - left4).abs().max()) > 1e-4
+    named = Attribution("eap-ig", 4, points="right")
+    assert (named.name, Attribution("eap-ig", 4).name) == ("eap-ig-4-right", "eap-ig-4")

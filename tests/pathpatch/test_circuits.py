@@ -299,3 +299,31 @@ def test_an_edge_list_reads_as_the_parser_reads_it():
         else:
             assert parse(text) == want, text
     assert parse(texts[0]) == _Parser(texts[0]).parse() != parse(texts[1])
+
+
+def test_ties_rank_in_the_graph_s_edge_order_whatever_the_file_s_row_order(tmp_path):
+    """A ranking written with its rows reversed ranks as the same ranking: equal scores rank in
+    the graph's edge order, so `top(n)` and the curve's circuits do not depend on the file."""
+    edges = list(GRAPH.edges)
+    scores = [float((i * 7) % 4 - 1) for i in range(len(edges))]  # four values: ties everywhere
+    rows = [(str(e), s) for e, s in zip(edges, scores, strict=True)]
+    for folder, ordered in (("graph", rows), ("reversed", rows[::-1])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "r.csv").write_text(
+            "edge,score\n" + "".join(f"{n},{s!r}\n" for n, s in ordered))
+        pq.write_table(pa.table({"edge": [n for n, _ in ordered], "score": [s for _, s in ordered]}),
+                       tmp_path / folder / "r.parquet")
+    position = {e: i for i, e in enumerate(edges)}
+    for file in ("r.csv", "r.parquet"):
+        a, b = (Ranking.load(GRAPH, tmp_path / folder / file) for folder in ("graph", "reversed"))
+        for absolute in (False, True):
+            for n in (1, 5, 13, len(edges) // 2, len(edges)):
+                assert b.top(n, absolute=absolute) == a.top(n, absolute=absolute), (file, n)
+            ranked = a.top(len(edges), absolute=absolute)
+            key = (lambda e, a=a: abs(a.scores[e])) if absolute else (lambda e, a=a: a.scores[e])
+            ties = [(x, y) for x, y in zip(ranked, ranked[1:]) if key(x) == key(y)]
+            assert len(ties) > len(edges) // 2
+            assert all(position[x] < position[y] for x, y in ties)  # the rule itself
+        curves = [[(h.name, h.pattern, h.facts) for h in circuit_curve(GRAPH, r, (0.1, 0.3, 0.5))]
+                  for r in (a, b)]
+        assert curves[0] == curves[1]

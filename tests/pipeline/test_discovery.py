@@ -105,6 +105,9 @@ def test_attribution_and_search_spec_errors_name_the_key(tmp_path):
     bad = {
         '[[attributions]]\nmethod = "eap"\nsteps = 2\n': "attributions\\[0\\]: .*eap takes no",
         '[[attributions]]\nmethod = "ig"\n': "allowed are eap, eap-ig",
+        '[[attributions]]\nmethod = "eap-ig"\nsteps = 2\npoints = "mid"\n':
+            "attributions\\[0\\]: .*points = 'mid': allowed are left, right",
+        '[[attributions]]\nmethod = "eap"\npoints = "left"\n': "eap takes no points",
         '[[attributions]]\nmethod = "eap"\nstep = 2\n': "unknown key 'attributions\\[0\\].step'",
         '[[attributions]]\nmethod = "eap"\n[[attributions]]\nmethod = "eap"\n': "distinct name",
         "[search]\nwindow = 2\n": "needs tau",

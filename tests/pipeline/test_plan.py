@@ -9,6 +9,7 @@ from pipeline.plan import (
     IDENTITY_VERSION,
     HypothesisInfo,
     Shard,
+    attribution_info,
     describe,
     item_identity,
     make_plan,
@@ -68,3 +69,20 @@ def test_identity_is_a_stable_hash():
     # identity hashes must bump the version and then this line
     assert IDENTITY_VERSION == "pathpatch-item/1"
     assert a == "fc65fcbfefa1dad28146fc1ce0d8d9ad"
+
+
+def test_eap_ig_s_points_are_part_of_its_identity_and_eap_s_identity_is_unchanged():
+    """EAP-IG's default points changed (to the EAP-IG repository's, `left`): its items hash a
+    new text, so a result written at the former points is computed again; the former points,
+    named `right`, keep the text they were written under, and EAP's text is as it was."""
+    def ids(**a):
+        info = attribution_info(edges=10, forwards=1.0, **a)
+        return info.canonical, {i.id for i in plan(hypotheses=(), attributions=(info,)).items}
+
+    before = ids(name="eap-ig-5", method="eap-ig", steps=5)  # as items were named before
+    assert before[0] == "attribution eap-ig steps=5"
+    left = ids(name="eap-ig-5", method="eap-ig", steps=5, points="left")
+    assert left[0] == "attribution eap-ig steps=5 points=left"
+    assert not left[1] & before[1]
+    assert ids(name="eap-ig-5", method="eap-ig", steps=5, points="right") == before
+    assert ids(name="eap", method="eap", steps=0, points="")[0] == "attribution eap steps=0"
