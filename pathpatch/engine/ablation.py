@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -35,7 +35,7 @@ from pathpatch.errors import PathPatchError
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
 
 
-class Intervention(str, Enum):
+class Intervention(StrEnum):
     """What a counterfactual copy of a node outputs."""
 
     RESAMPLE = "resample"
