@@ -84,3 +84,31 @@ def test_a_default_spec_hashes_as_before(tmp_path):
     spec = load_spec(_spec(tmp_path, HYPOTHESES))
     assert spec.intervention == "resample"
     assert "intervention" not in json.dumps(spec.digest())  # a hash, but computed without it
+
+
+def test_a_search_under_zero_ablation_ends_at_the_found_circuit_s_exact_value(tmp_path):
+    from pathpatch.language.circuits import circuit_hypothesis, edge_of
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import load_model
+    from pipeline.search import run_search
+    from tests.pipeline.test_discovery import SEARCH, _circuit
+
+    def spec_text(name, body):
+        text = _spec(tmp_path, body, name=name, n=16).read_text()
+        return text.replace("seed = 5\n", 'seed = 5\nintervention = "zero"\n')
+
+    path = tmp_path / "search.toml"
+    path.write_text(spec_text("search", SEARCH.format(window=8)))
+    run_search(load_spec(path), tmp_path / "out", backend="inprocess", progress=False)
+    steps = open_sweeps(tmp_path / "out").sql(
+        "SELECT before, after, removed, evaluated FROM search_steps ORDER BY index").fetchall()
+    found = _circuit(tmp_path / "out")
+    graph = Graph.from_model(load_model("attn-only-2l"))
+    final = circuit_hypothesis(graph, "found", [edge_of(graph, e) for e in sorted(found)])
+    check = tmp_path / "check.toml"
+    check.write_text(spec_text("check", "")
+                     + f'\n[[hypotheses]]\nname = "found"\npattern = "{final.pattern}"\n')
+    run_sweep(load_spec(check), tmp_path / "check", backend="inprocess", progress=False)
+    ((aue,),) = open_sweeps(tmp_path / "check").sql("SELECT aue FROM scores").fetchall()
+    last = [s for s in steps if s[3]][-1]
+    assert aue == pytest.approx(last[1] if last[2] else last[0], rel=1e-9, abs=1e-12)
