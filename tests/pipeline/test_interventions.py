@@ -112,3 +112,14 @@ def test_a_search_under_zero_ablation_ends_at_the_found_circuit_s_exact_value(tm
     ((aue,),) = open_sweeps(tmp_path / "check").sql("SELECT aue FROM scores").fetchall()
     last = [s for s in steps if s[3]][-1]
     assert aue == pytest.approx(last[1] if last[2] else last[0], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_mean_ablation_sweep_on_ray_actors_equals_the_in_process_rows(tmp_path, ray_local):
+    path = _spec(tmp_path, HYPOTHESES, shard_size=8)
+    path.write_text(path.read_text().replace("seed = 5\n", 'seed = 5\nintervention = "mean"\n'))
+    spec = load_spec(path)
+    run_sweep(spec, tmp_path / "inprocess", backend="inprocess", progress=False)
+    outcome = run_sweep(spec, tmp_path / "ray", backend="ray", address=ray_local, progress=False)
+    assert outcome.failed == 0
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "inprocess")
