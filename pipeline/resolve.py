@@ -153,7 +153,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
             attribution_info(name=a.name, method=a.method, steps=a.steps,
                              edges=len(graph.edges), forwards=a.forwards)
             for a in attributions),
-        intervention=spec.intervention, ablation=ablation.digest() if ablation else "",
+        intervention=spec.intervention, ablation=ablation.digest if ablation else "",
     )
     warnings = tuple(
         f"hypothesis {h.name!r} ({h.pattern}) matches no path: it equals `none` (G_H is the "

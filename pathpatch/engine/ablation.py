@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 import torch
 
@@ -87,6 +88,7 @@ class Ablation:
             raise PathPatchError("an Ablation is zero, mean or mean_positional; 'resample' reads "
                                  "the dataset's counterfactual prompts instead")
 
+    @cached_property  # read per batch as a runs-cache key; the values never change
     def digest(self) -> str:
         """sha256 (hex) of the intervention and its values (a cache key; means of different
         datasets differ)."""

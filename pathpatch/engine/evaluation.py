@@ -232,7 +232,7 @@ def evaluate(
         batch = dataset.select(slice(start, start + batch_size))
         stop = start + len(batch)
         key = (dataset.digest(), batch_size, str(device),
-               ablation.digest() if ablation is not None else None) if batch_size >= n else None
+               ablation.digest if ablation is not None else None) if batch_size >= n else None
         runs = runs_cache.get(key) if runs_cache is not None and key else None
         if runs is None:
             if runs_cache is not None:  # one batch's runs at a time: what the budget accounts
