@@ -142,6 +142,7 @@ def worker_config(resolved: Resolved, *, device: str = "auto") -> WorkerConfig:
         metric=spec.metric, threads=spec.resources.threads_per_worker, device=device,
         batch_size=spec.resources.batch_size, memory_budget=spec.resources.memory_budget,
         shard_cache=spec.execution.shard_cache, max_mixed_copies=spec.max_mixed_copies,
+        intervention=resolved.ablation or spec.intervention,
     )
 
 
@@ -154,7 +155,8 @@ def provenance_of(resolved: Resolved) -> dict[str, Any]:
         "versions": library_versions(), "dtype": spec.dtype, "seed": spec.seed,
         "dataset": ({"path": spec.dataset.path} if spec.dataset.path else
                     {"kind": spec.dataset.kind, **spec.dataset_params()}),
-        "metric": plan.metric, "model": spec.model, "model_digest": plan.model_digest,
+        "metric": plan.metric, "intervention": plan.intervention,
+        "model": spec.model, "model_digest": plan.model_digest,
         "threads_per_worker": spec.resources.threads_per_worker,
         "batch_size": spec.resources.batch_size,
         "memory_budget": spec.resources.memory_budget,

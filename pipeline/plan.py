@@ -194,6 +194,10 @@ class Plan:
     groups: tuple[tuple[HypothesisInfo, ...], ...]
     shards: tuple[Shard, ...]
     items: tuple[WorkItem, ...]
+    intervention: str = "resample"
+    """What paths outside a hypothesis carry (`pathpatch.engine.ablation.Intervention`)."""
+    ablation: str = ""
+    """The digest of an x_c-free intervention's values ("" under resample)."""
 
     @property
     def n_examples(self) -> int:
@@ -201,8 +205,12 @@ class Plan:
 
 
 def item_identity(*, model_digest: str, shard_digest: str,
-                  hypotheses: tuple[HypothesisInfo, ...], metric: str, dtype: str) -> str:
-    """sha256 (hex, 32 chars) of exactly what determines a work item's rows."""
+                  hypotheses: tuple[HypothesisInfo, ...], metric: str, dtype: str,
+                  intervention: str = "resample", ablation: str = "") -> str:
+    """sha256 (hex, 32 chars) of exactly what determines a work item's rows. The intervention
+    and `ablation` (the digest of its values: means depend on the whole dataset, not only on
+    the item's shard) enter only where it is not the default, so earlier sweeps keep their
+    identities."""
     payload = {
         "version": IDENTITY_VERSION,
         "model": model_digest,
@@ -211,6 +219,9 @@ def item_identity(*, model_digest: str, shard_digest: str,
         "metric": metric,
         "dtype": dtype,
     }
+    if intervention != "resample":
+        payload["intervention"] = intervention
+        payload["ablation"] = ablation
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -224,7 +235,8 @@ def group_hypotheses(hypotheses: tuple[HypothesisInfo, ...],
 
 def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
               hypotheses: tuple[HypothesisInfo, ...], group_size: int, metric: str,
-              dtype: str, attributions: tuple[HypothesisInfo, ...] = ()) -> Plan:
+              dtype: str, attributions: tuple[HypothesisInfo, ...] = (),
+              intervention: str = "resample", ablation: str = "") -> Plan:
     """Cut a sweep into work items (shard-major), each with its identity: hypotheses in groups
     of `group_size`, then each attribution method on its own."""
     names = [h.name for h in (*hypotheses, *attributions)]
@@ -235,7 +247,8 @@ def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
     items = tuple(
         WorkItem(
             id=item_identity(model_digest=model_digest, shard_digest=shard.digest,
-                             hypotheses=group, metric=metric, dtype=dtype),
+                             hypotheses=group, metric=metric, dtype=dtype,
+                             intervention=intervention, ablation=ablation),
             group=g, shard=shard, hypotheses=group,
         )
         for shard in shards
@@ -243,7 +256,8 @@ def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
     )
     assert len({item.id for item in items}) == len(items), "duplicate work item identity"
     return Plan(model_digest=model_digest, metric=metric, dtype=dtype,
-                hypotheses=(*hypotheses, *attributions), groups=groups, shards=tuple(shards), items=items)
+                hypotheses=(*hypotheses, *attributions), groups=groups, shards=tuple(shards), items=items,
+                intervention=intervention, ablation=ablation)
 
 
 def describe(plan: Plan, *, max_rows: int = 50) -> str:

@@ -19,6 +19,7 @@ from pathpatch.data.pairs import PairDataset, load_parquet
 from pathpatch.data.tasks import DATASETS, make_dataset
 from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine import evaluation as engine
+from pathpatch.engine.ablation import Intervention, ablation_values
 from pathpatch.engine.metrics import get_metric
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypothesis_families import load_hypotheses
@@ -44,6 +45,9 @@ class Resolved:
         attributions: `pathpatch.discovery.attribution.Attribution` methods, in spec order.
         plan: the work items.
         warnings: what is valid but likely not meant (a pattern that matches no path).
+        ablation: an x_c-free intervention's values (`pathpatch.engine.ablation.Ablation`),
+            computed here once from the whole dataset and shipped to every worker; None under
+            resample.
     """
 
     spec: SweepSpec
@@ -54,6 +58,7 @@ class Resolved:
     plan: Plan
     warnings: tuple[str, ...] = ()
     attributions: tuple[Any, ...] = ()
+    ablation: Any = None
 
 
 
@@ -129,6 +134,16 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
                        est_cost=float(c.est_cost), facts=h.facts)
         for h, c in zip(hypotheses, costs, strict=True)
     )
+    ablation = None
+    if spec.intervention != Intervention.RESAMPLE.value:
+        if attributions:
+            raise PathPatchError(
+                f"attributions: intervention = {spec.intervention!r} is not implemented for "
+                "attribution scores (they read the counterfactual run's gradient path); run "
+                "them in a sweep with intervention = \"resample\"")
+        step(f"{spec.intervention} ablation values over {len(dataset):,} examples")
+        # over the whole dataset, on the driver: rows independent of sharding and batching
+        ablation = ablation_values(model, dataset.reference, spec.intervention)
     step("plan work items")
     plan = make_plan(
         model_digest=model_digest(model),
@@ -138,6 +153,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
             attribution_info(name=a.name, method=a.method, steps=a.steps, points=a.points,
                              edges=len(graph.edges), forwards=a.forwards)
             for a in attributions),
+        intervention=spec.intervention, ablation=ablation.digest if ablation else "",
     )
     warnings = tuple(
         f"hypothesis {h.name!r} ({h.pattern}) matches no path: it equals `none` (G_H is the "
@@ -146,7 +162,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     )
     return Resolved(spec=spec, model=model, dataset=dataset, shards=shards,
                     hypotheses=hypotheses, plan=plan, warnings=warnings,
-                    attributions=attributions)
+                    attributions=attributions, ablation=ablation)
 
 
 def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:

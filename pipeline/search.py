@@ -88,7 +88,8 @@ class SearchRounds:
         plan = self.resolved.plan
         items = make_plan(model_digest=plan.model_digest, shards=self.resolved.shards,
                           hypotheses=infos, group_size=len(infos), metric=plan.metric,
-                          dtype=plan.dtype).items
+                          dtype=plan.dtype, intervention=plan.intervention,
+                          ablation=plan.ablation).items
         self.items.extend(items)
         return items
 

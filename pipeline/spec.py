@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pathpatch.discovery.attribution import Attribution
+from pathpatch.engine.ablation import Intervention
 from pathpatch.engine.evaluation import DEFAULT_MAX_MIXED_COPIES
 from pathpatch.engine.metrics import DEFAULT_METRIC
 from pathpatch.errors import PathPatchError
@@ -121,6 +122,9 @@ class SweepSpec:
         seed: seed of the dataset generator (unless it sets its own) and of the bootstrap.
         dtype: evaluation precision.
         max_mixed_copies: reject a hypothesis needing more mixed node copies than this.
+        intervention: what paths outside a hypothesis carry: "resample" (each example's
+            counterfactual prompt, the default), "zero", "mean" or "mean_positional" (means over
+            the whole dataset's reference prompts; `pathpatch.engine.ablation`).
         resources, execution: cluster use and fault policy (not part of any identity).
         source: the TOML text as given; base_dir: the folder relative paths were read from.
     """
@@ -137,6 +141,7 @@ class SweepSpec:
     seed: int = 0
     dtype: str = "float32"
     max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES
+    intervention: str = Intervention.RESAMPLE.value
     resources: Resources = field(default_factory=Resources)
     execution: Execution = field(default_factory=Execution)
     source: str = field(default="", compare=False, repr=False)
@@ -161,6 +166,8 @@ class SweepSpec:
         fields = asdict(self)
         fields.pop("source")
         fields.pop("base_dir")
+        if fields["intervention"] == Intervention.RESAMPLE.value:
+            fields.pop("intervention")  # the default leaves earlier specs' hashes as they were
         text = json.dumps(fields, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -241,6 +248,10 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
         raise PathPatchError(f"{where}: dtype = {dtype!r} is not supported: allowed are "
                              f"{', '.join(DTYPES)}")
     max_copies = _int(get("max_mixed_copies"), "max_mixed_copies", where, low=1)
+    try:
+        intervention = Intervention.parse(_string(get("intervention"), "intervention", where))
+    except PathPatchError as err:
+        raise PathPatchError(f"{where}: {err}") from None
     hypotheses = _hypotheses(raw["hypotheses"], base, where) if "hypotheses" in raw else ()
     attributions = _attributions(raw.get("attributions", []), where)
     search = _search(raw["search"], where) if "search" in raw else None
@@ -251,7 +262,7 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
     return SweepSpec(
         name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
         metric=metric, hypotheses=hypotheses, attributions=attributions, search=search,
-        seed=seed, dtype=dtype,
+        seed=seed, dtype=dtype, intervention=intervention.value,
         max_mixed_copies=max_copies, resources=_resources(raw.get("resources", {}), where),
         execution=_execution(raw.get("execution", {}), where), source=text,
         base_dir=str(base.resolve()),

@@ -44,6 +44,7 @@ class WorkerConfig:
         batch_size, memory_budget: passed to `engine.evaluate`.
         shard_cache: shards kept in memory.
         max_mixed_copies: the bound validation used.
+        intervention: "resample", or the `Ablation` the driver computed on the whole dataset.
     """
 
     model: str
@@ -56,6 +57,7 @@ class WorkerConfig:
     memory_budget: int | None
     shard_cache: int
     max_mixed_copies: int
+    intervention: Any = "resample"
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ class Worker:
                     batch_size=self.config.batch_size, memory_budget=self.config.memory_budget,
                     max_mixed_copies=self.config.max_mixed_copies,
                     runs_cache=self._runs_of(task.shard_id), state=self._engine_state,
+                    intervention=self.config.intervention,
                 )
                 self._keep_runs_within_budget()
             case Attribute(method=method):

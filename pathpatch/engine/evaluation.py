@@ -16,6 +16,7 @@ from functools import cached_property
 import pyarrow as pa
 import torch
 
+from pathpatch.engine.ablation import Ablation, Intervention, ablation_values
 from pathpatch.engine.folding import FoldedWeights
 from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.metrics import DEFAULT_METRIC, get_metric
@@ -157,6 +158,7 @@ def evaluate(
     progress=None,
     runs_cache: dict | None = None,
     state: ModelState | None = None,
+    intervention="resample",
 ):
     """Per-example unexplained and total effects of each hypothesis.
 
@@ -175,6 +177,12 @@ def evaluate(
             With it and no `batch_size`, the dataset is one batch whenever the budget allows.
         state: a `ModelState` of this model, kept by a caller that evaluates it many times (a
             worker, item after item).
+        intervention: what the paths outside a hypothesis carry (`ablation.py`): "resample"
+            (default: each example's x_c), "zero", "mean" or "mean_positional" (means over this
+            dataset's reference examples), or an `Ablation` whose values were computed
+            elsewhere (a sharded sweep computes them once, on the whole dataset). Under an
+            x_c-free intervention, G(x_c) stands for the fully ablated model (`te`, `m_cf`) and
+            the dataset's counterfactual prompts are not read.
 
     Returns:
         pyarrow.Table with one row per (hypothesis, example): `hypothesis`, `example`, `ue`
@@ -193,6 +201,10 @@ def evaluate(
                              f"than the model's context (n_ctx = {arch.n_ctx})")
     if state is not None and state.model is not model:
         raise PathPatchError("evaluate: `state` is another model's ModelState")
+    ablation = intervention if isinstance(intervention, Ablation) else None
+    if ablation is None and not Intervention.parse(intervention).reads_counterfactual:
+        # over the whole dataset given, never per batch: results independent of batching
+        ablation = ablation_values(model, dataset.reference, intervention)
     check_no_hooks(model)  # the rest of `check_model` ran once, when the graph was made
     # prepared once per process and model (`prepared.py`): compiled with any heads' sums to
     # compute, restrictions read, group plans built
@@ -219,12 +231,16 @@ def evaluate(
     for start in range(0, n, batch_size):
         batch = dataset.select(slice(start, start + batch_size))
         stop = start + len(batch)
-        key = (dataset.digest(), batch_size, str(device)) if batch_size >= n else None
+        key = (dataset.digest(), batch_size, str(device),
+               ablation.digest if ablation is not None else None) if batch_size >= n else None
         runs = runs_cache.get(key) if runs_cache is not None and key else None
         if runs is None:
             if runs_cache is not None:  # one batch's runs at a time: what the budget accounts
                 runs_cache.clear()  # for; freed first, so the new runs reuse their memory
-            runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
+            if ablation is not None:
+                runs = Runs.ablated(model, batch.reference.to(device), ablation.to(device))
+            else:
+                runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
             if runs_cache is not None and key:
                 runs_cache[key] = runs
         positions = PositionContext(

@@ -38,6 +38,18 @@ class Runs:
         self._heads_sums: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
+    def ablated(cls, model, reference: torch.Tensor, ablation) -> Runs:
+        """The clean run G(x_r) and, as the "counterfactual" run, the fully ablated model: one
+        forward of x_r with every node's output replaced by its ablation value (an `Ablation`,
+        `ablation.py`). Its residual streams are then what every receiver reads when all its
+        edges carry ablation values, its logits the model with every edge into `out` ablated."""
+        arch = Adapter.of(model)
+        logits_r, cache_r = arch.run(reference)
+        with model.hooks(fwd_hooks=ablation.hooks()):
+            logits_c, cache_c = arch.run(reference)
+        return cls.from_caches(model, {"r": logits_r, "c": logits_c}, {"r": cache_r, "c": cache_c})
+
+    @classmethod
     def from_caches(cls, model, logits: dict[str, torch.Tensor],
                     cache: dict[str, dict[str, torch.Tensor]]) -> Runs:
         """Runs made elsewhere (attribution's gradient pass at x_r is the clean run): `cache`

@@ -1,0 +1,128 @@
+"""A sweep's intervention: x_c-free rows independent of sharding, in every item's identity and
+provenance, the default leaving earlier identities unchanged; attributions refused."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pathpatch.errors import PathPatchError
+from pipeline.plan import HypothesisInfo, item_identity
+from pipeline.query import open_sweeps
+from pipeline.spec import load_spec, parse_spec
+from pipeline.store import META_KEY
+from pipeline.sweep import run_sweep
+from tests.pipeline.test_discovery import _spec
+
+HYPOTHESES = """
+[[hypotheses]]
+name = "keys"
+pattern = "in -> a0.* -> a1.*[k] -> out"
+
+[[hypotheses]]
+family = "edge_removal"
+"""
+
+
+def _rows(folder):
+    return open_sweeps(folder).sql(
+        "SELECT hypothesis, example, ue, te FROM results ORDER BY hypothesis, example").fetchall()
+
+
+def test_a_mean_ablation_sweep_is_independent_of_sharding_and_names_its_intervention(tmp_path):
+    body = 'intervention = "mean"\n'
+    outs = {}
+    for shard_size in (8, 32):
+        path = _spec(tmp_path, "", name=f"s{shard_size}", shard_size=shard_size)
+        text = path.read_text().replace('seed = 5\n', 'seed = 5\n' + body) + HYPOTHESES
+        path.write_text(text)
+        spec = load_spec(path)
+        assert spec.intervention == "mean"
+        outs[shard_size] = tmp_path / f"out{shard_size}"
+        run_sweep(spec, outs[shard_size], backend="inprocess", progress=False)
+    a, b = _rows(outs[8]), _rows(outs[32])
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b, strict=True):
+        assert x[:2] == y[:2] and x[2:] == pytest.approx(y[2:], rel=1e-5, abs=1e-7)
+    # every result file records the intervention
+    files = sorted((outs[8]).rglob("*.parquet"))
+    metas = [json.loads(pq.read_schema(f).metadata[META_KEY]) for f in files
+             if pq.read_schema(f).metadata and META_KEY in pq.read_schema(f).metadata]
+    assert metas and all(m["intervention"] == "mean" for m in metas)
+    # and differs from resampling the counterfactual prompts
+    plain = _spec(tmp_path, HYPOTHESES, name="plain", shard_size=8)
+    run_sweep(load_spec(plain), tmp_path / "plain", backend="inprocess", progress=False)
+    ids = {i for (i,) in open_sweeps(outs[8]).sql("SELECT item FROM items").fetchall()}
+    plain_ids = {i for (i,) in open_sweeps(tmp_path / "plain").sql("SELECT item FROM items").fetchall()}
+    assert ids and not ids & plain_ids
+
+
+def test_the_default_intervention_keeps_item_identities():
+    h = (HypothesisInfo(name="x", canonical="all"),)
+    base = dict(model_digest="m", shard_digest="s", hypotheses=h, metric="kl", dtype="float32")
+    assert item_identity(**base) == item_identity(**base, intervention="resample")
+    assert item_identity(**base) != item_identity(**base, intervention="zero", ablation="d")
+    assert (item_identity(**base, intervention="mean", ablation="d1")
+            != item_identity(**base, intervention="mean", ablation="d2"))
+
+
+def test_bad_interventions_and_ablated_attributions_are_refused_by_name(tmp_path):
+    base = _spec(tmp_path, "").read_text()
+    with pytest.raises(PathPatchError, match="unknown intervention 'median'"):
+        parse_spec(base.replace("seed = 5\n", 'seed = 5\nintervention = "median"\n')
+                   + HYPOTHESES)
+    spec = parse_spec(base.replace("seed = 5\n", 'seed = 5\nintervention = "zero"\n')
+                      + '[[attributions]]\nmethod = "eap-ig"\nsteps = 2\n')
+    with pytest.raises(PathPatchError, match="intervention = 'zero' is not implemented for "
+                                             "attribution"):
+        run_sweep(spec, tmp_path / "o", backend="inprocess", progress=False)
+
+
+def test_a_default_spec_hashes_as_before(tmp_path):
+    text = _spec(tmp_path, HYPOTHESES).read_text()
+    spec = parse_spec(text)
+    assert spec.intervention == "resample"
+    named = parse_spec(text.replace("seed = 5\n", 'seed = 5\nintervention = "resample"\n'))
+    zero = parse_spec(text.replace("seed = 5\n", 'seed = 5\nintervention = "zero"\n'))
+    assert named.digest() == spec.digest() != zero.digest()
+
+
+def test_a_search_under_zero_ablation_ends_at_the_found_circuit_s_exact_value(tmp_path):
+    from pathpatch.language.circuits import circuit_hypothesis, edge_of
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import load_model
+    from pipeline.search import run_search
+    from tests.pipeline.test_discovery import SEARCH, _circuit
+
+    def spec_text(name, body):
+        text = _spec(tmp_path, body, name=name, n=16).read_text()
+        return text.replace("seed = 5\n", 'seed = 5\nintervention = "zero"\n')
+
+    path = tmp_path / "search.toml"
+    path.write_text(spec_text("search", SEARCH.format(window=8)))
+    run_search(load_spec(path), tmp_path / "out", backend="inprocess", progress=False)
+    steps = open_sweeps(tmp_path / "out").sql(
+        "SELECT before, after, removed, evaluated FROM search_steps ORDER BY index").fetchall()
+    found = _circuit(tmp_path / "out")
+    graph = Graph.from_model(load_model("attn-only-2l"))
+    final = circuit_hypothesis(graph, "found", [edge_of(graph, e) for e in sorted(found)])
+    check = tmp_path / "check.toml"
+    check.write_text(spec_text("check", "")
+                     + f'\n[[hypotheses]]\nname = "found"\npattern = "{final.pattern}"\n')
+    run_sweep(load_spec(check), tmp_path / "check", backend="inprocess", progress=False)
+    ((aue,),) = open_sweeps(tmp_path / "check").sql("SELECT aue FROM scores").fetchall()
+    last = [s for s in steps if s[3]][-1]
+    assert aue == pytest.approx(last[1] if last[2] else last[0], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_mean_ablation_sweep_on_ray_actors_equals_the_in_process_rows(tmp_path, ray_local):
+    path = _spec(tmp_path, HYPOTHESES, shard_size=8)
+    path.write_text(path.read_text().replace("seed = 5\n", 'seed = 5\nintervention = "mean"\n'))
+    spec = load_spec(path)
+    run_sweep(spec, tmp_path / "inprocess", backend="inprocess", progress=False)
+    outcome = run_sweep(spec, tmp_path / "ray", backend="ray", address=ray_local, progress=False)
+    assert outcome.failed == 0
+    assert _rows(tmp_path / "ray") == _rows(tmp_path / "inprocess")
