@@ -85,3 +85,34 @@ def test_the_ready_text_job_runs_and_its_identity_is_the_tokenized_pairs(tmp_pat
     again = resolve(parse_spec(text, base_dir=JOBS))
     assert [i.id for i in again.plan.items] == [i.id for i in first.plan.items]
     assert again.dataset.digest() == first.dataset.digest()
+
+
+def test_a_checkpoint_takes_its_tokenizer_from_beside_it_or_from_the_spec(tmp_path, checkpoint,
+                                                                          capsys):
+    """A checkpoint has no tokenizer of its own: `x.tokenizer.json` beside it, or the spec's
+    `tokenizer` key (a file, a directory or a model name); without either, an error saying so."""
+    text = SPEC.replace('"attn-only-2l"', f'"{checkpoint}"')
+    shutil.copy(JOBS / "induction_text.jsonl", tmp_path / "pairs.jsonl")
+    path = tmp_path / "spec.toml"
+    path.write_text(text.format(dataset='path = "pairs.jsonl"'))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"model = '{checkpoint}'" in err and "has no tokenizer" in err
+    assert "tiny.tokenizer.json" in err and "[dataset] tokenizer" in err
+    for tokenizer in ("attn-only-2l", str(Path(__file__).parents[2] / "pathpatch" / "bundled"
+                                          / "attn-only-2l.tokenizer.json")):
+        path.write_text(text.format(dataset=f'path = "pairs.jsonl"\ntokenizer = "{tokenizer}"'))
+        assert main(["run", str(path), "--dry-run"]) == 0
+        assert "read 32 pairs" in capsys.readouterr().err
+
+
+def test_text_keys_on_a_token_pairs_file_are_refused(tmp_path, capsys):
+    from pathpatch.data.pairs import save_parquet
+    from pathpatch.data.tasks import make_dataset
+
+    save_parquet(make_dataset("induction", n=4), tmp_path / "pairs.parquet")
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC.replace("logit_diff", "kl").format(
+        dataset='path = "pairs.parquet"\nprepend_bos = true'))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "the text keys ['prepend_bos'] do not apply to it" in capsys.readouterr().err
