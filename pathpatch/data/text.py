@@ -1,7 +1,8 @@
 """Text datasets: (clean prompt, corrupted prompt, answer, competing answer) rows tokenized into
 a `PairDataset` with the model's own tokenizer.
 
-A researcher's file is JSONL (``.jsonl``/``.json``, one object per line), CSV (``.csv``, text
+A researcher's file is JSONL (``.jsonl``/``.json``, one object per line; a ``.json`` file may
+also hold one array of objects), CSV (``.csv``, text
 cells), Parquet with string columns (``.parquet`` without pathpatch's token columns) or a
 Hugging Face `datasets` folder written by ``save_to_disk`` (a ``DatasetDict``'s split is
 chosen with ``split``). Columns, by role:
@@ -120,6 +121,15 @@ def read_rows(path: str | os.PathLike[str], split: str | None = None) -> list[di
         return _read_hf_folder(path, split)
     if split is not None:
         raise PathPatchError(f"{where}: split = {split!r} applies to a `datasets` folder only")
+    if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise PathPatchError(f"{where}: not JSON ({err})") from None
+        bad = next((i for i, row in enumerate(rows) if not isinstance(row, dict)), None)
+        if bad is not None:
+            raise PathPatchError(f"{where} row {bad}: {rows[bad]!r} is not an object")
+        return rows
     if path.suffix in (".jsonl", ".json"):
         rows = []
         with open(path, encoding="utf-8") as f:
@@ -183,7 +193,8 @@ def _lookup(row: Mapping[str, Any], column: str) -> tuple[bool, Any]:
 
 def _mib_readers(row: Mapping[str, Any], counterfactual: str | None, where: str
                  ) -> dict[str, Callable[[Mapping[str, Any]], Any]] | None:
-    """Role -> reader of a row in MIB's layout, or None where the row is not MIB's."""
+    """Role -> reader of a row in MIB's layout (and "counterfactual" -> the column chosen), or
+    None where the row is not MIB's."""
     cfs = [k for k, v in row.items() if k.endswith("_counterfactual") and isinstance(v, Mapping)]
     if "prompt" not in row or not cfs or "clean" in row:
         return None
@@ -212,7 +223,7 @@ def _mib_readers(row: Mapping[str, Any], counterfactual: str | None, where: str
         answer = answer_of
         wrong = lambda r: answer_of(r[counterfactual])  # noqa: E731
     return {"clean": lambda r: r["prompt"], "corrupted": lambda r: r[counterfactual]["prompt"],
-            "answer": answer, "wrong_answer": wrong}
+            "answer": answer, "wrong_answer": wrong, "counterfactual": lambda r: counterfactual}
 
 
 def load_text(
@@ -269,8 +280,11 @@ def load_text(
             try:
                 got = mib[role](row)
             except (KeyError, IndexError, TypeError) as err:
-                raise PathPatchError(f"{where} row {index}: MIB layout: {role} cannot be read "
-                                     f"({type(err).__name__}: {err})") from None
+                cf = mib["counterfactual"](row)
+                raise PathPatchError(
+                    f"{where} row {index}: MIB layout: {role} cannot be read (counterfactual "
+                    f"{cf!r}: {row.get(cf)!r}; {type(err).__name__}: {err}); every row needs it: "
+                    "choose another counterfactual, or take the row out") from None
             found = got is not None
         else:
             found, got = _lookup(row, columns[role])

@@ -74,11 +74,13 @@ def test_every_format_gives_the_same_pairs(tmp_path):
     csv.write_text("clean,corrupted,answer,wrong_answer\n" + "".join(
         f"{r['clean']},{r['corrupted']},{r['answer']},{r['wrong_answer']}\n" for r in PAIRS))
     pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "d.parquet")
+    (tmp_path / "array.json").write_text(json.dumps(PAIRS, indent=1))
     datasets.Dataset.from_list(PAIRS).save_to_disk(str(tmp_path / "one"))
     datasets.DatasetDict({"test": datasets.Dataset.from_list(PAIRS),
                           "train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "two"))
     tok = tiny_tokenizer()
     for path, options in ((csv, TextOptions()), (tmp_path / "d.parquet", TextOptions()),
+                          (tmp_path / "array.json", TextOptions()),
                           (tmp_path / "one", TextOptions()),
                           (tmp_path / "two", TextOptions(split="test"))):
         assert is_text_dataset(path)
@@ -229,6 +231,11 @@ def test_mib_layout_loads_as_mib_reads_it(tmp_path):
         write_jsonl(path, [row])
         data = load_text(path, tiny_tokenizer(False))
         assert (data.answer.tolist(), data.wrong_answer.tolist()) == answers
+    broken = tmp_path / "broken.jsonl"
+    write_jsonl(broken, [MIB_ARITHMETIC, MIB_ARITHMETIC | {"random_counterfactual": None}])
+    with pytest.raises(PathPatchError, match=r"broken.jsonl' row 1: MIB layout: corrupted cannot "
+                                             r"be read \(counterfactual 'random_counterfactual': None"):
+        load_text(broken, tiny_tokenizer(False))
     with pytest.raises(PathPatchError, match=r"no counterfactual column 'nope'; the rows have"):
         load_text(folder, tok, TextOptions(split="train", counterfactual="nope"))
 
