@@ -79,7 +79,7 @@ def write_curve_spec(scan: str | Path, fractions: Sequence[float] | None = None,
     top = {"name": name, "model": spec.model, "metric": spec.metric, "seed": spec.seed,
            "dtype": spec.dtype, "shard_size": spec.shard_size, "group_size": 11,
            "max_mixed_copies": spec.max_mixed_copies}
-    dataset = ({"path": spec.dataset.path} if spec.dataset.path is not None
+    dataset = (spec.dataset.table() if spec.dataset.path is not None
                else {"kind": spec.dataset.kind, **spec.dataset_params()})
     text = [f"# The faithfulness curves of {scan}'s rankings, written by `pathpatch curve`;",
             "# run with `pathpatch run` like any sweep.",
@@ -105,4 +105,6 @@ def _toml(value: Any) -> str:
         return json.dumps(value)  # a TOML basic string: the same escapes
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (a text dataset's columns)
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
     raise PathPatchError(f"pathpatch curve: cannot write {value!r} into a spec; edit the spec by hand")

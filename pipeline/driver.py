@@ -153,7 +153,7 @@ def provenance_of(resolved: Resolved) -> dict[str, Any]:
     out = {
         "spec_hash": spec.digest(), "git_revision": git_revision(),
         "versions": library_versions(), "dtype": spec.dtype, "seed": spec.seed,
-        "dataset": ({"path": spec.dataset.path} if spec.dataset.path else
+        "dataset": (spec.dataset.table() if spec.dataset.path else
                     {"kind": spec.dataset.kind, **spec.dataset_params()}),
         "metric": plan.metric, "intervention": plan.intervention,
         "model": spec.model, "model_digest": plan.model_digest,

@@ -9,6 +9,7 @@ the hypotheses (nodes, patterns, mixed-copy bound) and the shards. Errors are
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from pathpatch.data.pairs import PairDataset, load_parquet
 from pathpatch.data.tasks import DATASETS, make_dataset
+from pathpatch.data.text import TextOptions, is_text_dataset, load_text
 from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine import evaluation as engine
 from pathpatch.engine.ablation import Intervention, ablation_values
@@ -24,7 +26,7 @@ from pathpatch.engine.metrics import get_metric
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
-from pathpatch.model.loading import load_model, model_digest
+from pathpatch.model.loading import load_model, load_tokenizer, model_digest
 from pipeline.plan import HypothesisInfo, Plan, Shard, attribution_info, make_plan, shard_dataset
 from pipeline.spec import DTYPES, SweepSpec
 
@@ -211,10 +213,40 @@ def _available_memory() -> int | None:
     return None
 
 
+def _load_text_dataset(spec: SweepSpec, n_ctx: int) -> PairDataset:
+    """A text dataset tokenized with the model's tokenizer (or `dataset.tokenizer`'s); prints
+    what was read."""
+    keys = dict(spec.dataset.text)
+    source = keys.pop("tokenizer", spec.model)
+    try:
+        tokenizer = load_tokenizer(source)
+    except PathPatchError as err:
+        raise _prefixed("dataset.tokenizer" if "tokenizer" in dict(spec.dataset.text) else "model",
+                        source, err) from None
+    try:
+        options = TextOptions(**keys)
+        dataset = load_text(spec.dataset.path, tokenizer, options, n_ctx=n_ctx)
+    except PathPatchError as err:
+        raise _prefixed("dataset.path", spec.dataset.path, err) from None
+    lengths = dataset.scored.int().argmax(dim=1) + 1
+    print(f"dataset: read {len(dataset):,} pairs from {spec.dataset.path} ({int(lengths.min())}"
+          f"-{int(lengths.max())} tokens; padded to {dataset.seq_len}; "
+          f"{'with' if dataset.answer is not None else 'without'} answers; digest "
+          f"{dataset.digest()[:12]})", file=sys.stderr)
+    return dataset
+
+
 def load_spec_dataset(spec: SweepSpec, vocab: int, n_ctx: int) -> PairDataset:
     """The spec's pairs, checked against the model's vocabulary and context; errors name the
     spec key."""
-    if spec.dataset.path is not None:
+    if spec.dataset.path is not None and is_text_dataset(spec.dataset.path):
+        dataset = _load_text_dataset(spec, n_ctx)
+    elif spec.dataset.path is not None:
+        if spec.dataset.text:
+            raise PathPatchError(
+                f"dataset.path = {spec.dataset.path!r} is a pathpatch pairs file (token columns "
+                f"'reference', 'counterfactual'): the text keys {[k for k, _ in spec.dataset.text]} "
+                "do not apply to it; drop them")
         try:
             dataset = load_parquet(spec.dataset.path, vocab_size=vocab)
         except PathPatchError as err:

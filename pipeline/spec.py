@@ -28,7 +28,9 @@ from pathpatch.errors import PathPatchError
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 """Precisions a sweep may evaluate in (torch dtype names)."""
 
-DATASET_KEYS_PATH = ("path",)
+DATASET_KEYS_PATH = ("path", "columns", "prepend_bos", "answer_tokens", "counterfactual", "split",
+                     "tokenizer")
+"""Keys of a file dataset: the path, then how a text dataset is read (`pathpatch.data.text`)."""
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -82,12 +84,22 @@ class DatasetSpec:
     Attributes:
         kind: generator name for `pathpatch.data.tasks.make_dataset` (None for a file).
         params: generator parameters as sorted (key, value) pairs (lists become tuples).
-        path: absolute path of a Parquet file of pairs (None for a generator).
+        path: absolute path of a dataset file or `datasets` folder (None for a generator).
+        text: a text dataset's keys (`columns`, `prepend_bos`, `answer_tokens`,
+            `counterfactual`, `split`, `tokenizer`) as sorted (key, value) pairs; `columns` a
+            sorted tuple of (role, column) pairs, `tokenizer` an absolute path or a model name.
     """
 
     kind: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
     path: str | None = None
+    text: tuple[tuple[str, Any], ...] = ()
+
+    def table(self) -> dict[str, Any]:
+        """The `[dataset]` table this spec reads back to (provenance, written specs)."""
+        if self.path is None:
+            return {"kind": self.kind, **{k: _thaw(v) for k, v in self.params}}
+        return {"path": self.path, **{k: dict(v) if k == "columns" else v for k, v in self.text}}
 
 
 @dataclass(frozen=True)
@@ -291,19 +303,53 @@ def _dataset(value: Any, base: Path, where: str) -> DatasetSpec:
                              f"path = ...), got {value!r}")
     if "path" in value:
         _no_unknown(value, DATASET_KEYS_PATH, "dataset.", where,
-                    hint="a Parquet dataset takes only 'path'")
+                    hint="a file dataset takes 'path' and a text dataset's keys (docs/PIPELINE.md)")
         raw_path = _string(value["path"], "dataset.path", where)
         path = (base / raw_path).expanduser().resolve()
-        if not path.is_file():
-            raise PathPatchError(f"{where}: dataset.path = {raw_path!r}: no such file ({path}); "
-                                 "the path is read relative to the spec's folder")
-        return DatasetSpec(path=str(path))
+        if not path.exists():
+            raise PathPatchError(f"{where}: dataset.path = {raw_path!r}: no such file or folder "
+                                 f"({path}); the path is read relative to the spec's folder")
+        return DatasetSpec(path=str(path), text=_text_keys(value, base, where))
     if "kind" not in value:
         raise PathPatchError(f"{where}: [dataset] needs kind = \"induction\" (a generator) or "
                              "path = \"pairs.parquet\" (a file)")
     kind = _string(value["kind"], "dataset.kind", where)
     params = tuple(sorted((k, _freeze(v)) for k, v in value.items() if k != "kind"))
     return DatasetSpec(kind=kind, params=params)
+
+
+def _text_keys(value: dict, base: Path, where: str) -> tuple[tuple[str, Any], ...]:
+    """A text dataset's keys, checked for type (`pathpatch.data.text.TextOptions` checks the
+    values against the file)."""
+    from pathpatch.data.text import ANSWER_TOKENS, ROLES
+
+    out: dict[str, Any] = {}
+    if "columns" in value:
+        columns = value["columns"]
+        if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
+            raise PathPatchError(f"{where}: dataset.columns = {columns!r}: give a table of role = "
+                                 f"\"column\" (roles {list(ROLES)})")
+        unknown = sorted(set(columns) - set(ROLES))
+        if unknown:
+            raise PathPatchError(f"{where}: dataset.columns: unknown role(s) {unknown}; roles "
+                                 f"are {list(ROLES)}")
+        out["columns"] = tuple(sorted(columns.items()))
+    if "prepend_bos" in value:
+        if not isinstance(value["prepend_bos"], bool):
+            raise PathPatchError(f"{where}: dataset.prepend_bos = {value['prepend_bos']!r}: give "
+                                 "true or false (leave it out for the tokenizer's convention)")
+        out["prepend_bos"] = value["prepend_bos"]
+    if "answer_tokens" in value and value["answer_tokens"] not in ANSWER_TOKENS:
+        raise PathPatchError(f"{where}: dataset.answer_tokens = {value['answer_tokens']!r}: "
+                             f"allowed are {list(ANSWER_TOKENS)}")
+    for key in ("answer_tokens", "counterfactual", "split"):
+        if key in value:
+            out[key] = _string(value[key], f"dataset.{key}", where)
+    if "tokenizer" in value:
+        raw = _string(value["tokenizer"], "dataset.tokenizer", where)
+        local = (base / raw).expanduser()
+        out["tokenizer"] = str(local.resolve()) if local.exists() else raw
+    return tuple(sorted(out.items()))
 
 
 FILE_PARAMETERS = ("ranking",)

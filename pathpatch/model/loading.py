@@ -438,3 +438,64 @@ def load_model(
         "TransformerLens pretrained name (e.g. gpt2), a Hugging Face model directory, or a "
         "checkpoint file (.safetensors/.pt next to a .json config of the same stem)"
     )
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer of the model `spec` names (the forms of `load_model`), offline.
+
+    - a bundled name: its word-level tokenizer shipped beside the weights
+      (`pathpatch/bundled/<name>.tokenizer.json`: one word per token id, `t0` ... `t{V-1}`);
+    - a Hugging Face directory: the directory's own tokenizer;
+    - a TransformerLens name: its repository's tokenizer from the local Hugging Face cache;
+    - a checkpoint `x.safetensors`: `x.tokenizer.json` beside it (a `tokenizers` file), if any;
+    - a `tokenizer.json` file, or a directory holding only a tokenizer.
+
+    Returns:
+        A transformers `PreTrainedTokenizerBase` (`tok(text, add_special_tokens=...)`).
+
+    Raises:
+        PathPatchError: the model has no tokenizer to be found offline, with the fix.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    def from_file(path: Path):
+        try:
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        except Exception as err:  # tokenizers' own error type for a malformed file
+            raise PathPatchError(f"tokenizer file {path} cannot be read ({err})") from None
+
+    if spec in BUNDLED_ARCHS:
+        res = importlib.resources.files("pathpatch") / "bundled" / f"{spec}.tokenizer.json"
+        with importlib.resources.as_file(res) as path:
+            return from_file(path)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return from_file(path)
+    if path.is_dir():
+        try:
+            with _hub_offline():
+                return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise PathPatchError(
+                f"model directory {path} has no tokenizer that loads ({err}); save one there "
+                "(`tokenizer.save_pretrained(dir)`) or give [dataset] tokenizer = ...") from None
+    if path.suffix in _CHECKPOINT_SUFFIXES:
+        beside = path.with_suffix(".tokenizer.json")
+        if beside.is_file():
+            return from_file(beside)
+        raise PathPatchError(
+            f"checkpoint {path} has no tokenizer: put a `tokenizers` JSON file at {beside} or "
+            "give [dataset] tokenizer = \"path/to/tokenizer.json\" (or a tokenizer directory)")
+    if _is_pretrained_name(spec):
+        official = get_official_model_name(spec)
+        try:
+            with _hub_offline():
+                return AutoTokenizer.from_pretrained(official, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise PathPatchError(
+                f"the tokenizer of {spec!r} ({official}) is not in the local Hugging Face cache "
+                f"({err}); download it where there is network (`huggingface-cli download "
+                f"{official}`) and copy the cache, or give [dataset] tokenizer = ...") from None
+    raise PathPatchError(
+        f"no tokenizer for {spec!r}: give a bundled name, a Hugging Face directory, a "
+        "TransformerLens name, or a tokenizer.json file")
