@@ -15,6 +15,7 @@ from pathpatch.errors import PathPatchError
 from pipeline.cli import main
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec, parse_spec
+from pipeline.store import META_KEY
 from pipeline.sweep import run_sweep
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -116,3 +117,24 @@ def test_text_keys_on_a_token_pairs_file_are_refused(tmp_path, capsys):
         dataset='path = "pairs.parquet"\nprepend_bos = true'))
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "the text keys ['prepend_bos'] do not apply to it" in capsys.readouterr().err
+
+
+def test_the_ready_mean_ablation_job_runs_on_the_text_dataset(tmp_path):
+    """jobs/text_induction_mean.toml: the ready text pairs with mean ablation, in process; its
+    rows record the intervention and differ from the resample job's (another counterfactual)."""
+    from pipeline.query import open_sweeps
+
+    outs = {}
+    for job in ("text_induction", "text_induction_mean"):
+        outs[job] = tmp_path / job
+        assert run_sweep(load_spec(JOBS / f"{job}.toml"), outs[job], backend="inprocess",
+                         progress=False).failed == 0
+    mean, resample = (open_sweeps(outs[j]).sql(
+        "SELECT hypothesis, example, ue, te FROM results ORDER BY hypothesis, example").fetchall()
+        for j in ("text_induction_mean", "text_induction"))
+    assert len(mean) == len(resample) == 12 * 32
+    assert [r[:2] for r in mean] == [r[:2] for r in resample]
+    assert any(abs(m[3] - r[3]) > 1e-6 for m, r in zip(mean, resample))  # TE: another run
+    provenance = [json.loads(pq.read_schema(f).metadata[META_KEY])
+                  for f in sorted((outs["text_induction_mean"] / "items").glob("*.parquet"))]
+    assert provenance and all(p["intervention"] == "mean" for p in provenance)
