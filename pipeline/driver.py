@@ -146,6 +146,16 @@ def worker_config(resolved: Resolved, *, device: str = "auto") -> WorkerConfig:
     )
 
 
+def folder_identity(resolved: Resolved) -> dict[str, Any]:
+    """What a sweep folder's rows stand for (`SweepFolder.check_target`): another name, model,
+    metric, dtype or intervention is refused unless forced. Under resample the intervention is
+    None, as in manifests written before interventions existed."""
+    plan = resolved.plan
+    return {"name": resolved.spec.name, "model_digest": plan.model_digest, "metric": plan.metric,
+            "dtype": plan.dtype,
+            "intervention": None if plan.intervention == "resample" else plan.intervention}
+
+
 def provenance_of(resolved: Resolved) -> dict[str, Any]:
     """What every result file's metadata records of the run (the item adds its shard, its
     hypotheses and its identity)."""

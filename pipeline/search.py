@@ -30,7 +30,7 @@ from pathpatch.discovery.greedy import Candidate, GreedySearch
 from pathpatch.errors import PathPatchError
 from pathpatch.language.circuits import circuit_hypothesis, write_eap_json
 from pathpatch.model.graph import Graph
-from pipeline.driver import BACKENDS, Outcome, RunOptions, drive
+from pipeline.driver import BACKENDS, Outcome, RunOptions, drive, folder_identity
 from pipeline.plan import HypothesisInfo, WorkItem, make_plan
 from pipeline.progress import SearchProgress
 from pipeline.resolve import Resolved, resolve
@@ -170,9 +170,7 @@ def run_search(spec: SweepSpec, out: str | Path, *, backend: str = "ray",
     address = address or os.environ.get("RAY_ADDRESS") or None
     plan = resolved.plan
     folder = SweepFolder(out)
-    folder.check_target({"name": spec.name, "model_digest": plan.model_digest,
-                         "metric": plan.metric, "dtype": plan.dtype,
-                         "search_tau": spec.search.tau}, force=force)
+    folder.check_target({**folder_identity(resolved), "search_tau": spec.search.tau}, force=force)
     outcome = Outcome(folder=folder.root, metric=plan.metric, search=True)
     rounds = SearchRounds(resolved, outcome, progress=progress)
     outcome.total = len(rounds.search.order)

@@ -180,6 +180,8 @@ class SweepSpec:
         fields.pop("base_dir")
         if fields["intervention"] == Intervention.RESAMPLE.value:
             fields.pop("intervention")  # the default leaves earlier specs' hashes as they were
+        if not fields["dataset"]["text"]:
+            fields["dataset"].pop("text")  # likewise a dataset without text keys
         text = json.dumps(fields, sort_keys=True, default=repr)
         return hashlib.sha256(text.encode()).hexdigest()
 

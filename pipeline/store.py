@@ -437,6 +437,8 @@ def build_manifest(plan: Plan, *, spec_name: str, spec_hash: str, spec_file: str
         "model_digest": plan.model_digest,
         "metric": plan.metric,
         "dtype": plan.dtype,
+        # absent under resample, so manifests written before interventions read the same
+        **({"intervention": plan.intervention} if plan.intervention != "resample" else {}),
         "seed": seed,
         "provenance": provenance,
         "hypotheses": [dict(_manifest_fields(h), group=g) for g, group in enumerate(plan.groups)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.driver import BACKENDS, Outcome, RunOptions, drive
+from pipeline.driver import BACKENDS, Outcome, RunOptions, drive, folder_identity
 from pipeline.plan import WorkItem
 from pipeline.progress import Progress
 from pipeline.resolve import Resolved, resolve
@@ -121,8 +121,7 @@ def run_sweep(
         probe_address(address)  # a wrong address fails here, before anything is written
     plan = resolved.plan
     folder = SweepFolder(out)
-    folder.check_target({"name": spec.name, "model_digest": plan.model_digest,
-                         "metric": plan.metric, "dtype": plan.dtype}, force=force)
+    folder.check_target(folder_identity(resolved), force=force)
     outcome = Outcome(folder=folder.root, total=len(plan.items), metric=plan.metric)
     return drive(resolved, folder, SweepRounds(resolved, progress=progress), outcome,
                  RunOptions(backend=backend, address=address,

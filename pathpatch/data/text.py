@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from pathpatch.data.pairs import PairDataset
@@ -108,7 +109,10 @@ def is_text_dataset(path: str | os.PathLike[str]) -> bool:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
+        try:
+            names = pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as err:
+            raise PathPatchError(f"dataset {str(path)!r} cannot be read as Parquet: {err}") from None
         return "reference" not in names and "counterfactual" not in names
     return path.suffix in TEXT_SUFFIXES
 

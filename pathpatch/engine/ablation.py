@@ -74,7 +74,7 @@ def node_hooks(arch: Adapter) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: equal only to itself, hashable by identity
 class Ablation:
     """An x_c-free intervention with its values: per node hook, a tensor that broadcasts over
     one batch's activation at that hook ([d] for `mean` and `zero`, [pos, d] for

@@ -4,6 +4,7 @@ provenance, the default leaving earlier identities unchanged; attributions refus
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -126,3 +127,27 @@ def test_a_mean_ablation_sweep_on_ray_actors_equals_the_in_process_rows(tmp_path
     outcome = run_sweep(spec, tmp_path / "ray", backend="ray", address=ray_local, progress=False)
     assert outcome.failed == 0
     assert _rows(tmp_path / "ray") == _rows(tmp_path / "inprocess")
+
+
+def test_a_folder_refuses_another_intervention_unless_forced(tmp_path):
+    """The intervention is part of what a folder's rows stand for, like the metric: rerunning a
+    resample sweep's folder with mean ablation is refused (its rows kept), and --force sets them
+    aside."""
+    path = _spec(tmp_path, HYPOTHESES, name="same")
+    out = tmp_path / "out"
+    run_sweep(load_spec(path), out, backend="inprocess", progress=False)
+    mean = path.read_text().replace("seed = 5\n", 'seed = 5\nintervention = "mean"\n')
+    with pytest.raises(PathPatchError, match="intervention None -> 'mean'"):
+        run_sweep(parse_spec(mean), out, backend="inprocess", progress=False)
+    assert (out / "items").is_dir() and any((out / "items").glob("*.parquet"))
+    run_sweep(parse_spec(mean), out, backend="inprocess", progress=False, force=True)
+    assert json.loads((out / "manifest.json").read_text())["intervention"] == "mean"
+
+
+def test_the_ready_specs_hash_as_they_did_before_interventions_and_text_keys():
+    """spec hashes of jobs/default.toml and jobs/induction_refinement.toml as written by the
+    code before either key existed (commit 4253576)."""
+    jobs = Path(__file__).resolve().parents[2] / "jobs"
+    assert load_spec(jobs / "default.toml").digest() == \
+        "74ef608413a6024cc8c116999621dd9dfdb952c3fc513faef73cb20555173f1b"
+    assert load_spec(jobs / "induction_refinement.toml").digest()[:16] == "ccddb081549f41b6"

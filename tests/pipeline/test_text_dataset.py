@@ -138,3 +138,10 @@ def test_the_ready_mean_ablation_job_runs_on_the_text_dataset(tmp_path):
     provenance = [json.loads(pq.read_schema(f).metadata[META_KEY])
                   for f in sorted((outs["text_induction_mean"] / "items").glob("*.parquet"))]
     assert provenance and all(p["intervention"] == "mean" for p in provenance)
+
+
+def test_a_parquet_file_that_is_not_parquet_is_named(tmp_path, capsys):
+    (tmp_path / "pairs.parquet").write_text("not parquet")
+    path = _spec(tmp_path, 'path = "pairs.parquet"')
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "cannot be read as Parquet" in capsys.readouterr().err
