@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -26,6 +26,8 @@ from pipeline.worker import Task, TaskInfo, Worker, WorkerConfig
 
 if TYPE_CHECKING:  # annotations only: result tables are built by the engine
     import pyarrow as pa
+
+    from pipeline.spec import SweepSpec
 
 BACKENDS = ("ray", "inprocess")
 
@@ -163,17 +165,27 @@ def provenance_of(resolved: Resolved) -> dict[str, Any]:
     out = {
         "spec_hash": spec.digest(), "git_revision": git_revision(),
         "versions": library_versions(), "dtype": spec.dtype, "seed": spec.seed,
-        "dataset": (spec.dataset.table() if spec.dataset.path else
-                    {"kind": spec.dataset.kind, **spec.dataset_params()}),
+        "dataset": _dataset_provenance(spec),
         "metric": plan.metric, "intervention": plan.intervention,
         "model": spec.model, "model_digest": plan.model_digest,
         "threads_per_worker": spec.resources.threads_per_worker,
         "batch_size": spec.resources.batch_size,
         "memory_budget": spec.resources.memory_budget,
     }
+    if plan.intervention != "resample":
+        out["ablation_digest"] = plan.ablation  # the values every x_c-free item used
+    if spec.intervention_dataset is not None:
+        out["intervention_dataset"] = _dataset_provenance(
+            replace(spec, dataset=spec.intervention_dataset))
     if spec.search is not None:
         out["search"] = {"tau": spec.search.tau, "window": spec.search.window}
     return out
+
+
+def _dataset_provenance(spec: SweepSpec) -> dict[str, Any]:
+    """The spec's [dataset] as provenance: a file's keys, or a generator's parameters."""
+    return (spec.dataset.table() if spec.dataset.path else
+            {"kind": spec.dataset.kind, **spec.dataset_params()})
 
 
 def drive(resolved: Resolved, folder: SweepFolder, rounds: Rounds, outcome: Outcome,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,8 +68,9 @@ def _prefixed(key: str, value: object, err: PathPatchError) -> PathPatchError:
     return PathPatchError(f"{key} = {value!r}: {err}")
 
 
-RESOLVE_PHASES = 5
-"""How many times `resolve` calls its `progress`: model, dataset, hypotheses, validation, plan."""
+RESOLVE_PHASES = 6
+"""How many times `resolve` calls its `progress`: model, dataset, hypotheses, validation,
+intervention, plan."""
 
 
 def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> Resolved:
@@ -118,7 +119,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
                              "pattern or a family that yields at least one")
     for i, method in enumerate(attributions):
         try:
-            method.check(model, metric)
+            method.check(model, metric, spec.intervention)
         except PathPatchError as err:
             raise PathPatchError(f"attributions[{i}] ({method.name}): {err}") from None
     taken = {h.name for h in hypotheses} & {a.name for a in attributions}
@@ -136,16 +137,7 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
                        est_cost=float(c.est_cost), facts=h.facts)
         for h, c in zip(hypotheses, costs, strict=True)
     )
-    ablation = None
-    if spec.intervention != Intervention.RESAMPLE.value:
-        if attributions:
-            raise PathPatchError(
-                f"attributions: intervention = {spec.intervention!r} is not implemented for "
-                "attribution scores (they read the counterfactual run's gradient path); run "
-                "them in a sweep with intervention = \"resample\"")
-        step(f"{spec.intervention} ablation values over {len(dataset):,} examples")
-        # over the whole dataset, on the driver: rows independent of sharding and batching
-        ablation = ablation_values(model, dataset.reference, spec.intervention)
+    ablation = _ablation(spec, model, dataset, step)
     step("plan work items")
     plan = make_plan(
         model_digest=model_digest(model),
@@ -165,6 +157,32 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     return Resolved(spec=spec, model=model, dataset=dataset, shards=shards,
                     hypotheses=hypotheses, plan=plan, warnings=warnings,
                     attributions=attributions, ablation=ablation)
+
+
+def _ablation(spec: SweepSpec, model, dataset: PairDataset, step: Callable[[str], None]):
+    """An x_c-free intervention's values (None under resample), over the whole dataset's
+    reference prompts or `intervention_dataset`'s, on the driver: rows are independent of
+    sharding and batching."""
+    if spec.intervention == Intervention.RESAMPLE.value:
+        step("intervention: resample (each example's counterfactual prompt)")
+        return None
+    means_over = dataset
+    if spec.intervention_dataset is not None:
+        try:
+            means_over = load_spec_dataset(replace(spec, dataset=spec.intervention_dataset),
+                                           int(model.cfg.d_vocab), n_ctx=int(model.cfg.n_ctx))
+        except PathPatchError as err:
+            raise PathPatchError(f"intervention_dataset (the prompts the means are taken over): "
+                                 f"{err}") from None
+        if (spec.intervention == Intervention.MEAN_POSITIONAL.value
+                and means_over.seq_len != dataset.seq_len):
+            raise PathPatchError(
+                f"intervention_dataset has {means_over.seq_len} positions and the dataset "
+                f"{dataset.seq_len}: a position-wise mean needs one length; give prompts of "
+                f"{dataset.seq_len} tokens, or intervention = \"mean\"")
+    source = "intervention_dataset" if spec.intervention_dataset is not None else "the dataset"
+    step(f"{spec.intervention} ablation values over {len(means_over):,} examples of {source}")
+    return ablation_values(model, means_over.reference, spec.intervention)
 
 
 def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:

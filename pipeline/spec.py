@@ -137,6 +137,9 @@ class SweepSpec:
         intervention: what paths outside a hypothesis carry: "resample" (each example's
             counterfactual prompt, the default), "zero", "mean" or "mean_positional" (means over
             the whole dataset's reference prompts; `pathpatch.engine.ablation`).
+        intervention_dataset: for "mean" and "mean_positional", another dataset whose reference
+            prompts the means are taken over (EAP-IG's `intervention_dataloader`); None: the
+            sweep's own.
         resources, execution: cluster use and fault policy (not part of any identity).
         source: the TOML text as given; base_dir: the folder relative paths were read from.
     """
@@ -154,6 +157,7 @@ class SweepSpec:
     dtype: str = "float32"
     max_mixed_copies: int = DEFAULT_MAX_MIXED_COPIES
     intervention: str = Intervention.RESAMPLE.value
+    intervention_dataset: DatasetSpec | None = None
     resources: Resources = field(default_factory=Resources)
     execution: Execution = field(default_factory=Execution)
     source: str = field(default="", compare=False, repr=False)
@@ -180,6 +184,8 @@ class SweepSpec:
         fields.pop("base_dir")
         if fields["intervention"] == Intervention.RESAMPLE.value:
             fields.pop("intervention")  # the default leaves earlier specs' hashes as they were
+        if fields["intervention_dataset"] is None:
+            fields.pop("intervention_dataset")
         if not fields["dataset"]["text"]:
             fields["dataset"].pop("text")  # likewise a dataset without text keys
         text = json.dumps(fields, sort_keys=True, default=repr)
@@ -266,6 +272,14 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
         intervention = Intervention.parse(_string(get("intervention"), "intervention", where))
     except PathPatchError as err:
         raise PathPatchError(f"{where}: {err}") from None
+    means_over = None
+    if "intervention_dataset" in raw:
+        if intervention not in (Intervention.MEAN, Intervention.MEAN_POSITIONAL):
+            raise PathPatchError(
+                f"{where}: [intervention_dataset] names the prompts that means are taken over, "
+                f"but intervention = {intervention.value!r} takes no mean: set intervention = "
+                "\"mean\" or \"mean_positional\", or remove [intervention_dataset]")
+        means_over = _dataset(raw["intervention_dataset"], base, where, "intervention_dataset")
     hypotheses = _hypotheses(raw["hypotheses"], base, where) if "hypotheses" in raw else ()
     attributions = _attributions(raw.get("attributions", []), where)
     search = _search(raw["search"], where) if "search" in raw else None
@@ -276,7 +290,7 @@ def parse_spec(text: str, *, base_dir: str | Path = ".", default_name: str = "sw
     return SweepSpec(
         name=name, model=model, dataset=dataset, shard_size=shard_size, group_size=group_size,
         metric=metric, hypotheses=hypotheses, attributions=attributions, search=search,
-        seed=seed, dtype=dtype, intervention=intervention.value,
+        seed=seed, dtype=dtype, intervention=intervention.value, intervention_dataset=means_over,
         max_mixed_copies=max_copies, resources=_resources(raw.get("resources", {}), where),
         execution=_execution(raw.get("execution", {}), where), source=text,
         base_dir=str(base.resolve()),
@@ -299,28 +313,29 @@ def _model(value: Any, base: Path, where: str) -> str:
     return model
 
 
-def _dataset(value: Any, base: Path, where: str) -> DatasetSpec:
+def _dataset(value: Any, base: Path, where: str, key: str = "dataset") -> DatasetSpec:
     if not isinstance(value, dict):
-        raise PathPatchError(f"{where}: dataset must be a table ([dataset] with kind = ... or "
+        raise PathPatchError(f"{where}: {key} must be a table ([{key}] with kind = ... or "
                              f"path = ...), got {value!r}")
     if "path" in value:
-        _no_unknown(value, DATASET_KEYS_PATH, "dataset.", where,
+        _no_unknown(value, DATASET_KEYS_PATH, f"{key}.", where,
                     hint="a file dataset takes 'path' and a text dataset's keys (docs/PIPELINE.md)")
-        raw_path = _string(value["path"], "dataset.path", where)
+        raw_path = _string(value["path"], f"{key}.path", where)
         path = (base / raw_path).expanduser().resolve()
         if not path.exists():
-            raise PathPatchError(f"{where}: dataset.path = {raw_path!r}: no such file or folder "
+            raise PathPatchError(f"{where}: {key}.path = {raw_path!r}: no such file or folder "
                                  f"({path}); the path is read relative to the spec's folder")
-        return DatasetSpec(path=str(path), text=_text_keys(value, base, where))
+        return DatasetSpec(path=str(path), text=_text_keys(value, base, where, key))
     if "kind" not in value:
-        raise PathPatchError(f"{where}: [dataset] needs kind = \"induction\" (a generator) or "
+        raise PathPatchError(f"{where}: [{key}] needs kind = \"induction\" (a generator) or "
                              "path = \"pairs.parquet\" (a file)")
-    kind = _string(value["kind"], "dataset.kind", where)
+    kind = _string(value["kind"], f"{key}.kind", where)
     params = tuple(sorted((k, _freeze(v)) for k, v in value.items() if k != "kind"))
     return DatasetSpec(kind=kind, params=params)
 
 
-def _text_keys(value: dict, base: Path, where: str) -> tuple[tuple[str, Any], ...]:
+def _text_keys(value: dict, base: Path, where: str,
+               key: str = "dataset") -> tuple[tuple[str, Any], ...]:
     """A text dataset's keys, checked for type (`pathpatch.data.text.TextOptions` checks the
     values against the file)."""
     from pathpatch.data.text import ANSWER_TOKENS, ROLES
@@ -329,26 +344,26 @@ def _text_keys(value: dict, base: Path, where: str) -> tuple[tuple[str, Any], ..
     if "columns" in value:
         columns = value["columns"]
         if not isinstance(columns, dict) or not all(isinstance(v, str) for v in columns.values()):
-            raise PathPatchError(f"{where}: dataset.columns = {columns!r}: give a table of role = "
+            raise PathPatchError(f"{where}: {key}.columns = {columns!r}: give a table of role = "
                                  f"\"column\" (roles {list(ROLES)})")
         unknown = sorted(set(columns) - set(ROLES))
         if unknown:
-            raise PathPatchError(f"{where}: dataset.columns: unknown role(s) {unknown}; roles "
+            raise PathPatchError(f"{where}: {key}.columns: unknown role(s) {unknown}; roles "
                                  f"are {list(ROLES)}")
         out["columns"] = tuple(sorted(columns.items()))
     if "prepend_bos" in value:
         if not isinstance(value["prepend_bos"], bool):
-            raise PathPatchError(f"{where}: dataset.prepend_bos = {value['prepend_bos']!r}: give "
+            raise PathPatchError(f"{where}: {key}.prepend_bos = {value['prepend_bos']!r}: give "
                                  "true or false (leave it out for the tokenizer's convention)")
         out["prepend_bos"] = value["prepend_bos"]
     if "answer_tokens" in value and value["answer_tokens"] not in ANSWER_TOKENS:
-        raise PathPatchError(f"{where}: dataset.answer_tokens = {value['answer_tokens']!r}: "
+        raise PathPatchError(f"{where}: {key}.answer_tokens = {value['answer_tokens']!r}: "
                              f"allowed are {list(ANSWER_TOKENS)}")
-    for key in ("answer_tokens", "counterfactual", "split"):
-        if key in value:
-            out[key] = _string(value[key], f"dataset.{key}", where)
+    for name in ("answer_tokens", "counterfactual", "split"):
+        if name in value:
+            out[name] = _string(value[name], f"{key}.{name}", where)
     if "tokenizer" in value:
-        raw = _string(value["tokenizer"], "dataset.tokenizer", where)
+        raw = _string(value["tokenizer"], f"{key}.tokenizer", where)
         local = (base / raw).expanduser()
         out["tokenizer"] = str(local.resolve()) if local.exists() else raw
     return tuple(sorted(out.items()))

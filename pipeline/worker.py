@@ -187,9 +187,11 @@ class Worker:
                 )
                 self._keep_runs_within_budget()
             case Attribute(method=method):
+                ablation = self.config.intervention
                 table = method.rows(self.model, shard, self.config.metric,
                                     batch_size=self.config.batch_size,
-                                    memory_budget=self.config.memory_budget)
+                                    memory_budget=self.config.memory_budget,
+                                    ablation=None if isinstance(ablation, str) else ablation)
             case _:
                 assert_never(task)
         info = TaskInfo(node=self.node, pid=os.getpid(), seconds=time.perf_counter() - start,

@@ -18,6 +18,12 @@ EAP-IG's interpolated points can differentiate but EAP cannot (its gradient vani
 where KL has its minimum), so EAP with KL is refused by name, as is EAP-IG whose only point is
 x_r (`right` with steps = 1), and user metrics (no signed statistic to differentiate).
 
+Under an x_c-free intervention (`pathpatch.engine.ablation`: zero, mean, mean_positional) EAP
+takes a_u(x_c) to be u's ablation value, as the EAP-IG repository's `get_scores_eap` does for
+its `zero`, `mean` and `mean-positional` interventions: score = (a_u - a_u(x_r)) . gradient at
+x_r. EAP-IG interpolates the input embedding towards x_c's, which such a sweep has not, so it is
+refused there, as the repository's `EAP-IG-inputs` refuses any intervention but patching.
+
 Cost per batch: EAP, the counterfactual run plus one forward and backward at x_r, which is the
 clean run too; EAP-IG, both runs plus one forward and backward per point (`pathpatch bench
 discovery` measures both).
@@ -33,6 +39,7 @@ import pyarrow as pa
 import torch
 
 from pathpatch.data.pairs import PairDataset
+from pathpatch.engine.ablation import Ablation
 from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET
 from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
 from pathpatch.engine.runs import Runs
@@ -123,9 +130,12 @@ class Attribution:
         both) plus a forward and backward (~3 forwards) per point."""
         return 1.0 + 3.0 if self.steps == 0 else 2.0 + 3.0 * self.steps
 
-    def check(self, model, metric: str | Metric) -> None:
-        """Refuse, before any work, what this method cannot compute on `model` with `metric`."""
+    def check(self, model, metric: str | Metric, intervention: str = "resample") -> None:
+        """Refuse, before any work, what this method cannot compute on `model` with `metric`
+        under `intervention` (a name of `pathpatch.engine.ablation.Intervention`)."""
         _statistic(get_metric(metric), self.steps, self.points or "left")
+        if self.steps and intervention != "resample":
+            raise PathPatchError(_IG_NEEDS_XC.format(name=self.name, intervention=intervention))
         if Adapter.of(model).heads_normed:
             raise PathPatchError(
                 f"attribution {self.name}: scores add head outputs linearly, but this model "
@@ -133,11 +143,12 @@ class Attribution:
                 "removals (family 'edge_removal')")
 
     def rows(self, model, dataset: PairDataset, metric: str | Metric, *,
-             batch_size: int | None = None, memory_budget: int | None = None) -> pa.Table:
+             batch_size: int | None = None, memory_budget: int | None = None,
+             ablation: Ablation | None = None) -> pa.Table:
         """`ROW_SCHEMA` rows, example-major (every edge of example 0, then example 1, ...);
         `batch_size` examples per backward pass, by default as many as `memory_budget` holds
-        (`batch_for_budget`)."""
-        self.check(model, metric)
+        (`batch_for_budget`); `ablation`, the values of an x_c-free intervention (EAP only)."""
+        self.check(model, metric, ablation.intervention.value if ablation else "resample")
         graph = Graph.from_model(model)
         names = [str(e) for e in graph.edges]
         size = batch_size or batch_for_budget(model, dataset.seq_len, memory_budget)
@@ -145,7 +156,7 @@ class Attribution:
         for start in range(0, len(dataset), size):
             batch = dataset.select(slice(start, min(start + size, len(dataset))))
             _, scores = edge_attributions(model, batch, metric, steps=self.steps,
-                                          points=self.points or "left")
+                                          points=self.points or "left", ablation=ablation)
             parts.append(scores.cpu().numpy().reshape(-1))
         n = len(dataset)
         examples = dataset.example_ids.to(torch.int64).numpy().repeat(len(names))
@@ -157,6 +168,12 @@ class Attribution:
             "edge": pa.DictionaryArray.from_arrays(pa.array(edge_index), pa.array(names)),
             "score": pa.array(np.concatenate(parts), pa.float64()),
         })
+
+
+_IG_NEEDS_XC = (
+    "attribution {name}: EAP-IG interpolates the input embedding from x_c's to x_r's, and "
+    "intervention = {intervention!r} has no x_c (the EAP-IG repository refuses it likewise); use "
+    "method 'eap' (the ablation value replaces a_u(x_c)) or intervention = \"resample\"")
 
 
 def importance_sign(metric: str) -> float:
@@ -198,14 +215,18 @@ def _statistic(metric: Metric, steps: int, points: str = "left") -> Statistic:
 
 
 def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: int = 0,
-                      points: str = "left") -> tuple[tuple[Edge, ...], torch.Tensor]:
+                      points: str = "left", ablation: Ablation | None = None,
+                      ) -> tuple[tuple[Edge, ...], torch.Tensor]:
     """(the graph's edges, [batch, edge] float64 scores): EAP when `steps` is 0, else EAP-IG
     with m = `steps` points.
 
     EAP-IG runs x_r's tokens with the token embedding e(α) = e(x_c) + α (e(x_r) - e(x_c)) and
     averages each receiver channel's input gradient over the α of `points` (`ig_alphas`):
     `"left"`, α = k/m for k = 0..m-1, as the EAP-IG repository computes it (x_c's embedding is a
-    point, x_r's is not); `"right"`, α = k/m for k = 1..m. `points` is unused by EAP."""
+    point, x_r's is not); `"right"`, α = k/m for k = 1..m. `points` is unused by EAP.
+
+    With `ablation` (EAP only), each sender's counterfactual output a_u(x_c) is its ablation
+    value: x_c is not read."""
     metric = get_metric(metric)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise PathPatchError(f"steps = {steps!r}: give 0 (EAP) or a number of IG points >= 1")
@@ -217,12 +238,19 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     if arch.heads_normed:
         raise PathPatchError("attribution adds head outputs linearly; this model normalizes each "
                              "layer's heads' sum (Gemma-2): use exact edge removals")
+    if ablation is not None and steps:
+        raise PathPatchError(_IG_NEEDS_XC.format(name=f"eap-ig-{steps}",
+                                                 intervention=ablation.intervention.value))
     metric.check_dataset(batch)
     device = next(model.parameters()).device
     xr, xc = batch.reference.to(device), batch.counterfactual.to(device)
     clean_cache: dict[str, torch.Tensor] | None = None
     with torch.no_grad():
-        if steps == 0:  # EAP's one gradient pass runs at x_r: it is the clean run as well
+        if steps == 0 and ablation is not None:  # every node's output is its ablation value
+            with model.hooks(fwd_hooks=ablation.to(device).hooks()):
+                cf_logits, cf_cache = arch.run(xr)
+            embeds, clean, clean_cache = None, None, {}
+        elif steps == 0:  # EAP's one gradient pass runs at x_r: it is the clean run as well
             cf_logits, cf_cache = arch.run(xc)
             embeds, clean, clean_cache = None, None, {}
         else:

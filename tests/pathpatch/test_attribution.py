@@ -6,6 +6,7 @@ import torch
 
 from pathpatch.data.pairs import PairDataset
 from pathpatch.discovery.attribution import Attribution, edge_attributions
+from pathpatch.engine.ablation import ablation_values
 from pathpatch.engine.group_evaluation import evaluate_logits
 from pathpatch.engine.metrics import get_metric, loss_value
 from pathpatch.engine.positions import PositionContext
@@ -186,14 +187,17 @@ def test_a_model_with_a_known_circuit_ranks_its_edges_first(steps):
     assert set(top) == set(known)
 
 
-def _reference_eap_ig(model, batch, steps):
+def _reference_eap_ig(model, batch, steps, ablated=None):
     """EAP-IG as the EAP-IG repository computes it, written here with plain autograd on the
     model's own hooks: run x_r's tokens with the token embedding e(x_c) + α (e(x_r) - e(x_c))
     for α = k / steps, k = 0..steps-1; take the logit difference's gradient with respect to
     every receiver channel's input (heads' split q/k/v inputs, the MLP's input, the final
     residual stream); average over the points and take the product with each sender's
     (corrupted - clean) output, summed over positions and d_model. Returns {edge name: [batch]}
-    (the repository then sums over examples and divides by their count; its sign differs)."""
+    (the repository then sums over examples and divides by their count; its sign differs).
+
+    `ablated`: {sender: its ablation value [pos or 1, d_model]} for the repository's EAP
+    (`steps` = 0) under zero or mean ablation: the gradient at x_r, times ablated - clean."""
     cfg = model.cfg
     _, rc = model.run_with_cache(batch.reference)
     _, cc = model.run_with_cache(batch.counterfactual)
@@ -221,14 +225,15 @@ def _reference_eap_ig(model, batch, steps):
             kept[hook.name] = x
             return x
 
-        for k in range(steps):
-            point = (e_c + (k / steps) * (e_r - e_c)).detach().requires_grad_()
+        for k in range(max(steps, 1)):
+            alpha = k / steps if steps else 1.0  # EAP: the one point x_r
+            point = (e_c + alpha * (e_r - e_c)).detach().requires_grad_()
             logits = model.run_with_hooks(
                 batch.reference, fwd_hooks=[("hook_embed", lambda x, hook, p=point: p)]
                 + [(name, keep) for name in receivers])
             _m(model, logits, batch).sum().backward()
             for name in receivers:
-                total[name] = total[name] + kept[name].grad / steps
+                total[name] = total[name] + kept[name].grad / max(steps, 1)
     finally:
         model.set_use_split_qkv_input(False)
         model.set_use_hook_mlp_in(False)
@@ -238,7 +243,8 @@ def _reference_eap_ig(model, batch, steps):
                         for layer in range(cfg.n_layers) for kind in ("a", "m")
                         for h in (range(cfg.n_heads) if kind == "a" else [None])]
     for sender in senders:
-        diff = output(cc, sender) - output(rc, sender)
+        changed = output(cc, sender) if ablated is None else ablated[sender]
+        diff = changed - output(rc, sender)
         src_layer = -1 if sender == "in" else int(sender[1:].split(".")[0])
         for layer in range(cfg.n_layers):
             for h in range(cfg.n_heads):
@@ -285,3 +291,54 @@ def test_the_right_points_reproduce_the_scores_before_points_were_named():
     assert float((right4 - left4).abs().max()) > 1e-4
     named = Attribution("eap-ig", 4, points="right")
     assert (named.name, Attribution("eap-ig", 4).name) == ("eap-ig-4-right", "eap-ig-4")
+
+
+@pytest.mark.parametrize("kind", ["zero", "mean", "mean_positional"])
+def test_eap_under_ablation_is_the_reference_s_formula(kind):
+    """Under zero, mean or position-wise mean ablation EAP is the EAP-IG repository's
+    `get_scores_eap` with that intervention: the gradient at x_r times (the sender's ablation
+    value - its clean output); the values written here from the clean cache (means over
+    examples and positions, or over examples per position), float64, every edge; x_c unread.
+    (The ablation values' hooks are the engine's, exact on every family: test_ablation.py.)"""
+    model = tiny_model("mlp", n_layers=2)
+    batch = _batch(model, 4)
+    _, cache = model.run_with_cache(batch.reference)
+    cfg = model.cfg
+
+    def value(t):  # [batch, pos, d_model] -> the ablation value, broadcast over the batch
+        if kind == "zero":
+            return torch.zeros_like(t[0])
+        return t.mean(0) if kind == "mean_positional" else t.mean((0, 1)).expand_as(t[0])
+
+    ablated = {"in": value(cache["hook_embed"])}
+    for layer in range(cfg.n_layers):
+        z = cache[f"blocks.{layer}.attn.hook_z"]
+        for h in range(cfg.n_heads):
+            ablated[f"a{layer}.{h}"] = value(z[:, :, h]) @ model.blocks[layer].attn.W_O[h]
+        ablated[f"m{layer}"] = value(cache[f"blocks.{layer}.hook_mlp_out"])
+    ablation = ablation_values(model, batch.reference, kind)
+    edges, scores = edge_attributions(model, batch, ablation=ablation)
+    want = _reference_eap_ig(model, batch, 0, ablated=ablated)
+    assert sorted(want) == sorted(str(e) for e in edges)
+    for i, edge in enumerate(edges):
+        torch.testing.assert_close(scores[:, i], want[str(edge)], rtol=1e-9, atol=1e-11,
+                                   msg=lambda m, edge=edge: f"{edge}: {m}")
+    assert float(scores.abs().max()) > 1e-3
+    _, resampled = edge_attributions(model, batch)
+    assert float((scores - resampled).abs().max()) > 1e-3  # the ablation values are read
+    other = PairDataset(batch.reference, batch.reference.flip(0), batch.scored,
+                        answer=batch.answer, wrong_answer=batch.wrong_answer)
+    assert torch.equal(edge_attributions(model, other, ablation=ablation)[1], scores)
+
+
+def test_eap_ig_under_ablation_is_refused_by_name():
+    """EAP-IG interpolates towards x_c's embedding: without x_c it is refused, as the EAP-IG
+    repository refuses `EAP-IG-inputs` under any intervention but patching."""
+    model = tiny_model("mlp", n_layers=2)
+    batch = _batch(model)
+    with pytest.raises(PathPatchError, match="EAP-IG interpolates.*'mean'.*method 'eap'"):
+        edge_attributions(model, batch, steps=3, ablation=ablation_values(model, batch.reference,
+                                                                          "mean"))
+    with pytest.raises(PathPatchError, match="eap-ig-3.*'zero'"):
+        Attribution("eap-ig", 3).check(model, "logit_diff", "zero")
+    Attribution("eap").check(model, "logit_diff", "zero")  # EAP is defined there

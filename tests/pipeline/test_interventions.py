@@ -69,18 +69,114 @@ def test_the_default_intervention_keeps_item_identities():
             != item_identity(**base, intervention="mean", ablation="d2"))
 
 
-def test_bad_interventions_and_ablated_attributions_are_refused_by_name(tmp_path):
+def test_bad_interventions_and_ablated_eap_ig_are_refused_by_name(tmp_path):
     base = _spec(tmp_path, "").read_text()
     with pytest.raises(PathPatchError, match="unknown intervention 'median'"):
         parse_spec(base.replace("seed = 5\n", 'seed = 5\nintervention = "median"\n')
                    + HYPOTHESES)
     spec = parse_spec(base.replace("seed = 5\n", 'seed = 5\nintervention = "zero"\n')
                       + '[[attributions]]\nmethod = "eap-ig"\nsteps = 2\n')
-    with pytest.raises(PathPatchError, match="intervention = 'zero' is not implemented for "
-                                             "attribution"):
+    with pytest.raises(PathPatchError, match=r"attributions\[0\] \(eap-ig-2\): .*EAP-IG "
+                                             "interpolates.*'zero' has no x_c.*method 'eap'"):
         run_sweep(spec, tmp_path / "o", backend="inprocess", progress=False)
+    assert not (tmp_path / "o").exists()  # refused before a folder is written
 
 
+def test_eap_under_mean_ablation_is_the_method_s_rows_with_the_sweep_s_means(tmp_path):
+    """A sweep's EAP under mean ablation: per (example, edge) exactly `edge_attributions` with
+    the whole dataset's means (not the shard's), and other scores than under resample."""
+    from pathpatch.data.tasks import make_dataset
+    from pathpatch.discovery.attribution import edge_attributions
+    from pathpatch.engine.ablation import ablation_values
+    from pathpatch.model.loading import load_model
+
+    path = _spec(tmp_path, '[[attributions]]\nmethod = "eap"\n', n=16, shard_size=8,
+                 metric="logit_diff")
+    path.write_text(path.read_text().replace("seed = 5\n", 'seed = 5\nintervention = "mean"\n'))
+    run_sweep(load_spec(path), tmp_path / "out", backend="inprocess", progress=False)
+    got = open_sweeps(tmp_path / "out").sql(
+        "SELECT example, edge, score FROM attributions ORDER BY example, edge").fetchall()
+    model = load_model("attn-only-2l")
+    data = make_dataset("induction", n=16, seed=5)
+    edges, want = edge_attributions(model, data, "logit_diff",
+                                    ablation=ablation_values(model, data.reference, "mean"))
+    by_edge = {str(e): i for i, e in enumerate(edges)}
+    assert len(got) == 16 * len(edges)
+    for example, edge, score in got:
+        assert score == pytest.approx(float(want[example, by_edge[edge]]), rel=1e-5, abs=1e-6)
+    assert max(abs(s) for *_, s in got) > 1e-3
+    _, resampled = edge_attributions(model, data, "logit_diff")
+    assert float((resampled - want).abs().max()) > 1e-3
+
+
+MEANS_OVER = """
+[intervention_dataset]
+kind = "induction"
+n = 24
+seed = 11
+"""
+
+
+def test_means_over_a_named_dataset_are_that_dataset_s_and_recorded(tmp_path):
+    """[intervention_dataset]: the means are taken over its reference prompts (rows equal to
+    the engine's with those values), the items differ from the means over the sweep's own
+    prompts, and provenance names the dataset and the values' digest."""
+    from pathpatch.data.tasks import make_dataset
+    from pathpatch.engine.ablation import ablation_values
+    from pathpatch.engine.evaluation import evaluate
+    from pathpatch.language.hypothesis_families import load_hypotheses
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import load_model
+
+    own = _spec(tmp_path, HYPOTHESES, name="own", n=16)
+    own.write_text(own.read_text().replace("seed = 5\n", 'seed = 5\nintervention = "mean"\n'))
+    named = tmp_path / "named.toml"
+    named.write_text(own.read_text().replace('name = "own"', 'name = "named"') + MEANS_OVER)
+    spec = load_spec(named)
+    assert spec.intervention_dataset is not None and spec.digest() != load_spec(own).digest()
+    run_sweep(spec, tmp_path / "named", backend="inprocess", progress=False)
+    run_sweep(load_spec(own), tmp_path / "own", backend="inprocess", progress=False)
+    model = load_model("attn-only-2l")
+    data = make_dataset("induction", n=16, seed=5)
+    means = ablation_values(model, make_dataset("induction", n=24, seed=11).reference, "mean")
+    hyps = load_hypotheses(spec.hypothesis_entries(), Graph.from_model(model))
+    want = evaluate(model, data, hyps, "kl", intervention=means).to_pydict()
+    want = sorted(zip(want["hypothesis"], want["example"], want["ue"], want["te"], strict=True))
+    got = _rows(tmp_path / "named")
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert g[2:] == pytest.approx(w[2:], rel=1e-5, abs=1e-7)
+    assert [r[3] for r in got] != [r[3] for r in _rows(tmp_path / "own")]  # other means, other TE
+    items = {f: {i for (i,) in open_sweeps(tmp_path / f).sql("SELECT item FROM items").fetchall()}
+             for f in ("named", "own")}
+    assert items["named"] and not items["named"] & items["own"]
+    meta = next(json.loads(m[META_KEY]) for f in (tmp_path / "named").rglob("*.parquet")
+                if META_KEY in (m := pq.read_schema(f).metadata or {}))
+    assert meta["intervention_dataset"] == {"kind": "induction", "n": 24, "seed": 11}
+    assert meta["ablation_digest"] == means.digest
+
+
+def test_a_named_means_dataset_is_checked_before_work(tmp_path):
+    base = _spec(tmp_path, HYPOTHESES, n=16).read_text()
+
+    def spec(intervention, extra):
+        return parse_spec(base.replace("seed = 5\n", f'seed = 5\nintervention = "{intervention}"\n')
+                          + extra, base_dir=tmp_path)
+
+    with pytest.raises(PathPatchError, match="intervention = 'zero' takes no mean"):
+        spec("zero", MEANS_OVER)
+    with pytest.raises(PathPatchError, match="intervention_dataset.path = 'none.jsonl': no such"):
+        spec("mean", '[intervention_dataset]\npath = "none.jsonl"\n')
+    with pytest.raises(PathPatchError, match="unknown key.*intervention_dataset.colour"):
+        spec("mean", '[intervention_dataset]\npath = "."\ncolour = "red"\n')
+    longer = spec("mean_positional", MEANS_OVER + "seq_len = 12\n")
+    with pytest.raises(PathPatchError, match="intervention_dataset has 12 positions and the "
+                                             "dataset .*position-wise mean needs one length"):
+        run_sweep(longer, tmp_path / "o", backend="inprocess", progress=False)
+    bad = spec("mean", MEANS_OVER.replace("kind = \"induction\"", "kind = \"nope\""))
+    with pytest.raises(PathPatchError, match="intervention_dataset \\(the prompts the means"):
+        run_sweep(bad, tmp_path / "o", backend="inprocess", progress=False)
+    assert not (tmp_path / "o").exists()
 def test_a_default_spec_hashes_as_before(tmp_path):
     text = _spec(tmp_path, HYPOTHESES).read_text()
     spec = parse_spec(text)
