@@ -97,6 +97,12 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     vocab = int(model.cfg.d_vocab)
     step("dataset")
     dataset = load_spec_dataset(spec, vocab, n_ctx=int(model.cfg.n_ctx))
+    if metric.name == "loss" and spec.dataset.path and is_text_dataset(spec.dataset.path):
+        raise PathPatchError(
+            "metric = 'loss': it scores the prompt's next token, but a text dataset scores each "
+            "prompt's last token, whose next token is the answer, not part of the prompt (and "
+            "padding after shorter prompts); use metric 'logit_diff' (answer against wrong "
+            "answer) or 'kl'")
     if metric.check is not None:
         try:
             metric.check(dataset)

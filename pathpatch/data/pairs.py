@@ -169,6 +169,15 @@ class PairDataset:
             name: {k: pick(v) for k, v in value.items()} if name == "masks" else pick(value)
             for name, value in self._fields().items()})
 
+    def without_counterfactual(self, why: str) -> PairDataset:
+        """This dataset as a metric sees it where x_c is not part of the method (an x_c-free
+        intervention): its `counterfactual` raises `PathPatchError` with `why` on any use, so a
+        user metric that reads it fails by name instead of mixing in prompts the run ignored."""
+        fields = self._fields()
+        fields["counterfactual"] = torch.empty(0, dtype=torch.int64).as_subclass(_Unread)
+        fields["counterfactual"].why = why
+        return PairDataset._from_checked(fields)
+
     def validate(self, vocab_size: int | None = None, where: str = "dataset") -> None:
         """Check that every token fits the model (the structure was checked, once, when the
         dataset was made: it is frozen).
@@ -688,3 +697,20 @@ def _read_scalars(table: pa.Table, name: str, where: str) -> np.ndarray:
             "(drop the column if no row has a value)"
         )
     return column.to_numpy(zero_copy_only=False)
+
+
+class _Unread(torch.Tensor):
+    """A tensor that must not be read: every torch operation on it, attribute reads included,
+    raises its `why` (`PairDataset.without_counterfactual`)."""
+
+    why = "this tensor is not part of the computation"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise PathPatchError(cls._message(args))
+
+    @staticmethod
+    def _message(args) -> str:
+        flat = [x for a in args for x in (a if isinstance(a, (list, tuple)) else [a])]
+        owner = next((a for a in flat if isinstance(a, _Unread)), None)
+        return owner.__dict__.get("why", _Unread.why) if owner is not None else _Unread.why

@@ -243,6 +243,13 @@ def evaluate(
                 runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
             if runs_cache is not None and key:
                 runs_cache[key] = runs
+        if ablation is not None:  # what the metric sees: x_c is not part of this run
+            batch = batch.without_counterfactual(
+                f"metric {metric.name!r} read the batch's counterfactual prompts "
+                f"(batch.counterfactual), but intervention {ablation.intervention.value!r} "
+                "carries ablation values instead of x_c, so they are no part of the run: use a "
+                "metric that reads only the clean prompts, the answers and the logits, or "
+                "intervention = 'resample'")
         positions = PositionContext(
             {k: v.to(device) for k, v in batch.masks.items()}, len(batch), batch.seq_len, device
         )

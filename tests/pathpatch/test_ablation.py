@@ -199,3 +199,29 @@ def test_unknown_interventions_are_refused_by_name():
     with pytest.raises(PathPatchError, match="unknown intervention 'median'.*'mean_positional'"):
         evaluate(model, _dataset(model), [Hypothesis("all", "all")], intervention="median")
     assert Intervention.parse("zero") is Intervention.ZERO
+
+
+def test_a_metric_that_reads_the_counterfactual_prompts_is_refused_under_ablation():
+    """A user metric may read the batch; under an x_c-free intervention x_c is no part of the
+    run, so reading `batch.counterfactual` (any use of it) raises by name, while a metric that
+    reads only the clean side runs, and under resample the same metric reads x_c as before."""
+    from pathpatch.engine.metrics import Metric
+
+    model = tiny_model("mlp")
+    data = _dataset(model)
+    hyps = [Hypothesis("none", "none")]
+
+    def reads_xc(clean, other, batch):
+        return (clean - other).abs().mean((1, 2)) * (batch.counterfactual[:, 0] >= 0)
+
+    def clean_only(clean, other, batch):
+        return (clean - other).abs().mean((1, 2)) * (batch.reference[:, 0] >= 0)
+
+    xc_metric = Metric.from_fn("tests:reads_xc", reads_xc)
+    with pytest.raises(PathPatchError, match="metric 'tests:reads_xc' read the batch's "
+                                             "counterfactual prompts.*intervention 'mean'"):
+        evaluate(model, data, hyps, xc_metric, intervention="mean")
+    rows = evaluate(model, data, hyps, Metric.from_fn("tests:clean", clean_only),
+                    intervention="mean").to_pydict()
+    assert min(rows["te"]) > 0
+    assert min(evaluate(model, data, hyps, xc_metric).to_pydict()["te"]) > 0

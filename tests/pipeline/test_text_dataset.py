@@ -145,3 +145,14 @@ def test_a_parquet_file_that_is_not_parquet_is_named(tmp_path, capsys):
     path = _spec(tmp_path, 'path = "pairs.parquet"')
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "cannot be read as Parquet" in capsys.readouterr().err
+
+
+def test_the_loss_metric_on_a_text_dataset_is_refused_with_the_reason(tmp_path, capsys):
+    """A text dataset scores each prompt's last token, whose next token is the answer (not in
+    the prompt) or padding: `loss` would read those, so it is refused in the user's terms."""
+    path = _spec(tmp_path, 'path = "pairs.jsonl"')
+    path.write_text(path.read_text().replace("logit_diff", "loss"))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "metric = 'loss': it scores the prompt's next token, but a text dataset" in err
+    assert "use metric 'logit_diff'" in err
