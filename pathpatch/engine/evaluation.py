@@ -221,6 +221,7 @@ def evaluate(
              for group in groups]
     n = len(dataset)
     device = next(model.parameters()).device
+    ablation_here = ablation.to(device) if ablation is not None else None  # once, not per batch
     state = state or ModelState(model)
     folded, workspace = state.folded, state.workspace
     ue = torch.zeros(len(hypotheses), n, dtype=torch.float64)
@@ -238,7 +239,7 @@ def evaluate(
             if runs_cache is not None:  # one batch's runs at a time: what the budget accounts
                 runs_cache.clear()  # for; freed first, so the new runs reuse their memory
             if ablation is not None:
-                runs = Runs.ablated(model, batch.reference.to(device), ablation.to(device))
+                runs = Runs.ablated(model, batch.reference.to(device), ablation_here)
             else:
                 runs = Runs(model, batch.reference.to(device), batch.counterfactual.to(device))
             if runs_cache is not None and key:
