@@ -123,7 +123,7 @@ def check(
         _check_restrictions(hypotheses, [h.restrictions for h in hypotheses], dataset)
     out = []
     for h in hypotheses:
-        key = getattr(h, "shared_cost", None)
+        key = h.shared_cost(graph) if hasattr(h, "shared_cost") else None
         if key is None or key not in shared:
             compiled = prepared.compile(graph, h, max_mixed_copies)
             cg = compiled.copy_graph

@@ -218,6 +218,8 @@ def estimate_cost(copy_graph: CopyGraph, unit: UnitCosts) -> float:
         rows, not_clean, not_cf = stages.setdefault((copy.node.layer, kind), (set(), set(), set()))
         for ci in copy.inputs:
             for version in ci.versions:
+                if version in rows:  # a row already counted adds no source either
+                    continue
                 rows.add(version)
                 not_clean.update((s, c) for s, c in enumerate(version) if c != CLEAN)
                 not_cf.update((s, c) for s, c in enumerate(version) if c != CF)

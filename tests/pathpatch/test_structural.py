@@ -62,11 +62,22 @@ def test_direct_and_parsed_members_give_bitwise_the_same_logits():
         assert not torch.equal(a, runs.logits["r"]), h.name  # a real patch
 
 
-def test_validation_shares_the_cost_of_removals_into_one_receiver():
-    model = tiny_model("mlp", n_layers=3)
+@pytest.mark.parametrize("family", ["mlp", "gemma", "olmo", "neox"])
+def test_validation_shares_the_cost_of_removals_into_one_receiver_class(family):
+    """Each member's copies and cost, compiled alone, equal the shared ones: on plain,
+    grouped-query, windowed, heads-normed (Gemma-2) and parallel (NeoX) layers alike."""
+    model = tiny_model(family, n_layers=3)
     graph = Graph.from_model(model)
     members = edge_removal(graph)
     shared = check(model, members, seq_len=5)
     alone = [check(model, [h], seq_len=5)[0] for h in members]
     assert shared == alone
-    assert len({h.shared_cost for h in members}) == sum(len(n.channels) for n in graph.nodes[1:])
+    # one key per receiver channel class (a layer's heads are interchangeable), and per sender
+    # class too where a norm reads the heads' sum
+    classes = {(n.kind, n.layer, c) for n in graph.nodes[1:] for c in n.channels}
+    keys = {h.shared_cost(graph) for h in members}
+    if graph.heads_normed:
+        assert len(classes) < len(keys) < len(members)
+    else:
+        assert len(keys) == len(classes) < len({(n.order, c) for n in graph.nodes[1:]
+                                                for c in n.channels})
