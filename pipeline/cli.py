@@ -116,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     phases = Phases(RESOLVE_PHASES, "preparing", only_on_terminal=True)
     try:
-        resolved = resolve(spec, progress=phases)
+        resolved = resolve(spec, progress=phases, weights=not args.dry_run)
     finally:
         phases.close()
     for warning in resolved.warnings:

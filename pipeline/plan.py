@@ -267,7 +267,8 @@ def describe(plan: Plan, *, max_rows: int = 50) -> str:
         f"plan: {len(plan.items)} work items = {len(plan.groups)} hypothesis groups x "
         f"{len(plan.shards)} shards; {len(plan.hypotheses)} hypotheses on {plan.n_examples} "
         f"examples",
-        f"model digest {plan.model_digest[:12]}, metric {plan.metric}, dtype {plan.dtype}; "
+        (f"model digest {plan.model_digest[:12]}" if plan.model_digest else
+         "weights not read (planned from the architecture)") + f", metric {plan.metric}, dtype {plan.dtype}; "
         f"estimated cost {total:.1f} forward-equivalents per batch over all items",
         "",
         f"{'group':>5}  {'hypothesis':<32} {'mixed copies':>12} {'est. cost':>10}  canonical",

@@ -26,7 +26,7 @@ from pathpatch.engine.metrics import get_metric
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
-from pathpatch.model.loading import load_model, load_tokenizer, model_digest
+from pathpatch.model.loading import load_architecture, load_model, load_tokenizer, model_digest
 from pipeline.plan import HypothesisInfo, Plan, Shard, attribution_info, make_plan, shard_dataset
 from pipeline.spec import DTYPES, SweepSpec
 
@@ -73,10 +73,14 @@ RESOLVE_PHASES = 6
 intervention, plan."""
 
 
-def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> Resolved:
+def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None, *,
+            weights: bool = True) -> Resolved:
     """Load and check everything `spec` names; build the plan.
 
-    `progress(phase)` is called as each of the RESOLVE_PHASES phases starts.
+    `progress(phase)` is called as each of the RESOLVE_PHASES phases starts. Without
+    `weights` (a dry-run) the model is its architecture alone (`load_architecture`: no weights
+    read or allocated, so a model larger than this machine plans), the plan's model digest is
+    "" and an x_c-free intervention's values are not computed (they need the weights).
 
     Raises:
         PathPatchError: naming the spec key and value at fault, with the likely fix.
@@ -88,7 +92,8 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     except PathPatchError as err:
         raise _prefixed("metric", spec.metric, err) from None
     try:
-        model = load_model(spec.model, device="cpu", dtype=TORCH_DTYPES[spec.dtype])
+        model = (load_model(spec.model, device="cpu", dtype=TORCH_DTYPES[spec.dtype]) if weights
+                 else load_architecture(spec.model, dtype=TORCH_DTYPES[spec.dtype]))
     except PathPatchError as err:
         raise _prefixed("model", spec.model, err) from None
     except (OSError, RuntimeError, KeyError) as err:
@@ -143,10 +148,10 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
                        est_cost=float(c.est_cost), facts=h.facts)
         for h, c in zip(hypotheses, costs, strict=True)
     )
-    ablation = _ablation(spec, model, dataset, step)
+    ablation = _ablation(spec, model, dataset, step, weights)
     step("plan work items")
     plan = make_plan(
-        model_digest=model_digest(model),
+        model_digest=model_digest(model) if weights else "",
         shards=shards,
         hypotheses=infos, group_size=spec.group_size, metric=metric.name, dtype=spec.dtype,
         attributions=tuple(
@@ -165,10 +170,11 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
                     attributions=attributions, ablation=ablation)
 
 
-def _ablation(spec: SweepSpec, model, dataset: PairDataset, step: Callable[[str], None]):
+def _ablation(spec: SweepSpec, model, dataset: PairDataset, step: Callable[[str], None],
+              weights: bool = True):
     """An x_c-free intervention's values (None under resample), over the whole dataset's
     reference prompts or `intervention_dataset`'s, on the driver: rows are independent of
-    sharding and batching."""
+    sharding and batching. Without `weights`, everything is checked but nothing computed."""
     if spec.intervention == Intervention.RESAMPLE.value:
         step("intervention: resample (each example's counterfactual prompt)")
         return None
@@ -187,6 +193,10 @@ def _ablation(spec: SweepSpec, model, dataset: PairDataset, step: Callable[[str]
                 f"{dataset.seq_len}: a position-wise mean needs one length; give prompts of "
                 f"{dataset.seq_len} tokens, or intervention = \"mean\"")
     source = "intervention_dataset" if spec.intervention_dataset is not None else "the dataset"
+    if not weights:
+        step(f"{spec.intervention} ablation values over {len(means_over):,} examples of {source}: "
+             "computed when the sweep runs")
+        return None
     step(f"{spec.intervention} ablation values over {len(means_over):,} examples of {source}")
     return ablation_values(model, means_over.reference, spec.intervention)
 

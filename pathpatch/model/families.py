@@ -48,7 +48,30 @@ class Family:
 def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(ModelConfig, state dict) of the HF model saved in directory `path`, its weights in
     `dtype`. Refuses an unsupported architecture from config.json alone, before any weights load."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    family, arch = _read_hf_config(path)
+    try:  # only its weights are read, in `dtype` straight from the checkpoint's own
+        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as err:  # weights missing or not matching the config
+        raise PathPatchError(f"{path}: the weights could not be loaded: {err}") from None
+    cfg = ModelConfig.from_dict(arch, dtype=dtype)
+    with torch.no_grad():
+        state_dict = {k: v.detach() for k, v in family.weights(hf_model, cfg).items()}
+    return cfg, state_dict
+
+
+def read_hf_config(path: Path, dtype: torch.dtype) -> ModelConfig:
+    """The ModelConfig of the HF model in directory `path` from its config.json alone (no
+    weights read, none needed: a plan needs the architecture only)."""
+    _, arch = _read_hf_config(path)
+    return ModelConfig.from_dict(arch, dtype=dtype)
+
+
+def _read_hf_config(path: Path) -> tuple[Family, dict[str, Any]]:
+    """(the family, ModelConfig fields) of directory `path`'s config.json; refuses an
+    unsupported architecture by name."""
+    from transformers import AutoConfig
 
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -78,15 +101,7 @@ def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict
     except (OSError, ValueError, KeyError) as err:
         raise PathPatchError(f"{path}: config.json could not be read as a {model_type} config: "
                              f"{err}") from None
-    arch = family.arch(hf_config, str(path))
-    try:  # only its weights are read, in `dtype` straight from the checkpoint's own
-        hf_model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError) as err:  # weights missing or not matching the config
-        raise PathPatchError(f"{path}: the weights could not be loaded: {err}") from None
-    cfg = ModelConfig.from_dict(arch, dtype=dtype)
-    with torch.no_grad():
-        state_dict = {k: v.detach() for k, v in family.weights(hf_model, cfg).items()}
-    return cfg, state_dict
+    return family, family.arch(hf_config, str(path))
 
 
 # --- configs ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from pathpatch.errors import PathPatchError
 from pathpatch.model.config import ModelConfig
-from pathpatch.model.families import read_hf_directory
+from pathpatch.model.families import read_hf_config, read_hf_directory
 from pathpatch.model.transformer import Transformer
 
 CHECKPOINT_FORMAT = "pathpatch-checkpoint/1"
@@ -362,6 +362,11 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
     """A TransformerLens pretrained name: TransformerLens 4's alias table gives its Hugging Face
     repository, whose snapshot loads as a local directory (`families.py`), from the cache when
     the hub is off or unreachable, a fast error when it is in neither."""
+    return load_hf_directory(_pretrained_folder(name, ["*.json", "*.safetensors"]), device, dtype)
+
+
+def _pretrained_folder(name: str, patterns: list[str]) -> Path:
+    """The local snapshot of TransformerLens name `name`'s repository, files `patterns`."""
     from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
 
     official = get_official_model_name(name)
@@ -379,13 +384,13 @@ def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) 
         )
     try:
         with nullcontext() if online else _hub_offline():
-            folder = Path(snapshot_download(official, allow_patterns=["*.json", "*.safetensors"]))
+            folder = Path(snapshot_download(official, allow_patterns=patterns))
     except (OSError, ValueError) as err:  # missing files in a partial cache
         raise PathPatchError(
             f"could not load pretrained model {name!r} ({official}"
             f"{'' if online else ', from the cache only'}): {err}"
         ) from err
-    return load_hf_directory(folder, device, dtype)
+    return folder
 
 
 def get_official_model_name(name: str) -> str:
@@ -438,6 +443,61 @@ def load_model(
         "TransformerLens pretrained name (e.g. gpt2), a Hugging Face model directory, or a "
         "checkpoint file (.safetensors/.pt next to a .json config of the same stem)"
     )
+
+
+def load_architecture(spec: str, *, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model `spec` names (the forms of `load_model`) with its architecture and no weights:
+    parameters on torch's meta device, so that its graph, shapes and costs are known and
+    nothing of the size of its weights is read or allocated. What plans a sweep needs (a
+    dry-run plans Llama-3.1-8B's scan on a machine that cannot hold its weights); whatever runs
+    the model loads it with `load_model`.
+
+    A Hugging Face directory needs only its config.json, a checkpoint only its JSON config.
+    """
+    if spec in BUNDLED_ARCHS:
+        arch: Mapping[str, Any] | ModelConfig = _arch_from_json(bundled_config(spec), spec)
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            arch = read_hf_config(path, dtype)
+        elif path.suffix in _CHECKPOINT_SUFFIXES:
+            json_path = path.with_suffix(".json")
+            if not json_path.is_file():
+                raise PathPatchError(f"checkpoint {path} has no config: expected {json_path} "
+                                     "holding the ModelConfig fields (or a pathpatch checkpoint JSON)")
+            try:
+                arch = _arch_from_json(json.loads(json_path.read_text()), str(json_path))
+            except json.JSONDecodeError as err:
+                raise PathPatchError(f"{json_path} is not valid JSON: {err}") from err
+            model = build_model(arch, device="meta", dtype=dtype, init_weights=False)
+            if path.suffix == ".safetensors" and path.is_file():
+                _check_safetensors_header(path, model)
+            return model
+        elif _is_pretrained_name(spec):
+            arch = read_hf_config(_pretrained_folder(spec, ["*.json"]), dtype)
+        else:
+            return load_model(spec, device="meta", dtype=dtype)  # its error names the forms
+    return build_model(arch, device="meta", dtype=dtype, init_weights=False)
+
+
+def _check_safetensors_header(path: Path, model: Transformer) -> None:
+    """A safetensors file checked by its header alone (no tensor read): whole (the header
+    covers the file: a truncated copy fails), holding every parameter of `model` in its shape.
+    Whether the values are the JSON's (its digest) is known only by reading them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors' own error type: truncated, corrupt, not one
+        raise PathPatchError(f"{path} is not a readable safetensors file ({err}): it may be "
+                             "truncated or corrupt; save the checkpoint again") from None
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    missing = sorted(set(params) - set(shapes))
+    wrong = sorted(n for n in set(params) & set(shapes) if params[n] != shapes[n])
+    if missing or wrong:
+        raise PathPatchError(f"{path} does not fit its JSON config: missing {missing[:5]}, "
+                             f"other shapes {wrong[:5]}; save the checkpoint again")
 
 
 def load_tokenizer(spec: str):

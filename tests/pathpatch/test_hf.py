@@ -304,3 +304,23 @@ def test_weights_are_read_in_the_dtype_asked_for_never_through_a_narrower_one(dt
     if dtype == torch.float64:
         assert not torch.equal(want, q.to(torch.float32).to(torch.float64).reshape(4, 12, 32)
                                .transpose(1, 2))  # the float32 detour would have changed it
+
+
+def test_the_architecture_alone_is_read_from_config_json_without_weights(saved, tmp_path):
+    """`load_architecture`: the same config, graph and parameter shapes as the loaded model,
+    every parameter on the meta device, from a directory holding config.json only."""
+    import shutil
+
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import load_architecture
+
+    family, _, folder = saved
+    alone = tmp_path / "config-only"
+    alone.mkdir()
+    shutil.copy(folder / "config.json", alone / "config.json")
+    arch, model = load_architecture(str(alone)), load_model(str(folder))
+    assert all(p.device.type == "meta" for p in arch.parameters())
+    assert arch.cfg.replace(device="cpu") == model.cfg, family
+    assert {n: p.shape for n, p in arch.named_parameters()} == {
+        n: p.shape for n, p in model.named_parameters()}
+    assert Graph.from_model(arch).edges == Graph.from_model(model).edges

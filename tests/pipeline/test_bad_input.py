@@ -222,7 +222,12 @@ def test_bad_model_files(work, capsys):
     other = build_model(INDUCTION_ARCH)  # same shapes, other weights
     save_checkpoint(other, INDUCTION_ARCH, work / "other.safetensors")
     shutil.copy(work / "good.json", work / "other.json")  # a JSON that belongs to other weights
-    refused(work, ["run", str(write(work, model=str(work / "other.safetensors"))), "--dry-run"],
+    # whether the values are the JSON's is known only by reading them: a dry-run plans from the
+    # architecture and says so, the run itself refuses before anything is written
+    spec = str(write(work, model=str(work / "other.safetensors")))
+    assert main(["run", spec, "--dry-run"]) == 0
+    assert "weights not read (planned from the architecture)" in capsys.readouterr().out
+    refused(work, ["run", spec, "--out", str(work / "out")],
             "do not match the digest in their JSON", capsys=capsys)
     # a TransformerLens 3 checkpoint JSON naming a feature pathpatch does not compute
     shutil.copy(work / "good.safetensors", work / "sinks.safetensors")
