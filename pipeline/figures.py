@@ -253,8 +253,9 @@ def curve_axes(ax, points: list[dict], areas: list[dict], ordering: str | None =
 def _interval(row: dict, name: str) -> str:
     """'0.573 [0.561, 0.585]', or '-' where the value is undefined."""
     value, low, high = row.get(name), row.get(f"{name}_low"), row.get(f"{name}_high")
-    if value is None:
-        return "-"
+    if value is None:  # a metric without its own statistic: the area of proportion explained
+        metric = row.get(f"{name}_metric")
+        return "-" if metric is None else f"{metric:.3f} (of 1 - AUE/ATE)"
     return f"{value:.3f}" + ("" if low is None or high is None else f" [{low:.3f}, {high:.3f}]")
 
 
