@@ -382,8 +382,9 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     ranking = Ranking.load(graph, args.ranking)
     n = math.floor(args.fraction * len(graph.edges))
     kept = prune(graph, ranking.top(n, absolute=args.absolute))
-    write_eap_json(graph, args.out, ranking.scores, kept, d_model=model.cfg.d_model)
-    print(f"{args.out}: {len(kept):,} edges in the circuit ({n:,} ranked by "
+    out = Path(args.out).resolve()
+    write_eap_json(graph, out, ranking.scores, kept, d_model=model.cfg.d_model)
+    print(f"wrote {out}: {len(kept):,} edges in the circuit ({n:,} ranked by "
           f"{'absolute' if args.absolute else 'signed'} score, then pruned), "
           f"{len(graph.edges):,} scored")
     return 0
