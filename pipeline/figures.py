@@ -370,7 +370,7 @@ def report_figure(scores, title: str = "", per_example: dict[str, list[float]] |
         text_width = 0.075 * max(len(line) for line in lines) + 0.4
         circuit_width = 6.5 if has_curve and circuit is not None and circuit[0] else 0.0
         sections.append(("headline", text_width + circuit_width,
-                         max(4.5 if circuit_width else 0.0, 0.17 * len(lines) + 0.6)))
+                         max(4.5 if circuit_width else 0.0, 0.16 * len(lines) + 0.3)))
     if listed_n:
         label = max(len(f"{r['hypothesis']} (n={r.get('n', '?')})") for r in
                     least_explained(listed))
