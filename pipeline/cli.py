@@ -54,14 +54,40 @@ def _finish(outcome, folder: Path, quiet: bool) -> int:
                   f"{folder} \"SELECT * FROM edge_scores\"")
         if not evaluated:
             return _failed_items(outcome, folder)
+        curves = _print_curve_scores(con, folder)
+        others = ("" if not curves else " WHERE hypothesis NOT IN (SELECT hypothesis FROM "
+                  "hypotheses WHERE family = 'circuit_curve')")
+        if curves and not con.sql("SELECT count(*) FROM scores" + others).fetchall()[0][0]:
+            return _failed_items(outcome, folder)  # a curve sweep: its headline is above
         print(query_text(con, "SELECT hypothesis, n, proportion_explained, pe_low, pe_high, "
                               "aue, ate" + (", partial" if outcome.failed else "") +
-                              " FROM scores ORDER BY proportion_explained DESC NULLS LAST, "
-                              "hypothesis LIMIT 30"))
+                              " FROM scores" + others + " ORDER BY proportion_explained DESC "
+                              "NULLS LAST, hypothesis LIMIT 30"))
         print(SCORES_LEGEND.format(metric=outcome.metric or "delta"))
         print(f"more: pathpatch sql {folder} \"SELECT * FROM scores\"; per-example rows in "
               "the view results; a report: pathpatch report " + str(folder))
     return _failed_items(outcome, folder)
+
+
+def _print_curve_scores(con, folder: Path) -> bool:
+    """A curve sweep's headline: CPR and CMD per ranking with their 95% intervals and the
+    rankings' agreement (as the report shows them); False where the sweep has no curve."""
+    areas = con.sql("SELECT * FROM curve_scores ORDER BY ranking").to_arrow_table().to_pylist()
+    if not areas:
+        return False
+    from pipeline.figures import curve_text  # matplotlib: only for a curve sweep
+
+    agreement = [dict(zip(("method_a", "method_b", "n_edges", "spearman", "spearman_abs"), r,
+                          strict=True))
+                 for r in con.sql("SELECT method_a, method_b, n_edges, spearman, spearman_abs "
+                                  "FROM ranking_agreement ORDER BY ALL").fetchall()]
+    (n,), = con.sql("SELECT max(n) FROM faithfulness").fetchall()
+    print("\n".join(curve_text(areas, agreement)))
+    print(f"CPR: area under the faithfulness f(C) of the circuits kept by signed score; CMD: "
+          f"area of |1 - f| by |score| (MIB's; intervals: paired bootstrap over the {n} pairs). "
+          f"Each point: pathpatch sql {folder} \"SELECT * FROM faithfulness\"; curves, "
+          f"circuit and agreement drawn: pathpatch report {folder}")
+    return True
 
 
 def _failed_items(outcome, folder: Path) -> int:
@@ -356,8 +382,9 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     ranking = Ranking.load(graph, args.ranking)
     n = math.floor(args.fraction * len(graph.edges))
     kept = prune(graph, ranking.top(n, absolute=args.absolute))
-    write_eap_json(graph, args.out, ranking.scores, kept, d_model=model.cfg.d_model)
-    print(f"{args.out}: {len(kept):,} edges in the circuit ({n:,} ranked by "
+    out = Path(args.out).resolve()
+    write_eap_json(graph, out, ranking.scores, kept, d_model=model.cfg.d_model)
+    print(f"wrote {out}: {len(kept):,} edges in the circuit ({n:,} ranked by "
           f"{'absolute' if args.absolute else 'signed'} score, then pruned), "
           f"{len(graph.edges):,} scored")
     return 0

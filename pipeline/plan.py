@@ -260,6 +260,10 @@ def make_plan(*, model_digest: str, shards: tuple[Shard, ...],
                 intervention=intervention, ablation=ablation)
 
 
+NAME_WIDTH = 60
+"""Widest hypothesis name `describe` prints whole; a longer one is cut with "..."."""
+
+
 def describe(plan: Plan, *, max_rows: int = 50) -> str:
     """The plan as text for `run --dry-run`: totals, then one line per hypothesis."""
     total = sum(item.est_cost for item in plan.items)
@@ -271,12 +275,16 @@ def describe(plan: Plan, *, max_rows: int = 50) -> str:
          "weights not read (planned from the architecture)") + f", metric {plan.metric}, dtype {plan.dtype}; "
         f"estimated cost {total:.1f} forward-equivalents per batch over all items",
         "",
-        f"{'group':>5}  {'hypothesis':<32} {'mixed copies':>12} {'est. cost':>10}  canonical",
     ]
     rows = [(g, h) for g, group in enumerate(plan.groups) for h in group]
+    # the name column as wide as the longest name shown (up to NAME_WIDTH; longer ones cut)
+    width = max([len("hypothesis")] + [min(len(h.name), NAME_WIDTH) for _, h in rows[:max_rows]])
+    lines.append(f"{'group':>5}  {'hypothesis':<{width}} {'mixed copies':>12} {'est. cost':>10}"
+                 "  canonical")
     for g, h in rows[:max_rows]:
+        name = h.name if len(h.name) <= NAME_WIDTH else h.name[:NAME_WIDTH - 3] + "..."
         canonical = h.canonical if len(h.canonical) <= 60 else h.canonical[:57] + "..."
-        lines.append(f"{g:>5}  {h.name:<32} {h.mixed_copies:>12} {h.est_cost:>10.2f}  "
+        lines.append(f"{g:>5}  {name:<{width}} {h.mixed_copies:>12} {h.est_cost:>10.2f}  "
                      f"{canonical}")
     if len(rows) > max_rows:
         lines.append(f"... and {len(rows) - max_rows} more hypotheses")

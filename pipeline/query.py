@@ -38,7 +38,10 @@ Views:
     search_steps  sweep, index, edge, receiver, before, after, removed, evaluated,
              circuit_edges (a [search]'s decisions, in visiting order)
     ranking_agreement  sweep, method_a, method_b, n_edges, spearman (rank correlation of the
-             two methods' importances, ties at their mean rank), spearman_abs (of |importance|)
+             two methods' importances, ties at their mean rank), spearman_abs (of |importance|),
+             between every two rankings of a sweep: the methods of `edge_scores` and, in a
+             curve sweep, the ranking tables its circuit_curve families name (`curve_rankings`;
+             method = the ranking's name, as in `faithfulness`)
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ import pyarrow.dataset as pads
 from pathpatch.discovery.attribution import importance_sign
 from pathpatch.engine.metrics import MIN_ATE
 from pathpatch.errors import PathPatchError
+from pathpatch.model.names import pathpatch_name
+from pipeline.spec import parse_spec
 from pipeline.store import HYPOTHESES_SCHEMA, STEP_SCHEMA, SweepFolder, item_status
 
 Z95 = 1.959963984540054
@@ -233,16 +238,55 @@ FROM ranked GROUP BY sweep, method_a, method_b
 def rank_agreement(rankings: dict[str, dict[str, float]]) -> list[dict]:
     """`ranking_agreement`'s rows (method_a, method_b, n_edges, spearman, spearman_abs) for
     rankings given as {name: {edge: importance}} (a curve's ranking files)."""
-    table = pa.Table.from_pylist(
-        [{"sweep": "", "method": name, "edge": edge, "importance": float(value)}
-         for name, scores in rankings.items() for edge, value in scores.items()],
-        schema=pa.schema([("sweep", pa.string()), ("method", pa.string()),
-                          ("edge", pa.string()), ("importance", pa.float64())]))
+    table = _rankings_table("", rankings)
     con = duckdb.connect(":memory:")
     con.register("_rankings", table)
     rows = con.sql(_AGREEMENT_SQL.format(source="_rankings") + " ORDER BY ALL").fetchall()
     return [dict(zip(("method_a", "method_b", "n_edges", "spearman", "spearman_abs"), r[1:],
                      strict=True)) for r in rows]
+
+
+def curve_rankings(folder: str | Path) -> dict[str, dict[str, float]]:
+    """{ranking name: {edge (pathpatch's name): score}} of each circuit_curve family the sweep
+    folder's spec names, read from its (edge, score) CSV or Parquet table where that still
+    exists (a relative path from the spec's folder); an EAP-IG graph file, or a table gone
+    since, gives no entry. The name is the file's stem, as the `hypotheses` view's `ranking`."""
+    import pyarrow.parquet as pq
+
+    sweep = SweepFolder(folder)
+    try:
+        manifest = sweep.read_manifest()
+        spec = parse_spec(sweep.spec_path.read_text(), base_dir=manifest["base_dir"],
+                          default_name=manifest["name"], where=str(sweep.spec_path))
+    except (PathPatchError, OSError, KeyError):
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for entry in spec.hypothesis_entries():
+        if entry.get("family") != "circuit_curve" or "ranking" not in entry:
+            continue
+        path = Path(str(entry["ranking"]))
+        if not path.is_absolute() and spec.base_dir:
+            path = Path(spec.base_dir) / path
+        if path.suffix.lower() not in (".csv", ".parquet") or not path.is_file():
+            continue
+        try:
+            table = pq.read_table(path) if path.suffix.lower() == ".parquet" else pacsv.read_csv(path)
+            out[path.stem] = {pathpatch_name(str(e)): float(v) for e, v in zip(
+                table.column("edge").to_pylist(), table.column("score").to_pylist(), strict=True)}
+        except (OSError, KeyError, ValueError, PathPatchError, pa.ArrowException):
+            continue  # not a readable ranking table: the curve's own run says why
+    return out
+
+
+_RANKINGS_SCHEMA = pa.schema([("sweep", pa.string()), ("method", pa.string()),
+                              ("edge", pa.string()), ("importance", pa.float64())])
+
+
+def _rankings_table(label: str, rankings: dict[str, dict[str, float]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{"sweep": label, "method": name, "edge": edge, "importance": float(value)}
+         for name, scores in rankings.items() for edge, value in scores.items()],
+        schema=_RANKINGS_SCHEMA)
 
 
 def _sweep_label(folder: Path, taken: set[str]) -> str:
@@ -281,7 +325,7 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
     con = _read_only_connection()
     con.execute(f"SET threads = {threads}")
     parts: dict[str, list[str]] = {"results": [], "attributions": []}
-    item_tables, orientation = [], []
+    item_tables, orientation, ranking_tables = [], [], []
     for i, (label, sweep, manifest) in enumerate(sweeps):
         records = item_status(sweep, manifest)
         for view, empty in (("results", _EMPTY_RESULTS), ("attributions", _EMPTY_ATTRIBUTIONS)):
@@ -301,6 +345,7 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
         ], schema=_ITEMS_SCHEMA))
         parts.setdefault("hypotheses", []).append(_hypotheses_part(con, i, label, sweep, manifest))
         orientation.append({"sweep": label, "sign": importance_sign(manifest["metric"])})
+        ranking_tables.append(_rankings_table(label, curve_rankings(sweep.root)))
         steps = sorted(sweep.steps_dir.glob("*.parquet")) if sweep.steps_dir.is_dir() else []
         con.register(f"_steps_{i}", pads.dataset([str(f) for f in steps], format="parquet")
                      if steps else STEP_SCHEMA.empty_table())
@@ -324,8 +369,13 @@ def open_sweeps(*folders: str | Path, threads: int = 1) -> duckdb.DuckDBPyConnec
     con.execute(_SCORES_SQL)
     con.execute(_CURVE_SQL)
     con.execute(_EDGE_SCORES_SQL)
+    con.register("_curve_rankings", pa.concat_tables(ranking_tables))
+    con.execute("CREATE TEMP VIEW curve_rankings AS SELECT * FROM _curve_rankings")
+    con.execute("CREATE TEMP VIEW _rankings AS SELECT sweep, method, edge, importance "
+                "FROM edge_scores UNION ALL SELECT sweep, method, edge, importance "
+                "FROM curve_rankings")
     con.execute("CREATE TEMP VIEW ranking_agreement AS "
-                + _AGREEMENT_SQL.format(source="edge_scores"))
+                + _AGREEMENT_SQL.format(source="_rankings"))
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

@@ -16,13 +16,11 @@ from pathlib import Path
 from pathpatch.data.atomic import atomic_write_bytes
 from pathpatch.engine.metrics import MIN_ATE
 from pathpatch.errors import PathPatchError
-from pathpatch.language.circuits import pathpatch_name
 from pathpatch.model.names import edge_parts
-from pipeline.figures import least_explained, report_figure
+from pipeline.figures import curve_text, least_explained, plt, report_figure
 from pipeline.intervals import summarize
-from pipeline.query import open_sweeps, rank_agreement
+from pipeline.query import curve_rankings, open_sweeps
 from pipeline.store import SweepFolder
-from pipeline.sweep import load_sweep_spec
 
 _COLUMNS = ("hypothesis", "n", "aue", "ate", "proportion_explained", "pe_boot_low", "pe_boot_high")
 
@@ -70,37 +68,16 @@ def _curve(con, folder: Path):
         (names,), = con.sql(
             "SELECT edges FROM hypotheses WHERE family = 'circuit_curve' AND ranking = ? "
             "AND ordering = 'signed' AND k = ?", params=[chosen["ranking"], chosen["k"]]).fetchall()
-        scores = _ranking_scores(folder, chosen["ranking"])
+        scores = curve_rankings(folder).get(chosen["ranking"], {})
         edges = []
         for name in names:
             sender, receiver, channel = edge_parts(name)
             edges.append((scores.get(name, 1.0), sender, receiver,
                           None if channel == "resid" else channel))
         circuit = (edges, f"circuit: {chosen['ranking']}, top k={chosen['k']:g} signed, "
-                          f"{chosen['n_pruned']} edges, f = {chosen['faithfulness']:.3f}")
+                          f"{chosen['n_pruned']} edges after pruning, faithfulness "
+                          f"{chosen['faithfulness']:.3f}")
     return points, areas, circuit
-
-
-def _ranking_scores(folder: Path, ranking: str) -> dict[str, float]:
-    """The scores of a curve's ranking by pathpatch edge name, where the spec names a table of
-    them that still exists; else none (the drawing then weighs every edge alike)."""
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    try:
-        entries = load_sweep_spec(folder).hypothesis_entries()
-    except PathPatchError:
-        return {}
-    for entry in entries:
-        path = Path(str(entry.get("ranking", "")))
-        if entry.get("family") == "circuit_curve" and path.stem == ranking and path.is_file():
-            if path.suffix.lower() not in (".csv", ".parquet"):
-                return {}
-            table = pq.read_table(path) if path.suffix.lower() == ".parquet" else pacsv.read_csv(path)
-            return {pathpatch_name(str(e)): float(v) for e, v in
-                    zip(table.column("edge").to_pylist(), table.column("score").to_pylist(),
-                        strict=True)}
-    return {}
 
 
 def _pe_key(row: dict) -> float:
@@ -122,7 +99,8 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     if missing is not None:
         raise PathPatchError(missing)
     ranked = sorted(con.sql(
-        "SELECT hypothesis, n, aue, ate, proportion_explained, kind, target, sender, receiver, "
+        "SELECT hypothesis, n, aue, ate, proportion_explained, family, kind, target, sender, "
+        "receiver, "
         "channel, layer, head FROM scores LEFT JOIN hypotheses USING (sweep, hypothesis)"
     ).arrow().read_all().to_pylist(), key=_pe_key, reverse=True)
     if not ranked:
@@ -133,7 +111,9 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
                 f"them into faithfulness curves with `pathpatch curve {folder}`")
         raise PathPatchError(f"{folder} has no finished results yet: run or resume the sweep first")
     table = ranked if len(ranked) <= 2 * TABLE_ROWS else ranked[:TABLE_ROWS] + ranked[-TABLE_ROWS:]
-    figure = [r["hypothesis"] for r in least_explained(ranked)]
+    curve = _curve(con, folder)
+    listed = [r for r in ranked if curve is None or r["family"] != "circuit_curve"]
+    figure = [r["hypothesis"] for r in least_explained(listed)]
     shown = sorted(set(figure) | {r["hypothesis"] for r in table})
     rows = con.sql("SELECT hypothesis, example, ue, te FROM results WHERE "
                    "list_contains(?, hypothesis)", params=[shown]).to_arrow_table()
@@ -147,21 +127,20 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
     title = (f"{partial}{manifest.get('name', folder.name)}: {manifest.get('model')} / "
              f"{manifest.get('metric')}")
     per_example = _per_example_ratios(con, figure)
-    curve = _curve(con, folder)
     agreement = [dict(zip(("method_a", "method_b", "n_edges", "spearman", "spearman_abs"), r,
                           strict=True))
                  for r in con.sql("SELECT method_a, method_b, n_edges, spearman, spearman_abs "
                                   "FROM ranking_agreement ORDER BY ALL").fetchall()]
-    if curve is not None:
-        scored = {a["ranking"]: _ranking_scores(folder, a["ranking"]) for a in curve[1]}
-        agreement = rank_agreement({name: s for name, s in scored.items() if s})
+    counts_note = pair_counts_note(listed, per_example)
 
     png = folder / "report.png"
     fig = report_figure(scores, title=title, per_example=per_example,
                         curve=None if curve is None else curve[:2],
-                        circuit=None if curve is None else curve[2])
+                        circuit=None if curve is None else curve[2],
+                        agreement=agreement, note=counts_note)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
     atomic_write_bytes(png, buffer.getvalue())
 
     status = ", ".join(f"{n} {s}" for s, n in sorted(items))
@@ -194,10 +173,10 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}} td:first-child{{
 model digest <code>{digest}</code>.
 Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval over examples
 (seed {seed}); "undefined" where ATE is near zero. The spread panel shows each pair's own
-1 - UE/TE (pairs with TE near zero left out): a mean can hide a split between pairs.</p>
+1 - UE/TE: a mean can hide a split between pairs. {html.escape(counts_note)}</p>
+{_headline_html(curve, agreement)}
 <img src="report.png" alt="scores" style="max-width:100%">
 {_curve_html(curve)}
-{_agreement_html(agreement)}
 {cut}
 <table><tr>{''.join(f'<th>{c}</th>' for c in _COLUMNS)}</tr>
 {''.join(table_rows)}
@@ -206,6 +185,33 @@ Proportion explained = 1 - AUE/ATE with a seeded paired bootstrap 95% interval o
     page_path = folder / "report.html"
     atomic_write_bytes(page_path, page.encode())
     return png, page_path
+
+
+def pair_counts_note(rows: list[dict], per_example: dict[str, list[float]]) -> str:
+    """Why a hypothesis's n (pairs scored) and the spread panel's pair count differ, with the
+    counts of this sweep: pairs whose total effect is about zero have no ratio 1 - UE/TE."""
+    shown = [(r["n"], len(per_example[r["hypothesis"]])) for r in rows
+             if r["hypothesis"] in per_example and r.get("n") is not None]
+    if not shown:
+        return ""
+    left_out = sorted({n - k for n, k in shown})
+    if left_out == [0]:
+        return "n: the pairs scored; the spread panel shows every pair."
+    n = max(n for n, _ in shown)
+    sampled = " and at most 5,000 per hypothesis are drawn" if n > 5000 else ""
+    return (f"n: the pairs scored. The spread panel leaves out pairs whose total effect is "
+            f"about zero (|TE| < {MIN_ATE:g}: no ratio 1 - UE/TE){sampled}, here "
+            f"{left_out[0]:,}" + (f" to {left_out[-1]:,}" if len(left_out) > 1 else "")
+            + f" of {n:,}.")
+
+
+def _headline_html(curve, agreement: list[dict]) -> str:
+    """The result first: a curve sweep's CPR and CMD per ranking and the rank agreement."""
+    if curve is None:
+        return _agreement_html(agreement)
+    lines = curve_text(curve[1])
+    return (f"<h2>Result: CPR and CMD per ranking</h2>\n<pre>{html.escape(chr(10).join(lines))}"
+            f"</pre>\n{_agreement_html(agreement)}")
 
 
 def _agreement_html(agreement: list[dict]) -> str:

@@ -121,9 +121,21 @@ class _Counter:
         return f"in@{i}" + "".join(reversed(steps))
 
 
+def _distinct_samples(counter: _Counter, rng: random.Random, n: int) -> tuple[str, ...]:
+    """`n` different paths drawn uniformly (a path drawn twice is drawn again, a bounded number
+    of times: with few paths in P, fewer may come back)."""
+    found: dict[str, None] = {}
+    for _ in range(20 * n):
+        if len(found) == n:
+            break
+        found[counter.sample(rng)] = None
+    return tuple(found)
+
+
 def explain(model_or_graph, hypothesis, *, seq_len: int = 8, dataset=None, example: int = 0,
             n_samples: int = 3, seed: int = 0) -> Explanation:
-    """|P| (exact, by dynamic programming), sample paths, mixed copies and estimated cost.
+    """|P| (exact, by dynamic programming), `n_samples` different sample paths, mixed copies
+    and estimated cost.
 
     Mask restrictions read example `example` of `dataset` (then its sequence length is used).
     """
@@ -143,7 +155,7 @@ def explain(model_or_graph, hypothesis, *, seq_len: int = 8, dataset=None, examp
     everything = CompiledPattern(ConstantLanguage(True), (), graph)
     n_all = int(_Counter(everything, positions).count(graph.output, ()).sum())
     rng = random.Random(seed)
-    samples = tuple(counter.sample(rng) for _ in range(n_samples)) if n_paths else ()
+    samples = _distinct_samples(counter, rng, min(n_samples, n_paths))
     copy_graph = hypothesis.compile(graph)
     cost = (float("nan") if isinstance(model_or_graph, Graph)
             else estimate_cost(copy_graph, Adapter.of(model_or_graph).unit_costs(seq_len)))

@@ -262,7 +262,7 @@ def test_the_family_reads_its_ranking_file(tmp_path):
     assert [h.name for h in members[2:]] == ["curve scores empty", "curve scores full"]
 
 
-def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys):
+def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys, monkeypatch):
     from pathpatch.model.loading import load_model
     from pipeline.cli import main
 
@@ -277,6 +277,9 @@ def test_the_cli_writes_a_ranking_s_circuit_for_mib(tmp_path, capsys):
     assert in_graph == set(prune(graph, ranking.top(len(graph.edges) // 5, absolute=False)))
     assert scores == pytest.approx(ranking.scores)
     assert "edges in the circuit" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)  # a relative --out: the message names the absolute path written
+    assert main(["circuit", str(tmp_path / "r.csv"), "--model", "mlp-2l", "--out", "c.json"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path.resolve() / 'c.json'}: ")
 
 
 def test_an_edge_list_reads_as_the_parser_reads_it():

@@ -154,6 +154,47 @@ def test_the_report_draws_the_curves_and_a_circuit(curve_sweep, monkeypatch):
     assert all(ch in (None, "q", "k", "v") for *_, ch in edges)
 
 
+def _interval(row: dict, name: str) -> str:
+    return f"{row[name]:.3f} [{row[name + '_low']:.3f}, {row[name + '_high']:.3f}]"
+
+
+def test_a_curve_report_shows_its_headline_first_and_nothing_is_clipped(curve_sweep, monkeypatch):
+    """The page opens with CPR and CMD per ranking (with intervals); the figure carries them as
+    text beside the curves, lists no curve point as a hypothesis, and keeps every text in."""
+    from matplotlib.axes import Axes
+
+    from pipeline import report
+    from tests.pipeline.layout import check_layout
+
+    seen = {}
+    real = report.report_figure
+
+    def spy(scores, **kwargs):
+        seen["fig"] = real(scores, **kwargs)
+        return seen["fig"]
+
+    monkeypatch.setattr(report, "report_figure", spy)
+    _, page = report.write_report(curve_sweep)
+    con = open_sweeps(curve_sweep)
+    (row,) = con.sql("SELECT * FROM curve_scores").to_arrow_table().to_pylist()
+    # its ranking, named by a path relative to the spec, read whole: one ranking, no agreement
+    assert con.sql("SELECT method, count(*) FROM curve_rankings GROUP BY ALL").fetchall() == [
+        ("scores", 81)]
+    assert con.sql("SELECT * FROM ranking_agreement").fetchall() == []
+    text = page.read_text()
+    headline = text.split("<h2>Result: CPR and CMD per ranking</h2>", 1)[1]
+    assert headline.index(_interval(row, "cpr")) < headline.index('<img src="report.png"')
+    assert _interval(row, "cmd") in headline.split("<img", 1)[0]
+    fig = seen["fig"]
+    check_layout(fig)
+    titles = [ax.get_title() for ax in fig.findobj(Axes)]
+    assert not any("explaining least" in t or t == "spread over examples" for t in titles)
+    assert any(t.startswith("kept by signed score: CPR") for t in titles)
+    assert any(t.startswith("kept by |score|: CMD") for t in titles)
+    shown = "\n".join(t.get_text() for ax in fig.findobj(Axes) for t in ax.texts)
+    assert _interval(row, "cpr") in shown and _interval(row, "cmd") in shown
+
+
 def test_one_command_goes_from_a_finished_scan_to_its_curve(tmp_path, capsys):
     spec = tmp_path / "scan.toml"
     spec.write_text('name = "scan"\nmodel = "attn-only-2l"\nmetric = "logit_diff"\ngroup_size = 27\n'
@@ -195,18 +236,32 @@ def test_every_ranking_of_a_scan_and_a_search_s_circuit_become_curves_side_by_si
         assert main(["run", str(tmp_path / f"{name}.toml"), "--out", str(tmp_path / name),
                      "--backend", "inprocess", "--quiet", "--no-progress"]) == 0
     out = tmp_path / "curves"
+    capsys.readouterr()
     assert main(["curve", str(tmp_path / "scan"), "--search", str(tmp_path / "greedy"),
                  "--fractions", "0.1", "0.5", "1", "--out", str(out), "--backend", "inprocess",
-                 "--quiet", "--no-progress"]) == 0
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
     rankings = ["greedy", "scan-eap", "scan-eap-ig-2", "scan-exact"]
     con = open_sweeps(out)
-    rows = con.sql("SELECT ranking, cpr, cmd FROM curve_scores ORDER BY ranking").fetchall()
-    assert [r[0] for r in rows] == rankings and all(r[1] is not None for r in rows)
+    rows = con.sql("SELECT * FROM curve_scores ORDER BY ranking").to_arrow_table().to_pylist()
+    assert [r["ranking"] for r in rows] == rankings and all(r["cpr"] is not None for r in rows)
+    # the command's headline: CPR and CMD per ranking, each with its interval, on its own line
+    for r in rows:
+        line = next(ln for ln in printed.splitlines() if ln.startswith(r["ranking"] + " "))
+        assert _interval(r, "cpr") in line and _interval(r, "cmd") in line
+    assert "proportion_explained" not in printed  # no list of curve points instead
     from pipeline.report import write_report
 
     _, page = write_report(out)
     text = page.read_text()
     assert "Rank agreement" in text
+    # the view answers as the report does: every two of the four rankings, on the same edges
+    view = con.sql("SELECT method_a, method_b, n_edges, spearman, spearman_abs "
+                   "FROM ranking_agreement ORDER BY ALL").fetchall()
+    assert len(view) == 6
+    for a, b, n, rho, rho_abs in view:
+        assert (f"<td>{a}</td><td>{b}</td><td>{n}</td><td>{rho:.4g}</td><td>{rho_abs:.4g}</td>"
+                in text)
+        assert f"{a} ~ {b}" in printed
     for a, b in [("scan-eap", "scan-exact"), ("greedy", "scan-eap-ig-2")]:
         assert f"<td>{a}</td><td>{b}</td>" in text
-    capsys.readouterr()

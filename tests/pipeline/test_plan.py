@@ -86,3 +86,16 @@ def test_eap_ig_s_points_are_part_of_its_identity_and_eap_s_identity_is_unchange
     assert not left[1] & before[1]
     assert ids(name="eap-ig-5", method="eap-ig", steps=5, points="right") == before
     assert ids(name="eap", method="eap", steps=0, points="")[0] == "attribution eap steps=0"
+
+
+def test_the_dry_run_table_keeps_its_columns_under_long_names():
+    long = "refined, V by any route (V* | Q | K), longer still"
+    hyps = (HypothesisInfo(name="short", canonical="a0.1", mixed_copies=5, est_cost=0.5),
+            HypothesisInfo(name=long, canonical="a0.2", mixed_copies=12, est_cost=1.25),
+            HypothesisInfo(name="x" * 90, canonical="a0.3", mixed_copies=1, est_cost=0.25))
+    lines = describe(plan(hypotheses=hyps)).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("group"))
+    table = lines[header:header + 4]
+    end = table[0].index("est. cost") + len("est. cost")  # the numbers end under this column
+    assert all(line[end - 4:end] in ("0.50", "1.25", "0.25") for line in table[1:])
+    assert long in table[2] and "x" * 57 + "..." in table[3]  # a very long name is cut

@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from pipeline.cli import main
+from tests.pipeline.layout import check_layout
 
 SPEC = """
 name = "tiny_scan"
@@ -78,6 +79,10 @@ def test_graph_and_explain_commands(capsys):
     assert "paths in P: 6 of" in out and "mixed copies: 2" in out
     assert main(["explain", "attn-only-2l", "a1.0[x]"]) == 2
     assert "unknown channel 'x'" in capsys.readouterr().err
+    assert main(["explain", "mlp-2l", "in -> m0 -> out"]) == 0  # 8 paths: 3 samples, all different
+    samples = capsys.readouterr().out.split("sample paths:\n", 1)[1].split()
+    paths = [" ".join(samples[i:i + 5]) for i in range(0, len(samples), 5)]
+    assert len(paths) == 3 == len(set(paths)) and all(p.startswith("in@") for p in paths)
 
 
 def test_edges_by_layer_shows_each_layer_pairs_largest_edge_effect():
@@ -106,3 +111,60 @@ def test_edges_by_layer_shows_each_layer_pairs_largest_edge_effect():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "out"]
     assert not edge_layers_axes(plt.subplots()[1], scores[-1:])  # node removals only: no panel
     plt.close("all")
+
+
+def _spy_figure(monkeypatch) -> dict:
+    from pipeline import report
+
+    seen = {}
+    real = report.report_figure
+
+    def spy(scores, **kwargs):
+        seen["fig"] = real(scores, **kwargs)
+        seen.update(kwargs)
+        return seen["fig"]
+
+    monkeypatch.setattr(report, "report_figure", spy)
+    return seen
+
+
+def test_every_hypothesis_is_visible_and_nothing_is_clipped(sweep, monkeypatch):
+    from pipeline.figures import SHOWN, least_explained
+    from pipeline.query import open_sweeps
+    from pipeline.report import write_report
+
+    seen = _spy_figure(monkeypatch)
+    write_report(sweep)
+    fig = seen["fig"]
+    check_layout(fig)
+    listed = least_explained(open_sweeps(sweep).sql("SELECT * FROM scores").to_arrow_table())
+    assert len(listed) == SHOWN
+    intervals, spread = (ax for ax in fig.findobj(lambda a: hasattr(a, "get_yticklabels"))
+                         if ax.get_title().startswith(("the 40", "spread")))
+    names = [t.get_text() for t in intervals.get_yticklabels()]
+    assert names == [f"{r['hypothesis']} (n={r['n']})" for r in listed]
+    # the spread panel: a row per listed hypothesis, on the same y, saying how many pairs it shows
+    counts = [t.get_text() for t in spread.get_yticklabels()]
+    assert len(counts) == len(names) and all(c.endswith(" pairs") for c in counts)
+    assert list(spread.get_yticks()) == list(intervals.get_yticks())
+    assert spread.get_ylim() == intervals.get_ylim()
+
+
+def test_pair_counts_are_explained_where_they_appear():
+    from pipeline.figures import pair_count
+    from pipeline.report import pair_counts_note
+
+    rows = [{"hypothesis": "a", "n": 512}, {"hypothesis": "b", "n": 512}]
+    per_example = {"a": [0.5] * 510, "b": [0.1] * 510}
+    assert pair_count(rows[0], per_example) == "510 of 512 pairs"
+    note = pair_counts_note(rows, per_example)
+    assert "n: the pairs scored" in note and "|TE| < 1e-06" in note and "2 of 512" in note
+    assert pair_count({"hypothesis": "a", "n": 510}, per_example) == "510 pairs"
+    assert "shows every pair" in pair_counts_note([{"hypothesis": "a", "n": 510}], per_example)
+
+
+def test_the_page_explains_the_pair_counts_of_its_sweep(sweep):
+    from pipeline.report import write_report
+
+    text = write_report(sweep)[1].read_text()
+    assert "n: the pairs scored" in text
