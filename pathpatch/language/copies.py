@@ -144,14 +144,14 @@ def single_copy_graph(graph: Graph, *, cut: dict[tuple[int, Channel], frozenset[
         if node.order in forced:
             value[node.order] = forced[node.order]
             continue
-        senders = graph.senders(node)
+        senders, read = graph.senders(node), graph.sender_values[node.order]
         inputs, children = [], set()
         for channel in node.channels:
             removed = cut.get((node.order, channel))
             if removed:
                 version = tuple(CF if s.order in removed else value[s.order] for s in senders)
             else:
-                version = tuple([value[s.order] for s in senders])
+                version = read(value)
             children.update(version)
             inputs.append(ChannelInput(channel, ((),), (version,), (0,)))
         if children == {CLEAN}:

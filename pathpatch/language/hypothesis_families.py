@@ -37,12 +37,9 @@ def through_node(graph: Graph) -> list[Hypothesis]:
 
 def edge_removal(graph: Graph) -> list[Hypothesis]:
     """Each edge removed: P = circuit of every edge but that one."""
-    out = []
-    for e in graph.edges:
-        name = str(e)
-        out.append(StructuralHypothesis(f"remove {name}", f"remove({name})", "remove_edge", name,
-                                        facts=Facts("edge_removal", "remove_edge", name)))
-    return out
+    return [StructuralHypothesis(f"remove {name}", f"remove({name})", "remove_edge", name,
+                                 facts=Facts("edge_removal", "remove_edge", name))
+            for name in graph.edge_names]
 
 
 def _alternatives(globs: Sequence[str], fmt: str) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -165,6 +167,29 @@ class Graph:
     def senders(self, receiver: Node) -> tuple[Node, ...]:
         """Nodes writing to the residual stream before `receiver` reads it, in topological order."""
         return self._senders[receiver.order]
+
+    @cached_property
+    def sender_values(self) -> tuple[Callable[[Sequence], tuple], ...]:
+        """Per receiver order, a function of a per-node sequence (indexed by node order) giving
+        its senders' entries as a tuple, in `senders` order: what building each receiver's
+        input version reads, at C speed (a graph of Llama-3.1-8B's size has 10^6 such reads)."""
+        def getter(orders: tuple[int, ...]) -> Callable[[Sequence], tuple]:
+            if len(orders) == 1:
+                only = orders[0]
+                return lambda values: (values[only],)
+            return operator.itemgetter(*orders) if orders else lambda values: ()
+        return tuple(getter(tuple(s.order for s in senders)) for senders in self._senders)
+
+    @cached_property
+    def edge_names(self) -> tuple[str, ...]:
+        """Every edge's name (`str(edge)`), in `edges` order, each receiver channel's suffix
+        built once: a scan of 1.6 million edges names them in a second."""
+        names = []
+        for r in self.nodes:
+            for c in r.channels:
+                into = f"->{r.name}" if c is Channel.RESID else f"->{r.name}.{c.value}"
+                names.extend(s.name + into for s in self.senders(r))
+        return tuple(names)
 
     @cached_property
     def _senders(self) -> tuple[tuple[Node, ...], ...]:

@@ -40,6 +40,7 @@ def edge_parts(name: str) -> tuple[str, str, str]:
     return sender, receiver, Channel.RESID.value
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a scan asks for the same few thousand names 10^6 times
 def node_parts(name: str) -> tuple[NodeKind, int | None, int | None]:
     """A pathpatch node name's (kind, layer, head), by its text alone: 'a1.2' -> (HEAD, 1, 2),
     'm3' -> (MLP, 3, None), 'in' and 'out' -> (INPUT | OUTPUT, None, None) (their layer is the

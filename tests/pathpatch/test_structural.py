@@ -65,10 +65,12 @@ def test_direct_and_parsed_members_give_bitwise_the_same_logits():
 @pytest.mark.parametrize("family", ["mlp", "gemma", "olmo", "neox"])
 def test_validation_shares_the_cost_of_removals_into_one_receiver_class(family):
     """Each member's copies and cost, compiled alone, equal the shared ones: on plain,
-    grouped-query, windowed, heads-normed (Gemma-2) and parallel (NeoX) layers alike."""
-    model = tiny_model(family, n_layers=3)
+    grouped-query, windowed, heads-normed (Gemma-2) and parallel (NeoX) layers alike; the
+    names `edge_removal` gives are the edges' own."""
+    model = tiny_model(family, n_layers=4)
     graph = Graph.from_model(model)
     members = edge_removal(graph)
+    assert [h.target for h in members] == [str(e) for e in graph.edges] == list(graph.edge_names)
     shared = check(model, members, seq_len=5)
     alone = [check(model, [h], seq_len=5)[0] for h in members]
     assert shared == alone
