@@ -307,13 +307,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             result["shape"] = args.shape
         finally:
             phases.close()
+    elif args.what == "plan":
+        from pipeline.plan_benchmark import PLAN_SHAPES, bench_plan
+
+        result = bench_plan(tuple(args.plan_shapes) if args.plan_shapes else PLAN_SHAPES,
+                            pairs=args.pairs or 64)
     elif args.what == "scan":
         from pipeline.pipeline_benchmark import SCAN_PHASES, bench_scan
         from pipeline.progress import Phases
 
         phases = Phases(SCAN_PHASES, "bench scan")
         try:
-            result = bench_scan(pairs=args.pairs, sample_items=args.sample_items, keep=args.keep,
+            result = bench_scan(pairs=args.pairs or 16, sample_items=args.sample_items, keep=args.keep,
                                 progress=phases, device=args.device,
                                 memory_budget=args.memory_budget)
         finally:
@@ -474,12 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: engine (per-hypothesis cost), pipeline (Ray), "
                                      "scan (the full single-edge scan of a GPT-2-small shape), "
-                                     "discovery (EAP, EAP-IG and the greedy search in forwards)")
-    p.add_argument("what", choices=("engine", "pipeline", "scan", "discovery"))
+                                     "discovery (EAP, EAP-IG and the greedy search in forwards), "
+                                     "plan (a full scan planned from the architecture alone)")
+    p.add_argument("what", choices=("engine", "pipeline", "scan", "discovery", "plan"))
+    p.add_argument("--plan-shapes", nargs="+", default=None, metavar="SHAPE",
+                   help="plan: shapes whose full single-edge scan is planned from config.json "
+                        "alone (default: qwen2.5-0.5b gemma-2-2b llama-3.1-8b; also gpt2-small)")
     p.add_argument("--steps", type=int, default=5, help="discovery: EAP-IG's points")
     p.add_argument("--decisions", type=int, default=24,
                    help="discovery: search decisions to time (edges into out, the first visited)")
-    p.add_argument("--pairs", type=int, default=16, help="scan: dataset pairs (32 tokens each)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="scan: dataset pairs (32 tokens each, default 16); plan: induction pairs "
+                        "(default 64)")
     p.add_argument("--sample-items", type=int, default=3,
                    help="scan: items (64 edge removals each) run through the pipeline")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

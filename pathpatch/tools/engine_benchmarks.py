@@ -11,12 +11,14 @@ kernel (`kernels.py`), so that the ratio compares methods, not kernels.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,6 +64,41 @@ SHAPES: dict[str, dict] = {
 }
 """Random-weight models shaped like the field's models (`bench engine --shape`): nothing is
 downloaded."""
+
+HF_CONFIGS: dict[str, dict] = {
+    "gpt2-small": dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_layer=12,
+                       n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+    "qwen2.5-0.5b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
+    "gemma-2-2b": dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=2304,
+                       intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                       num_key_value_heads=4, head_dim=256, vocab_size=256000,
+                       sliding_window=4096, query_pre_attn_scalar=256,
+                       final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                       max_position_embeddings=8192),
+    "llama-3.1-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+}
+"""The Hugging Face config.json of the models MIB's circuit track studies (and GPT-2 small), as
+published by their authors (dimensions, heads, rotary and windows: what a graph and a plan
+need): `pathpatch bench plan` writes each as a directory with no weights (MIB counts 32,491,
+179,749, 74,218 and 1,592,881 edges)."""
+
+
+def write_hf_config(name: str, folder: Path) -> Path:
+    """A Hugging Face model directory of shape `name` (`HF_CONFIGS`) holding config.json only:
+    what `load_architecture` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(HF_CONFIGS[name], indent=1))
+    return folder
+
 
 BENCH_SETTINGS: dict[str, dict] = {
     "gpt2-small": dict(n_hypotheses=64, repeats=2, memory_budget=DEFAULT_MEMORY_BUDGET),
