@@ -54,8 +54,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from pathpatch.discovery.attribution import importance_sign
-from pathpatch.engine.metrics import MIN_ATE
+from pathpatch.engine.effects import MIN_ATE, importance_sign
 from pathpatch.errors import PathPatchError
 from pipeline.store import HYPOTHESES_SCHEMA, STEP_SCHEMA, SweepFolder, item_status
 
