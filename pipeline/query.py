@@ -46,6 +46,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -61,6 +62,10 @@ from pipeline.store import HYPOTHESES_SCHEMA, STEP_SCHEMA, SweepFolder, item_sta
 Z95 = 1.959963984540054
 FORMATS = ("table", "csv", "json")
 ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")
+
+VIEWS = ("results", "scores", "items", "hypotheses", "faithfulness", "curve_scores",
+         "attributions", "edge_scores", "search_steps", "ranking_agreement")
+"""Every view `open_sweeps` makes, in the order the module doc describes them (tested)."""
 
 _EMPTY_RESULTS = pa.schema([
     ("hypothesis", pa.string()), ("example", pa.int64()), ("ue", pa.float64()),
@@ -388,15 +393,23 @@ def check_read_only(query: str) -> list[str]:
         raise PathPatchError("no SQL statement given: e.g. \"SELECT * FROM scores\"")
     out = []
     for st in statements:
-        kind = st.type.name
-        if kind not in ALLOWED_STATEMENTS:
+        if st.type.name not in ALLOWED_STATEMENTS:
             raise PathPatchError(
-                f"sql is read-only: {kind} statements are not allowed ({st.query.strip()[:80]!r});"
-                " only queries (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) over the views "
-                "results, scores, items, hypotheses, ...; to export, use --format csv and redirect"
+                f"sql is read-only: {_keyword(st.query)} is not allowed "
+                f"({st.query.strip()[:80]!r}); only queries (SELECT, WITH, DESCRIBE, SHOW, "
+                f"SUMMARIZE, EXPLAIN) over the views {', '.join(VIEWS)}; to export, use "
+                "--format csv and redirect"
             )
         out.append(st.query)
     return out
+
+
+def _keyword(statement: str) -> str:
+    """The statement's own first word as written (INSTALL, CHECKPOINT, USE...), not DuckDB's
+    class for it (which calls INSTALL a LOAD and CHECKPOINT a CALL)."""
+    text = re.sub(r"(--[^\n]*\n|/\*.*?\*/|\s|\()+", " ", statement, flags=re.S).strip()
+    word = re.match(r"[A-Za-z_]+", text)
+    return word.group(0).upper() if word else "this statement"
 
 
 def run_query(folders: list[str | Path], query: str, fmt: str = "table") -> str:

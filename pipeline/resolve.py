@@ -22,7 +22,7 @@ from pathpatch.data.text import TextOptions, is_text_dataset, load_text
 from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine import evaluation as engine
 from pathpatch.engine.ablation import Intervention, ablation_values
-from pathpatch.engine.metrics import get_metric
+from pathpatch.engine.metrics import BUILTIN_METRICS, get_metric
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
@@ -101,6 +101,8 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
             metric.check(dataset)
         except PathPatchError as err:
             raise _prefixed("metric", spec.metric, err) from None
+    if spec.metric not in BUILTIN_METRICS:
+        _probe_metric(metric, model, dataset)
 
     try:
         shards = tuple(shard_dataset(dataset, spec.shard_size))
@@ -165,6 +167,35 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None) -> R
     return Resolved(spec=spec, model=model, dataset=dataset, shards=shards,
                     hypotheses=hypotheses, plan=plan, warnings=warnings,
                     attributions=attributions, ablation=ablation)
+
+
+PROBE_EXAMPLES = 2
+"""Examples a user metric is tried on during validation (the dataset's first ones)."""
+
+
+def _probe_metric(metric, model, dataset: PairDataset) -> None:
+    """Call a ``module:function`` metric once on the model's real logits for the dataset's
+    first examples (the clean run against the counterfactual one), so that a callable of the
+    wrong kind fails here, naming the metric, and not in every work item on the cluster.
+
+    Raises:
+        PathPatchError: the callable raised, or returned anything but one finite, non-negative
+            value per example.
+    """
+    batch = dataset.select(slice(0, PROBE_EXAMPLES))
+    with torch.inference_mode():
+        clean, other = model(batch.reference), model(batch.counterfactual)
+    usage = ("a metric is fn(clean_logits [batch, pos, vocab], other_logits [batch, pos, "
+             "vocab], batch: PairDataset) -> a tensor of shape [batch], finite and >= 0")
+    try:
+        metric.against(clean, batch, checked=True)(other)
+    except PathPatchError as err:
+        raise PathPatchError(f"metric = {metric.name!r}, tried on the dataset's first "
+                             f"{len(batch)} examples: {err}") from None
+    except Exception as err:  # the user's code, whatever it raises
+        raise PathPatchError(
+            f"metric = {metric.name!r} failed when tried on the dataset's first {len(batch)} "
+            f"examples: {type(err).__name__}: {err}; {usage}") from None
 
 
 def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:

@@ -28,3 +28,8 @@ def hang_kl(clean, other, batch):
     if bool((batch.example_ids == 20).any()):
         time.sleep(3600)
     return _KL(clean, other, batch)
+
+
+def per_position(clean, other, batch):
+    """A metric of the wrong shape: one value per (example, position), not per example."""
+    return (clean - other).abs().sum(-1)
