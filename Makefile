@@ -8,12 +8,18 @@ TORCH_SPEC ?= torch==2.13.0
 .PHONY: setup demo test lint
 setup: $(VENV)/.installed
 
-# editable_mode=compat puts the checkout on sys.path, so a folder named pathpatch/ or pipeline/
-# in the working directory (the clone's parent folder) cannot shadow the packages
-$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+# editable_mode=strict links every package file into build/__editable__.*/, a folder put on
+# sys.path, so the packages are regular ones there and a folder named pathpatch/ or pipeline/
+# in the working directory (the clone's parent folder) cannot shadow them (the default mode's
+# import hook comes after such a folder; the compat mode that did this is being removed).
+# Edits show at once; a module added or removed changes its folder, which installs again.
+# setuptools' box saying that build/__editable__.* must stay is silenced: this rule remakes it.
+PACKAGE_DIRS := $(shell find pathpatch pipeline -type d -not -name __pycache__)
+$(VENV)/.installed: pyproject.toml constraints.txt Makefile $(PACKAGE_DIRS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt $(TORCH_SPEC) -e '.[test]' --config-settings editable_mode=compat
+	PYTHONWARNINGS='ignore:Editable installation' $(PIP) install -q -c constraints.txt $(TORCH_SPEC) \
+		-e '.[test]' --config-settings editable_mode=strict
 	touch $@
 
 demo: setup

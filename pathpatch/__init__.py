@@ -14,18 +14,22 @@ below are the stable public API (the README's Python example); the modules behin
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pathpatch.data.pairs import PairDataset, load_parquet, save_parquet
-from pathpatch.data.tasks import make_dataset
-from pathpatch.engine.evaluation import evaluate
-from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric
 from pathpatch.errors import PathPatchError
-from pathpatch.language.hypotheses import Hypothesis
-from pathpatch.model.config import ModelConfig
-from pathpatch.model.graph import Graph
-from pathpatch.model.loading import bundled_models, load_model, model_digest
-from pathpatch.model.transformer import Transformer
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time each name loads on first use
+    from pathpatch.data.pairs import PairDataset, load_parquet, save_parquet
+    from pathpatch.data.tasks import make_dataset
+    from pathpatch.engine.evaluation import evaluate
+    from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric
+    from pathpatch.language.hypotheses import Hypothesis
+    from pathpatch.model.config import ModelConfig
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import bundled_models, load_model, model_digest
+    from pathpatch.model.transformer import Transformer
+    from pipeline.intervals import summarize
+    from pipeline.query import open_sweeps
 
 __version__ = "0.1.0"
 
@@ -35,17 +39,30 @@ __all__ = [
     "load_parquet", "make_dataset", "model_digest", "open_sweeps", "save_parquet", "summarize",
 ]
 
-
-_FROM_PIPELINE = {"open_sweeps": "pipeline.query", "summarize": "pipeline.intervals"}
-"""Names the public API takes from `pipeline/` (results, not the method): imported on first use,
-so `import pathpatch` loads neither DuckDB nor Ray, and the method's packages never import them."""
+_LAZY = {
+    "PairDataset": "pathpatch.data.pairs", "load_parquet": "pathpatch.data.pairs",
+    "save_parquet": "pathpatch.data.pairs", "make_dataset": "pathpatch.data.tasks",
+    "evaluate": "pathpatch.engine.evaluation", "BUILTIN_METRICS": "pathpatch.engine.metrics",
+    "Metric": "pathpatch.engine.metrics", "get_metric": "pathpatch.engine.metrics",
+    "Hypothesis": "pathpatch.language.hypotheses", "ModelConfig": "pathpatch.model.config",
+    "Graph": "pathpatch.model.graph", "bundled_models": "pathpatch.model.loading",
+    "load_model": "pathpatch.model.loading", "model_digest": "pathpatch.model.loading",
+    "Transformer": "pathpatch.model.transformer",
+    # results, not the method: from pipeline/, so the method's packages never import DuckDB
+    "open_sweeps": "pipeline.query", "summarize": "pipeline.intervals",
+}
+"""Where each public name lives, imported on first use (PEP 562): `import pathpatch` (and every
+`pathpatch.*` module the command line needs, such as `pathpatch.errors`) costs milliseconds, not
+the seconds torch and TransformerLens take; `import pathpatch` loads neither DuckDB nor Ray."""
 
 
 def __getattr__(name: str) -> Any:
-    if name in _FROM_PIPELINE:
-        return getattr(importlib.import_module(_FROM_PIPELINE[name]), name)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once: later look-ups are plain attribute reads
+        return value
     raise AttributeError(f"module 'pathpatch' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_FROM_PIPELINE])
+    return sorted({*globals(), *_LAZY})

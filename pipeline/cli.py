@@ -234,11 +234,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_sql(args: argparse.Namespace) -> int:
-    from pipeline.query import run_query
+    from pipeline.query import VIEWS, run_query
 
     if len(args.args) < 2:
         raise PathPatchError("usage: pathpatch sql DIR [DIR ...] \"SELECT ...\" (views: "
-                             "results, scores, items)")
+                             f"{', '.join(VIEWS)})")
     *folders, query = args.args
     print(run_query(folders, query, args.format))
     return 0
@@ -354,7 +354,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     dataset = None
-    if args.dataset:
+    if args.dataset and Path(args.dataset).suffix == ".parquet":
+        from pathpatch.data.pairs import load_parquet
+
+        dataset = load_parquet(args.dataset, vocab_size=int(model.cfg.d_vocab))
+    elif args.dataset:
         from pathpatch.data.tasks import make_dataset
 
         dataset = make_dataset(args.dataset, n=1)
@@ -416,6 +420,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "or dtype (its result files are kept in superseded/, out of the views)")
 
 
+TASKS = ("induction", "modular_sum", "gpt2_numbers", "ioi")
+"""The generated tasks' names (`pathpatch.data.tasks.DATASETS`, tested), for help texts that
+must not import torch."""
+
 DESCRIPTION = """\
 Path patching sweeps (Goldowsky-Dill et al. 2023): test where a model's behaviour lives by
 running many hypotheses (sets of paths through the model) over a dataset of (reference,
@@ -465,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("sql", help="read-only SQL over sweep folders (views results, scores, "
-                                   "items)")
+                                   "items, hypotheses, curve_scores, edge_scores, ...: "
+                                   "\"SHOW TABLES\" lists them, docs/PIPELINE.md says what "
+                                   "each holds)")
     p.add_argument("args", nargs="+", metavar="DIR... QUERY",
                    help="one or more sweep folders, then the query")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table",
@@ -525,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", help='e.g. "in -> a1.*[v] -> out" (grammar: docs/PATTERNS.md)')
     p.add_argument("--name", default="pattern", help="label printed with the result")
     p.add_argument("--seq-len", type=int, default=8, help="positions to count paths over")
-    p.add_argument("--dataset", help="task whose first example supplies @mask= masks (induction)")
+    p.add_argument("--dataset", help="whose first example supplies the @mask= masks: a task "
+                   f"({', '.join(TASKS)}) or your own pairs (a .parquet file, README "
+                   "\"Your own pairs\")")
     p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("curve", help="faithfulness curves of a finished scan's rankings (exact "

@@ -13,6 +13,8 @@ see what their round produced (`Rounds.settle`). Running it again is resuming.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,11 +63,18 @@ class Outcome(Counts):
             return (f"search: {self.total} edges decided in {self.rounds} rounds "
                     f"({self.candidates} candidates, {self.discarded} discarded); "
                     f"{self.evaluations} work items computed, {self.reused} read back, in "
-                    f"{self.seconds:.1f} s; circuit of {self.circuit} edges in "
+                    f"{self.seconds:.1f} s{self.ray_times()}; circuit of {self.circuit} edges in "
                     f"{self.folder}/circuit.json")
         return (f"{self.total} items: {self.reused} already done, {self.evaluations} computed, "
-                f"{self.failed} failed ({self.requeues} requeued) in {self.seconds:.1f} s; "
-                f"results in {self.folder}")
+                f"{self.failed} failed ({self.requeues} requeued) in {self.seconds:.1f} s"
+                f"{self.ray_times()}; results in {self.folder}")
+
+    def ray_times(self) -> str:
+        """The cluster's own start and stop, apart from the sweep's time ("" without Ray)."""
+        if not (self.ray_start_seconds or self.ray_stop_seconds):
+            return ""
+        return (f" (plus Ray: {self.ray_start_seconds:.1f} s to start, "
+                f"{self.ray_stop_seconds:.1f} s to stop)")
 
 
 class Bar(Protocol):
@@ -338,11 +347,25 @@ def open_executor(backend: str, resolved: Resolved, options: ExecutorOptions,
                         model=resolved.model)
         yield InProcessExecutor(worker, options, on_event=event, stats=stats)
         return
+    prepare_ray_environment(address)
     from pipeline.ray_executor import RayExecutor, ray_session  # Ray loads only when a run uses it
 
-    with ray_session(address, **ray_init):
+    with ray_session(address, stats=stats, **ray_init):
         executor = RayExecutor(worker_config(resolved), options, on_event=event, stats=stats)
         try:
             yield executor
         finally:
             executor.close()
+
+
+def prepare_ray_environment(address: str | None) -> None:
+    """Before Ray is first imported: a local cluster of pathpatch's own (no `address`, no
+    RAY_ADDRESS) runs with token authentication, Ray's default for a new local cluster, stated
+    as RAY_AUTH_MODE=token so that Ray does not print its notice about it (a notice that only
+    suggests turning authentication off). A RAY_AUTH_MODE the user set is kept, and so is
+    Ray's behaviour when joining a cluster: its authentication is the cluster's to decide
+    (docs/PIPELINE.md). Ray reads the mode once, when it is imported: after that (a notebook
+    that imported ray itself) nothing is changed."""
+    if address or os.environ.get("RAY_ADDRESS") or "ray" in sys.modules:
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -61,7 +61,10 @@ class Counts:
         redone: broken result files found and computed again.
         worker_starts: workers started.
         nodes: node ids that held a worker for the run (a Ray node once its actor is up).
-        seconds: time spent executing items (cluster start-up excluded).
+        seconds: time spent executing items, workers' start-up included (the cluster's
+            excluded: `ray_start_seconds`, `ray_stop_seconds`).
+        ray_start_seconds, ray_stop_seconds: starting (or joining) the Ray cluster and stopping
+            (or leaving) it; 0 in process or inside a Ray session someone else opened.
         examples, rows: examples evaluated (per item, summed) and result rows written.
     """
 
@@ -73,6 +76,8 @@ class Counts:
     worker_starts: int = 0
     nodes: set[str] = field(default_factory=set)
     seconds: float = 0.0
+    ray_start_seconds: float = 0.0
+    ray_stop_seconds: float = 0.0
     examples: int = 0
     rows: int = 0
 

@@ -10,7 +10,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
-from pathpatch.engine.metrics import MIN_ATE
+from pathpatch.engine.effects import MIN_ATE
 from pathpatch.errors import PathPatchError
 
 SUMMARY_SCHEMA = pa.schema(

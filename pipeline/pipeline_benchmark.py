@@ -29,7 +29,7 @@ from pathpatch.engine.stage_plan import GroupPlan
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import build_model, save_checkpoint
 from pathpatch.tools.engine_benchmarks import SHAPES, cpu_description
-from pipeline.driver import Outcome, worker_config
+from pipeline.driver import Outcome, prepare_ray_environment, worker_config
 from pipeline.query import open_sweeps
 from pipeline.resolve import resolve
 from pipeline.spec import load_spec
@@ -99,6 +99,7 @@ def bench_pipeline(spec_path: str | Path | None = None, *, keep: str | Path | No
     (other load on the machine only ever slows a run down). `progress(phase)` is called as each
     of the `bench_phases(repeats)` phases starts.
     """
+    prepare_ray_environment(None)
     from pipeline.ray_executor import ray_session  # Ray loads only when a run uses it
 
     step = progress or (lambda phase: None)

@@ -14,10 +14,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pathpatch.data.pairs import PairDataset
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypotheses import FREE_FORM, Facts
+
+if TYPE_CHECKING:  # annotations only: the store and the views read plans without torch
+    from pathpatch.data.pairs import PairDataset
 
 IDENTITY_VERSION = "pathpatch-item/1"
 """Bump when the meaning of a result row changes, so old files are not mistaken for new."""

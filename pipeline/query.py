@@ -37,6 +37,8 @@ Views:
              mean unexplained effect
     search_steps  sweep, index, edge, receiver, before, after, removed, evaluated,
              circuit_edges (a [search]'s decisions, in visiting order)
+    curve_rankings  sweep, method, edge, importance: the ranking tables a curve sweep's
+             circuit_curve families name, read from the files the spec names
     ranking_agreement  sweep, method_a, method_b, n_edges, spearman (rank correlation of the
              two methods' importances, ties at their mean rank), spearman_abs (of |importance|),
              between every two rankings of a sweep: the methods of `edge_scores` and, in a
@@ -49,6 +51,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -57,16 +60,18 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 
-from pathpatch.discovery.attribution import importance_sign
-from pathpatch.engine.metrics import MIN_ATE
+from pathpatch.engine.effects import MIN_ATE, importance_sign
 from pathpatch.errors import PathPatchError
 from pathpatch.model.names import pathpatch_name
-from pipeline.spec import parse_spec
 from pipeline.store import HYPOTHESES_SCHEMA, STEP_SCHEMA, SweepFolder, item_status
 
 Z95 = 1.959963984540054
 FORMATS = ("table", "csv", "json")
 ALLOWED_STATEMENTS = ("SELECT", "EXPLAIN")
+
+VIEWS = ("results", "scores", "items", "hypotheses", "faithfulness", "curve_scores",
+         "attributions", "edge_scores", "search_steps", "curve_rankings", "ranking_agreement")
+"""Every view `open_sweeps` makes, in the order the module doc describes them (tested)."""
 
 _EMPTY_RESULTS = pa.schema([
     ("hypothesis", pa.string()), ("example", pa.int64()), ("ue", pa.float64()),
@@ -251,22 +256,24 @@ def curve_rankings(folder: str | Path) -> dict[str, dict[str, float]]:
     folder's spec names, read from its (edge, score) CSV or Parquet table where that still
     exists (a relative path from the spec's folder); an EAP-IG graph file, or a table gone
     since, gives no entry. The name is the file's stem, as the `hypotheses` view's `ranking`."""
+    import tomllib  # the spec's TOML as written: its full validation would import the engine
+
     import pyarrow.parquet as pq
 
     sweep = SweepFolder(folder)
     try:
-        manifest = sweep.read_manifest()
-        spec = parse_spec(sweep.spec_path.read_text(), base_dir=manifest["base_dir"],
-                          default_name=manifest["name"], where=str(sweep.spec_path))
-    except (PathPatchError, OSError, KeyError):
+        base_dir = sweep.read_manifest()["base_dir"]
+        entries = tomllib.loads(sweep.spec_path.read_text()).get("hypotheses", [])
+    except (PathPatchError, OSError, KeyError, ValueError):  # TOMLDecodeError is a ValueError
         return {}
     out: dict[str, dict[str, float]] = {}
-    for entry in spec.hypothesis_entries():
-        if entry.get("family") != "circuit_curve" or "ranking" not in entry:
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict) or entry.get("family") != "circuit_curve" \
+                or "ranking" not in entry:
             continue
         path = Path(str(entry["ranking"]))
-        if not path.is_absolute() and spec.base_dir:
-            path = Path(spec.base_dir) / path
+        if not path.is_absolute() and base_dir:
+            path = Path(base_dir) / path
         if path.suffix.lower() not in (".csv", ".parquet") or not path.is_file():
             continue
         try:
@@ -439,15 +446,23 @@ def check_read_only(query: str) -> list[str]:
         raise PathPatchError("no SQL statement given: e.g. \"SELECT * FROM scores\"")
     out = []
     for st in statements:
-        kind = st.type.name
-        if kind not in ALLOWED_STATEMENTS:
+        if st.type.name not in ALLOWED_STATEMENTS:
             raise PathPatchError(
-                f"sql is read-only: {kind} statements are not allowed ({st.query.strip()[:80]!r});"
-                " only queries (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) over the views "
-                "results, scores, items, hypotheses, ...; to export, use --format csv and redirect"
+                f"sql is read-only: {_keyword(st.query)} is not allowed "
+                f"({st.query.strip()[:80]!r}); only queries (SELECT, WITH, DESCRIBE, SHOW, "
+                f"SUMMARIZE, EXPLAIN) over the views {', '.join(VIEWS)}; to export, use "
+                "--format csv and redirect"
             )
         out.append(st.query)
     return out
+
+
+def _keyword(statement: str) -> str:
+    """The statement's own first word as written (INSTALL, CHECKPOINT, USE...), not DuckDB's
+    class for it (which calls INSTALL a LOAD and CHECKPOINT a CALL)."""
+    text = re.sub(r"(--[^\n]*\n|/\*.*?\*/|\s|\()+", " ", statement, flags=re.S).strip()
+    word = re.match(r"[A-Za-z_]+", text)
+    return word.group(0).upper() if word else "this statement"
 
 
 def run_query(folders: list[str | Path], query: str, fmt: str = "table") -> str:

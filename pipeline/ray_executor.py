@@ -77,20 +77,26 @@ class _Slot:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, **local_kwargs: Any) -> Iterator[dict[str, Any]]:
+def ray_session(address: str | None = None, *, stats: Counts | None = None,
+                **local_kwargs: Any) -> Iterator[dict[str, Any]]:
     """Connect to a cluster (`address`, else RAY_ADDRESS) or start a local one; yield resources.
 
     A local cluster started here is shut down on exit; a connection to an existing one is
-    only closed. Inside an already-initialized Ray (tests, notebooks) nothing is started.
+    only closed. Inside an already-initialized Ray (tests, notebooks) nothing is started. The
+    seconds spent starting and stopping go to `stats` (`ray_start_seconds`,
+    `ray_stop_seconds`), apart from the sweep's own.
     """
     if ray.is_initialized():
         yield ray.cluster_resources()
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    # The least Ray needs to run our actors: no dashboard, workers' output not forwarded
+    # (their errors come back with the failed calls), Ray's own log lines at warning level.
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False,
                               "configure_logging": True}
     if address:
         probe_address(address)
+    started = time.perf_counter()
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -107,10 +113,15 @@ def ray_session(address: str | None = None, **local_kwargs: Any) -> Iterator[dic
             "RAY_ADDRESS), that the cluster is up (`ray status`), and that RAY_AUTH_MODE is the "
             "same for every Ray process of the cluster"
         ) from None
+    if stats is not None:
+        stats.ray_start_seconds += time.perf_counter() - started
     try:
         yield ray.cluster_resources()
     finally:
+        stopping = time.perf_counter()
         ray.shutdown()
+        if stats is not None:
+            stats.ray_stop_seconds += time.perf_counter() - stopping
 
 
 def probe_address(address: str, timeout_s: float = 10.0) -> None:

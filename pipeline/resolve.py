@@ -22,7 +22,7 @@ from pathpatch.data.text import TextOptions, is_text_dataset, load_text
 from pathpatch.discovery.attribution import Attribution
 from pathpatch.engine import evaluation as engine
 from pathpatch.engine.ablation import Intervention, ablation_values
-from pathpatch.engine.metrics import get_metric
+from pathpatch.engine.metrics import BUILTIN_METRICS, get_metric
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypothesis_families import load_hypotheses
 from pathpatch.model.graph import Graph
@@ -113,6 +113,8 @@ def resolve(spec: SweepSpec, progress: Callable[[str], None] | None = None, *,
             metric.check(dataset)
         except PathPatchError as err:
             raise _prefixed("metric", spec.metric, err) from None
+    if spec.metric not in BUILTIN_METRICS:
+        _probe_metric(metric, model, dataset, spec.intervention, weights)
 
     try:
         shards = tuple(shard_dataset(dataset, spec.shard_size))
@@ -199,6 +201,51 @@ def _ablation(spec: SweepSpec, model, dataset: PairDataset, step: Callable[[str]
         return None
     step(f"{spec.intervention} ablation values over {len(means_over):,} examples of {source}")
     return ablation_values(model, means_over.reference, spec.intervention)
+
+
+PROBE_EXAMPLES = 2
+"""Examples a user metric is tried on during validation (the dataset's first ones)."""
+
+
+def _probe_metric(metric, model, dataset: PairDataset, intervention: str,
+                  weights: bool = True) -> None:
+    """Call a ``module:function`` metric once on the model's real logits for the dataset's
+    first examples (the clean run against the counterfactual one), so that a callable of the
+    wrong kind fails here, naming the metric, and not in every work item on the cluster. Under
+    an x_c-free intervention the batch it sees has no readable x_c (as in the run), so a metric
+    that reads it fails here too; without `weights` (a dry-run) the logits are random ones of
+    the model's shape.
+
+    Raises:
+        PathPatchError: the callable raised, or returned anything but one finite, non-negative
+            value per example.
+    """
+    batch = dataset.select(slice(0, PROBE_EXAMPLES))
+    if weights:
+        with torch.inference_mode():
+            clean = model(batch.reference)
+            other = model(batch.counterfactual if intervention == "resample" else batch.reference)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        shape = (len(batch), batch.seq_len, int(model.cfg.d_vocab_out))
+        clean, other = (torch.randn(shape, generator=gen) for _ in range(2))
+    if intervention != "resample":
+        batch = batch.without_counterfactual(
+            f"metric {metric.name!r} read the batch's counterfactual prompts "
+            f"(batch.counterfactual), but intervention = {intervention!r} carries ablation "
+            "values instead of x_c: use a metric that reads only the clean prompts, the answers "
+            "and the logits, or intervention = 'resample'")
+    usage = ("a metric is fn(clean_logits [batch, pos, vocab], other_logits [batch, pos, "
+             "vocab], batch: PairDataset) -> a tensor of shape [batch], finite and >= 0")
+    try:
+        metric.against(clean, batch, checked=True)(other)
+    except PathPatchError as err:
+        raise PathPatchError(f"metric = {metric.name!r}, tried on the dataset's first "
+                             f"{len(batch)} examples: {err}") from None
+    except Exception as err:  # the user's code, whatever it raises
+        raise PathPatchError(
+            f"metric = {metric.name!r} failed when tried on the dataset's first {len(batch)} "
+            f"examples: {type(err).__name__}: {err}; {usage}") from None
 
 
 def _check_generated_size(spec: SweepSpec, n_ctx: int) -> None:

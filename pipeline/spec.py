@@ -308,8 +308,13 @@ def _model(value: Any, base: Path, where: str) -> str:
     if not Path(model).is_absolute() and local.exists():
         return str(local.resolve())
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
-        raise PathPatchError(f"{where}: model = {model!r}: no such file or directory (looked in "
-                             f"{base}); check the path, which is read relative to the spec")
+        if Path(model).expanduser().is_absolute():
+            raise PathPatchError(f"{where}: model = {model!r}: no such file or directory; check "
+                                 "the path (a model directory or checkpoint file)")
+        raise PathPatchError(
+            f"{where}: model = {model!r}: no such file or directory (looked for "
+            f"{local.resolve()} beside the spec and {(Path.cwd() / model).resolve()} in the "
+            "working directory); check the path")
     return model
 
 

@@ -40,8 +40,9 @@ import torch
 
 from pathpatch.data.pairs import PairDataset
 from pathpatch.engine.ablation import Ablation
+from pathpatch.engine.effects import importance_sign as importance_sign  # torch-free home
 from pathpatch.engine.evaluation import DEFAULT_MEMORY_BUDGET
-from pathpatch.engine.metrics import BUILTIN_METRICS, Metric, get_metric, loss_value
+from pathpatch.engine.metrics import Metric, get_metric, loss_value
 from pathpatch.engine.runs import Runs
 from pathpatch.errors import PathPatchError
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
@@ -174,15 +175,6 @@ _IG_NEEDS_XC = (
     "attribution {name}: EAP-IG interpolates the input embedding from x_c's to x_r's, and "
     "intervention = {intervention!r} has no x_c (the EAP-IG repository refuses it likewise); use "
     "method 'eap' (the ablation value replaces a_u(x_c)) or intervention = \"resample\"")
-
-
-def importance_sign(metric: str) -> float:
-    """+1 or -1: the score's sign that means "the edge matters to the clean behaviour". A
-    statistic the clean run keeps high (logit difference) drops when an important edge is
-    corrupted (-1); a loss or a distance from the clean run rises (+1). Rankings and MIB's
-    signed curves order edges by sign * score, highest first."""
-    builtin = BUILTIN_METRICS.get(metric)  # a user metric is never imported here
-    return -1.0 if builtin is not None and builtin.value is not None else 1.0
 
 
 Statistic = Callable[[torch.Tensor, PairDataset, torch.Tensor], torch.Tensor]

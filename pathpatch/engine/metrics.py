@@ -26,14 +26,14 @@ from dataclasses import dataclass
 import torch
 
 from pathpatch.data.pairs import PairDataset
+from pathpatch.engine.effects import MIN_ATE as MIN_ATE  # its home is torch-free; kept here too
+from pathpatch.engine.effects import SIGNED_METRICS
 from pathpatch.errors import PathPatchError
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor, PairDataset], torch.Tensor]
 """fn(clean_logits [batch, pos, vocab], other_logits [batch, pos, vocab], batch) -> [batch]."""
 
 DEFAULT_METRIC = "kl"
-MIN_ATE = 1e-6
-"""|ATE| below this makes proportion explained 1 - AUE/ATE undefined (NaN or SQL NULL)."""
 
 # Positions are processed in chunks of about this many float64 logits, so memory stays bounded
 # when a large vocabulary meets many scored positions.
@@ -447,3 +447,5 @@ BUILTIN_METRICS: dict[str, Metric] = {
                          value=_logit_diff_value, value_of=_logit_diff_of),
 }
 """Built-in metrics by name; ``kl`` is the default."""
+assert SIGNED_METRICS == {n for n, m in BUILTIN_METRICS.items() if m.value is not None}, (
+    "effects.SIGNED_METRICS must name the built-ins with a value")

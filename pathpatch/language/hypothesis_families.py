@@ -7,6 +7,7 @@ node, the paper's induction hypotheses, a ranking's circuit curve. Each member c
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 
 from pathpatch.errors import PathPatchError
@@ -135,6 +136,15 @@ def expand_family(graph: Graph, family: str, **params) -> list[Hypothesis]:
     """Generate a named family of hypotheses for this graph."""
     if family not in FAMILIES:
         raise PathPatchError(f"unknown family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    signature = inspect.signature(FAMILIES[family]).parameters
+    accepted = [name for name in signature if name != "graph"]
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in signature.values())
+    unknown = [] if open_ended else sorted(set(params) - set(accepted))
+    if unknown:
+        takes = (f"its parameters are {', '.join(accepted)}" if accepted
+                 else "it takes no parameters")
+        raise PathPatchError(f"family {family!r} has no parameter {', '.join(map(repr, unknown))}; "
+                             f"{takes}")
     try:
         return FAMILIES[family](graph, **params)
     except TypeError as err:
@@ -167,6 +177,12 @@ def load_hypotheses(entries: Iterable[dict], graph: Graph) -> list[Hypothesis]:
         where = f"hypotheses[{i}]"
         if not isinstance(entry, dict):
             raise PathPatchError(f"{where}: expected a table, got {entry!r}")
+        if "family" in entry and {"name", "pattern"} & set(entry):
+            raise PathPatchError(
+                f"{where}: has both family = {entry['family']!r} and "
+                f"{' and '.join(k for k in ('name', 'pattern') if k in entry)}; an entry is either "
+                "one named hypothesis {name = ..., pattern = ...} or a generated family "
+                "{family = ..., its parameters}: split it into two [[hypotheses]] entries")
         if "family" in entry:
             params = {k: v for k, v in entry.items() if k != "family"}
             try:

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from pathpatch.errors import PathPatchError
-from pathpatch.model.adapter import Adapter
-from pathpatch.model.support import check_model
 
 
 class NodeKind(enum.Enum):
@@ -110,6 +108,11 @@ class Graph:
         not compute exactly (`support.check_model`). Made and checked once per model: the
         model's adapter keeps it (`Adapter.of`); `engine.evaluate` checks for hooks attached
         since on every call (`support.check_no_hooks`)."""
+        # deferred: the graph's vocabulary (Node, Edge, names) is read without torch, so the
+        # command line's sql, status and report start in a fraction of a second
+        from pathpatch.model.adapter import Adapter
+        from pathpatch.model.support import check_model
+
         arch = Adapter.of(model)
         if arch.graph is None:
             check_model(model)

@@ -28,3 +28,13 @@ def hang_kl(clean, other, batch):
     if bool((batch.example_ids == 20).any()):
         time.sleep(3600)
     return _KL(clean, other, batch)
+
+
+def per_position(clean, other, batch):
+    """A metric of the wrong shape: one value per (example, position), not per example."""
+    return (clean - other).abs().sum(-1)
+
+
+def reads_counterfactual(clean, other, batch):
+    """KL, weighted by whether x_c's first token is even: a metric that reads x_c."""
+    return _KL(clean, other, batch) * (batch.counterfactual[:, 0] % 2 == 0)

@@ -254,6 +254,71 @@ def test_sql_that_writes(work, capsys):
         refused(work, ["sql", "out", query], "sql is read-only", capsys=capsys)
 
 
+def test_sql_refusals_name_the_statement_as_written_and_every_view(work, capsys):
+    from pipeline.query import VIEWS, open_sweeps
+
+    _sweep_folder(work / "out", write(work))
+    capsys.readouterr()
+    for query, keyword in (("INSTALL httpfs", "INSTALL"), ("CHECKPOINT", "CHECKPOINT"),
+                           ("/* a comment */ USE memory", "USE"), ("LOAD httpfs", "LOAD")):
+        err = refused(work, ["sql", "out", query], f"sql is read-only: {keyword} is not allowed",
+                      capsys=capsys)
+        assert all(view in err for view in VIEWS), err
+    con = open_sweeps(work / "out")
+    made = {name for (name,) in con.sql("SELECT table_name FROM information_schema.tables "
+                                        "WHERE NOT starts_with(table_name, '_')").fetchall()}
+    con.close()
+    assert made == set(VIEWS)
+    err = refused(work, ["sql", "out"], "usage: pathpatch sql", capsys=capsys)
+    assert all(view in err for view in VIEWS), err
+
+
+def test_a_callable_metric_is_tried_before_any_work(work, capsys):
+    """`os:system` imports fine; called as a metric it fails: --dry-run says so, by name."""
+    refused(work, ["run", str(write(work, metric="os:system")), "--dry-run"],
+            "metric = 'os:system' failed when tried on the dataset's first 2 examples",
+            "TypeError", "fn(clean_logits", capsys=capsys)
+    refused(work, ["run", str(write(work, metric="os:getcwd")), "--dry-run"],
+            "metric = 'os:getcwd'", capsys=capsys)
+    wrong_shape = "tests.pipeline.slow_metric:per_position"
+    refused(work, ["run", str(write(work, metric=wrong_shape)), "--dry-run"],
+            f"metric = '{wrong_shape}', tried on the dataset's first 2 examples", "returned [2, ",
+            "a tensor of shape [2]", capsys=capsys)
+    # under an x_c-free intervention, a metric that reads x_c fails the probe by name
+    reads_xc = "tests.pipeline.slow_metric:reads_counterfactual"
+    refused(work, ["run", str(write(work, metric=reads_xc, extra='intervention = "zero"\n')),
+                   "--dry-run"],
+            f"metric = '{reads_xc}', tried on the dataset's first 2 examples",
+            "read the batch's counterfactual prompts", "intervention = 'zero'", capsys=capsys)
+    assert main(["run", str(write(work, metric=reads_xc)), "--dry-run"]) == 0  # resample: fine
+    # a metric that works on the first examples and fails later still fails in the items
+    assert main(["run", str(write(work, metric="tests.pipeline.slow_metric:poison_kl")),
+                 "--dry-run"]) == 0
+
+
+def test_an_entry_with_both_pattern_and_family(work, capsys):
+    both = '\n[[hypotheses]]\nname = "x"\npattern = "in -> out"\nfamily = "node_removal"\n'
+    err = refused(work, ["run", str(write(work, hypotheses=both)), "--dry-run"],
+                  "hypotheses[0]: has both family = 'node_removal' and name and pattern",
+                  "split it into two [[hypotheses]] entries", capsys=capsys)
+    assert "unexpected keyword" not in err
+    unknown = '\n[[hypotheses]]\nfamily = "induction_initial"\nheads = ["a0.1"]\n'
+    refused(work, ["run", str(write(work, hypotheses=unknown)), "--dry-run"],
+            "family 'induction_initial' has no parameter 'heads'; its parameters are "
+            "prev_heads, induction_heads", capsys=capsys)
+
+
+def test_a_missing_model_path_says_where_it_looked(work, capsys):
+    (work / "specs").mkdir()
+    err = refused(work, ["run", str(write(work / "specs", model="/nowhere/tiny-model")),
+                         "--dry-run"],
+                  "model = '/nowhere/tiny-model': no such file or directory", capsys=capsys)
+    assert "looked in" not in err and "specs" not in err.split("model =")[1], err
+    refused(work, ["run", str(write(work / "specs", model="../models/tiny")), "--dry-run"],
+            f"looked for {work / 'models' / 'tiny'} beside the spec and "
+            f"{work.parent / 'models' / 'tiny'} in the working directory", capsys=capsys)
+
+
 def test_a_pattern_that_matches_nothing_is_warned_about(work, capsys):
     nothing = '\n[[hypotheses]]\nname = "nothing"\npattern = "a0.0 & ~a0.0"\n'
     assert main(["run", str(write(work, hypotheses=HYPOTHESES + nothing)), "--dry-run"]) == 0
@@ -296,16 +361,19 @@ def test_ctrl_c_stops_with_one_line_and_a_resumable_folder(work):
 @pytest.mark.slow
 def test_a_folder_named_like_the_package_does_not_shadow_it(tmp_path):
     """The clone's parent folder as working directory: `pathpatch/` there is the checkout (no
-    __init__.py), which must not replace the installed packages, in a notebook or on Ray."""
+    __init__.py), which must not replace the installed packages, in a notebook or on Ray. (The
+    Makefile's strict editable install links the package files from build/__editable__.*/:
+    their paths resolve to the checkout's.)"""
     (tmp_path / "pathpatch" / "jobs").mkdir(parents=True)
     (tmp_path / "pipeline").mkdir()
     spec = write(tmp_path / "pathpatch" / "jobs", name="shadow", dataset="n = 8")
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     notebook = subprocess.run(
         [sys.executable, "-c", textwrap.dedent("""\
-            import pathpatch, pipeline
+            import pathlib, pathpatch, pipeline
             from pathpatch.model.loading import load_model
-            print(pathpatch.__file__, pipeline.__file__, load_model("attn-only-2l").cfg.n_layers)
+            print(*(pathlib.Path(m.__file__).resolve() for m in (pathpatch, pipeline)),
+                  load_model("attn-only-2l").cfg.n_layers)
         """)], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
     assert notebook.returncode == 0, notebook.stderr
     assert notebook.stdout.split() == [str(ROOT / "pathpatch" / "__init__.py"),
