@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pathpatch.engine.prepared as prepared_module
-import pathpatch.model.graph as graph_module
+import pathpatch.model.support as support_module
 from pathpatch.data.pairs import PairDataset
 from pathpatch.engine.evaluation import ModelState, check, evaluate
 from pathpatch.engine.metrics import Metric, get_metric
@@ -165,8 +165,8 @@ def test_the_metric_checks_the_dataset_once_per_call_and_reads_the_batch_once(mo
 
 def test_the_model_is_wrapped_and_checked_once(monkeypatch):
     checks = []
-    original = graph_module.check_model
-    monkeypatch.setattr(graph_module, "check_model", lambda m: (checks.append(m), original(m)))
+    original = support_module.check_model
+    monkeypatch.setattr(support_module, "check_model", lambda m: (checks.append(m), original(m)))
     model = tiny_model("mlp")
     data = _dataset(model, n=10)
     arch = Adapter.of(model)
