@@ -26,7 +26,7 @@ IDENTITY_VERSION = "pathpatch-item/1"
 """Bump when the meaning of a result row changes, so old files are not mistaken for new."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per hypothesis: no __dict__
 class HypothesisInfo:
     """One hypothesis as the pipeline sees it: opaque text, validation's cost report, and what
     its family knew of it (the sweep's `hypotheses` table).

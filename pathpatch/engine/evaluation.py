@@ -52,7 +52,7 @@ class ModelState:
         self.prepared = Prepared.of(model)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per hypothesis: no __dict__
 class HypothesisCost:
     """What validation reports per hypothesis before any data is touched."""
 

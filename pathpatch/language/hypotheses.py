@@ -31,7 +31,7 @@ from pathpatch.model.names import edge_parts, node_parts
 __all__ = ["Facts", "Hypothesis", "StructuralHypothesis"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per hypothesis: no __dict__
 class Facts:
     """What a hypothesis is, as its family knew it when it built it: the columns of a sweep's
     `hypotheses` table (`pipeline.store.HYPOTHESES_SCHEMA`), which the views join on.
