@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 
 from pathpatch.data.atomic import atomic_write_bytes
-from pathpatch.engine.metrics import MIN_ATE
+from pathpatch.engine.effects import MIN_ATE
 from pathpatch.errors import PathPatchError
 from pathpatch.model.names import edge_parts
 from pipeline.figures import curve_text, least_explained, plt, report_figure
