@@ -36,6 +36,8 @@ class ExecutorOptions:
         resources: workers, GPUs and threads per worker (`pipeline.spec.Resources`).
         execution: attempts, timeouts and in-flight depth (`pipeline.spec.Execution`).
         poll_s: `ray.wait` timeout of the scheduling loop.
+        grow_every_s: how often a run sized by the cluster (`workers` unset) looks for
+            resources added since (nodes joining a shared cluster) and starts actors on them.
         warm_start: start every actor before submitting work, and time the run from then
             (benchmarks: excludes worker start-up).
     """
@@ -43,6 +45,7 @@ class ExecutorOptions:
     resources: Resources = field(default_factory=Resources)
     execution: Execution = field(default_factory=Execution)
     poll_s: float = 0.5
+    grow_every_s: float = 10.0
     warm_start: bool = False
 
 

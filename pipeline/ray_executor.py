@@ -208,14 +208,10 @@ class RayExecutor:
         self._last_start_error = ""
 
         # the pool outlives a run (later runs reuse its loaded models) and grows when a later
-        # run has more items than an earlier one could use; it never shrinks before `close()`
-        workers, gpus = size_pool(self.options, ray.cluster_resources(), len(tasks))
-        if len(self._slots) < workers:
-            self._gpus = gpus if not self._slots else self._gpus
-            self.on_event("pool", workers=workers, gpus_per_worker=self._gpus,
-                          threads_per_worker=self.options.resources.threads_per_worker)
-            for i in range(len(self._slots), workers):
-                self._slots.append(self._start_actor(i))
+        # run has more items than an earlier one could use, or nodes join while it runs; it
+        # never shrinks before `close()`
+        self._grow(len(tasks))
+        grown = time.monotonic()
         try:
             while self.options.warm_start and not all(s.ready for s in self._slots):
                 self._wait_once()
@@ -227,6 +223,9 @@ class RayExecutor:
                 self._fill()
                 self._wait_once()
                 self._check_deadlines()
+                if time.monotonic() - grown > self.options.grow_every_s:
+                    self._grow(len(tasks))
+                    grown = time.monotonic()
                 if not self._slots:
                     raise PathPatchError(self._no_workers_message())
         except BaseException:
@@ -246,6 +245,21 @@ class RayExecutor:
         self._shard_refs = {}
 
     # --- actors -----------------------------------------------------------------------------
+
+    def _grow(self, n_items: int) -> None:
+        """Start actors up to what the cluster's resources now allow (`size_pool`): at a run's
+        start, and while it runs when nodes have joined (a fixed `workers` never grows)."""
+        if self._slots and self.options.resources.workers is not None:
+            return
+        workers, gpus = size_pool(self.options, ray.cluster_resources(), n_items)
+        if len(self._slots) >= workers:
+            return
+        self._gpus = gpus if not self._slots else self._gpus
+        self.on_event("pool", workers=workers, gpus_per_worker=self._gpus,
+                      threads_per_worker=self.options.resources.threads_per_worker)
+        first = max((slot.index for slot in self._slots), default=-1) + 1
+        for i in range(first, first + workers - len(self._slots)):
+            self._slots.append(self._start_actor(i))
 
     def _start_actor(self, index: int) -> _Slot:
         handle = _RemoteActor.options(
