@@ -19,7 +19,6 @@ import shutil
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -76,7 +75,6 @@ def main() -> None:
     parser.add_argument("--keep", default=None, help="keep the sweep folders under this folder")
     args = parser.parse_args()
 
-    import ray
     from ray.cluster_utils import Cluster
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="pathpatch-cluster-"))
@@ -96,47 +94,54 @@ def main() -> None:
         "object_store_memory": NODE_MEMORY})
     nodes = [cluster.add_node(**node_args) for _ in range(args.nodes)]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     changes: list[dict] = []
     folder = root / "cluster"
     total = one.evaluations
+    # the driver in a process of its own (as `pathpatch run --address` on a login node), so that
+    # this one changes the cluster while it runs (Ray adds nodes from the main thread only)
+    import resource
+    import subprocess
 
-    def churn() -> None:  # kill some nodes at 30% done, add others at 50%
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(root / "cluster_scale.toml"),
+         "--out", str(folder), "--address", cluster.address, "--no-progress", "--quiet"],
+        cwd=Path(__file__).resolve().parent.parent)
+    try:
         for fraction, action in ((0.3, "kill"), (0.5, "add")):
-            while _done(folder) < fraction * total:
-                if stop.wait(1.0):
-                    return
+            while _done(folder) < fraction * total and driver.poll() is None:
+                time.sleep(1.0)
+            if driver.poll() is not None:
+                break
             if action == "kill":
                 for node in nodes[:args.kill]:
                     cluster.remove_node(node)
             else:
                 for _ in range(args.add):
                     cluster.add_node(**node_args)
-            changes.append({"at_items_done": _done(folder), action: args.kill if action == "kill"
-                            else args.add, "seconds": round(time.perf_counter() - start, 1)})
-
-    stop = threading.Event()
-    thread = threading.Thread(target=churn, daemon=True)
-    try:
-        cpu0, start = time.process_time(), time.perf_counter()
-        thread.start()
-        outcome = run_sweep(spec, folder, backend="ray", address=cluster.address, progress=False,
-                            executor_options={"grow_every_s": 5.0})
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+            changes.append({"at_items_done": _done(folder),
+                            action: args.kill if action == "kill" else args.add,
+                            "seconds": round(time.perf_counter() - start, 1)})
+        status = driver.wait()
+        seconds = time.perf_counter() - start
     finally:
-        stop.set()
-        thread.join(timeout=5)
-        ray.shutdown()
+        if driver.poll() is None:
+            driver.kill()
         cluster.shutdown()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
     workers = {(e["node"], e["pid"]) for e in events if e.get("event") == "item_done"}
+    done = [e for e in events if e.get("event") == "item_done"]
+    finished = next((e for e in reversed(events) if e.get("event") == "run_finished"), {})
     out["cluster"] = {
         "nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "node_changes": changes,
-        "workers_used": len(workers), "worker_starts": outcome.worker_starts,
-        "items": outcome.evaluations, "failed": outcome.failed, "requeues": outcome.requeues,
-        "seconds": round(seconds, 1), "items_per_s": round(outcome.evaluations / seconds, 1),
-        "driver_cpu_s_per_item": round(cpu / max(outcome.evaluations, 1), 5),
-        "nodes_seen": len(outcome.nodes)}
+        "driver_exit": status, "workers_used": len(workers), "items": len(done),
+        "failed": finished.get("failed"), "requeues": finished.get("requeues"),
+        "seconds": round(seconds, 1), "items_per_s": round(len(done) / seconds, 1),
+        "driver_cpu_s_per_item": round(cpu / max(len(done), 1), 5),
+        "nodes_seen": len({e["node"] for e in done})}
     out["rows_equal_one_worker"] = _rows(folder).equals(_rows(root / "one-worker"))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
