@@ -339,9 +339,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_graph(args: argparse.Namespace) -> int:
     from pathpatch.model.adapter import Adapter
     from pathpatch.model.graph import Graph, describe
-    from pathpatch.model.loading import load_model
+    from pathpatch.model.loading import load_architecture
 
-    model = load_model(args.model)
+    model = load_architecture(args.model)  # the structure only: no weights read
     print(describe(Graph.from_model(model), edges=args.edges))
     print(Adapter.of(model).describe())
     return 0
@@ -349,10 +349,10 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from pathpatch.language.hypotheses import Hypothesis
-    from pathpatch.model.loading import load_model
+    from pathpatch.model.loading import load_architecture
     from pathpatch.tools.explain import explain
 
-    model = load_model(args.model)
+    model = load_architecture(args.model)  # the structure only: no weights read
     dataset = None
     if args.dataset and Path(args.dataset).suffix == ".parquet":
         from pathpatch.data.pairs import load_parquet
@@ -382,11 +382,11 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
 
     from pathpatch.language.circuits import Ranking, prune, write_eap_json
     from pathpatch.model.graph import Graph
-    from pathpatch.model.loading import load_model
+    from pathpatch.model.loading import load_architecture
 
     if not 0 < args.fraction <= 1:
         raise PathPatchError(f"--fraction {args.fraction!r}: give a fraction of edges in (0, 1]")
-    model = load_model(args.model)
+    model = load_architecture(args.model)  # the structure only: no weights read
     graph = Graph.from_model(model)
     ranking = Ranking.load(graph, args.ranking)
     n = math.floor(args.fraction * len(graph.edges))
