@@ -161,10 +161,9 @@ class EdgeSetLanguage:
 
     def __init__(self, edge_set: EdgeSet, graph: Graph, where: str):
         chosen = set()
-        exact = graph.edges_by_name
         for spec in edge_set.edges:
             channels = (spec.channel,) if spec.channel else ("q", "k", "v", "resid")
-            found = [e for ch in channels if (e := exact.get((spec.sender, spec.receiver, ch)))]
+            found = [e for ch in channels if (e := graph.edge(spec.sender, spec.receiver, ch))]
             if found:  # a plain name (no glob is a name of an edge)
                 chosen.update((e.sender.order, e.receiver.order, e.channel) for e in found)
                 continue

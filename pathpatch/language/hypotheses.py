@@ -152,7 +152,10 @@ class StructuralHypothesis(Hypothesis):
     def compile(self, graph: Graph, max_states: int = 200_000) -> CopyGraph:
         if self.kind == "remove_edge":
             sender, receiver, channel = edge_parts(self.target)
-            edge = graph.edges_by_name[(sender, receiver, channel)]
+            edge = graph.edge(sender, receiver, channel)
+            if edge is None:
+                raise PathPatchError(f"hypothesis {self.name!r}: the graph has no edge "
+                                     f"{self.target!r}")
             cut = {(edge.receiver.order, edge.channel): frozenset([edge.sender.order])}
             return single_copy_graph(graph, cut=cut)
         if self.kind == "circuit":

@@ -83,3 +83,13 @@ def test_validation_shares_the_cost_of_removals_into_one_receiver_class(family):
     else:
         assert len(keys) == len(classes) < len({(n.order, c) for n in graph.nodes[1:]
                                                 for c in n.channels})
+
+
+def test_an_edge_is_found_by_its_names_without_a_table_of_every_edge():
+    graph = Graph.from_model(tiny_model("mlp", n_layers=3))
+    for e in graph.edges:
+        assert graph.edge(e.sender.name, e.receiver.name, e.channel.value) == e
+    assert graph.edge("a1.0", "a0.1", "q") is None  # a later sender
+    assert graph.edge("a0.0", "a0.1", "q") is None  # the same layer's head
+    assert graph.edge("in", "m0", "q") is None  # an MLP has no q channel
+    assert graph.edge("a9.0", "out", "resid") is None and graph.edge("in", "out", "x") is None
