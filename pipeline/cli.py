@@ -323,6 +323,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                 memory_budget=args.memory_budget)
         finally:
             phases.close()
+    elif args.what == "driver":
+        from pipeline.pipeline_benchmark import DRIVER_PHASES, bench_driver
+        from pipeline.progress import Phases
+
+        phases = Phases(DRIVER_PHASES, "bench driver")
+        try:
+            result = bench_driver(items=args.items, rate=args.rate, keep=args.keep,
+                                  progress=phases)
+        finally:
+            phases.close()
     else:
         from pipeline.pipeline_benchmark import bench_phases, bench_pipeline
         from pipeline.progress import Phases
@@ -490,11 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: engine (per-hypothesis cost), pipeline (Ray), "
                                      "scan (the full single-edge scan of a GPT-2-small shape), "
                                      "discovery (EAP, EAP-IG and the greedy search in forwards), "
-                                     "plan (a full scan planned from the architecture alone)")
-    p.add_argument("what", choices=("engine", "pipeline", "scan", "discovery", "plan"))
+                                     "plan (a full scan planned from the architecture alone), "
+                                     "driver (the driver loop on stand-in workers, and a resume)")
+    p.add_argument("what", choices=("engine", "pipeline", "scan", "discovery", "plan", "driver"))
     p.add_argument("--plan-shapes", nargs="+", default=None, metavar="SHAPE",
                    help="plan: shapes whose full single-edge scan is planned from config.json "
                         "alone (default: qwen2.5-0.5b gemma-2-2b llama-3.1-8b; also gpt2-small)")
+    p.add_argument("--items", type=int, default=10_000,
+                   help="driver: work items of 512 rows each (a multiple of 25)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="driver: items per second the stand-in workers return (default: unlimited)")
     p.add_argument("--steps", type=int, default=5, help="discovery: EAP-IG's points")
     p.add_argument("--decisions", type=int, default=24,
                    help="discovery: search decisions to time (edges into out, the first visited)")
@@ -510,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "engine: the shape's, 6 GiB for qwen2.5-0.5b and llama-3.2-1b)")
     p.add_argument("--spec", default=None, help="pipeline: sweep to time (default: jobs/bench.toml)")
     p.add_argument("--keep", default=None,
-                   help="pipeline, scan: keep the sweep folders (and scan's model) under this folder")
+                   help="pipeline, scan, driver: keep the sweep folders (and scan's model) under "
+                        "this folder")
     p.add_argument("--model", default="gpt2-small-shape",
                    help="engine: a model to load (attn-only-2l, a directory...) instead of --shape")
     p.add_argument("--shape", default="gpt2-small",

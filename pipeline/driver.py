@@ -135,6 +135,8 @@ class RunOptions:
         ray_init: extra `ray.init` arguments for a local cluster started here.
         executor_options: `ExecutorOptions` fields to override (e.g. warm_start=True).
         spec_file: where the spec was read from (recorded in the manifest).
+        executor: an executor to run items on instead of the backend's (`bench driver`'s
+            stand-in workers); the caller opens and closes it.
     """
 
     backend: str = "ray"
@@ -143,6 +145,7 @@ class RunOptions:
     ray_init: dict[str, Any] | None = None
     executor_options: dict[str, Any] | None = None
     spec_file: str = ""
+    executor: Executor | None = None
 
 
 def worker_config(resolved: Resolved, *, device: str = "auto") -> WorkerConfig:
@@ -312,6 +315,9 @@ class _Loop:
             self.options.on_event(name, **fields)
 
     def _executor(self) -> Executor:
+        if self.executor is None and self.options.executor is not None:
+            self.executor = self.options.executor
+            self._bar()
         if self.executor is None:
             spec = self.resolved.spec
             options = ExecutorOptions(resources=spec.resources, execution=spec.execution,

@@ -12,6 +12,7 @@ two cores give right now without Ray (the ceiling for `ray2_over_ray1`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,16 +27,19 @@ import torch
 
 from pathpatch.engine.evaluation import compile_all
 from pathpatch.engine.stage_plan import GroupPlan
+from pathpatch.language.hypotheses import Facts
 from pathpatch.model.graph import Graph
 from pathpatch.model.loading import build_model, save_checkpoint
 from pathpatch.tools.engine_benchmarks import SHAPES, cpu_description
-from pipeline.driver import Outcome, prepare_ray_environment, worker_config
+from pipeline.driver import Outcome, RunOptions, drive, prepare_ray_environment, worker_config
+from pipeline.execution import ExecutorOptions, InProcessExecutor
+from pipeline.plan import HypothesisInfo, Shard, make_plan
 from pipeline.query import open_sweeps
-from pipeline.resolve import resolve
-from pipeline.spec import load_spec
+from pipeline.resolve import Resolved, resolve
+from pipeline.spec import load_spec, parse_spec
 from pipeline.store import SweepFolder
 from pipeline.sweep import SweepRounds, run_sweep
-from pipeline.worker import Worker
+from pipeline.worker import TaskInfo, Worker
 
 DEFAULT_SPEC = Path(__file__).resolve().parent.parent / "jobs" / "bench.toml"
 
@@ -287,3 +291,185 @@ def _timed(fn: Callable[[], Any]) -> float:
         fn()
         sync()
         return time.perf_counter() - start
+
+
+# --- bench driver --------------------------------------------------------------------------------
+
+DRIVER_PHASES = 4
+
+
+class StandInWorker:
+    """A worker without a model: hands back a precomputed result table for every item, at most
+    `rate` items per second (None: as fast as the driver takes them), so that what is measured
+    is the driver's path alone (check, Parquet write with provenance, event log, progress).
+
+    It also notes the driver's resident memory after the item counts in `marks`.
+    """
+
+    node = "stand-in"
+
+    def __init__(self, tables: list[Any], *, rate: float | None = None,
+                 marks: tuple[int, ...] = ()):
+        self.tables = tables
+        self.rate = rate
+        self.marks = set(marks)
+        self.rss: dict[int, int] = {}
+        self.calls = 0
+        self.started: float | None = None
+
+    def holds(self, shard_id: str) -> bool:
+        return True  # the shards' data is never asked for
+
+    def run(self, task: Any, data: Any = None) -> tuple[Any, Any]:
+        if self.calls in self.marks:
+            self.rss[self.calls] = rss_bytes()
+        if self.started is None:
+            self.started = time.perf_counter()
+        elif self.rate:  # the item is ready at its slot of the set rate, not before
+            wait = self.started + self.calls / self.rate - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+        table = self.tables[self.calls % len(self.tables)]
+        self.calls += 1
+        return table, TaskInfo(node=self.node, pid=0, seconds=0.0, examples=DRIVER_SHARD_SIZE)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError):
+        return 0
+
+
+DRIVER_SHARD_SIZE = 64
+DRIVER_GROUP_SIZE = 8
+
+
+def _driver_resolved(items: int, shards: int, metric: str) -> Any:
+    """A scan-like sweep of `items` items (`shards` shards x items/shards groups of 8 edge
+    removals, 64 examples per shard) as `drive` takes it, with no model or data behind it."""
+    if items < shards or items % shards:
+        raise ValueError(f"items {items}: give a multiple of shards ({shards})")
+    n_hyp = items // shards * DRIVER_GROUP_SIZE
+    edges = [str(e) for e in Graph(n_layers=12, n_heads=12, has_mlp=True).edges]
+    names = [edges[i % len(edges)] + (f"#{i // len(edges)}" if i >= len(edges) else "")
+             for i in range(n_hyp)]
+    hypotheses = tuple(HypothesisInfo(f"remove {e}", f"remove({e})", 40, 0.5,
+                                      facts=Facts("edge_removal", "remove_edge", e.split("#")[0]))
+                       for e in names)
+    shard_list = tuple(Shard(i, i * DRIVER_SHARD_SIZE, (i + 1) * DRIVER_SHARD_SIZE, f"{i + 1:064x}")
+                       for i in range(shards))
+    plan = make_plan(model_digest="stand-in-" + "0" * 55, shards=shard_list,
+                     hypotheses=hypotheses, group_size=DRIVER_GROUP_SIZE, metric=metric,
+                     dtype="float32")
+    spec = parse_spec(f'name = "driver"\nmodel = "attn-only-2l"\nmetric = "{metric}"\n'
+                      f'shard_size = {DRIVER_SHARD_SIZE}\ngroup_size = {DRIVER_GROUP_SIZE}\n'
+                      f'[dataset]\nkind = "induction"\nn = {shards * DRIVER_SHARD_SIZE}\n'
+                      '[[hypotheses]]\nfamily = "edge_removal"\n', default_name="driver")
+    return Resolved(spec=spec, model=None, dataset=None, shards=shard_list,
+                    hypotheses=hypotheses, plan=plan)
+
+
+def stand_in_tables(n_tables: int = 16, *, values: bool = True, seed: int = 0) -> list[Any]:
+    """Result tables as an Evaluate item returns them (8 hypotheses x 64 examples: hypothesis,
+    example, ue, te and, for a metric with a statistic, m, m_clean, m_cf), random values."""
+    import numpy as np
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    edges = [str(e) for e in Graph(n_layers=12, n_heads=12, has_mlp=True).edges]
+    n_h, n_ex = DRIVER_GROUP_SIZE, DRIVER_SHARD_SIZE
+    out = []
+    for t in range(n_tables):
+        names = [f"remove {edges[(t * n_h + i) % len(edges)]}" for i in range(n_h)]
+        te = rng.gamma(2.0, 1.0, n_ex)
+        columns = {
+            "hypothesis": pa.array(np.repeat(names, n_ex), pa.string()),
+            "example": pa.array(np.tile(np.arange(n_ex) + t * n_ex, n_h), pa.int64()),
+            "ue": pa.array(np.tile(te, n_h) * rng.random(n_ex * n_h), pa.float64()),
+            "te": pa.array(np.tile(te, n_h), pa.float64()),
+        }
+        if values:
+            m_clean, m_cf = rng.normal(3.0, 1.0, n_ex), rng.normal(0.0, 1.0, n_ex)
+            columns["m"] = pa.array(rng.normal(1.5, 1.0, n_ex * n_h), pa.float64())
+            columns["m_clean"] = pa.array(np.tile(m_clean, n_h), pa.float64())
+            columns["m_cf"] = pa.array(np.tile(m_cf, n_h), pa.float64())
+        out.append(pa.table(columns))
+    return out
+
+
+def bench_driver(*, items: int = 10_000, shards: int = 25, rate: float | None = None,
+                 keep: str | Path | None = None, progress: Callable[[str], None] | None = None,
+                 bar: bool = True, resume: bool = True) -> dict[str, Any]:
+    """What the driver sustains end to end with workers that are never the bottleneck: a
+    scan-like plan of `items` items (8 hypotheses x 64 examples, 512 rows of the real
+    `logit_diff` schema each) run through `drive`, its `_Loop` and the real sweep folder, on
+    stand-in workers returning precomputed tables (at `rate` items/s, default unlimited). Then
+    the finished sweep is resumed (nothing pending) and timed: `resume_s`.
+
+    Prints items/s, rows/s, the driver's CPU per item and its resident memory after 10^3,
+    10^4 and 10^5 items (those reached). `bar` keeps the progress bar on (its output goes to
+    /dev/null), as a real run has it.
+    """
+    import contextlib
+
+    step = progress or (lambda phase: None)
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pathpatch-driver-"))
+    try:
+        step(f"plan {items} items")
+        start = time.perf_counter()
+        resolved = _driver_resolved(items, shards, "logit_diff")
+        plan_s = time.perf_counter() - start
+        tables = stand_in_tables()
+        marks = tuple(m for m in (1_000, 10_000, 100_000) if m < items)
+        worker = StandInWorker(tables, rate=rate, marks=marks)
+        out = root / "sweep"
+        shutil.rmtree(out, ignore_errors=True)
+        folder = SweepFolder(out)
+
+        def run_once(stand_in: bool) -> tuple[Outcome, float, float]:
+            outcome = Outcome(folder=out, total=len(resolved.plan.items), metric="logit_diff")
+            executor = (InProcessExecutor(worker, ExecutorOptions(), stats=outcome)
+                        if stand_in else None)  # a resume that computed something would fail
+            options = RunOptions(backend="inprocess", executor=executor)
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
+                wall, cpu = time.perf_counter(), time.process_time()
+                drive(resolved, folder, SweepRounds(resolved, progress=bar), outcome, options)
+                return outcome, time.perf_counter() - wall, time.process_time() - cpu
+
+        step(f"drive {items} items through the stand-in workers")
+        rss_before = rss_bytes()
+        outcome, wall_s, cpu_s = run_once(True)
+        rss_after = rss_bytes()
+        step("resume the finished sweep")
+        resumed = run_once(False) if resume else None
+        step("measure the folder")
+        files = list(folder.items_dir.glob("*.parquet"))
+        disk = sum(f.stat().st_size for f in files)
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    rss = {**{str(k): v for k, v in worker.rss.items()}, str(items): rss_after}
+    mib = 1 << 20
+    result = {
+        **cpu_description(),
+        "items": items, "rows": outcome.rows, "rows_per_item": outcome.rows // max(items, 1),
+        "rate_items_per_s": rate, "progress_bar": bar, "plan_s": round(plan_s, 2),
+        "failed": outcome.failed,
+        "executor_s": round(outcome.seconds, 2), "drive_s": round(wall_s, 2),
+        "items_per_s": round(items / outcome.seconds, 1),
+        "rows_per_s": round(outcome.rows / outcome.seconds),
+        "driver_cpu_ms_per_item": round(1000 * cpu_s / items, 3),
+        "rss_mib_before": round(rss_before / mib, 1),
+        "rss_mib_after_items": {k: round(v / mib, 1) for k, v in rss.items()},
+        "files": len(files), "mb_on_disk": round(disk / 1e6, 1),
+    }
+    if "10000" in rss and items > 10_000:
+        result["rss_bytes_per_item_after_10000"] = round(
+            (rss_after - rss["10000"]) / (items - 10_000), 1)
+    if resumed is not None:
+        result |= {"resume_s": round(resumed[1], 3), "resume_reused": resumed[0].reused,
+                   "resume_evaluations": resumed[0].evaluations}
+    return result
