@@ -221,15 +221,16 @@ def drive(resolved: Resolved, folder: SweepFolder, rounds: Rounds, outcome: Outc
         folder.write_manifest(manifest)
         folder.write_hypotheses(resolved.plan)
         folder.write_spec(spec.source, spec.digest())
-        loop = _Loop(resolved, folder, rounds, outcome, options, provenance)
-        try:
-            first = True
-            while (items := rounds.next_round()) is not None:
-                loop.run_round(items, log_start=({**prepared, "stale_temps_removed": stale}
-                                                 if first else None))
-                first = False
-        finally:
-            loop.close()
+        with folder.batched():  # results made durable in batches (`SweepFolder.batched`)
+            loop = _Loop(resolved, folder, rounds, outcome, options, provenance)
+            try:
+                first = True
+                while (items := rounds.next_round()) is not None:
+                    loop.run_round(items, log_start=({**prepared, "stale_temps_removed": stale}
+                                                     if first else None))
+                    first = False
+            finally:
+                loop.close()
         finished = rounds.finish(folder, manifest)
         folder.log(f"{rounds.label}_finished", **finished, evaluations=outcome.evaluations,
                    reused=outcome.reused, failed=outcome.failed, requeues=outcome.requeues,
@@ -256,12 +257,14 @@ class _Loop:
 
     def run_round(self, items: Sequence[WorkItem], log_start: dict[str, Any] | None) -> None:
         pending: list[WorkItem] = []
+        # files the done index vouches for are not opened: time grows with what is pending
+        whole, broken = self.folder.whole_items([(item.id, item.expected_rows) for item in items])
         for item in items:
-            if self.folder.is_whole(item.id, item.expected_rows, full=True):
+            if item.id in whole:
                 self.outcome.reused += 1
                 continue
-            if self.folder.item_path(item.id).exists():
-                self.folder.item_path(item.id).unlink()  # truncated or foreign: compute again
+            if item.id in broken:
+                self.folder.item_path(item.id).unlink(missing_ok=True)  # compute it again
                 self.outcome.redone += 1
                 self.folder.log("broken_file_removed", item=item.id)
             pending.append(item)

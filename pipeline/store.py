@@ -13,11 +13,18 @@ Layout (see docs/PIPELINE.md)::
       events.jsonl           what happened: runs, requeues, replaced workers, failures
       steps/<index>.parquet  a search's decisions (`STEP_SCHEMA`), one file per round
       circuit.json, circuit.csv  the circuit a search found (EAP-IG format; a ranking)
+      done.tsv               the done index: a line per result file made durable (item id,
+                             size, mtime_ns, rows), appended as items are written
       .lock                  flock'ed by the one driver allowed at a time
 
-A result file is written whole or not at all (`pathpatch.data.atomic`), and counts as
-done only if it reads back whole (row count and identity from its own metadata). Only the
-driver holding the lock writes; readers (status, sql) need no lock.
+A result file is written whole or not at all (`pathpatch.data.atomic`). A driver counts it
+done without opening it when the done index records it at its current size and modification
+time (a line is written only once the file is durable); any other file counts as done only if
+it reads back whole (row count and identity from its own metadata), and is then recorded. So a
+resume reads the index and stats the files, and reads in full only files the index does not
+vouch for (written by an older pathpatch, by a driver stopped before its batch was made
+durable, or changed since). Only the driver holding the lock writes; readers (status, sql) need
+no lock and check each file's footer.
 """
 
 from __future__ import annotations
@@ -40,7 +47,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pathpatch.data.atomic import TEMP_MARK, atomic_write, atomic_write_bytes, fsync_dir
+from pathpatch.data.atomic import (
+    TEMP_MARK,
+    atomic_write,
+    atomic_write_bytes,
+    fsync_dir,
+    sync_filesystem,
+)
 from pathpatch.errors import PathPatchError
 from pathpatch.model.names import edge_parts, node_parts
 from pipeline.plan import HypothesisInfo, Plan, WorkItem
@@ -50,6 +63,11 @@ META_KEY = b"pathpatch.provenance"
 PLAN_KEY = b"pathpatch.plan"
 """`hypotheses.parquet`'s metadata key: the digest of the plan's (name, canonical) pairs it
 describes, checked against the manifest's (a run stopped between writing the two)."""
+DONE_INDEX = "done.tsv"
+BATCH_ITEMS = 256
+BATCH_SECONDS = 1.0
+"""Inside `SweepFolder.batched`, result files are made durable together every BATCH_ITEMS files
+or BATCH_SECONDS, whichever comes first (a slow sweep's every file at once)."""
 LIBRARIES = ("pathpatch", "torch", "transformer-lens", "pyarrow", "numpy", "ray", "duckdb")
 
 
@@ -97,6 +115,17 @@ def hypotheses_table(hypotheses: Sequence[HypothesisInfo]) -> pa.Table:
                     schema=HYPOTHESES_SCHEMA)
 
 
+class _Batch:
+    """Result files written since the last barrier (item id, rows), and whether anything
+    (an event line) waits for it."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, int]] = []
+        self.failed: set[str] = set()  # items with a failed/ record (cleared on success)
+        self.dirty = False
+        self.since = time.monotonic()
+
+
 class SweepLocked(PathPatchError):
     """Another driver holds the sweep folder's lock."""
 
@@ -141,6 +170,9 @@ class SweepFolder:
         self.spec_path = self.root / "spec.toml"
         self.events_path = self.root / "events.jsonl"
         self.lock_path = self.root / ".lock"
+        self.done_path = self.root / DONE_INDEX
+        self._batch: _Batch | None = None
+        self._events: Any = None  # the event log, kept open inside `batched`
 
     # --- lock -----------------------------------------------------------------------------
 
@@ -290,10 +322,16 @@ class SweepFolder:
         return manifest
 
     def log(self, event: str, **fields: Any) -> None:
-        """Append one event line (flushed and fsynced: it is the record of what happened)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Append one event line (flushed and fsynced: it is the record of what happened;
+        inside `batched`, fsynced with the batch)."""
         line = json.dumps({"time": round(time.time(), 3), "event": event, **fields},
                           sort_keys=True, default=str)
+        if self._events is not None and self._batch is not None:  # fsynced with the batch
+            self._events.write(line + "\n")
+            self._events.flush()  # the OS has it: a killed driver loses no line
+            self._batch.dirty = True
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
         with open(self.events_path, "a") as f:
             f.write(line + "\n")
             f.flush()
@@ -389,27 +427,160 @@ class SweepFolder:
         meta[META_KEY] = json.dumps({**provenance, "item": item.id, "rows": table.num_rows},
                                     sort_keys=True).encode()
         table = table.replace_schema_metadata(meta)
-        self.items_dir.mkdir(parents=True, exist_ok=True)
+        sink = pa.BufferOutputStream()  # encoded in memory, written in one call
+        # dictionaries only where values repeat (names, ids, indices): a float column's would
+        # be as long as the column, and cost a fifth of the write
+        pq.write_table(table, sink, compression="zstd", use_dictionary=[
+            f.name for f in table.schema if not pa.types.is_floating(f.type)])
+        data = sink.getvalue()
+        if self._batch is None:
+            self.items_dir.mkdir(parents=True, exist_ok=True)
         path = self.item_path(item.id)
-        atomic_write(path, lambda f: pq.write_table(table, f, compression="zstd"))
-        # The footer, not the rows: just written, the rows would come back from the page cache,
-        # so comparing them checks pyarrow against itself (and doubled the driver's cost per item).
-        if not self.is_whole(item.id, table.num_rows, full=False):
+        atomic_write_bytes(path, data, sync=self._batch is None)
+        # The size, not the rows: just written, the rows would come back from the page cache,
+        # so reading them checks pyarrow against itself (it doubled the driver's cost per item).
+        if path.stat().st_size != data.size:
             path.unlink(missing_ok=True)
             raise OSError(f"{path} did not read back whole; the disk may be full or failing")
         self.clear_failure(item.id)
+        if self._batch is None:
+            self._record_done([(item.id, table.num_rows)])
+        else:
+            self._batch.pending.append((item.id, table.num_rows))
+            if (len(self._batch.pending) >= BATCH_ITEMS
+                    or time.monotonic() - self._batch.since >= BATCH_SECONDS):
+                self.flush()
         return path
+
+    # --- durability in batches, and the done index --------------------------------------------
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Within: result files and event lines are written as they come (each file appears
+        whole at once) but made durable together, by one `sync_filesystem` per batch
+        (`BATCH_ITEMS` files or `BATCH_SECONDS`), after which their done-index lines are
+        written; and on leaving. A killed driver loses nothing it wrote; a power cut loses at
+        most the last batch's durability: those files are not in the done index, so the next
+        run reads them in full (`whole_items`) and redoes any that are damaged. Only call while
+        holding the lock.
+        """
+        self.items_dir.mkdir(parents=True, exist_ok=True)
+        self._batch = _Batch()
+        self._batch.failed = set(self.failures_listed())
+        self._events = open(self.events_path, "a")  # noqa: SIM115 -- closed below
+        try:
+            yield
+        finally:
+            try:
+                self.flush()
+            finally:
+                self._events.close()
+                self._events, self._batch = None, None
+
+    def flush(self) -> None:
+        """Make what this batch wrote durable, then record its files in the done index."""
+        batch = self._batch
+        if batch is None or not (batch.pending or batch.dirty):
+            return
+        sync_filesystem(self.root)
+        self._record_done(batch.pending)
+        batch.pending, batch.dirty, batch.since = [], False, time.monotonic()
+
+    def _record_done(self, written: Sequence[tuple[str, int]]) -> None:
+        """Append the done-index lines of durable result files (item id, rows), and fsync."""
+        lines = []
+        for item_id, rows in written:
+            try:
+                st = self.item_path(item_id).stat()
+            except FileNotFoundError:
+                continue
+            lines.append(f"{item_id}\t{st.st_size}\t{st.st_mtime_ns}\t{rows}\n")
+        if not lines:
+            return
+        with open(self.done_path, "a+b") as f:
+            if f.tell() and os.pread(f.fileno(), 1, f.tell() - 1) != b"\n":
+                f.write(b"\n")  # end a line a crash cut short: it is skipped, not extended
+            f.write("".join(lines).encode())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def done_index(self) -> dict[str, tuple[int, int, int]]:
+        """The done index: item id -> (size, mtime_ns, rows) of its file when it was recorded
+        (the latest line wins; a line a crash cut short, or not of this form, is skipped)."""
+        try:
+            text = self.done_path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return {}
+        out: dict[str, tuple[int, int, int]] = {}
+        lines = text.split("\n")
+        for line in lines[:-1]:  # the last is "" after a whole line, else a cut one
+            parts = line.split("\t")
+            if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() and parts[3].isdigit():
+                out[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+        if len(lines) > 2 * len(out) + 1024:  # mostly superseded lines: rewrite it compact
+            atomic_write_bytes(self.done_path, "".join(
+                f"{k}\t{a}\t{b}\t{c}\n" for k, (a, b, c) in out.items()).encode())
+        return out
+
+    def whole_items(self, items: Sequence[tuple[str, int]]) -> tuple[set[str], set[str]]:
+        """Which of these (item id, expected rows) have a whole result file, and which have a
+        file that is not whole (truncated, corrupt, another item's). A file the done index
+        records at its current size and mtime is whole without being opened; any other is read
+        in full, and recorded when whole. Only call while holding the lock.
+
+        Returns:
+            (ids whose file is whole, ids whose file is there but not whole).
+        """
+        index = self.done_index()
+        try:
+            files = {e.name: e for e in os.scandir(self.items_dir)}
+        except FileNotFoundError:
+            return set(), set()
+        whole: set[str] = set()
+        broken: set[str] = set()
+        verified: list[tuple[str, int]] = []
+        for item_id, rows in items:
+            entry = files.get(f"{item_id}.parquet")
+            if entry is None:
+                continue
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            if index.get(item_id) == (st.st_size, st.st_mtime_ns, rows):
+                whole.add(item_id)
+            elif self.is_whole(item_id, rows, full=True):
+                whole.add(item_id)
+                verified.append((item_id, rows))
+            else:
+                broken.add(item_id)
+        if verified:  # perhaps written by a driver stopped before its batch was made durable
+            sync_filesystem(self.root)
+            self._record_done(verified)
+        return whole, broken
 
     # --- failures -----------------------------------------------------------------------------
 
     def record_failure(self, item_id: str, error: str, attempts: int) -> None:
+        if self._batch is not None:
+            self._batch.failed.add(item_id)
         self.failed_dir.mkdir(parents=True, exist_ok=True)
         record = {"item": item_id, "error": error, "attempts": attempts, "time": time.time()}
         atomic_write_bytes(self.failed_dir / f"{item_id}.json",
                            json.dumps(record, indent=1).encode())
 
     def clear_failure(self, item_id: str) -> None:
+        if self._batch is not None:  # inside `batched`, only the records known to be there
+            if item_id not in self._batch.failed:
+                return
+            self._batch.failed.discard(item_id)
         (self.failed_dir / f"{item_id}.json").unlink(missing_ok=True)
+
+    def failures_listed(self) -> list[str]:
+        """Item ids with a failure record (their names only: nothing is read)."""
+        if not self.failed_dir.is_dir():
+            return []
+        return [p.stem for p in self.failed_dir.glob("*.json")]
 
     def failures(self) -> dict[str, dict[str, Any]]:
         out = {}

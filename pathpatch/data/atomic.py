@@ -27,21 +27,53 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Run `write(f)` on a temp file beside `path`, then fsync, rename and fsync the folder."""
+def sync_filesystem(path: Path) -> None:
+    """Make every file written and renamed on `path`'s filesystem durable, in one call (Linux's
+    `syncfs`; `os.sync` elsewhere): the barrier of a batch of `atomic_write(sync=False)`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _syncfs is None or _syncfs(fd) != 0:
+            os.sync()
+    finally:
+        os.close(fd)
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_syncfs = _libc_syncfs()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *,
+                 sync: bool = True) -> None:
+    """Run `write(f)` on a temp file beside `path`, then fsync, rename and fsync the folder.
+
+    `sync=False` skips both fsyncs: the file still appears whole or not at all to every
+    process (a killed writer leaves only a temp file), but a power cut may lose or damage it
+    until the caller's next `sync_filesystem`; trust such a file only after that barrier.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)  # only left when something failed before the rename
-    fsync_dir(path.parent)
+        raise
+    if sync:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, sync: bool = True) -> None:
     """`atomic_write` of a bytes object."""
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data), sync=sync)
