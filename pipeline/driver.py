@@ -3,11 +3,13 @@
 One loop serves a sweep and a search. A run takes the folder's lock, records the manifest and
 the spec, then asks its `Rounds` for work until they have none: a sweep's plan is one round,
 a search's candidates are many, each known only once the previous round's values are in.
-Items whose file is already whole are read back, not computed; the rest go to the executor
-(Ray actors or this process), opened on the first round that needs it and kept for the others
-(so actors keep their model and cached shards). Each result is written as it arrives
-(`on_done`), each item that failed every attempt is recorded (`on_failed`), and the rounds
-see what their round produced (`Rounds.settle`). Running it again is resuming.
+Items whose file is already whole are skipped (`SweepFolder.whole_items`: the done index
+vouches for a file without opening it, any other file is read in full), a file that is not
+whole is removed and computed again; the rest go to the executor (Ray actors or this process),
+opened on the first round that needs it and kept for the others (so actors keep their model
+and cached shards). Each result is written as it arrives (`on_done`), made durable in batches
+(`SweepFolder.batched`), each item that failed every attempt is recorded (`on_failed`), and
+the rounds see what their round produced (`Rounds.settle`). Running it again is resuming.
 """
 
 from __future__ import annotations
