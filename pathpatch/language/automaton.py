@@ -163,9 +163,9 @@ class EdgeSetLanguage:
         chosen = set()
         for spec in edge_set.edges:
             channels = (spec.channel,) if spec.channel else ("q", "k", "v", "resid")
-            found = [e for ch in channels if (e := graph.edge(spec.sender, spec.receiver, ch))]
+            found = [k for ch in channels if (k := graph.edge_key(spec.sender, spec.receiver, ch))]
             if found:  # a plain name (no glob is a name of an edge)
-                chosen.update((e.sender.order, e.receiver.order, e.channel) for e in found)
+                chosen.update(found)
                 continue
             senders = _resolve_glob(spec.sender, graph, where)
             receivers = _resolve_glob(spec.receiver, graph, where)

@@ -50,7 +50,7 @@ class Channel(enum.Enum):
 
 
 HEAD_CHANNELS = (Channel.Q, Channel.K, Channel.V)
-_CHANNEL_VALUES = frozenset(c.value for c in Channel)
+_CHANNELS = {c.value: c for c in Channel}
 
 
 @dataclass(frozen=True, order=True)
@@ -222,15 +222,23 @@ class Graph:
         """The edge `sender -> receiver.channel` by names, or None where the graph has none:
         looked up through the nodes, with no table of every edge (Llama-3.1-8B has 1.6
         million)."""
+        key = self.edge_key(sender, receiver, channel)
+        return None if key is None else Edge(self.nodes[key[0]], self.nodes[key[1]], key[2])
+
+    def edge_key(self, sender: str, receiver: str, channel: str
+                 ) -> tuple[int, int, Channel] | None:
+        """(sender order, receiver order, channel) of the edge of these names, or None: what a
+        written circuit's hundreds of thousands of edges are looked up by (`edge` without
+        making the `Edge`)."""
         s, r = self.by_name.get(sender), self.by_name.get(receiver)
-        if s is None or r is None or channel not in _CHANNEL_VALUES:
+        c = _CHANNELS.get(channel)
+        if s is None or r is None or c is None or c not in r.channels:
             return None
-        c = Channel(channel)
         orders = self._sender_orders[r.order]
         at = bisect.bisect_left(orders, s.order)
-        if c not in r.channels or at == len(orders) or orders[at] != s.order:
+        if at == len(orders) or orders[at] != s.order:
             return None
-        return Edge(s, r, c)
+        return s.order, r.order, c
 
     @cached_property
     def _sender_orders(self) -> tuple[tuple[int, ...], ...]:
