@@ -68,3 +68,15 @@ def test_bench_engine_shapes_are_the_ones_its_help_names(capsys):
     assert "the shapes are gpt2-small, pythia-160m" in capsys.readouterr().err
     for fields in SHAPES.values():  # each a valid config the engine computes exactly
         check_supported(ModelConfig(**fields, n_ctx=8))
+
+
+def test_bench_plan_plans_a_whole_scan_from_config_json_alone(capsys):
+    """`bench plan`: GPT-2 small's full single-edge scan (MIB counts 32,491 edges) planned from
+    a directory holding config.json only, in a fresh interpreter, with its time and memory."""
+    assert main(["bench", "plan", "--plan-shapes", "gpt2-small", "--pairs", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shape = out["shapes"]["gpt2-small"]
+    assert shape["edges"] == 32_491 and shape["work_items"] == -(-32_491 // 8)
+    assert shape["seconds"] > 0 and shape["peak_rss_beyond_interpreter_gib"] > 0
+    assert shape["summary_lines"] < 100  # a summary, not a line per hypothesis
+    assert "vector_extensions" in out["host"]
