@@ -224,7 +224,7 @@ class RayExecutor:
                 self._wait_once()
                 self._check_deadlines()
                 if time.monotonic() - grown > self.options.grow_every_s:
-                    self._grow(len(tasks))
+                    self._grow(len(tasks), joining=True)
                     grown = time.monotonic()
                 if not self._slots:
                     raise PathPatchError(self._no_workers_message())
@@ -246,10 +246,11 @@ class RayExecutor:
 
     # --- actors -----------------------------------------------------------------------------
 
-    def _grow(self, n_items: int) -> None:
+    def _grow(self, n_items: int, *, joining: bool = False) -> None:
         """Start actors up to what the cluster's resources now allow (`size_pool`): at a run's
-        start, and while it runs when nodes have joined (a fixed `workers` never grows)."""
-        if self._slots and self.options.resources.workers is not None:
+        start (a later run with more items than an earlier one could use), and while it runs
+        (`joining`) when nodes have joined, unless the spec fixes `workers`."""
+        if joining and self.options.resources.workers is not None:
             return
         workers, gpus = size_pool(self.options, ray.cluster_resources(), n_items)
         if len(self._slots) >= workers:
