@@ -15,6 +15,7 @@ from pathpatch.errors import PathPatchError
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
+from tests.pathpatch.test_ablation import _values
 from tests.pathpatch.test_engine import _edge_hook_run
 
 B, T = 3, 5
@@ -297,25 +298,13 @@ def test_the_right_points_reproduce_the_scores_before_points_were_named():
 def test_eap_under_ablation_is_the_reference_s_formula(kind):
     """Under zero, mean or position-wise mean ablation EAP is the EAP-IG repository's
     `get_scores_eap` with that intervention: the gradient at x_r times (the sender's ablation
-    value - its clean output); the values written here from the clean cache (means over
-    examples and positions, or over examples per position), float64, every edge; x_c unread.
+    value - its clean output); the values those of test_ablation's hook oracle, taken from the
+    clean cache without the engine (means over examples and positions, or over examples per
+    position), float64, every edge; x_c unread.
     (The ablation values' hooks are the engine's, exact on every family: test_ablation.py.)"""
     model = tiny_model("mlp", n_layers=2)
     batch = _batch(model, 4)
-    _, cache = model.run_with_cache(batch.reference)
-    cfg = model.cfg
-
-    def value(t):  # [batch, pos, d_model] -> the ablation value, broadcast over the batch
-        if kind == "zero":
-            return torch.zeros_like(t[0])
-        return t.mean(0) if kind == "mean_positional" else t.mean((0, 1)).expand_as(t[0])
-
-    ablated = {"in": value(cache["hook_embed"])}
-    for layer in range(cfg.n_layers):
-        z = cache[f"blocks.{layer}.attn.hook_z"]
-        for h in range(cfg.n_heads):
-            ablated[f"a{layer}.{h}"] = value(z[:, :, h]) @ model.blocks[layer].attn.W_O[h]
-        ablated[f"m{layer}"] = value(cache[f"blocks.{layer}.hook_mlp_out"])
+    ablated = _values(model, batch.reference, kind)  # the hook oracle's own values
     ablation = ablation_values(model, batch.reference, kind)
     edges, scores = edge_attributions(model, batch, ablation=ablation)
     want = _reference_eap_ig(model, batch, 0, ablated=ablated)

@@ -14,6 +14,7 @@ from pathpatch.language.hypothesis_families import edge_removal, node_removal
 from pathpatch.model.graph import Graph
 from tests.pathpatch import oracle
 from tests.pathpatch.conftest import tiny_model
+from tests.pathpatch.test_ablation import _ablation_hook_run, _outputs
 
 B, T = 3, 5
 
@@ -90,74 +91,12 @@ def test_idle_layers_are_read_not_run():
 
 
 def _circuit_hook_run(model, kept: set[str], xr, xc) -> torch.Tensor:
-    """A circuit as TransformerLens hooks compute it, sharing nothing with the engine (its own
-    sender rule, edge names and sums; a sequential model): one run on x_r in which every
-    receiver's input gets, for each edge u -> v outside the circuit, a_u(x_c) - a_u(this run)."""
-    L, H = model.cfg.n_layers, model.cfg.n_heads
+    """A circuit as TransformerLens hooks compute it, sharing nothing with the engine: one run on
+    x_r in which every receiver's input gets, for each edge u -> v outside the circuit,
+    a_u(x_c) - a_u(this run) (the hook-based edge ablation of `test_ablation`, whose ablation
+    values here are each sender's output on x_c)."""
     _, cf_cache = model.run_with_cache(xc)
-
-    def outputs(cache_get) -> dict:
-        out = {"in": cache_get("hook_embed")}
-        for layer in range(L):
-            z = cache_get(f"blocks.{layer}.attn.hook_z")
-            for h in range(H):
-                out[f"a{layer}.{h}"] = z[:, :, h] @ model.blocks[layer].attn.W_O[h]
-            out[f"m{layer}"] = cache_get(f"blocks.{layer}.hook_mlp_out")
-        return out
-
-    cf = outputs(lambda name: cf_cache[name])
-    current: dict = {}
-
-    def senders(receiver_layer: int, mlp: bool) -> list[str]:
-        """Sequential wiring: heads of layer l read layers < l; the MLP also its own heads."""
-        names = ["in"]
-        for layer in range(receiver_layer + (1 if mlp else 0)):
-            names += [f"a{layer}.{h}" for h in range(H)]
-            if layer < receiver_layer:
-                names.append(f"m{layer}")
-        return names
-
-    def outside(receiver: str, channel: str | None, names: list[str]) -> torch.Tensor:
-        suffix = f".{channel}" if channel else ""
-        return sum(cf[u] - current[u] for u in names if f"{u}->{receiver}{suffix}" not in kept)
-
-    def record(name):
-        def hook(x, hook):
-            current[name] = x
-        return hook
-
-    def record_z(layer):
-        def hook(z, hook):
-            for h in range(H):
-                current[f"a{layer}.{h}"] = z[:, :, h] @ model.blocks[layer].attn.W_O[h]
-        return hook
-
-    def fix_heads(layer, channel):
-        def hook(x, hook):  # [batch, pos, head, d_model]
-            x = x.clone()
-            for h in range(H):
-                x[:, :, h] = x[:, :, h] + outside(f"a{layer}.{h}", channel, senders(layer, False))
-            return x
-        return hook
-
-    def fix_mlp(layer):
-        return lambda x, hook: x + outside(f"m{layer}", None, senders(layer, True))
-
-    hooks = [("hook_embed", record("in"))]
-    for layer in range(L):
-        hooks += [(f"blocks.{layer}.hook_{c}_input", fix_heads(layer, c)) for c in "qkv"]
-        hooks += [(f"blocks.{layer}.attn.hook_z", record_z(layer)),
-                  (f"blocks.{layer}.hook_mlp_in", fix_mlp(layer)),
-                  (f"blocks.{layer}.hook_mlp_out", record(f"m{layer}"))]
-    everything = senders(L, False)
-    hooks.append((f"blocks.{L - 1}.hook_resid_post", lambda x, hook: x + outside("out", None, everything)))
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    try:
-        return model.run_with_hooks(xr, fwd_hooks=hooks)
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
+    return _ablation_hook_run(model, kept, xr, _outputs(model, lambda name: cf_cache[name]))
 
 
 def test_dense_circuits_match_an_independent_hook_run():
