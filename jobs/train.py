@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from pathpatch.data import tasks
 from pathpatch.errors import PathPatchError
-from pathpatch.model.loading import INDUCTION_ARCH, MLP_ARCH, build_model, save_checkpoint
+from pathpatch.model.loading import build_model, save_checkpoint
+from pathpatch.model.sources import INDUCTION_ARCH, MLP_ARCH
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "pathpatch" / "bundled"
 

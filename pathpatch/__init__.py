@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time each name loads 
     from pathpatch.language.hypotheses import Hypothesis
     from pathpatch.model.config import ModelConfig
     from pathpatch.model.graph import Graph
-    from pathpatch.model.loading import bundled_models, load_model, model_digest
+    from pathpatch.model.loading import load_model, model_digest
+    from pathpatch.model.sources import bundled_models
     from pathpatch.model.transformer import Transformer
     from pipeline.intervals import summarize
     from pipeline.query import open_sweeps
@@ -45,7 +46,7 @@ _LAZY = {
     "evaluate": "pathpatch.engine.evaluation", "BUILTIN_METRICS": "pathpatch.engine.metrics",
     "Metric": "pathpatch.engine.metrics", "get_metric": "pathpatch.engine.metrics",
     "Hypothesis": "pathpatch.language.hypotheses", "ModelConfig": "pathpatch.model.config",
-    "Graph": "pathpatch.model.graph", "bundled_models": "pathpatch.model.loading",
+    "Graph": "pathpatch.model.graph", "bundled_models": "pathpatch.model.sources",
     "load_model": "pathpatch.model.loading", "model_digest": "pathpatch.model.loading",
     "Transformer": "pathpatch.model.transformer",
     # results, not the method: from pipeline/, so the method's packages never import DuckDB

@@ -347,32 +347,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_graph(args: argparse.Namespace) -> int:
-    from pathpatch.model.adapter import Adapter
     from pathpatch.model.graph import Graph, describe
-    from pathpatch.model.loading import load_architecture
+    from pathpatch.model.sources import read_config
 
-    model = load_architecture(args.model)  # the structure only: no weights read
-    print(describe(Graph.from_model(model), edges=args.edges))
-    print(Adapter.of(model).describe())
+    cfg = read_config(args.model)  # the config alone: no weights, and no torch for most forms
+    print(describe(Graph.from_config(cfg), edges=args.edges))
+    print(cfg.describe())
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from pathpatch.language.hypotheses import Hypothesis
-    from pathpatch.model.loading import load_architecture
+    from pathpatch.model.sources import read_config
     from pathpatch.tools.explain import explain
 
-    model = load_architecture(args.model)  # the structure only: no weights read
+    cfg = read_config(args.model)  # the config alone: no weights, and no torch for most forms
     dataset = None
     if args.dataset and Path(args.dataset).suffix == ".parquet":
         from pathpatch.data.pairs import load_parquet
 
-        dataset = load_parquet(args.dataset, vocab_size=int(model.cfg.d_vocab))
+        dataset = load_parquet(args.dataset, vocab_size=int(cfg.d_vocab))
     elif args.dataset:
         from pathpatch.data.tasks import make_dataset
 
         dataset = make_dataset(args.dataset, n=1)
-    print(explain(model, Hypothesis(args.name, args.pattern), seq_len=args.seq_len, dataset=dataset))
+    print(explain(cfg, Hypothesis(args.name, args.pattern), seq_len=args.seq_len, dataset=dataset))
     return 0
 
 
@@ -392,17 +391,17 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
 
     from pathpatch.language.circuits import Ranking, prune, write_eap_json
     from pathpatch.model.graph import Graph
-    from pathpatch.model.loading import load_architecture
+    from pathpatch.model.sources import read_config
 
     if not 0 < args.fraction <= 1:
         raise PathPatchError(f"--fraction {args.fraction!r}: give a fraction of edges in (0, 1]")
-    model = load_architecture(args.model)  # the structure only: no weights read
-    graph = Graph.from_model(model)
+    cfg = read_config(args.model)  # the config alone: no weights, and no torch for most forms
+    graph = Graph.from_config(cfg)
     ranking = Ranking.load(graph, args.ranking)
     n = math.floor(args.fraction * len(graph.edges))
     kept = prune(graph, ranking.top(n, absolute=args.absolute))
     out = Path(args.out).resolve()
-    write_eap_json(graph, out, ranking.scores, kept, d_model=model.cfg.d_model)
+    write_eap_json(graph, out, ranking.scores, kept, d_model=cfg.d_model)
     print(f"wrote {out}: {len(kept):,} edges in the circuit ({n:,} ranked by "
           f"{'absolute' if args.absolute else 'signed'} score, then pruned), "
           f"{len(graph.edges):,} scored")

@@ -225,7 +225,7 @@ def edge_attributions(model, batch: PairDataset, metric="logit_diff", *, steps: 
     alphas = ig_alphas(steps, points) if steps else [None]  # a bad `points` is refused by name
     statistic = _statistic(metric, steps, points)
     graph = Graph.from_model(model)
-    check_no_hooks(model)  # `check_model` ran when the graph was made; hooks may come later
+    check_no_hooks(model)  # checked when the graph was made (`Graph.from_model`); hooks may come later
     arch = Adapter.of(model)
     if arch.heads_normed:
         raise PathPatchError("attribution adds head outputs linearly; this model normalizes each "

@@ -28,6 +28,7 @@ from pathpatch.engine.workspace import Workspace
 from pathpatch.errors import PathPatchError
 from pathpatch.language.copies import CF, CLEAN, CopyGraph, estimate_cost
 from pathpatch.model.adapter import Adapter, Footprint
+from pathpatch.model.costs import unit_costs
 from pathpatch.model.graph import Graph
 from pathpatch.model.support import check_no_hooks
 
@@ -116,7 +117,7 @@ def check(
     graph = graph_or_model if bare else Graph.from_model(graph_or_model)
     prepared = Prepared() if bare else Prepared.of(graph_or_model)  # a bare graph keeps nothing
     seq_len = dataset.seq_len if dataset is not None else seq_len
-    unit = None if bare or not seq_len else Adapter.of(graph_or_model).unit_costs(seq_len)
+    unit = None if bare or not seq_len else unit_costs(graph_or_model.cfg, seq_len)
     matches = {CF: "none", CLEAN: "all"}
     shared: dict[tuple, tuple[int, float, str]] = {}  # family members that cost the same
     if dataset is not None:  # restrictions first: they need no compiling
@@ -205,7 +206,7 @@ def evaluate(
     if ablation is None and not Intervention.parse(intervention).reads_counterfactual:
         # over the whole dataset given, never per batch: results independent of batching
         ablation = ablation_values(model, dataset.reference, intervention)
-    check_no_hooks(model)  # the rest of `check_model` ran once, when the graph was made
+    check_no_hooks(model)  # checked once when the graph was made (`Graph.from_model`); hooks may come later
     # prepared once per process and model (`prepared.py`): compiled with any heads' sums to
     # compute, restrictions read, group plans built
     prepared = state.prepared if state is not None else Prepared.of(model)

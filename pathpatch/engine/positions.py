@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from pathpatch.errors import PathPatchError
 from pathpatch.language.copies import ChannelInput
 from pathpatch.language.patterns import Restriction
 
@@ -19,38 +19,20 @@ class PositionContext:
     batch: int
     seq_len: int
     device: torch.device
+    _static: dict[tuple[Restriction, bool], torch.Tensor] = field(default_factory=dict, repr=False)
+    """Restrictions the same in every example, on the device: each made once per batch."""
 
     def holds(self, r: Restriction, two_d: bool) -> torch.Tensor:
-        B, T = self.batch, self.seq_len
-        i = torch.arange(T, device=self.device)
-        if r.kind == "offset":
-            out = i[None, :] == (i[:, None] - r.value)  # [dest, src]
-        elif r.kind in ("pos", "src"):
-            wanted = torch.zeros(T, dtype=torch.bool, device=self.device)
-            for p in r.value:
-                if -T <= p < T:
-                    wanted[p] = True
-            if not two_d:
-                out = wanted
-            else:
-                out = wanted[:, None].expand(T, T) if r.kind == "pos" else wanted[None, :].expand(T, T)
-        else:
-            mask = self.masks.get(r.value)
-            if mask is None:
-                raise PathPatchError(
-                    f"restriction {r} names a mask the dataset lacks; it has: "
-                    f"{sorted(self.masks) or 'no masks'}"
-                )
-            want_dims = 3 if two_d else 2
-            if mask.dim() != want_dims:
-                kind = "2-D [batch, dest, src] (k/v steps)" if two_d else "1-D [batch, pos]"
-                raise PathPatchError(
-                    f"restriction {r} needs a {kind} mask but {r.value!r} has shape"
-                    f" {tuple(mask.shape)}"
-                )
-            return mask.to(self.device, torch.bool)
-        shape = (B, T, T) if two_d else (B, T)
-        return out.expand(shape)
+        shape = (self.batch, self.seq_len, self.seq_len) if two_d else (self.batch, self.seq_len)
+        key = (r, two_d)
+        static = self._static.get(key)
+        if static is None:
+            positions = r.positions(self.seq_len, two_d)
+            if positions is None:  # a dataset mask, per example
+                return r.mask_in(self.masks, two_d).to(self.device, torch.bool)
+            static = torch.from_numpy(np.ascontiguousarray(positions)).to(self.device)
+            self._static[key] = static
+        return static.expand(shape)
 
     def atom_holds(self, atom, relevant, two_d: bool) -> torch.Tensor:
         """[batch, pos] or [batch, dest, src]: where exactly `atom`'s restrictions (of `relevant`) hold."""

@@ -20,7 +20,7 @@ from pathpatch.language.patterns import Restriction
 from pathpatch.model.graph import Channel, Graph, Node, NodeKind
 
 if TYPE_CHECKING:
-    from pathpatch.model.adapter import UnitCosts
+    from pathpatch.model.costs import UnitCosts
 
 CLEAN = -1
 """Copy id of a node copy equal to the clean run G(x_r): read from its cache."""
@@ -200,7 +200,7 @@ def read_by_output(copy_graph: CopyGraph) -> CopyGraph:
 
 def estimate_cost(copy_graph: CopyGraph, unit: UnitCosts) -> float:
     """Multiply-adds of computing the mixed copies, in plain forwards at the sequence length
-    `unit` was made for (`Adapter.unit_costs`, once per model and length).
+    `unit` was made for (`costs.unit_costs`, once per model and length).
 
     Counted: each copy's recomputation (its q/k/v rows, attention per k and v version, W_O; its
     MLP; the unembedding) and the mixing, as the engine does it: per stage (a layer's heads, its

@@ -27,8 +27,11 @@ counts from the end); `@src=` constrains j; `@mask=NAME` reads the dataset's per
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from pathpatch.errors import PathPatchError
 
@@ -48,6 +51,44 @@ class Restriction:
         if self.kind in ("pos", "src"):
             return f"@{self.kind}=" + ",".join(str(v) for v in self.value)
         return f"@mask={self.value}"
+
+    def positions(self, seq_len: int, two_d: bool) -> np.ndarray | None:
+        """Where this restriction holds at `seq_len`, the same in every example: [pos], or
+        [dest, src] for a step that reads across positions (k, v); None for `@mask=`, which
+        each example holds (`mask_in`). The one definition the engine (on its device) and
+        `explain` (without torch) evaluate restrictions by."""
+        T = seq_len
+        i = np.arange(T)
+        if self.kind == "offset":
+            return i[None, :] == (i[:, None] - self.value)  # [dest, src]
+        if self.kind in ("pos", "src"):
+            wanted = np.zeros(T, dtype=bool)
+            for p in self.value:
+                if -T <= p < T:
+                    wanted[p] = True
+            if not two_d:
+                return wanted
+            return np.broadcast_to(wanted[:, None] if self.kind == "pos" else wanted[None, :],
+                                   (T, T))
+        return None
+
+    def mask_in(self, masks: Mapping[str, Any], two_d: bool) -> Any:
+        """The dataset's mask this `@mask=` restriction reads ([batch, pos], or [batch, dest,
+        src] for a k/v step; a torch tensor or numpy array, as given), checked by name and
+        dimensions."""
+        mask = masks.get(self.value)
+        if mask is None:
+            raise PathPatchError(
+                f"restriction {self} names a mask the dataset lacks; it has: "
+                f"{sorted(masks) or 'no masks'}"
+            )
+        if mask.ndim != (3 if two_d else 2):
+            kind = "2-D [batch, dest, src] (k/v steps)" if two_d else "1-D [batch, pos]"
+            raise PathPatchError(
+                f"restriction {self} needs a {kind} mask but {self.value!r} has shape"
+                f" {tuple(mask.shape)}"
+            )
+        return mask
 
 
 @dataclass(frozen=True)

@@ -59,20 +59,6 @@ class QKVWeights:
 
 
 @dataclass(frozen=True)
-class UnitCosts:
-    """Multiply-adds per token of each computation a mixed copy repeats, on one model at one
-    sequence length: what the cost estimate (`copies.estimate_cost`) counts copies in."""
-
-    projection: float  # one q, k or v row of one head: d_model x d_head (on average over q, k, v)
-    attention: tuple[float, ...]  # per layer: one head's scores (or weighted values) per query
-    head_output: int  # one head's z through W_O
-    mlp: int  # one MLP (gated: three matrices; mixture of experts: those a token uses)
-    unembed: int
-    mixing_term: int  # one bank entry added into one input row
-    forward: float  # a plain forward
-
-
-@dataclass(frozen=True)
 class Footprint:
     """Elements per token that the engine holds for one model at one sequence length: what
     `engine.MemoryBudget` counts bytes in (`Adapter.footprint`)."""
@@ -101,10 +87,10 @@ class Adapter:
         self.n_ctx = cfg.n_ctx
         """The longest sequence the model takes: a limit to check, never the sequence length
         (Llama-3's is 131,072)."""
-        self.has_mlp = not cfg.attn_only
-        self.parallel = bool(cfg.parallel_attn_mlp) and self.has_mlp
+        self.has_mlp = cfg.has_mlp
+        self.parallel = cfg.mlp_beside_heads
         """The MLP of a layer reads the layer's input, beside its heads (GPT-J, GPT-NeoX)."""
-        self.rotary = any(cfg.rotates(layer) for layer in range(cfg.n_layers))
+        self.rotary = cfg.rotary
         self.qk_norm = bool(cfg.use_qk_norm)
         self.qk_norm_over_heads = self.qk_norm and bool(cfg.qk_norm_over_heads)
         """The q/k norm acts on all heads' projection of a row's input (OLMo-2): `project_rows`
@@ -114,7 +100,7 @@ class Adapter:
         self.caps_scores = cfg.attn_scores_soft_cap > 0
         """Attention scores go through cap * tanh(x / cap) before the mask (Gemma-2)."""
         self.n_kv_heads = cfg.n_kv_heads
-        self.heads_normed = bool(cfg.use_normalization_before_and_after or cfg.post_norm_only)
+        self.heads_normed = cfg.heads_normed
         """A norm acts on the sum of each layer's heads, and another on each MLP's output, before
         the residual stream (Gemma-2, OLMo-2): the MLP's is part of its node (`mlp`), the heads'
         is computed once per combination of head copies a receiver reads (`norm_heads_sum`)."""
@@ -141,54 +127,6 @@ class Adapter:
             kept = cls(model)
             object.__setattr__(model, _KEPT, kept)  # a plain attribute, not a submodule
         return kept
-
-    def describe(self) -> str:
-        """One line on how the model computes (what `pathpatch graph` prints under the graph)."""
-        cfg = self.model.cfg
-        parts = [f"norm {cfg.normalization_type or 'none'}"]
-        if self.rotary:
-            still = [layer for layer in range(self.n_layers) if not cfg.rotates(layer)]
-            parts.append(f"rotary on {cfg.rotary_dim} of {cfg.d_head} head dims"
-                         + (f" (none in layers {', '.join(map(str, still))})" if still else ""))
-        if self.n_kv_heads != self.n_heads:
-            parts.append(f"grouped-query attention ({self.n_kv_heads} kv heads for {self.n_heads})")
-        local = [layer for layer in range(self.n_layers)
-                 if getattr(self.model.blocks[layer].attn, "attn_type", "global") == "local"]
-        if local:
-            parts.append(f"a window of {cfg.window_size} keys in layer{'s' * (len(local) > 1)} "
-                         + ", ".join(map(str, local)))
-        if self.qk_norm:
-            parts.append("q/k norms" + (" over all heads" if cfg.qk_norm_over_heads else ""))
-        if self.heads_normed:
-            parts.append("norms after attention and after the MLP"
-                         + (" only" if cfg.post_norm_only else ""))
-        if self.caps_scores or cfg.output_logits_soft_cap > 0:
-            parts.append("soft caps")
-        if self.has_mlp:
-            parts.append(("gated " if cfg.gated_mlp else "") + f"{cfg.act_fn} MLPs"
-                         + (" in parallel with attention" if self.parallel else ""))
-        return "architecture: " + "; ".join(parts)
-
-    def unit_costs(self, seq_len: int) -> UnitCosts:
-        """Per-token multiply-adds at `seq_len` (never `n_ctx`: Llama-3's is 131,072). A query
-        attends to (seq_len + 1) / 2 keys on average, fewer in a window (`allowed_keys`); a
-        forward projects k and v at kv size."""
-        cfg = self.model.cfg
-        d, dh = cfg.d_model, cfg.d_head
-        attention = []
-        for layer in range(self.n_layers):
-            allowed = self.allowed_keys(layer, seq_len, "cpu")  # None: plain causal
-            keys = (seq_len + 1) / 2 if allowed is None else int(allowed.sum()) / seq_len
-            attention.append(dh * keys)
-        mlp = (3 if cfg.gated_mlp else 2) * d * cfg.d_mlp if self.has_mlp else 0
-        per_layer = [(self.n_heads + 2 * self.n_kv_heads) * d * dh
-                     + self.n_heads * (2 * a + dh * d) + mlp for a in attention]
-        projection = d * dh
-        if self.qk_norm_over_heads:  # a q (k) row also projects its input through every (kv) head
-            projection = d * dh * (3 + self.n_heads + self.n_kv_heads) / 3
-        return UnitCosts(projection=projection, attention=tuple(attention), head_output=dh * d,
-                         mlp=mlp, unembed=d * cfg.d_vocab, mixing_term=d,
-                         forward=sum(per_layer) + d * cfg.d_vocab)
 
     def footprint(self, seq_len: int) -> Footprint:
         """What the engine holds per token at `seq_len` (never `n_ctx`): the cached runs keep

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pathpatch.errors import PathPatchError
+
+if TYPE_CHECKING:  # read without torch: `pathpatch graph` and `explain` start without it
+    import torch
 
 NORMALIZATIONS = ("LN", "RMS", "LNPre", "RMSPre", None)
 POSITIONAL_EMBEDDINGS = ("standard", "rotary")
@@ -90,7 +91,7 @@ class ModelConfig:
     attn_scores_soft_cap: float = -1.0  # cap * tanh(scores / cap); -1: none
     output_logits_soft_cap: float = -1.0
     original_architecture: str | None = None  # a label: the Hugging Face class it came from
-    dtype: torch.dtype = torch.float32
+    dtype: torch.dtype | None = None  # the weights'; None: float32 (`Transformer` sets it)
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -161,6 +162,59 @@ class ModelConfig:
     @property
     def n_kv_heads(self) -> int:
         return self.n_key_value_heads or self.n_heads
+
+    @property
+    def has_mlp(self) -> bool:
+        return not self.attn_only
+
+    @property
+    def mlp_beside_heads(self) -> bool:
+        """Each MLP reads its layer's input beside the heads (GPT-J, GPT-NeoX): the graph's wiring."""
+        return bool(self.parallel_attn_mlp) and self.has_mlp
+
+    @property
+    def heads_normed(self) -> bool:
+        """A norm acts on the sum of each layer's heads, and another on each MLP's output, before
+        the residual stream (Gemma-2, OLMo-2)."""
+        return bool(self.use_normalization_before_and_after or self.post_norm_only)
+
+    @property
+    def rotary(self) -> bool:
+        """Some layer rotates q and k."""
+        return any(self.rotates(layer) for layer in range(self.n_layers))
+
+    def describe(self) -> str:
+        """One line on how the model computes (what `pathpatch graph` prints under the graph)."""
+        parts = [f"norm {self.normalization_type or 'none'}"]
+        if self.rotary:
+            still = [layer for layer in range(self.n_layers) if not self.rotates(layer)]
+            parts.append(f"rotary on {self.rotary_dim} of {self.d_head} head dims"
+                         + (f" (none in layers {', '.join(map(str, still))})" if still else ""))
+        if self.n_kv_heads != self.n_heads:
+            parts.append(f"grouped-query attention ({self.n_kv_heads} kv heads for {self.n_heads})")
+        local = [layer for layer in range(self.n_layers) if self.is_local(layer)]
+        if local:
+            parts.append(f"a window of {self.window_size} keys in layer{'s' * (len(local) > 1)} "
+                         + ", ".join(map(str, local)))
+        if self.use_qk_norm:
+            parts.append("q/k norms" + (" over all heads" if self.qk_norm_over_heads else ""))
+        if self.heads_normed:
+            parts.append("norms after attention and after the MLP"
+                         + (" only" if self.post_norm_only else ""))
+        if self.attn_scores_soft_cap > 0 or self.output_logits_soft_cap > 0:
+            parts.append("soft caps")
+        if self.has_mlp:
+            parts.append(("gated " if self.gated_mlp else "") + f"{self.act_fn} MLPs"
+                         + (" in parallel with attention" if self.mlp_beside_heads else ""))
+        return "architecture: " + "; ".join(parts)
+
+    def keys_per_query(self, layer: int, seq_len: int) -> float:
+        """Keys a query attends to in `layer`, on average over `seq_len` positions: (T + 1) / 2
+        causally, fewer within a window (position i sees min(i + 1, window) keys, as
+        `Attention.allowed_keys` masks them)."""
+        if not self.is_local(layer):
+            return (seq_len + 1) / 2
+        return sum(min(i + 1, self.window_size) for i in range(seq_len)) / seq_len
 
     def is_local(self, layer: int) -> bool:
         return bool(self.use_local_attn and self.attn_types and self.attn_types[layer] == "local")

@@ -61,11 +61,11 @@ def read_hf_directory(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict
     return cfg, state_dict
 
 
-def read_hf_config(path: Path, dtype: torch.dtype) -> ModelConfig:
+def read_hf_config(path: Path) -> ModelConfig:
     """The ModelConfig of the HF model in directory `path` from its config.json alone (no
     weights read, none needed: a plan needs the architecture only)."""
     _, arch = _read_hf_config(path)
-    return ModelConfig.from_dict(arch, dtype=dtype)
+    return ModelConfig.from_dict(arch)
 
 
 def _read_hf_config(path: Path) -> tuple[Family, dict[str, Any]]:

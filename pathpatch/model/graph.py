@@ -105,21 +105,31 @@ class Graph:
     node, which every later receiver reads instead of the heads."""
 
     @classmethod
+    def from_config(cls, cfg) -> Graph:
+        """The graph of a `ModelConfig`, read without torch or weights (`pathpatch graph`,
+        `explain`, `circuit`); refuses, by name, any feature the engine does not compute
+        exactly (`support.check_supported`)."""
+        from pathpatch.model.support import check_supported
+
+        check_supported(cfg)
+        return cls(n_layers=cfg.n_layers, n_heads=cfg.n_heads, has_mlp=cfg.has_mlp,
+                   parallel=cfg.mlp_beside_heads, heads_normed=cfg.heads_normed)
+
+    @classmethod
     def from_model(cls, model) -> Graph:
-        """The graph of a pathpatch `Transformer`; refuses, by name, any feature the engine does
-        not compute exactly (`support.check_model`). Made and checked once per model: the
-        model's adapter keeps it (`Adapter.of`); `engine.evaluate` checks for hooks attached
-        since on every call (`support.check_no_hooks`)."""
+        """The graph of a pathpatch `Transformer` (`from_config` of its config), with no hooks
+        left on it. Made and checked once per model: the model's adapter keeps it
+        (`Adapter.of`); `engine.evaluate` checks for hooks attached since on every call
+        (`support.check_no_hooks`)."""
         # deferred: the graph's vocabulary (Node, Edge, names) is read without torch, so the
         # command line's sql, status and report start in a fraction of a second
         from pathpatch.model.adapter import Adapter
-        from pathpatch.model.support import check_model
+        from pathpatch.model.support import check_no_hooks
 
         arch = Adapter.of(model)
         if arch.graph is None:
-            check_model(model)
-            arch.graph = cls(n_layers=arch.n_layers, n_heads=arch.n_heads, has_mlp=arch.has_mlp,
-                             parallel=arch.parallel, heads_normed=arch.heads_normed)
+            check_no_hooks(model)
+            arch.graph = cls.from_config(model.cfg)
         return arch.graph
 
     @cached_property

@@ -1,14 +1,9 @@
 """Model loading: every way a model enters pathpatch goes through `load_model(spec)`.
 
-A spec is one of
-  (a) a bundled name (`bundled_models()`: `attn-only-2l`, `mlp-2l`), read from package data;
-  (b) a TransformerLens pretrained name such as `gpt2` (TransformerLens 4's aliases resolve it to
-      its Hugging Face repository; only where the weights are cached or the hub is reachable,
-      otherwise a fast error, never a hang);
-  (c) a directory holding a Hugging Face model (`config.json` plus weights) of a family
-      `pathpatch/model/families.py` maps (`pathpatch models` lists them);
-  (d) a checkpoint file (`.safetensors`, or `.pt`/`.pth` read with `weights_only=True`) next to
-      a JSON config of the same stem (`model.safetensors` + `model.json`).
+The spec's form (a bundled name, a TransformerLens pretrained name, a Hugging Face directory of a
+family `families.py` maps, or a checkpoint file next to its JSON config) is decided once, in
+`sources.locate`; see `sources.py` for the four forms. Pretrained names load only where the
+weights are cached or the hub is reachable, otherwise a fast error, never a hang.
 
 Nothing is ever unpickled. Every model is a `Transformer` (`transformer.py`) with unfolded norms
 and uncentred weights: the weights are those stored, in the dtype asked for, so `model_digest`
@@ -20,12 +15,8 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
-import os
-import socket
-import urllib.parse
 import weakref
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,47 +26,21 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from pathpatch.errors import PathPatchError
 from pathpatch.model.config import ModelConfig
-from pathpatch.model.families import read_hf_config, read_hf_directory
+from pathpatch.model.families import read_hf_directory
+from pathpatch.model.sources import (
+    CHECKPOINT_FORMAT,
+    ModelSource,
+    SourceKind,
+    arch_from_json,
+    bundled_config,
+    checkpoint_json,
+    get_official_model_name,
+    hub_offline,
+    locate,
+    pretrained_folder,
+    read_config,
+)
 from pathpatch.model.transformer import Transformer
-
-CHECKPOINT_FORMAT = "pathpatch-checkpoint/1"
-
-# Architectures of the bundled models (ModelConfig fields, TransformerLens's names). The training
-# scripts in jobs/ build from these, and each shipped JSON repeats the one it was trained with.
-INDUCTION_ARCH: dict[str, Any] = {
-    "n_layers": 2,
-    "d_model": 64,
-    "n_heads": 4,
-    "d_head": 16,
-    "n_ctx": 64,
-    "d_vocab": 128,
-    "attn_only": True,
-    "normalization_type": "LN",
-    "positional_embedding_type": "standard",
-    "act_fn": None,
-}
-MLP_ARCH: dict[str, Any] = {
-    "n_layers": 2,
-    "d_model": 64,
-    "n_heads": 4,
-    "d_head": 16,
-    "d_mlp": 256,
-    "n_ctx": 16,
-    "d_vocab": 64,
-    "attn_only": False,
-    "normalization_type": "LN",
-    "positional_embedding_type": "standard",
-    "act_fn": "gelu",
-}
-BUNDLED_ARCHS: dict[str, dict[str, Any]] = {"attn-only-2l": INDUCTION_ARCH, "mlp-2l": MLP_ARCH}
-
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
-_HUB_PROBE_TIMEOUT_S = 3.0
-
-
-def bundled_models() -> list[str]:
-    """Names of the models shipped as package data, loadable with `load_model(name)`."""
-    return sorted(BUNDLED_ARCHS)
 
 
 def build_model(
@@ -125,18 +90,6 @@ def _load_weights(model: Transformer, state_dict: dict[str, torch.Tensor], src: 
             if name in params:
                 params[name].copy_(tensor)
             del tensor
-
-
-def _arch_from_json(config: Mapping[str, Any], src: str) -> dict[str, Any]:
-    """The architecture part of a checkpoint JSON (ours, or a bare dict of ModelConfig fields, as
-    TransformerLens 3's HookedTransformerConfig named them)."""
-    if config.get("format") == CHECKPOINT_FORMAT:
-        return dict(config["architecture"])
-    if "format" in config:
-        raise PathPatchError(
-            f"{src}: unknown checkpoint format {config['format']!r}, expected {CHECKPOINT_FORMAT!r}"
-        )
-    return dict(config)
 
 
 def save_checkpoint(
@@ -249,40 +202,22 @@ def _load_checked(model: Transformer, state_dict: dict[str, torch.Tensor], src: 
         _keep_digest(model, digest)
 
 
-def bundled_config(name: str) -> dict[str, Any]:
-    """The shipped JSON of a bundled model (architecture, digest, training metadata)."""
-    if name not in BUNDLED_ARCHS:
-        raise PathPatchError(f"unknown bundled model {name!r}: bundled are {bundled_models()}")
-    res = importlib.resources.files("pathpatch") / "bundled" / f"{name}.json"
-    if not res.is_file():
-        raise PathPatchError(
-            f"bundled model {name!r} has no weights in this install ({name}.json missing); "
-            f"train it with `python jobs/train.py {name}`"
-        )
-    return json.loads(res.read_text())
-
-
 def _load_bundled(name: str, device: str | torch.device, dtype: torch.dtype) -> Transformer:
     config = bundled_config(name)
     res = importlib.resources.files("pathpatch") / "bundled" / f"{name}.safetensors"
     state_dict = safetensors.torch.load(res.read_bytes())
     digest = _check_digest(config, state_dict, f"bundled model {name!r}")
-    model = build_model(_arch_from_json(config, name), device=device, dtype=dtype, init_weights=False)
+    model = build_model(arch_from_json(config, name), device=device, dtype=dtype, init_weights=False)
     _load_checked(model, state_dict, f"bundled model {name!r}", digest)
     return model
 
 
-def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
-    json_path = path.with_suffix(".json")
-    if not json_path.is_file():
-        raise PathPatchError(
-            f"checkpoint {path} has no config: expected {json_path} holding the "
-            "ModelConfig fields (or a pathpatch checkpoint JSON)"
-        )
-    try:
-        config = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
-        raise PathPatchError(f"{json_path} is not valid JSON: {err}") from err
+def _load_checkpoint(source: ModelSource, device: str | torch.device,
+                     dtype: torch.dtype) -> Transformer:
+    path = source.path
+    if not path.is_file():
+        raise PathPatchError(f"checkpoint file {path} does not exist")
+    config = checkpoint_json(source)
     if path.suffix == ".safetensors":
         try:
             state_dict = safetensors.torch.load_file(str(path))
@@ -301,45 +236,10 @@ def _load_checkpoint(path: Path, device: str | torch.device, dtype: torch.dtype)
         if not isinstance(state_dict, Mapping):
             raise PathPatchError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     digest = _check_digest(config, state_dict, str(path))
-    arch = _arch_from_json(config, str(json_path))
+    arch = arch_from_json(config, str(source.config_path))
     model = build_model(arch, device=device, dtype=dtype, init_weights=False)
     _load_checked(model, dict(state_dict), str(path), digest)
     return model
-
-
-def _hub_reachable() -> bool:
-    """A TCP connect to the hub (or the proxy in front of it), bounded by a short timeout."""
-    from huggingface_hub import constants
-
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    url = urllib.parse.urlparse(proxy or constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    if host is None:
-        return False
-    try:
-        with socket.create_connection((host, port), timeout=_HUB_PROBE_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
-
-
-@contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Run Hugging Face loading from the local cache only.
-
-    Warning:
-        Sets huggingface_hub's process-wide offline flag for the duration (transformers and
-        the hub read it at call time), restored in `finally`. Without it an unreachable hub
-        costs ~23 s of retries per file before the cache is used.
-    """
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = saved
 
 
 def load_hf_directory(path: Path, device: str | torch.device, dtype: torch.dtype) -> Transformer:
@@ -358,91 +258,27 @@ def load_hf_directory(path: Path, device: str | torch.device, dtype: torch.dtype
     return model
 
 
-def _load_pretrained(name: str, device: str | torch.device, dtype: torch.dtype) -> Transformer:
-    """A TransformerLens pretrained name: TransformerLens 4's alias table gives its Hugging Face
-    repository, whose snapshot loads as a local directory (`families.py`), from the cache when
-    the hub is off or unreachable, a fast error when it is in neither."""
-    return load_hf_directory(_pretrained_folder(name, ["*.json", "*.safetensors"]), device, dtype)
-
-
-def _pretrained_folder(name: str, patterns: list[str]) -> Path:
-    """The local snapshot of TransformerLens name `name`'s repository, files `patterns`."""
-    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
-
-    official = get_official_model_name(name)
-    cache = constants.HF_HUB_CACHE
-    cached = isinstance(try_to_load_from_cache(official, "config.json", cache_dir=cache), str)
-    online = not constants.is_offline_mode() and _hub_reachable()
-    if not cached and not online:
-        why = (
-            "the hub is off (HF_HUB_OFFLINE)" if constants.is_offline_mode() else "the hub cannot be reached"
-        )
-        raise PathPatchError(
-            f"pretrained model {name!r} ({official}) is not in the Hugging Face cache ({cache}) and "
-            f"{why}: download it where there is network (`huggingface-cli download {official}`) "
-            f"and copy the cache, or pass a local model directory; bundled models are {bundled_models()}"
-        )
-    try:
-        with nullcontext() if online else _hub_offline():
-            folder = Path(snapshot_download(official, allow_patterns=patterns))
-    except (OSError, ValueError) as err:  # missing files in a partial cache
-        raise PathPatchError(
-            f"could not load pretrained model {name!r} ({official}"
-            f"{'' if online else ', from the cache only'}): {err}"
-        ) from err
-    return folder
-
-
-def get_official_model_name(name: str) -> str:
-    """The Hugging Face repository of a TransformerLens name or alias (TransformerLens 4's table;
-    case-insensitive); a PathPatchError for a name it does not know."""
-    from transformer_lens.supported_models import get_official_model_name as official
-
-    try:
-        return official(name)
-    except ValueError as err:
-        raise PathPatchError(str(err)) from None
-
-
-def _is_pretrained_name(spec: str) -> bool:
-    try:
-        get_official_model_name(spec)
-    except PathPatchError:
-        return False
-    return True
-
-
 def load_model(
     spec: str, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Transformer:
     """Load a model by bundled name, TransformerLens name, HF model directory or checkpoint.
 
-    Bundled names win over TransformerLens aliases (TransformerLens also calls
-    `NeelNanda/Attn_Only_2L512W_C4_Code` "attn-only-2l"; use that full name to get it).
-
     Args:
-        spec: see the module docstring for the four accepted forms.
+        spec: the four forms of `sources.py` (`sources.locate` decides which).
         device, dtype: where and in what precision the weights live.
 
     Returns:
         A `Transformer` in eval mode (norms unfolded, weights as stored, in `dtype`).
     """
-    if spec in BUNDLED_ARCHS:
+    source = locate(spec)
+    if source.kind is SourceKind.BUNDLED:
         return _load_bundled(spec, device, dtype)
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return load_hf_directory(path, device, dtype)
-    if path.suffix in _CHECKPOINT_SUFFIXES:
-        if not path.is_file():
-            raise PathPatchError(f"checkpoint file {path} does not exist")
-        return _load_checkpoint(path, device, dtype)
-    if _is_pretrained_name(spec):
-        return _load_pretrained(spec, device, dtype)
-    raise PathPatchError(
-        f"unknown model {spec!r}: give a bundled name ({', '.join(bundled_models())}), a "
-        "TransformerLens pretrained name (e.g. gpt2), a Hugging Face model directory, or a "
-        "checkpoint file (.safetensors/.pt next to a .json config of the same stem)"
-    )
+    if source.kind is SourceKind.HF_DIRECTORY:
+        return load_hf_directory(source.path, device, dtype)
+    if source.kind is SourceKind.CHECKPOINT:
+        return _load_checkpoint(source, device, dtype)
+    # a TransformerLens name: its Hugging Face repository's snapshot loads as a local directory
+    return load_hf_directory(pretrained_folder(spec, ["*.json", "*.safetensors"]), device, dtype)
 
 
 def load_architecture(spec: str, *, dtype: torch.dtype = torch.float32) -> Transformer:
@@ -450,34 +286,18 @@ def load_architecture(spec: str, *, dtype: torch.dtype = torch.float32) -> Trans
     parameters on torch's meta device, so that its graph, shapes and costs are known and
     nothing of the size of its weights is read or allocated. What plans a sweep needs (a
     dry-run plans Llama-3.1-8B's scan on a machine that cannot hold its weights); whatever runs
-    the model loads it with `load_model`.
+    the model loads it with `load_model`. Where the config alone is enough (the graph, the
+    costs), `sources.read_config` reads it without torch.
 
-    A Hugging Face directory needs only its config.json, a checkpoint only its JSON config.
+    A Hugging Face directory needs only its config.json, a checkpoint only its JSON config (a
+    safetensors file beside it is checked by its header).
     """
-    if spec in BUNDLED_ARCHS:
-        arch: Mapping[str, Any] | ModelConfig = _arch_from_json(bundled_config(spec), spec)
-    else:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            arch = read_hf_config(path, dtype)
-        elif path.suffix in _CHECKPOINT_SUFFIXES:
-            json_path = path.with_suffix(".json")
-            if not json_path.is_file():
-                raise PathPatchError(f"checkpoint {path} has no config: expected {json_path} "
-                                     "holding the ModelConfig fields (or a pathpatch checkpoint JSON)")
-            try:
-                arch = _arch_from_json(json.loads(json_path.read_text()), str(json_path))
-            except json.JSONDecodeError as err:
-                raise PathPatchError(f"{json_path} is not valid JSON: {err}") from err
-            model = build_model(arch, device="meta", dtype=dtype, init_weights=False)
-            if path.suffix == ".safetensors" and path.is_file():
-                _check_safetensors_header(path, model)
-            return model
-        elif _is_pretrained_name(spec):
-            arch = read_hf_config(_pretrained_folder(spec, ["*.json"]), dtype)
-        else:
-            return load_model(spec, device="meta", dtype=dtype)  # its error names the forms
-    return build_model(arch, device="meta", dtype=dtype, init_weights=False)
+    source = locate(spec)
+    model = build_model(read_config(source), device="meta", dtype=dtype, init_weights=False)
+    if source.kind is SourceKind.CHECKPOINT and source.path.suffix == ".safetensors" \
+            and source.path.is_file():
+        _check_safetensors_header(source.path, model)
+    return model
 
 
 def _check_safetensors_header(path: Path, model: Transformer) -> None:
@@ -524,38 +344,40 @@ def load_tokenizer(spec: str):
         except Exception as err:  # tokenizers' own error type for a malformed file
             raise PathPatchError(f"tokenizer file {path} cannot be read ({err})") from None
 
-    if spec in BUNDLED_ARCHS:
-        res = importlib.resources.files("pathpatch") / "bundled" / f"{spec}.tokenizer.json"
-        with importlib.resources.as_file(res) as path:
-            return from_file(path)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
         return from_file(path)
-    if path.is_dir():
+    try:
+        source = locate(spec)
+    except PathPatchError:
+        raise PathPatchError(
+            f"no tokenizer for {spec!r}: give a bundled name, a Hugging Face directory, a "
+            "TransformerLens name, a checkpoint, or a tokenizer.json file") from None
+    if source.kind is SourceKind.BUNDLED:
+        res = importlib.resources.files("pathpatch") / "bundled" / f"{spec}.tokenizer.json"
+        with importlib.resources.as_file(res) as path:
+            return from_file(path)
+    if source.kind is SourceKind.HF_DIRECTORY:
         try:
-            with _hub_offline():
+            with hub_offline():
                 return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
             raise PathPatchError(
                 f"model directory {path} has no tokenizer that loads ({err}); save one there "
                 "(`tokenizer.save_pretrained(dir)`) or give [dataset] tokenizer = ...") from None
-    if path.suffix in _CHECKPOINT_SUFFIXES:
+    if source.kind is SourceKind.CHECKPOINT:
         beside = path.with_suffix(".tokenizer.json")
         if beside.is_file():
             return from_file(beside)
         raise PathPatchError(
             f"checkpoint {path} has no tokenizer: put a `tokenizers` JSON file at {beside} or "
             "give [dataset] tokenizer = \"path/to/tokenizer.json\" (or a tokenizer directory)")
-    if _is_pretrained_name(spec):
-        official = get_official_model_name(spec)
-        try:
-            with _hub_offline():
-                return AutoTokenizer.from_pretrained(official, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise PathPatchError(
-                f"the tokenizer of {spec!r} ({official}) is not in the local Hugging Face cache "
-                f"({err}); download it where there is network (`huggingface-cli download "
-                f"{official}`) and copy the cache, or give [dataset] tokenizer = ...") from None
-    raise PathPatchError(
-        f"no tokenizer for {spec!r}: give a bundled name, a Hugging Face directory, a "
-        "TransformerLens name, or a tokenizer.json file")
+    official = get_official_model_name(spec)
+    try:
+        with hub_offline():
+            return AutoTokenizer.from_pretrained(official, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise PathPatchError(
+            f"the tokenizer of {spec!r} ({official}) is not in the local Hugging Face cache "
+            f"({err}); download it where there is network (`huggingface-cli download "
+            f"{official}`) and copy the cache, or give [dataset] tokenizer = ...") from None

@@ -183,13 +183,6 @@ def check_supported(cfg) -> None:
             "unsupported model architecture: " + "; ".join(problems) + ". " + _SUPPORTED)
 
 
-def check_model(model) -> None:
-    """`check_supported` plus `check_no_hooks`: run once per model, when its graph is first
-    made (`Adapter.graph`); `engine.evaluate` repeats the hooks' half on every call."""
-    check_supported(model.cfg)
-    check_no_hooks(model)
-
-
 def check_no_hooks(model) -> None:
     """Refuse a model with forward hooks left on it: they change its forward in the cached
     runs but not in the engine's recomputation (a walk over its modules, no model work)."""

@@ -371,6 +371,8 @@ class Transformer(HookedRootModule):
         """init=False leaves the weights unset (a state dict is loaded next); otherwise they are
         drawn from `generator` or torch's global RNG (`init_weights`)."""
         super().__init__()
+        if cfg.dtype is None:
+            cfg = cfg.replace(dtype=torch.float32)
         self.cfg = cfg
         self.switches = {"split_qkv_input": False, "ungroup_grouped_query_attention": False,
                          "hook_mlp_in": False, "attn_result": False}

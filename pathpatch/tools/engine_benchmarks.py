@@ -39,6 +39,7 @@ from pathpatch.language.copies import estimate_cost
 from pathpatch.language.hypotheses import Facts, Hypothesis
 from pathpatch.language.hypothesis_families import induction_initial, induction_refined
 from pathpatch.model.adapter import EMBED_HOOK, Adapter
+from pathpatch.model.costs import unit_costs
 from pathpatch.model.graph import Graph, NodeKind
 from pathpatch.model.loading import build_model
 
@@ -317,7 +318,7 @@ def _engine_run(model, graph, hyps, xr, xc, masks, budget, state: ModelState
         copy_graphs, xr.shape[0], xr.shape[0])
     plans = [GroupPlan(graph, [copy_graphs[i] for i in g]) for g in groups]
     compile_s = time.perf_counter() - t0
-    unit = Adapter.of(model).unit_costs(xr.shape[1])
+    unit = unit_costs(model.cfg, xr.shape[1])
     estimated = sum(estimate_cost(cg, unit) for cg in copy_graphs) / len(copy_graphs)
     positions = PositionContext(masks, xr.shape[0], xr.shape[1], xr.device)
 

@@ -4,21 +4,25 @@ Counting never enumerates: the number of paths in P from a (node, state, positio
 over its inputs of the counts of the sender states the automaton moves to, so one pass over the
 reachable (node, state) pairs, vectorized over positions, gives |P| exactly (Python integers:
 GPT-2 small has ~10^19 paths per position).
+
+Reads a model's config, not its weights, and no torch (numpy evaluates the restrictions, as
+`Restriction.positions` defines them), so `pathpatch explain` answers at once; only a dataset's
+masks come as torch tensors.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from pathpatch.engine.positions import PositionContext
 from pathpatch.errors import PathPatchError
 from pathpatch.language.automaton import CompiledPattern, ConstantLanguage, compile_pattern
 from pathpatch.language.copies import estimate_cost
-from pathpatch.model.adapter import Adapter
+from pathpatch.model.config import ModelConfig
+from pathpatch.model.costs import unit_costs
 from pathpatch.model.graph import Channel, Graph, Node, NodeKind
 
 
@@ -53,21 +57,25 @@ class Explanation:
 class _Counter:
     """Path counts per (node, state) as object arrays over positions, for one example's masks."""
 
-    def __init__(self, compiled: CompiledPattern, positions: PositionContext):
+    def __init__(self, compiled: CompiledPattern, seq_len: int, masks: Mapping[str, np.ndarray]):
         self.compiled = compiled
         self.lang = compiled.language
         self.graph = compiled.graph
-        self.positions = positions
-        self.T = positions.seq_len
+        self.T = seq_len
+        self.masks = masks  # one example's: [1, pos] or [1, dest, src]
         self.memo: dict = {}
         self.causal = np.tril(np.ones((self.T, self.T), dtype=bool))
 
     def holds(self, node: Node, channel: Channel | None, atom) -> np.ndarray:
         """[pos] or [dest, src] where exactly this atom's restrictions hold."""
         two_d = channel is not None and channel.is_2d
-        relevant = self.compiled.relevant(node, channel)
-        out = self.positions.atom_holds(atom, relevant, two_d)[0].cpu().numpy()
-        return out & self.causal if two_d else out
+        selected = np.ones((self.T, self.T) if two_d else (self.T,), dtype=bool)
+        for r in self.compiled.relevant(node, channel):
+            holds = r.positions(self.T, two_d)
+            if holds is None:
+                holds = r.mask_in(self.masks, two_d)[0].astype(bool)
+            selected &= holds if r in atom else ~holds
+        return selected & self.causal if two_d else selected
 
     def inputs(self, node: Node, state):
         """(channel, atom mask, next state) for each way a path can enter `node` in `state`."""
@@ -132,32 +140,33 @@ def _distinct_samples(counter: _Counter, rng: random.Random, n: int) -> tuple[st
     return tuple(found)
 
 
-def explain(model_or_graph, hypothesis, *, seq_len: int = 8, dataset=None, example: int = 0,
+def explain(model, hypothesis, *, seq_len: int = 8, dataset=None, example: int = 0,
             n_samples: int = 3, seed: int = 0) -> Explanation:
     """|P| (exact, by dynamic programming), `n_samples` different sample paths, mixed copies
-    and estimated cost.
+    and estimated cost, on `model`: a `ModelConfig`, a model (its config is read), or a bare
+    `Graph` (then the cost is NaN).
 
     Mask restrictions read example `example` of `dataset` (then its sequence length is used).
     """
-    graph = model_or_graph if isinstance(model_or_graph, Graph) else Graph.from_model(model_or_graph)
+    cfg = model if isinstance(model, ModelConfig | Graph) else model.cfg
+    graph = cfg if isinstance(cfg, Graph) else Graph.from_config(cfg)
     compiled = compile_pattern(hypothesis.ast, graph, where=f"hypothesis {hypothesis.name!r}")
     masks = {}
     if dataset is not None:
         seq_len = dataset.seq_len
-        masks = {k: v[example : example + 1] for k, v in dataset.masks.items()}
+        masks = {k: v[example : example + 1].cpu().numpy() for k, v in dataset.masks.items()}
     elif any(r.kind == "mask" for r in compiled.restrictions):
         raise PathPatchError(
             f"hypothesis {hypothesis.name!r} uses mask restrictions: pass a dataset to count its paths"
         )
-    positions = PositionContext(masks, 1, seq_len, torch.device("cpu"))
-    counter = _Counter(compiled, positions)
+    counter = _Counter(compiled, seq_len, masks)
     n_paths = int(counter.count(graph.output, compiled.language.start()).sum())
     everything = CompiledPattern(ConstantLanguage(True), (), graph)
-    n_all = int(_Counter(everything, positions).count(graph.output, ()).sum())
+    n_all = int(_Counter(everything, seq_len, masks).count(graph.output, ()).sum())
     rng = random.Random(seed)
     samples = _distinct_samples(counter, rng, min(n_samples, n_paths))
     copy_graph = hypothesis.compile(graph)
-    cost = (float("nan") if isinstance(model_or_graph, Graph)
-            else estimate_cost(copy_graph, Adapter.of(model_or_graph).unit_costs(seq_len)))
+    cost = (float("nan") if isinstance(cfg, Graph)
+            else estimate_cost(copy_graph, unit_costs(cfg, seq_len)))
     return Explanation(hypothesis.name, hypothesis.canonical, seq_len, n_paths, n_all, samples,
                        copy_graph.n_mixed, cost)

@@ -9,6 +9,7 @@ from pathpatch.engine.evaluation import check
 from pathpatch.language.copies import estimate_cost
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.adapter import Adapter
+from pathpatch.model.costs import unit_costs
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
 
@@ -16,7 +17,7 @@ D, D_HEAD, D_MLP, VOCAB = 8, 4, 12, 7  # tiny_model's shape
 
 
 def test_unit_costs_follow_each_familys_shape():
-    plain, llama = (Adapter.of(tiny_model(f)).unit_costs(6) for f in ("mlp", "llama"))
+    plain, llama = (unit_costs(tiny_model(f).cfg, 6) for f in ("mlp", "llama"))
     keys = (1 + 2 + 3 + 4 + 5 + 6) / 6  # causal: query t sees t + 1 keys
     assert plain.attention == (D_HEAD * keys,) * 2
     assert plain.mlp == 2 * D * D_MLP and llama.mlp == 3 * D * D_MLP  # gated: three matrices
@@ -29,24 +30,35 @@ def test_unit_costs_follow_each_familys_shape():
 
 
 def test_a_window_caps_the_keys_a_query_attends_to():
-    window = Adapter.of(tiny_model("window")).unit_costs(6)  # a window of 2 in layer 0
+    window = unit_costs(tiny_model("window").cfg, 6)  # a window of 2 in layer 0
     assert window.attention == (D_HEAD * (1 + 2 * 5) / 6, D_HEAD * 21 / 6)
+
+
+def test_keys_per_query_counts_the_model_s_own_mask():
+    """The config's count (read without torch, by `explain` and plans) is the number of keys the
+    model's attention mask allows, window or not, at every length."""
+    model = tiny_model("window")
+    for layer in range(model.cfg.n_layers):
+        for seq_len in (1, 2, 5, 9):
+            allowed = Adapter.of(model).allowed_keys(layer, seq_len, "cpu")
+            n_keys = (seq_len * (seq_len + 1) // 2 if allowed is None else int(allowed.sum()))
+            assert model.cfg.keys_per_query(layer, seq_len) == n_keys / seq_len
 
 
 def test_the_estimate_reads_the_sequence_length_not_n_ctx():
     model = tiny_model("llama")
     graph = Graph.from_model(model)
     cg = Hypothesis("h", "~a0.0").compile(graph)
-    before = estimate_cost(cg, Adapter.of(model).unit_costs(5))
+    before = estimate_cost(cg, unit_costs(model.cfg, 5))
     model.cfg = model.cfg.replace(n_ctx=131_072)  # Llama-3's
-    assert estimate_cost(cg, Adapter.of(model).unit_costs(5)) == before
-    assert estimate_cost(cg, Adapter.of(model).unit_costs(500)) != before
+    assert estimate_cost(cg, unit_costs(model.cfg, 5)) == before
+    assert estimate_cost(cg, unit_costs(model.cfg, 500)) != before
 
 
 def test_a_mixed_output_costs_the_unembedding_and_one_mixing_term():
     model = tiny_model("mlp")
     graph = Graph.from_model(model)
-    unit = Adapter.of(model).unit_costs(5)
+    unit = unit_costs(model.cfg, 5)
     # only `out` is mixed; it reads x_c through `in` and the clean run elsewhere: against the
     # clean run one term (in's counterfactual deviation), against x_c every other sender
     cg = Hypothesis("h", "remove(in->out)").compile(graph)
@@ -59,5 +71,5 @@ def test_check_estimates_at_the_datasets_length_else_none():
     hyps = [Hypothesis("one", "~a0.0")]
     at_five = check(model, hyps, seq_len=5)[0].est_cost
     assert at_five == estimate_cost(hyps[0].compile(Graph.from_model(model)),
-                                    Adapter.of(model).unit_costs(5))
+                                    unit_costs(model.cfg, 5))
     assert math.isnan(check(model, hyps)[0].est_cost)  # no dataset, no length

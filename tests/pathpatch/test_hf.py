@@ -110,9 +110,7 @@ def test_loaded_model_equals_the_hf_model(saved):
         want = hf(xr).logits
     torch.testing.assert_close(model(xr), want, atol=2e-5, rtol=2e-5, msg=lambda m: f"{family}: {m}")
     assert not hasattr(model, "tokenizer")  # no tokenizer: no padding-derived rotary offsets
-    from pathpatch.model.adapter import Adapter
-
-    summary = Adapter.of(model).describe()
+    summary = model.cfg.describe()
     assert ("rotary" in summary) == (family != "gpt2")
     assert ("window" in summary) == ("window" in family)
     assert ("in parallel with attention" in summary) == family.startswith("gpt-neox (pythia)")

@@ -14,7 +14,9 @@ import torch
 
 from pathpatch.errors import PathPatchError
 from pathpatch.model import loading as models
-from pathpatch.model.loading import bundled_models, load_model, model_digest
+from pathpatch.model import sources
+from pathpatch.model.loading import load_model, model_digest
+from pathpatch.model.sources import bundled_models
 from pathpatch.model.transformer import Transformer
 from pathpatch.tools import evidence
 
@@ -49,7 +51,7 @@ def _tiny_gpt2(seed: int = 0, **overrides):
 def test_bundled_models_load_and_match_their_digest(name: str) -> None:
     assert name in bundled_models()
     model = load_model(name)
-    config = models.bundled_config(name)
+    config = sources.bundled_config(name)
     assert isinstance(model, Transformer) and not model.training
     assert model_digest(model) == config["digest"]
     for key, value in config["architecture"].items():
@@ -178,7 +180,7 @@ def test_pretrained_unreachable_fails_fast(monkeypatch, tmp_path: Path) -> None:
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)  # never touch the network
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)  # never touch the network
 
     def never(*args, **kwargs):  # failing fast: refused before any loader or download starts
         raise AssertionError("a loader was started for a model that is not cached")
@@ -300,7 +302,8 @@ def test_bundled_models_load_from_a_built_wheel(tmp_path: Path) -> None:
         )
     check = (
         "import pathpatch, sys\n"
-        "from pathpatch.model.loading import load_model, model_digest, bundled_config\n"
+        "from pathpatch.model.loading import load_model, model_digest\n"
+        "from pathpatch.model.sources import bundled_config\n"
         "assert pathpatch.__file__.startswith(sys.argv[1]), pathpatch.__file__\n"
         "m = load_model('attn-only-2l'); assert model_digest(m) == bundled_config('attn-only-2l')['digest']"
     )

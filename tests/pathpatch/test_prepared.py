@@ -17,7 +17,7 @@ from pathpatch.engine.prepared import Prepared
 from pathpatch.errors import PathPatchError
 from pathpatch.language.hypotheses import Hypothesis, StructuralHypothesis
 from pathpatch.language.hypothesis_families import edge_removal
-from pathpatch.model import loading
+from pathpatch.model import loading, sources
 from pathpatch.model.adapter import Adapter
 from pathpatch.model.graph import Graph
 from tests.pathpatch.conftest import tiny_model
@@ -165,8 +165,9 @@ def test_the_metric_checks_the_dataset_once_per_call_and_reads_the_batch_once(mo
 
 def test_the_model_is_wrapped_and_checked_once(monkeypatch):
     checks = []
-    original = support_module.check_model
-    monkeypatch.setattr(support_module, "check_model", lambda m: (checks.append(m), original(m)))
+    original = support_module.check_supported
+    monkeypatch.setattr(support_module, "check_supported",
+                        lambda cfg: (checks.append(cfg), original(cfg)))
     model = tiny_model("mlp")
     data = _dataset(model, n=10)
     arch = Adapter.of(model)
@@ -219,7 +220,7 @@ def test_the_weights_digest_is_computed_once_per_load_and_again_after_a_change(m
     model = loading.load_model("attn-only-2l")  # the file's digest, checked: the model's own
     assert len(hashed) == 1
     digest = loading.model_digest(model)
-    assert loading.model_digest(model) == digest == loading.bundled_config("attn-only-2l")["digest"]
+    assert loading.model_digest(model) == digest == sources.bundled_config("attn-only-2l")["digest"]
     assert len(hashed) == 1
     with torch.no_grad():
         model.blocks[0].attn.W_Q.add_(1.0)  # in place: the version counter moves

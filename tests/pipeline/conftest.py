@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pathpatch.model.loading import INDUCTION_ARCH, build_model, save_checkpoint
+from pathpatch.model.loading import build_model, save_checkpoint
+from pathpatch.model.sources import INDUCTION_ARCH
 
 ROOT = Path(__file__).resolve().parents[2]
 PATHPATCH = [sys.executable, "-m", "pipeline.cli"]

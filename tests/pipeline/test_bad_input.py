@@ -137,7 +137,8 @@ def test_a_sweep_made_before_its_model_digest_changed_is_refused_and_says_why(wo
     """The same model path now holding other weights (as a float64 checkpoint that TransformerLens
     3 rounded through float32 reads differently now): refused, never mixed; --force keeps the old
     rows in superseded/."""
-    from pathpatch.model.loading import INDUCTION_ARCH, build_model, save_checkpoint
+    from pathpatch.model.loading import build_model, save_checkpoint
+    from pathpatch.model.sources import INDUCTION_ARCH
 
     save_checkpoint(build_model(INDUCTION_ARCH), INDUCTION_ARCH, work / "m.safetensors")
     spec = write(work, model=str(work / "m.safetensors"), file="m.toml")
@@ -212,7 +213,8 @@ def test_spec_paths_and_syntax(work, capsys):
 
 
 def test_bad_model_files(work, capsys):
-    from pathpatch.model.loading import INDUCTION_ARCH, build_model, save_checkpoint
+    from pathpatch.model.loading import build_model, save_checkpoint
+    from pathpatch.model.sources import INDUCTION_ARCH
 
     save_checkpoint(build_model(INDUCTION_ARCH), INDUCTION_ARCH, work / "good.safetensors")
     shutil.copy(work / "good.json", work / "cut.json")

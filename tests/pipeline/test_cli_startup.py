@@ -1,6 +1,7 @@
-"""The command line answers at once where it can: the commands that read a sweep folder import
-neither torch nor Ray, help texts import nothing heavy, and a run reports Ray's start-up apart
-from the sweep's own time."""
+"""The command line answers at once where it can: the commands that read a sweep folder, and
+those that read a model's structure (graph, explain, circuit) from a bundled model or a
+checkpoint, import neither torch nor Ray; help texts import nothing heavy; a run reports Ray's
+start-up apart from the sweep's own time."""
 
 from __future__ import annotations
 
@@ -38,6 +39,23 @@ def test_sql_and_status_import_neither_torch_nor_ray(tmp_path):
                  "--no-progress", "--quiet"]) == 0
     assert _modules_after(["sql", str(folder), "SELECT count(*) FROM scores"]) == []
     assert _modules_after(["status", str(folder)]) == []
+
+
+def test_graph_explain_and_circuit_read_the_config_without_torch(tmp_path):
+    from pathpatch.model.graph import Graph
+    from pathpatch.model.loading import build_model, save_checkpoint
+    from pathpatch.model.sources import INDUCTION_ARCH, read_config
+
+    checkpoint, _ = save_checkpoint(build_model(INDUCTION_ARCH), INDUCTION_ARCH,
+                                    tmp_path / "m.safetensors")
+    edges = Graph.from_config(read_config("attn-only-2l")).edge_names
+    ranking = tmp_path / "ranking.csv"
+    ranking.write_text("edge,score\n" + "".join(f"{e},{i}\n" for i, e in enumerate(edges)))
+    for model in ("attn-only-2l", str(checkpoint)):
+        assert _modules_after(["graph", model]) == []
+        assert _modules_after(["explain", model, "in -> a0.3[v]@prev -> a1.*[k] -> out"]) == []
+        assert _modules_after(["circuit", str(ranking), "--model", model, "--fraction", "0.5",
+                               "--out", str(tmp_path / "circuit.json")]) == []
 
 
 def test_import_pathpatch_is_light_and_its_names_load_on_first_use():

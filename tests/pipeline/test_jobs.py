@@ -35,6 +35,7 @@ def test_pretrained_sweeps_fail_fast_and_clearly_without_their_weights(name, cap
     from huggingface_hub import try_to_load_from_cache
 
     from pathpatch.model import loading as models
+    from pathpatch.model import sources
 
     model, repo = PRETRAINED[name]
     if isinstance(try_to_load_from_cache(repo, "config.json"), str):
@@ -43,7 +44,7 @@ def test_pretrained_sweeps_fail_fast_and_clearly_without_their_weights(name, cap
     def never(*args, **kwargs):
         raise AssertionError("a loader or download was started for a model that is not cached")
 
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)  # this machine: no hub
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)  # this machine: no hub
     monkeypatch.setattr(models, "load_hf_directory", never)
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(JOBS / name), "--out", str(tmp_path / "out")]) == 2
@@ -82,12 +83,12 @@ def test_a_gpt2_curve_job_reads_its_ranking_then_fails_fast_without_gpt2(name, c
 
     from huggingface_hub import try_to_load_from_cache
 
-    from pathpatch.model import loading as models
+    from pathpatch.model import sources
     from pathpatch.model.graph import Graph
 
     if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
         pytest.skip("gpt2 is in the local cache here: the sweep would run")
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
     (tmp_path / "jobs").mkdir()
     shutil.copy(JOBS / name, tmp_path / "jobs" / name)
     assert main(["run", str(tmp_path / "jobs" / name), "--dry-run"]) == 2

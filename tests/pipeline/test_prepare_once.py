@@ -9,7 +9,7 @@ import pathpatch.engine.prepared as prepared_module
 from pathpatch.data.pairs import PairDataset
 from pathpatch.engine.evaluation import evaluate
 from pathpatch.language.hypotheses import Hypothesis
-from pathpatch.model import loading
+from pathpatch.model import loading, sources
 from pipeline.worker import Evaluate, Worker, WorkerConfig
 
 
@@ -37,7 +37,7 @@ def test_a_worker_hashes_its_weights_once_and_prepares_each_group_once(monkeypat
 
     monkeypatch.setattr(prepared_module, "GroupPlan", CountingPlan)
     config = WorkerConfig(model="attn-only-2l",
-                          model_digest=loading.bundled_config("attn-only-2l")["digest"],
+                          model_digest=sources.bundled_config("attn-only-2l")["digest"],
                           dtype="float32", metric="kl", threads=1, device="cpu", batch_size=None,
                           memory_budget=None, shard_cache=2, max_mixed_copies=4096)
     worker = Worker(config, node="here")
