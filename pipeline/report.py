@@ -17,7 +17,7 @@ from pathpatch.data.atomic import atomic_write_bytes
 from pathpatch.engine.effects import MIN_ATE
 from pathpatch.errors import PathPatchError
 from pathpatch.model.names import edge_parts
-from pipeline.figures import curve_text, least_explained, plt, report_figure
+from pipeline.figures import curve_text, least_explained, report_figure
 from pipeline.intervals import summarize
 from pipeline.query import curve_rankings, open_sweeps
 from pipeline.store import SweepFolder
@@ -139,8 +139,7 @@ def write_report(folder: str | Path, *, seed: int = 0) -> tuple[Path, Path]:
                         circuit=None if curve is None else curve[2],
                         agreement=agreement, note=counts_note)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", pad_inches=0.15)
-    plt.close(fig)
+    fig.savefig(buffer, format="png", dpi=110)  # constrained layout: all of it inside, one draw
     atomic_write_bytes(png, buffer.getvalue())
 
     status = ", ".join(f"{n} {s}" for s, n in sorted(items))
