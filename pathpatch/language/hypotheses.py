@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from pathpatch.errors import PathPatchError
 from pathpatch.language.automaton import EdgeSetLanguage, compile_pattern
@@ -65,7 +64,7 @@ FREE_FORM = Facts()
 """The facts of a hypothesis no family made: none."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a scan holds 10^6 of them: no __dict__
 class Hypothesis:
     """P as a pattern over paths (see `pathpatch.language.patterns` for the grammar).
 
@@ -76,13 +75,18 @@ class Hypothesis:
     name: str
     pattern: str
     facts: Facts = field(default=FREE_FORM, compare=False, repr=False, kw_only=True)
+    _parsed: Pattern | None = field(default=None, init=False, compare=False, repr=False)
 
-    @cached_property
+    @property
     def ast(self) -> Pattern:
-        try:
-            return parse(self.pattern)
-        except PathPatchError as err:
-            raise PathPatchError(f"hypothesis {self.name!r}: {err}") from None
+        """The parsed pattern, parsed on first use and kept."""
+        if self._parsed is None:
+            try:
+                parsed = parse(self.pattern)
+            except PathPatchError as err:
+                raise PathPatchError(f"hypothesis {self.name!r}: {err}") from None
+            object.__setattr__(self, "_parsed", parsed)
+        return self._parsed
 
     @property
     def canonical(self) -> str:
@@ -111,7 +115,7 @@ class Hypothesis:
         return frozenset(found)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StructuralHypothesis(Hypothesis):
     """A family member valid by construction, whose copies are built from the graph directly
     (`copies.single_copy_graph`): no parsing, no automaton walk, so families of 10^5 members
