@@ -1,9 +1,11 @@
 """Running a group's stage plan on one cached batch: each stage's inputs, then the layer.
 
 Each stage builds its inputs as `stage_plan.Mixing` says (one product per hypothesis over its
-bases and banks), then runs all rows of all hypotheses through LayerNorm (folded into the
-projections, `folding.py`), attention, MLPs and unembedding together, stacked along a leading
-dimension, and writes each copy's output minus the bank's reference run into its bank slot.
+bases and banks; inputs that are a cached residual as it is are read from the cache), then runs
+all rows of all hypotheses through LayerNorm (folded into the projections, `folding.py`; rows
+of a cached residual once for the group, `stage_plan.CachedRows`), attention, MLPs and
+unembedding together, stacked along a leading dimension, and writes each copy's output minus
+the bank's reference run into its bank slot.
 Stages with no mixed copy are never run: they are read from the caches. The unembedding runs
 only at the positions a metric reads.
 """
@@ -17,7 +19,17 @@ from pathpatch.engine.folding import FoldedWeights
 from pathpatch.engine.kernels import bmm_into, mix, mix_add_
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stage_plan import CopyRows, GroupPlan, PreviousInput, Residual, Stage
+from pathpatch.engine.stage_plan import (
+    CachedRows,
+    CopyRows,
+    GroupPlan,
+    PreviousInput,
+    Projection,
+    Residual,
+    SharedInput,
+    Singles,
+    Stage,
+)
 from pathpatch.engine.workspace import Workspace
 from pathpatch.language.copies import CF, CLEAN, CopyGraph
 from pathpatch.model.adapter import Adapter
@@ -25,6 +37,13 @@ from pathpatch.model.graph import Graph, NodeKind
 
 _NORM_CHUNK_BYTES = 64 * 2**20
 """The largest transient of OLMo-2's q/k norm over all heads (`GroupEvaluator._norm_over_heads`)."""
+
+
+def _projection(cached: CachedRows) -> Projection:
+    """Rows of a cached residual as the projection of a block holding that one input."""
+    if cached.single:
+        return Projection(singles=Singles(1, cached.rows, cached.keys))
+    return Projection(shared=(SharedInput(0, cached.rows, cached.keys),))
 
 
 def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -40,20 +59,25 @@ def _pick(stack: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 class StageInputs:
     """A stage's distinct inputs: one block [batch * pos, inputs, d_model] per hypothesis, each
-    its own mixing product's output (never copied into one shared tensor)."""
+    its own mixing product's output (never copied into one shared tensor), and after each
+    block's inputs its cached residuals, read as they are (`stage_plan.Mixing.cached`)."""
 
-    def __init__(self, shape: tuple[int, int, int]):
+    def __init__(self, shape: tuple[int, int, int], residuals: dict[Residual, torch.Tensor]):
         self.shape = shape  # (batch, pos, d_model)
+        self.residuals = residuals  # [batch * pos, 1, d_model] each, at this stage's input
         self.blocks: dict[int, torch.Tensor] = {}
+        self.cached: dict[int, tuple[Residual, ...]] = {}
 
     def input(self, h: int, i: int) -> torch.Tensor:
         """Input i of hypothesis h: [batch, pos, d_model] (a view)."""
-        return self.blocks[h][:, i].view(self.shape)
+        return self.source(h, i).view(self.shape)
 
     def source(self, h: int, i: int) -> torch.Tensor:
         """Input i of hypothesis h as one source of a mixing product: [batch * pos, 1, d_model]
         (a view)."""
-        return self.blocks[h][:, i:i + 1]
+        block = self.blocks.get(h)
+        n = 0 if block is None else block.shape[1]
+        return block[:, i:i + 1] if i < n else self.residuals[self.cached[h][i - n]]
 
 
 class GroupEvaluator:
@@ -115,7 +139,8 @@ class GroupEvaluator:
     def _mix(self, stage: Stage, storage, cf_bank, previous: tuple[Stage, StageInputs] | None,
              shared_products: list[torch.Tensor | None]) -> StageInputs:
         """Each input: its base plus its remaining terms (`stage_plan.Mixing`), plus the rows an
-        earlier head stage's product computed for it (`Mixing.earlier`)."""
+        earlier head stage's product computed for it (`Mixing.earlier`); the cached residuals
+        among them are read as they are (`Mixing.cached`)."""
         clean = self.runs.residual_at(stage.kind, stage.layer, "r")  # [batch, pos, d_model]
         B, T, d = clean.shape
         residuals = {Residual.CLEAN: clean,
@@ -125,8 +150,11 @@ class GroupEvaluator:
             residuals[Residual.BETWEEN] = clean - self.runs.residual_at(prev_stage.kind,
                                                                         prev_stage.layer, "r")
         residuals = {k: v.reshape(B * T, 1, d) for k, v in residuals.items()}  # one source row
-        x = StageInputs((B, T, d))
+        x = StageInputs((B, T, d), residuals)
         for h, mixing in stage.mixing.items():
+            x.cached[h] = mixing.cached
+            if not mixing.n_inputs:
+                continue  # every input a cached residual
             parts = [prev_x.source(h, base.index) if isinstance(base, PreviousInput)
                      else residuals[base] for base in mixing.bases]
             scratch = self.plan.banks[h].scratch
@@ -183,28 +211,37 @@ class GroupEvaluator:
 
     def _project(self, stage: Stage, x: StageInputs, shape: tuple[int, int, int]) -> torch.Tensor:
         """[row, batch*pos, d_head]: each row's q, k or v, LayerNorm folded in (`folding.py`)."""
-        fold = self.folded.qkv(stage.layer)
         B, T, _ = shape
+        fold = self.folded.qkv(stage.layer)
         proj = fold.rows.new_empty(stage.n_rows, B * T, fold.rows.shape[-1])
         for h, plan in stage.projection.items():
             if plan.singles is None and not plan.shared:
-                continue  # only partial inputs carried for the next stage
+                continue  # only partial inputs (or cached residuals, below)
             flat = x.blocks[h].transpose(0, 1)  # [inputs, batch * pos, d_model], a view
-            if fold.normalize_first:
-                flat = self.arch.norm_before_heads(stage.layer, flat)
-            if plan.singles is not None:
-                n, rows, keys = plan.singles.n, plan.singles.rows, plan.singles.keys
-                proj[rows] = fold.project_rows(flat[:n], keys)
-                if self.arch.qk_norm_over_heads:
-                    self._norm_over_heads(stage.layer, proj, rows, keys, flat[:n])
-            for shared in plan.shared:
-                i, rows, keys = shared.input, shared.rows, shared.keys
-                p = fold.project(flat[i], keys)  # keys None: every head and channel reads it
-                keys = slice(0, fold.n_keys) if keys is None else keys
-                proj[rows] = fold.finish(p, keys, *fold.stats(flat[i]))
-                if self.arch.qk_norm_over_heads:
-                    self._norm_over_heads(stage.layer, proj, rows, keys, flat[i])
+            self._project_rows(stage.layer, proj, plan, flat)
+        for cached in stage.cached_rows:  # once for every hypothesis reading them
+            flat = x.residuals[cached.run].transpose(0, 1)  # [1, batch * pos, d_model]
+            self._project_rows(stage.layer, proj, _projection(cached), flat)
         return proj
+
+    def _project_rows(self, layer: int, proj: torch.Tensor, plan: Projection, flat: torch.Tensor
+                      ) -> None:
+        """The rows `plan` says into `proj`, from inputs flat [inputs, batch * pos, d_model]."""
+        fold = self.folded.qkv(layer)
+        if fold.normalize_first:
+            flat = self.arch.norm_before_heads(layer, flat)
+        if plan.singles is not None:
+            n, rows, keys = plan.singles.n, plan.singles.rows, plan.singles.keys
+            proj[rows] = fold.project_rows(flat[:n], keys)
+            if self.arch.qk_norm_over_heads:
+                self._norm_over_heads(layer, proj, rows, keys, flat[:n])
+        for shared in plan.shared:
+            i, rows, keys = shared.input, shared.rows, shared.keys
+            p = fold.project(flat[i], keys)  # keys None: every head and channel reads it
+            keys = slice(0, fold.n_keys) if keys is None else keys
+            proj[rows] = fold.finish(p, keys, *fold.stats(flat[i]))
+            if self.arch.qk_norm_over_heads:
+                self._norm_over_heads(layer, proj, rows, keys, flat[i])
 
     def _norm_over_heads(self, layer: int, proj: torch.Tensor, rows, keys, inputs: torch.Tensor
                          ) -> None:
@@ -234,7 +271,8 @@ class GroupEvaluator:
         proj = self._project(stage, x, (B, T, d)).view(stage.n_rows, B, T, -1)
         if arch.transforms_qk:  # q/k norms and rotation by position, before any version picking
             for channel, name in ((0, "q"), (1, "k")):
-                rows = [r for cr in stage.copies for r in cr.rows[channel]]
+                # each row once: a cached residual's rows may be several copies'
+                rows = sorted({r for cr in stage.copies for r in cr.rows[channel]})
                 proj[rows] = arch.finish_qk(layer, proj[rows], name)
         simple = [cr for cr in stage.copies if all(len(rows) == 1 for rows in cr.rows)]
         split = [cr for cr in stage.copies if cr not in simple]

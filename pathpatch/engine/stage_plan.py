@@ -13,6 +13,10 @@ the entry of mixed copy m in its hypothesis's bank (its output minus the bank's 
 Rows with equal (a, b) are one *input*, built once. Each input is its base (`Residual`,
 `PreviousInput`) plus its remaining terms, one matrix product per hypothesis over a slice of its
 banks (banks and inputs are position-major, [batch * pos, slot, d_model]: `kernels.py` says why).
+An input that is a cached residual as it is (b = 0 and a = 0, or a_s = 1 for every sender: a
+removal's untouched channels read the clean run) is read from the cache, not built; a head
+stage's rows of it are the same in every hypothesis that reads it through the same heads and
+channels, so they are projected once for the group (`CachedRows`).
 
 The plan depends only on the hypotheses, so it is built once and reused for every batch. It is
 built by named passes, each returning new values (`plan_stages` reads as the list of them); the
@@ -95,7 +99,8 @@ class BankSpan:
 
 @dataclass(frozen=True)
 class CopyRows:
-    """Where one copy's input rows sit in its stage, channel by channel, version by version."""
+    """Where one copy's input rows sit in its stage, channel by channel, version by version. A
+    head stage's row of a cached residual may be another hypothesis's too (`CachedRows`)."""
 
     hypothesis: int
     copy: Copy
@@ -122,10 +127,11 @@ class Mixing:
     before the bank so that one product reads both (entries [0, `in_place`)); otherwise by a
     second product (`sliced`, `sliced_coef`). A head stage's fused product may also compute
     `later_rows` rows of later head stages' inputs (`share_heads_products`); those stages add
-    them to their own product's output (`earlier`).
+    them to their own product's output (`earlier`). The inputs after the built ones are cached
+    residuals as they are (`cached`): read, not built.
     """
 
-    n_inputs: int
+    n_inputs: int  # built by the product; the `cached` inputs follow them
     bases: tuple[Base, ...]
     cf: slice | torch.Tensor | None  # entries of the counterfactual bank
     gathered: slice | torch.Tensor | None  # entries of its own bank, copied into the product
@@ -135,6 +141,7 @@ class Mixing:
     sliced_coef: torch.Tensor | None = None  # [n_inputs, entries]
     later_rows: int = 0  # rows after its own inputs: later head stages' terms
     earlier: SharedRows | None = None  # its terms an earlier head stage's product computed
+    cached: tuple[Residual, ...] = ()  # inputs n_inputs, n_inputs + 1, ...: CLEAN or COUNTERFACTUAL
 
     @property
     def n_sources(self) -> int:
@@ -169,6 +176,18 @@ class Projection:
     shared: tuple[SharedInput, ...] = ()
 
 
+@dataclass(frozen=True)
+class CachedRows:
+    """A head stage's rows that read a cached residual (`run`), projected in one product as a
+    hypothesis's own plan projects its rows of one input: its rows of that residual, in key
+    order, which every hypothesis reading it through the same heads and channels shares."""
+
+    run: Residual  # CLEAN or COUNTERFACTUAL
+    rows: torch.Tensor | slice
+    keys: torch.Tensor | slice | None  # `head * 3 + channel` of each row; None: every one
+    single: bool  # one row: projected as a hypothesis's `Singles` are
+
+
 @dataclass(frozen=True, eq=False)
 class Stage:
     """One pass: the copies of one layer's nodes of one kind, and how their inputs are built."""
@@ -180,11 +199,13 @@ class Stage:
     n_rows: int = 0
     mixing: dict[int, Mixing] = dataclasses.field(default_factory=dict)  # by hypothesis
     projection: dict[int, Projection] = dataclasses.field(default_factory=dict)  # head stages
+    cached_rows: tuple[CachedRows, ...] = ()  # head stages: rows of cached residuals, the group's
 
     @property
     def n_inputs(self) -> int:
-        """Distinct inputs over all hypotheses (partial ones carried for the next stage too)."""
-        return sum(m.n_inputs for m in self.mixing.values())
+        """Distinct inputs over all hypotheses (partial ones carried for the next stage and
+        cached residuals read as they are too)."""
+        return sum(m.n_inputs + len(m.cached) for m in self.mixing.values())
 
     @property
     def uses_previous(self) -> bool:
@@ -205,6 +226,9 @@ class PlanSummary:
     shared_products: int  # fused head-stage products that also compute later stages' terms
     partial_inputs: int  # inputs read by no row: the next stage's part computed by the heads'
     previous_stage_bases: int  # previous stages' inputs that inputs are built on
+    cached_inputs: int  # inputs that are a cached residual as it is: read, not built
+    projected_rows: int  # head-stage rows: one q, k or v projection each
+    shared_rows: int  # of those, rows that copies of several hypotheses read: projected once
 
 
 class GroupPlan:
@@ -234,16 +258,31 @@ class GroupPlan:
         mixings = [m for s in self.stages for m in s.mixing.values()]
         read = [{i for cr in s.copies if cr.hypothesis == h for channel in cr.inputs for i in channel}
                 for s in self.stages for h in s.mixing]
+        heads = [s for s in self.stages if s.kind is NodeKind.HEAD]
         return PlanSummary(
             passes=self.n_passes,
             rows=sum(s.n_rows for s in self.stages),
-            inputs=sum(m.n_inputs for m in mixings),
-            products=sum(1 + (m.sliced is not None) for m in mixings),
+            inputs=sum(s.n_inputs for s in self.stages),
+            products=sum((m.n_inputs > 0) + (m.sliced is not None) for m in mixings),
             fused_products=sum(m.in_place > 0 for m in mixings),
             shared_products=sum(m.later_rows > 0 for m in mixings),
-            partial_inputs=sum(m.n_inputs - len(r) for m, r in zip(mixings, read, strict=True)),
+            partial_inputs=sum(m.n_inputs + len(m.cached) - len(r)
+                               for m, r in zip(mixings, read, strict=True)),
             previous_stage_bases=sum(isinstance(b, PreviousInput) for m in mixings for b in m.bases),
+            cached_inputs=sum(len(m.cached) for m in mixings),
+            projected_rows=sum(s.n_rows for s in heads),
+            shared_rows=sum(_shared_rows(s) for s in heads),
         )
+
+
+def _shared_rows(stage: Stage) -> int:
+    """Rows of a stage that copies of more than one hypothesis read."""
+    readers: dict[int, set[int]] = defaultdict(set)
+    for cr in stage.copies:
+        for rows in cr.rows:
+            for r in rows:
+                readers[r].add(cr.hypothesis)
+    return sum(len(hypotheses) > 1 for hypotheses in readers.values())
 
 
 # --- planning -----------------------------------------------------------------------------------
@@ -325,7 +364,8 @@ def plan_stages(graph: Graph, copy_graphs: tuple[CopyGraph, ...],
     finished `Stage`s only what evaluation reads):
 
     - `sort_into_stages`: which copies each pass computes, and where they sit in their banks;
-    - `merge_equal_rows`: which rows are one input (equal coefficient vectors);
+    - `merge_equal_rows`: which rows are one input (equal coefficient vectors), and which rows
+      of cached residuals several hypotheses share;
     - `carry_partial_inputs`: which next-stage inputs a head stage's product begins;
     - `order_inputs`: the order a product writes its hypothesis's inputs in;
     - `choose_bases_and_products`: each input's base, and how each product reads the banks;
@@ -368,7 +408,8 @@ def sort_into_stages(graph: Graph, copy_graphs: tuple[CopyGraph, ...],
 
 def merge_equal_rows(drafts: tuple[_Draft, ...], graph: Graph,
                      banks: tuple[BankLayout, ...]) -> tuple[_Draft, ...]:
-    """Number each stage's rows and merge equal ones into distinct inputs, per hypothesis.
+    """Number each stage's rows and merge equal ones into distinct inputs, per hypothesis; in
+    a head stage, rows of a cached residual that hypotheses share are one (`_share_cached_rows`).
 
     A row's input relative to the clean run: a_s = 1 for each sender s it reads from the
     counterfactual run (every mixed one too when the bank is relative to it), b_m = 1 for each
@@ -403,9 +444,55 @@ def merge_equal_rows(drafts: tuple[_Draft, ...], graph: Graph,
                     n_rows += 1
                 rows.append(tuple(channel))
             copies.append(CopyRows(cr.hypothesis, cr.copy, tuple(rows)))
-        out.append(dataclasses.replace(draft, copies=tuple(copies), senders=senders, n_rows=n_rows,
-                                       inputs={h: s.done() for h, s in inputs.items()}))
+        draft = dataclasses.replace(draft, copies=tuple(copies), senders=senders, n_rows=n_rows,
+                                    inputs={h: s.done() for h, s in inputs.items()})
+        out.append(_share_cached_rows(draft) if draft.kind is NodeKind.HEAD else draft)
     return tuple(out)
+
+
+def _cached_run(a: np.ndarray, b: np.ndarray, senders: np.ndarray) -> Residual | None:
+    """The cached residual input (a, b) is as it is: the clean run's (no term), the
+    counterfactual run's (every sender from it, no bank entry), or None."""
+    if b.any():
+        return None
+    n = np.count_nonzero(a)
+    return Residual.CLEAN if n == 0 else Residual.COUNTERFACTUAL if n == len(senders) else None
+
+
+def _share_cached_rows(draft: _Draft) -> _Draft:
+    """A head stage's rows of a cached residual: each hypothesis projects its rows of one input
+    together (`plan_projections`), so two hypotheses whose rows of a cached residual are the
+    same heads and channels compute the same projection: the later one's rows become the
+    earlier one's, and the stage's rows are numbered again, in order."""
+    key = {r: cr.copy.node.head * 3 + channel
+           for cr in draft.copies for channel, rows in enumerate(cr.rows) for r in rows}
+    alias = list(range(draft.n_rows))
+    first: dict[tuple, list[int]] = {}  # (run, keys in order) -> the first hypothesis's rows
+    for found in draft.inputs.values():  # hypotheses in stage order: the first has the lowest rows
+        for a, b, readers in zip(found.a, found.b, found.readers, strict=True):
+            run = _cached_run(a, b, draft.senders)
+            if run is None or not readers:
+                continue
+            rows = sorted(readers, key=lambda r: key[r])  # as `plan_projections` orders them
+            unit = (run, tuple(key[r] for r in rows))
+            if unit in first:
+                for r, r0 in zip(rows, first[unit], strict=True):
+                    alias[r] = r0
+            else:
+                first[unit] = rows
+    if all(r == a for r, a in enumerate(alias)):
+        return draft
+    number: dict[int, int] = {}
+    for r, a in enumerate(alias):
+        if r == a:
+            number[r] = len(number)
+    new = [number[a] for a in alias]
+    copies = tuple(dataclasses.replace(cr, rows=tuple(tuple(new[r] for r in rows) for rows in cr.rows))
+                   for cr in draft.copies)
+    inputs = {h: dataclasses.replace(found, readers=tuple(tuple(new[r] for r in rows)
+                                                          for rows in found.readers))
+              for h, found in draft.inputs.items()}
+    return dataclasses.replace(draft, copies=copies, inputs=inputs, n_rows=len(number))
 
 
 def carry_partial_inputs(drafts: tuple[_Draft, ...]) -> tuple[_Draft, ...]:
@@ -437,24 +524,30 @@ def carry_partial_inputs(drafts: tuple[_Draft, ...]) -> tuple[_Draft, ...]:
 def order_inputs(drafts: tuple[_Draft, ...]) -> tuple[_Draft, ...]:
     """Each hypothesis's inputs in the order its product writes them: inputs read by one row
     first, in row order (a dense circuit's rows then meet the weights in order), then inputs
-    several rows share, then partial inputs carried for the next stage; and each row's input."""
+    several rows share, then partial inputs carried for the next stage, then cached residuals
+    (read, not built); and each row's input."""
     out = []
     for draft in drafts:
-        inputs, where = {}, [0] * draft.n_rows  # row -> its input's index in its block
+        # per hypothesis, row -> its input's index in its block (a row of a cached residual
+        # may be several hypotheses', each reading it at its own index)
+        inputs, where = {}, defaultdict(dict)
         for h, found in draft.inputs.items():
             readers = found.readers
+            cached = [_cached_run(a, b, draft.senders) is not None for a, b in zip(found.a, found.b)]
 
-            def rank(i: int, readers=readers) -> tuple:
-                return (0 if len(readers[i]) == 1 else 1 if readers[i] else 2), readers[i][:1]
+            def rank(i: int, readers=readers, cached=cached) -> tuple:
+                group = 3 if cached[i] else 0 if len(readers[i]) == 1 else 1 if readers[i] else 2
+                return group, readers[i][:1]
 
             order = sorted(range(len(found.a)), key=rank)
             inputs[h] = _Inputs(tuple(found.a[i] for i in order), tuple(found.b[i] for i in order),
                                 tuple(readers[i] for i in order))
             for i, rows in enumerate(inputs[h].readers):
                 for r in rows:
-                    where[r] = i
+                    where[h][r] = i
         copies = tuple(CopyRows(cr.hypothesis, cr.copy, cr.rows,
-                                tuple(tuple([where[r] for r in rows]) for rows in cr.rows))
+                                tuple(tuple([where[cr.hypothesis][r] for r in rows])
+                                      for rows in cr.rows))
                        for cr in draft.copies)
         out.append(dataclasses.replace(draft, copies=copies, inputs=inputs))
     return tuple(out)
@@ -470,10 +563,19 @@ def choose_bases_and_products(drafts: tuple[_Draft, ...]) -> tuple[Stage, ...]:
             residual = previous is not None and {previous.kind, draft.kind} <= set(_RESIDUAL)
             for h, inputs in draft.inputs.items():
                 earlier = previous.inputs.get(h) if residual else None
-                mixing[h] = _plan_products(*_choose_bases(inputs, earlier, draft.senders, draft.order))
+                runs = [_cached_run(a, b, draft.senders) for a, b in zip(inputs.a, inputs.b)]
+                n = sum(run is None for run in runs)  # built inputs come first (`order_inputs`)
+                built = _Inputs(inputs.a[:n], inputs.b[:n], inputs.readers[:n])
+                mixing[h] = dataclasses.replace(
+                    _plan_products(*_choose_bases(built, earlier, draft.senders, draft.order))
+                    if n else _NO_PRODUCT, cached=tuple(runs[n:]))
             previous = draft
         stages.append(Stage(draft.kind, draft.layer, draft.copies, draft.spans, draft.n_rows, mixing))
     return tuple(stages)
+
+
+_NO_PRODUCT = Mixing(0, (), None, None, torch.zeros(0, 0))
+"""The mixing of a hypothesis whose inputs of a stage are all cached residuals."""
 
 
 def _choose_bases(inputs: _Inputs, previous: _Inputs | None, senders: np.ndarray, order: int
@@ -559,13 +661,14 @@ def _span(indices: np.ndarray) -> slice | torch.Tensor:
 
 def plan_projections(stages: tuple[Stage, ...], n_heads: int) -> tuple[Stage, ...]:
     """Head stages: group each hypothesis's rows by the input they read; key each row by
-    (head, channel). The inputs read by one row each come first (`order_inputs`)."""
+    (head, channel). The inputs read by one row each come first (`order_inputs`). Rows of a
+    cached residual are the stage's (`CachedRows`), once however many hypotheses read them."""
     out = []
     for stage in stages:
         if stage.kind is not NodeKind.HEAD:
             out.append(stage)
             continue
-        readers: dict[int, list[list[int]]] = {h: [[] for _ in range(m.n_inputs)]
+        readers: dict[int, list[list[int]]] = {h: [[] for _ in range(m.n_inputs + len(m.cached))]
                                                for h, m in stage.mixing.items()}
         key = {}
         for cr in stage.copies:
@@ -573,24 +676,40 @@ def plan_projections(stages: tuple[Stage, ...], n_heads: int) -> tuple[Stage, ..
                 for r, i in zip(rows, inputs, strict=True):
                     key[r] = cr.copy.node.head * 3 + channel
                     readers[cr.hypothesis][i].append(r)
-        projection = {}
+        projection, cached = {}, {}
         for h, by_input in readers.items():
+            n = stage.mixing[h].n_inputs  # built; the cached residuals follow
             by_input = [sorted(rows) for rows in by_input]
-            singles = [rows[0] for rows in by_input if len(rows) == 1]
+            singles = [rows[0] for rows in by_input[:n] if len(rows) == 1]
             rows = np.array(singles)
             one = Singles(len(singles), _span(rows), _span(np.array([key[r] for r in rows]))
                           ) if singles else None
             shared = []
-            for i in range(len(singles), len(by_input)):
-                if not by_input[i]:
-                    continue  # a partial input carried for the next stage
-                rows = sorted(by_input[i], key=lambda r: key[r])
-                keys = [key[r] for r in rows]
-                every = keys == list(range(keys[-1] + 1)) and keys[-1] + 1 == 3 * n_heads
-                shared.append(SharedInput(i, torch.tensor(rows), None if every else torch.tensor(keys)))
+            for i in range(len(singles), n):
+                if by_input[i]:  # none: a partial input carried for the next stage
+                    shared.append(SharedInput(i, *_keyed(by_input[i], key, n_heads)))
             projection[h] = Projection(one, tuple(shared))
-        out.append(dataclasses.replace(stage, projection=projection))
+            for run, rows in zip(stage.mixing[h].cached, by_input[n:], strict=True):
+                if rows and tuple(rows) not in cached:  # another hypothesis's rows: projected
+                    cached[tuple(rows)] = _cached_rows(run, rows, key, n_heads)
+        out.append(dataclasses.replace(stage, projection=projection,
+                                       cached_rows=tuple(cached.values())))
     return tuple(out)
+
+
+def _keyed(rows: list[int], key: dict[int, int], n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows reading one input in (head, channel) order, and their keys (None: every key)."""
+    rows = sorted(rows, key=lambda r: key[r])
+    keys = [key[r] for r in rows]
+    every = keys == list(range(keys[-1] + 1)) and keys[-1] + 1 == 3 * n_heads
+    return torch.tensor(rows), None if every else torch.tensor(keys)
+
+
+def _cached_rows(run: Residual, rows: list[int], key: dict[int, int], n_heads: int) -> CachedRows:
+    """Rows of a cached residual, projected as one hypothesis's rows of one input are."""
+    if len(rows) == 1:  # as `Singles`
+        return CachedRows(run, _span(np.array(rows)), _span(np.array([key[rows[0]]])), single=True)
+    return CachedRows(run, *_keyed(rows, key, n_heads), single=False)
 
 
 def share_heads_products(stages: tuple[Stage, ...]) -> tuple[Stage, ...]:

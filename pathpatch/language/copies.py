@@ -206,11 +206,16 @@ def estimate_cost(copy_graph: CopyGraph, unit: UnitCosts) -> float:
     MLP; the unembedding) and the mixing, as the engine does it: per stage (a layer's heads, its
     MLP, the output), each distinct input row times every sender copy that any of them reads
     and that differs from the run the bank is relative to (counted against whichever of the two
-    leaves fewer). Not counted: elementwise work, the cached runs, the metric.
+    leaves fewer). A row that reads one cached run from every sender is that run's residual,
+    read, not mixed: it adds no mixing; its projection is counted, though the engine computes
+    it once for the hypotheses of a group that read it through the same heads and channels
+    (`engine.stage_plan.CachedRows`): the estimate is a group of one's. Not counted:
+    elementwise work, the cached runs, the metric.
     """
     evaluated = for_evaluation(copy_graph)
     work = 0.0
     stages: dict[tuple, tuple[set, set, set]] = {}  # (layer, kind) -> rows, sources vs CLEAN / CF
+    cached = {CLEAN}, {CF}
     for copy in evaluated.copies:
         kind = copy.node.kind
         if kind is NodeKind.INPUT:
@@ -218,7 +223,7 @@ def estimate_cost(copy_graph: CopyGraph, unit: UnitCosts) -> float:
         rows, not_clean, not_cf = stages.setdefault((copy.node.layer, kind), (set(), set(), set()))
         for ci in copy.inputs:
             for version in ci.versions:
-                if version in rows:  # a row already counted adds no source either
+                if version in rows or set(version) in cached:  # no new row, or a cached run's
                     continue
                 rows.add(version)
                 not_clean.update((s, c) for s, c in enumerate(version) if c != CLEAN)

@@ -73,3 +73,15 @@ def test_check_estimates_at_the_datasets_length_else_none():
     assert at_five == estimate_cost(hyps[0].compile(Graph.from_model(model)),
                                     unit_costs(model.cfg, 5))
     assert math.isnan(check(model, hyps)[0].est_cost)  # no dataset, no length
+
+
+def test_a_row_reading_a_cached_run_adds_no_mixing_term():
+    """Removing in -> a1.0.q leaves a1.0's k and v reading the clean run: that row is the
+    cached residual, read, not mixed (`Mixing.cached`). Against the clean run the
+    mixing is a1.0's q (in's counterfactual deviation) and out's a1.0 entry: two terms."""
+    model = tiny_model("attn-only")
+    unit = unit_costs(model.cfg, 5)
+    cg = Hypothesis("h", "remove(in->a1.0.q)").compile(Graph.from_model(model))
+    assert [c.node.name for c in cg.copies] == ["a1.0", "out"]
+    head = 3 * unit.projection + 2 * unit.attention[1] + unit.head_output
+    assert estimate_cost(cg, unit) == pytest.approx((head + unit.unembed + 2 * D) / unit.forward)

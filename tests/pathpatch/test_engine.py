@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformer_lens import patching
 
-from pathpatch.engine.group_evaluation import evaluate_logits
+from pathpatch.engine.group_evaluation import GroupEvaluator, evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
+from pathpatch.engine.stage_plan import GroupPlan, Residual
 from pathpatch.language.copies import CF, CLEAN
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.language.hypothesis_families import edge_removal, node_removal
@@ -187,6 +188,34 @@ def test_single_edge_removal_matches_hook_run(family):
     # single-edge removals compute only what lies downstream of the edge
     for edge, cg in zip(graph.edges, cgs):
         assert all(c.node.order >= edge.receiver.order for c in cg.copies)
+
+
+def test_a_groups_removals_into_one_head_project_its_clean_rows_once(family):
+    """Every removal of an edge into a1.0 leaves a1.0's other two channels reading the clean
+    run: that input is the clean residual itself, read from the cache, and the removals into
+    one channel project its two rows once for all of them. The results are still each
+    removal's own hook run."""
+    model = tiny_model(family)
+    xr, xc = _tokens(model)
+    graph = Graph.from_model(model)
+    edges = [e for e in graph.edges if e.receiver.name == "a1.0"]
+    hyps = [h for h in edge_removal(graph) if h.target.partition("->")[2].startswith("a1.0.")]
+    assert len(hyps) == len(edges) > 6  # at least 3 senders per channel
+    plan = GroupPlan(graph, [h.compile(graph) for h in hyps])
+    stage = next(s for s in plan.stages if s.kind.value == "head" and s.layer == 1)
+    assert all(m.cached == (Residual.CLEAN,) and m.n_inputs == 1 for m in stage.mixing.values())
+    # one row per removal (its cut channel), and per channel cut the other two of the clean
+    # run: 6 rows for the group, where each removal projected its own two
+    assert stage.n_rows == len(hyps) + 6
+    summary = plan.summary()
+    assert summary.shared_rows == 6 and summary.cached_inputs == len(hyps)
+    assert summary.projected_rows == len(hyps) + 6  # no later head stage: layer 1 is the last
+    outs = GroupEvaluator(model, plan, Runs(model, xr, xc), PositionContext({}, B, T, torch.device("cpu"))
+                          ).logits()
+    for edge, h, out in zip(edges, hyps, outs, strict=True):
+        assert h.target == str(edge)
+        torch.testing.assert_close(out, _edge_hook_run(model, edge, xr, xc), atol=1e-10, rtol=1e-10,
+                                   msg=lambda m, h=h: f"{h.name}: {m}")
 
 
 def test_circuit_has_one_mixed_copy_per_node():

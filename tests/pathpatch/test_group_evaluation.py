@@ -7,7 +7,7 @@ import torch
 from pathpatch.engine.group_evaluation import GroupEvaluator
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
-from pathpatch.engine.stage_plan import GroupPlan
+from pathpatch.engine.stage_plan import GroupPlan, Residual
 from pathpatch.engine.workspace import Workspace
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.language.hypothesis_families import edge_removal, node_removal
@@ -128,3 +128,25 @@ def test_dense_circuits_match_an_independent_hook_run():
     torch.testing.assert_close(_circuit_hook_run(model, every, xr, xc), clean, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(_circuit_hook_run(model, set(), xr, xc), patched, rtol=1e-10, atol=1e-10)
 
+
+
+def test_rows_of_the_clean_run_are_shared_whatever_else_each_hypothesis_builds():
+    """Both removals leave a1.0's k and v reading the clean run: one pair of rows for the two,
+    though the second builds one more input in that stage (a1.1's) and so reads the clean
+    residual at another index of its own. Each equals TransformerLens hooks removing its edges."""
+    model = tiny_model("attn-only", n_layers=2)
+    graph = Graph.from_model(model)
+    xr, xc = _tokens(model, torch.Generator().manual_seed(3))
+    removed = [["in->a1.0.q"], ["in->a1.0.q", "a0.0->a1.1.q", "a0.0->a1.1.k", "a0.0->a1.1.v"]]
+    hyps = [Hypothesis(f"r{i}", f"remove({', '.join(edges)})") for i, edges in enumerate(removed)]
+    plan = GroupPlan(graph, [h.compile(graph) for h in hyps])
+    stage = next(s for s in plan.stages if s.kind.value == "head" and s.layer == 1)
+    assert [(m.n_inputs, m.cached) for m in stage.mixing.values()] == [(1, (Residual.CLEAN,)),
+                                                                       (2, (Residual.CLEAN,))]
+    assert stage.n_rows == 1 + 2 + 4 and plan.summary().shared_rows == 2  # not 3 + 6
+    positions = PositionContext({}, B, T, torch.device("cpu"))
+    got = GroupEvaluator(model, plan, Runs(model, xr, xc), positions).logits()
+    every = {str(e) for e in graph.edges}
+    for edges, logits in zip(removed, got, strict=True):
+        torch.testing.assert_close(logits, _circuit_hook_run(model, every - set(edges), xr, xc),
+                                   rtol=1e-10, atol=1e-10)

@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from pathpatch.engine.group_evaluation import evaluate_logits
+from pathpatch.engine.group_evaluation import GroupEvaluator, evaluate_logits
 from pathpatch.engine.positions import PositionContext
 from pathpatch.engine.runs import Runs
+from pathpatch.engine.stage_plan import GroupPlan, Residual
 from pathpatch.language.hypotheses import Hypothesis
 from pathpatch.model.graph import Graph
 from tests.pathpatch import oracle
@@ -119,3 +120,34 @@ def _parse_sample(text: str) -> tuple:
         path.append((name, channel, int(i), prev))
         prev = int(i)
     return tuple(path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rows_of_the_counterfactual_run_that_hypotheses_share_are_projected_once(family):
+    """Induction-style hypotheses through a1.0: where one reads a1.0's q and k from x_c alone,
+    those rows are the counterfactual residual, read from the cache; the two hypotheses that
+    read it through the same heads and channels share their rows, projected once. Each
+    hypothesis still equals the oracle."""
+    model = tiny_model(family, seed=1)
+    graph = Graph.from_model(model)
+    om = oracle.Model(model)
+    xr, xc, masks = _data(0, model.cfg.d_vocab)
+
+    def direct(channel, *restrictions):
+        return ("chain", [("in", None, []), ("a1.0", channel, list(restrictions)), ("out", None, [])])
+
+    hyps = [direct("v"), ("or", direct("v"), direct("q")), ("or", direct("v"), direct("k", ("mask", "m2")))]
+    plan = GroupPlan(graph, [Hypothesis(f"h{i}", oracle.render(h)).compile(graph)
+                             for i, h in enumerate(hyps)])
+    stage = next(s for s in plan.stages if s.kind.value == "head" and s.layer == 1)
+    assert [m.cached for m in stage.mixing.values()] == [(Residual.COUNTERFACTUAL,)] * 3
+    # of 10 rows (q, k, v of each copy, two k versions in the third), the first and third
+    # hypotheses' q and k of x_c alone are two
+    assert stage.n_rows == 8 and plan.summary().shared_rows == 2
+    got = GroupEvaluator(model, plan, Runs(model, xr, xc),
+                         PositionContext(masks, B, T, torch.device("cpu"))).logits()
+    for h, logits in zip(hyps, got, strict=True):
+        for b in range(B):
+            want = oracle.Oracle(om, h, xr[b], xc[b], {k: v[b] for k, v in masks.items()}).logits()
+            torch.testing.assert_close(logits[b], want, atol=1e-9, rtol=1e-9,
+                                       msg=lambda m, h=h: f"{oracle.render(h)}: {m}")
