@@ -148,8 +148,9 @@ def explain(model, hypothesis, *, seq_len: int = 8, dataset=None, example: int =
 
     Mask restrictions read example `example` of `dataset` (then its sequence length is used).
     """
-    cfg = model if isinstance(model, ModelConfig | Graph) else model.cfg
-    graph = cfg if isinstance(cfg, Graph) else Graph.from_config(cfg)
+    bare = isinstance(model, Graph)
+    cfg = None if bare else model if isinstance(model, ModelConfig) else model.cfg
+    graph = model if bare else Graph.from_config(cfg)
     compiled = compile_pattern(hypothesis.ast, graph, where=f"hypothesis {hypothesis.name!r}")
     masks = {}
     if dataset is not None:
@@ -166,7 +167,6 @@ def explain(model, hypothesis, *, seq_len: int = 8, dataset=None, example: int =
     rng = random.Random(seed)
     samples = _distinct_samples(counter, rng, min(n_samples, n_paths))
     copy_graph = hypothesis.compile(graph)
-    cost = (float("nan") if isinstance(cfg, Graph)
-            else estimate_cost(copy_graph, unit_costs(cfg, seq_len)))
+    cost = float("nan") if bare else estimate_cost(copy_graph, unit_costs(cfg, seq_len))
     return Explanation(hypothesis.name, hypothesis.canonical, seq_len, n_paths, n_all, samples,
                        copy_graph.n_mixed, cost)
